@@ -1,0 +1,119 @@
+"""Orbax checkpoints that carry everything needed to predict (STYLE §12).
+
+Layout: an orbax ``CheckpointManager`` directory; each step holds two items,
+  ``state``: a pytree with a ``params`` entry (a whole TrainState during training, just
+             ``{'params': …}`` for converted weights), and
+  ``meta``:  JSON with the label order, the target normalisation and the model config,
+so that a checkpoint alone — from training or from ``convert_torch`` — is enough to predict.
+"""
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from apogeenet_jax.constants import LABEL_NAMES
+from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.normalization import Standardizer
+
+STATE_ITEM = 'state'
+META_ITEM = 'meta'
+BEST_METRIC = 'dev_loss'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint directory is missing, empty or incomplete."""
+
+
+def model_config(model: APOGEENet) -> dict[str, Any]:
+  """The constructor arguments of ``model`` as JSON-able values."""
+  return {f.name: (list(v) if isinstance(v := getattr(model, f.name), tuple | list) else v)
+          for f in dataclasses.fields(model) if f.name not in ('parent', 'name')}
+
+
+def make_meta(model: APOGEENet, standardizer: Standardizer, **extra: Any) -> dict[str, Any]:
+  """The JSON saved beside the arrays."""
+  return {'label_names': list(LABEL_NAMES), 'normalization': standardizer.to_dict(),
+          'model': model_config(model), **extra}
+
+
+def model_from_meta(meta: Mapping[str, Any]) -> APOGEENet:
+  cfg = dict(meta['model'])
+  for key in ('channels', 'hidden'):
+    if key in cfg:
+      cfg[key] = tuple(cfg[key])
+  return APOGEENet(**cfg)
+
+
+def standardizer_from_meta(meta: Mapping[str, Any]) -> Standardizer:
+  return Standardizer.from_dict(meta['normalization'])
+
+
+def make_manager(directory: str, *, keep_latest: int = 1, keep_best: int = 1,
+                 create: bool = True) -> ocp.CheckpointManager:
+  """A manager that keeps the latest ``keep_latest`` and the best ``keep_best`` steps.
+
+  "Best" is the lowest ``metrics['dev_loss']`` passed to ``save``; steps saved without metrics
+  (converted weights) count as latest only.
+  """
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(keep_latest),
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True,
+                                    n=keep_best, keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode='min',
+      create=create, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=(STATE_ITEM, META_ITEM))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, Any],
+         metrics: Mapping[str, float] | None = None, *, force: bool = False) -> None:
+  manager.save(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(dict(meta))}),
+               metrics=dict(metrics) if metrics is not None else None, force=force)
+  manager.wait_until_finished()
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
+                  ) -> tuple[Any, dict[str, Any]]:
+  """Restores the full ``state`` pytree of ``step`` into the structure of ``abstract_state``."""
+  out = manager.restore(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore()}))
+  return out[STATE_ITEM], dict(out[META_ITEM])
+
+
+def load_params(directory: str, *, step: int | None = None, best: bool = True
+                ) -> tuple[Any, dict[str, Any]]:
+  """Params and meta from any checkpoint directory of this package.
+
+  Takes the best step (lowest dev loss) when ``best`` and one exists, else the latest, unless
+  ``step`` names one. Only the ``params`` subtree is returned; optimiser state is ignored.
+  """
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'{directory}: no such checkpoint directory')
+  manager = make_manager(directory, create=False)
+  if step is None:
+    step = manager.best_step() if best else manager.latest_step()
+    step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f'{directory}: holds no checkpoint steps')
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(), META_ITEM: ocp.args.JsonRestore()}))
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise CheckpointError(f'{directory}: step {step} cannot be restored: {e}') from e
+  state, meta = out[STATE_ITEM], dict(out[META_ITEM])
+  params = state['params'] if isinstance(state, Mapping) else getattr(state, 'params', None)
+  if params is None:
+    raise CheckpointError(f'{directory}: step {step} has no params in its state')
+  if 'params' in params and len(params) == 1:  # a linen variables dict {'params': {...}}
+    params = params['params']
+  for key in ('normalization', 'model'):
+    if key not in meta:
+      raise CheckpointError(f'{directory}: step {step} meta lacks {key!r}')
+  meta['step'] = int(step)
+  return params, meta

@@ -1,0 +1,25 @@
+"""Numbers the paper and the apStar format define, named once (PAPER.md section in each comment).
+
+Plain Python: importable from I/O code that must not pull in JAX.
+"""
+
+# §2.1 / PAPER.md §1: every apStar spectrum sits on one log-linear grid,
+# log10(λ/Å) = LOG10_WAVE_START + LOG10_WAVE_STEP · i, i = 0 … N_PIXELS − 1.
+N_PIXELS = 8575
+LOG10_WAVE_START = 4.179
+LOG10_WAVE_STEP = 6e-6
+
+# PAPER.md §3/§7: output order of the network and of every label array, Teff linear in K.
+LABEL_NAMES = ('LOGG', 'TEFF', 'FE_H')
+LABEL_UNITS = ('dex', 'K', 'dex')
+
+# §2.2–2.4: the three label sources ("data types").
+DATA_TYPES = ('Payne', 'MStar', 'YSO')
+
+# §3: train/dev/test fractions per data type.
+SPLITS = ('train', 'dev', 'test')
+SPLIT_FRACTIONS = {
+    'Payne': (0.8, 0.1, 0.1),
+    'MStar': (0.6, 0.2, 0.2),
+    'YSO': (0.6, 0.2, 0.2),
+}
