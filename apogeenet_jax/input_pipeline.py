@@ -1,0 +1,287 @@
+"""The input pipeline: built APOGEE records → shuffled, sharded, preprocessed NumPy batches.
+
+Reads the array_record files that ``tfds_apogee`` builds through ``tfds`` data sources (random
+access, no TensorFlow) and batches them with grain worker threads plus a background prefetch, so
+the accelerator does not wait on I/O. Flux and errors go through ``preprocessing`` — the same
+functions inference uses. NumPy only: no JAX here.
+
+Every batch is a dict of NumPy arrays:
+  'flux'      (B, 8575) float32  raw flux after ``preprocess_flux``, 1e-17 erg/s/cm²/Å
+  'flux_err'  (B, 8575) float32  after ``preprocess_error`` (bad pixels = 1e10)
+  'labels'    (B, 3)    float32  (log g [dex], Teff [K], [Fe/H] [dex]), native units
+  'data_type' (B,)      int32    index into ``constants.DATA_TYPES``
+  'apogee_id' (B,)      str
+  'snr', 'ra', 'dec' (B,) float32
+  'mask'      (B,)      bool     True for real rows; eval batches pad the last batch with False.
+"""
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, N_PIXELS
+from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
+
+DEFAULT_NAME = 'apogee'
+# Alternative per-label feature names a builder may use instead of one 'labels' vector.
+_LABEL_KEYS = {'LOGG': ('logg', 'LOGG'), 'TEFF': ('teff', 'TEFF'), 'FE_H': ('fe_h', 'FE_H', 'feh')}
+_SCALAR_KEYS = ('snr', 'ra', 'dec')
+
+
+class InputPipelineError(RuntimeError):
+  """A dataset directory, split or record does not have the expected content."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Opening built data.
+
+
+def _find_builder_dir(data_dir: str, name: str) -> str:
+  """DATA_DIR/name/VERSION (highest version), or DATA_DIR itself when it is a version folder."""
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
+    return data_dir
+  root = os.path.join(data_dir, name)
+  if not os.path.isdir(root):
+    raise InputPipelineError(
+        f'{data_dir}: no built dataset {name!r} here (expected {root}/<version>/); build it with '
+        f'`python -m tfds_apogee.build --manual_dir=M --data_dir={data_dir}`')
+  versions = [v for v in os.listdir(root)
+              if os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  if not versions:
+    raise InputPipelineError(f'{root}: holds no built version (no */dataset_info.json)')
+
+  def version_key(v: str):
+    try:
+      return tuple(int(p) for p in v.split('.'))
+    except ValueError:
+      return (-1,)
+
+  return os.path.join(root, max(versions, key=version_key))
+
+
+def open_split(data_dir: str, split: str, name: str = DEFAULT_NAME) -> Sequence[Mapping[str, Any]]:
+  """A random-access source (len, [i] → feature dict) over one split of a built dataset.
+
+  Reads the built directory directly (``tfds.builder_from_directory``), so neither TensorFlow nor
+  the builder code is needed. ``data_dir`` is the tfds data dir (holding ``name/<version>/``) or the
+  version folder itself.
+  """
+  import tensorflow_datasets as tfds  # Heavy import; only needed for real data.
+
+  builder_dir = _find_builder_dir(data_dir, name)
+  try:
+    builder = tfds.builder_from_directory(builder_dir)
+  except Exception as e:  # tfds raises a variety of types for a broken directory.
+    raise InputPipelineError(f'{builder_dir}: cannot open the built dataset: {e}') from e
+  if split not in builder.info.splits:
+    raise InputPipelineError(
+        f'{builder_dir}: no split {split!r} (has {sorted(builder.info.splits.keys())})')
+  source = builder.as_data_source(split=split)
+  logging.info('Opened %s split %r: %d examples.', builder_dir, split, len(source))
+  return source
+
+
+# ------------------------------------------------------------------------------------------------
+# One record → one example.
+
+
+def _as_str(x: Any) -> str:
+  if isinstance(x, bytes):
+    return x.decode('utf-8')
+  if isinstance(x, np.ndarray) and x.ndim == 0:
+    return _as_str(x.item())
+  return str(x)
+
+
+def _data_type_index(x: Any) -> int:
+  """A ClassLabel int or a data-type name → index into DATA_TYPES."""
+  if isinstance(x, np.ndarray) and x.ndim == 0:
+    x = x.item()
+  if isinstance(x, bytes | str):
+    name = _as_str(x)
+    if name not in DATA_TYPES:
+      raise InputPipelineError(f'unknown data_type {name!r} (expected one of {DATA_TYPES})')
+    return DATA_TYPES.index(name)
+  index = int(x)
+  if not 0 <= index < len(DATA_TYPES):
+    raise InputPipelineError(f'data_type index {index} out of range for {DATA_TYPES}')
+  return index
+
+
+def _labels(record: Mapping[str, Any]) -> np.ndarray:
+  if 'labels' in record:
+    labels = np.asarray(record['labels'], np.float32).reshape(-1)
+  else:
+    values = []
+    for label in LABEL_NAMES:
+      key = next((k for k in _LABEL_KEYS[label] if k in record), None)
+      if key is None:
+        raise InputPipelineError(f'record has neither "labels" nor a {label} feature: '
+                                 f'{sorted(record)}')
+      values.append(np.float32(record[key]))
+    labels = np.asarray(values, np.float32)
+  if labels.shape != (len(LABEL_NAMES),):
+    raise InputPipelineError(f'labels of shape {labels.shape}, expected ({len(LABEL_NAMES)},)')
+  return labels
+
+
+def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
+  """One source record → the example dict (flux/error NOT yet preprocessed; batches do that)."""
+  flux = np.asarray(record['flux'])
+  if flux.shape[-1] != N_PIXELS:
+    raise InputPipelineError(f'flux of shape {flux.shape}, expected ({N_PIXELS},)')
+  err = record.get('flux_err', record.get('error'))
+  example = {
+      'flux': flux,
+      'flux_err': np.full_like(flux, np.inf) if err is None else np.asarray(err),
+      'labels': _labels(record),
+      'data_type': _data_type_index(record['data_type']),
+      'apogee_id': _as_str(record.get('apogee_id', '')),
+  }
+  for key in _SCALAR_KEYS:
+    example[key] = np.float32(record.get(key, np.nan))
+  return example
+
+
+def collate(examples: Sequence[Mapping[str, Any]], mask: np.ndarray | None = None
+            ) -> dict[str, np.ndarray]:
+  """Stacks decoded examples into a batch and applies THE flux preprocessing once per batch."""
+  batch = {
+      'flux': preprocess_flux(np.stack([e['flux'] for e in examples])),
+      'flux_err': preprocess_error(np.stack([e['flux_err'] for e in examples])),
+      'labels': np.stack([e['labels'] for e in examples]).astype(np.float32),
+      'data_type': np.asarray([e['data_type'] for e in examples], np.int32),
+      'apogee_id': np.asarray([e['apogee_id'] for e in examples], dtype=str),
+  }
+  for key in _SCALAR_KEYS:
+    batch[key] = np.asarray([e[key] for e in examples], np.float32)
+  batch['mask'] = np.ones(len(examples), bool) if mask is None else np.asarray(mask, bool)
+  return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Index bookkeeping (cheap: no flux is read).
+
+
+def epoch_permutation(indices: np.ndarray, *, seed: int, epoch: int, shard_index: int = 0,
+                      shard_count: int = 1) -> np.ndarray:
+  """This process's share of a fresh shuffle of ``indices`` for ``epoch``.
+
+  Every process draws the same permutation (same seed and epoch), trims it to a multiple of
+  ``shard_count`` so all processes see equally many examples (else collectives would hang), and
+  takes every ``shard_count``-th element starting at ``shard_index``.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
+  rng = np.random.default_rng([int(seed), int(epoch)])
+  perm = rng.permutation(np.asarray(indices, np.int64))
+  perm = perm[:len(perm) // shard_count * shard_count]
+  return perm[shard_index::shard_count]
+
+
+def num_train_batches(num_examples: int, batch_size: int, shard_count: int = 1) -> int:
+  """Batches per epoch per process (drop_remainder), given the per-process batch size."""
+  return (num_examples // shard_count) // batch_size
+
+
+def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8
+                  ) -> dict[str, np.ndarray]:
+  """Labels (n, 3), data_type (n,) and apogee_id (n,) of a whole split, in source order.
+
+  Used to fit the Standardizer and to draw the adaptation subsets. Reads every record once.
+  """
+  n = len(source)
+  labels = np.zeros((n, len(LABEL_NAMES)), np.float32)
+  data_type = np.zeros(n, np.int32)
+  ids = []
+  ds = grain.MapDataset.source(np.arange(n)).map(
+      lambda i: (int(i), decode_example(source[int(i)])))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
+  for i, ex in ds:
+    labels[i] = ex['labels']
+    data_type[i] = ex['data_type']
+    ids.append((i, ex['apogee_id']))
+  apogee_id = np.empty(n, dtype=object)
+  for i, a in ids:
+    apogee_id[i] = a
+  return {'labels': labels, 'data_type': data_type, 'apogee_id': apogee_id.astype(str)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch iterators.
+
+
+def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch))
+
+
+def train_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *, seed: int, epoch: int,
+                  indices: np.ndarray | None = None, shard_index: int = 0, shard_count: int = 1,
+                  start_batch: int = 0, num_threads: int = 4, prefetch_batches: int = 2
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Shuffled training batches of this process for one epoch (drop_remainder).
+
+  Args:
+    source: random-access source (``open_split`` or any sequence of feature dicts).
+    batch_size: PER-PROCESS batch size (global batch / process count).
+    seed, epoch: the shuffle is a pure function of both, so a resumed run sees the same order.
+    indices: restrict to these source indices (adaptation subsets); default all.
+    shard_index, shard_count: this process and the process count (``jax.process_index/count``).
+    start_batch: skip this many batches of the epoch (resuming mid-epoch) without reading them.
+    num_threads: grain reader threads; prefetch_batches: batches prepared ahead in a background
+      thread.
+  """
+  if indices is None:
+    indices = np.arange(len(source))
+  perm = epoch_permutation(indices, seed=seed, epoch=epoch, shard_index=shard_index,
+                           shard_count=shard_count)
+  n_batches = len(perm) // batch_size
+  perm = perm[start_batch * batch_size:n_batches * batch_size]
+  if len(perm) == 0:
+    return iter(())
+  ds = grain.MapDataset.source(perm).map(lambda i: decode_example(source[int(i)]))
+  ds = ds.to_iter_dataset(_read_options(num_threads, batch_size * max(1, prefetch_batches)))
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
+  if prefetch_batches > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
+  return iter(ds)
+
+
+def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
+                 indices: np.ndarray | None = None, num_batches: int | None = None,
+                 num_threads: int = 4, prefetch_batches: int = 2
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """In-order batches of a fixed size; the last one is padded and padded rows have mask False.
+
+  Fixed shapes mean the jitted eval step compiles once. ``num_batches`` pads further with
+  all-False batches (multi-process evaluation needs the same batch count on every process).
+  """
+  if indices is None:
+    indices = np.arange(len(source))
+  indices = np.asarray(indices, np.int64)
+  n_needed = -(-len(indices) // batch_size)
+  if num_batches is None:
+    num_batches = n_needed
+  elif num_batches < n_needed:
+    raise ValueError(f'num_batches {num_batches} < {n_needed} needed for {len(indices)} examples')
+  if num_batches == 0:
+    return iter(())
+  if len(indices) == 0:
+    raise InputPipelineError('cannot pad an empty index set (no example to copy shapes from)')
+  total = num_batches * batch_size
+  # Pad by repeating the first example: same shapes and dtypes, masked out of every metric.
+  padded = np.concatenate([indices, np.full(total - len(indices), indices[0], np.int64)])
+  valid = np.arange(total) < len(indices)
+  ds = grain.MapDataset.source(np.arange(total)).map(
+      lambda j: (decode_example(source[int(padded[j])]), bool(valid[j])))
+  ds = ds.to_iter_dataset(_read_options(num_threads, batch_size * max(1, prefetch_batches)))
+  ds = ds.batch(batch_size, drop_remainder=True,
+                batch_fn=lambda items: collate([e for e, _ in items], [m for _, m in items]))
+  if prefetch_batches > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
+  return iter(ds)
