@@ -10,7 +10,7 @@ import pathlib
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import pytest  # noqa: E402
+import pytest
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Real SDSS apStar samples live beside the checkout, never inside it (../shared/data/README.md).
