@@ -1,0 +1,584 @@
+"""Training: the data-parallel SGD step, early stopping, adaptation rounds (paper §3.3–3.4).
+
+One jitted step over every device of a 1-D ('data',) mesh: ``jax.shard_map`` runs per-device code
+on each device's slice of the global batch and averages the loss — and so the gradient — over the
+named axis (pmap semantics). The same code runs on 1 CPU, 8 GPUs, a TPU slice or several hosts
+after ``jax.distributed.initialize()``: each process then reads its own shard of the data and
+``jax.make_array_from_process_local_data`` assembles the global batch.
+
+Everything a resume needs lives in one pytree, ``TrainState``, saved by orbax every epoch
+(and on SIGTERM/SIGINT) in WORKDIR/checkpoints; a run on an existing workdir resumes from the
+latest checkpoint and ends with the same parameters as an uninterrupted run.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from apogeenet_jax import checkpoint, input_pipeline
+from apogeenet_jax.constants import DATA_TYPES
+from apogeenet_jax.metrics import MetricWriter
+from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
+
+DATA_AXIS = 'data'
+CHECKPOINT_DIR = 'checkpoints'
+# The data types whose dev loss drives adaptation (§3.4: "until MStar and YSO dev performance
+# stops improving").
+ADAPT_TYPES = ('MStar', 'YSO')
+PAYNE = DATA_TYPES.index('Payne')
+# Keys of a batch that go to the devices (strings and catalogue columns stay on the host).
+DEVICE_KEYS = ('flux', 'targets', 'data_type', 'mask')
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on: non-finite loss, bad configuration or unusable workdir."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resume needs, as one pytree of arrays (STYLE §4)."""
+
+  params: Any
+  opt_state: Any
+  step: jax.Array  # optimiser steps taken, all epochs
+  epoch: jax.Array  # completed epochs, all rounds
+  epoch_step: jax.Array  # batches done in the current epoch (non-zero only after an interrupt)
+  rng: jax.Array  # raw uint32 PRNG key; dropout keys are folded from it and the step
+  best_dev_loss: jax.Array  # lowest early-stopping dev loss so far
+  evals_without_improvement: jax.Array
+  adapt_round: jax.Array  # 0 while training on everything; 1, 2, … during adaptation (§3.4)
+  best_adapt_loss: jax.Array  # best MStar+YSO dev loss when the current round began
+  adapt_rounds_without_improvement: jax.Array
+
+
+# ------------------------------------------------------------------------------------------------
+# Construction.
+
+
+def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
+  """APOGEENet with the config's dropout and optional reduced architecture (``config.model``)."""
+  kwargs = dict(config.get('model', {}))
+  for key in ('channels', 'hidden'):
+    if key in kwargs:
+      kwargs[key] = tuple(kwargs[key])
+  return APOGEENet(dropout_rate=config.dropout_rate, **kwargs)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Plain SGD (§3.3); momentum only if the config asks (paper: none)."""
+  return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+
+
+def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation
+                       ) -> TrainState:
+  """Fresh parameters (Flax default initialisers) and counters; rng is a raw PRNG key."""
+  init_rng, state_rng = jax.random.split(rng)
+
+  @jax.jit
+  def init(key):  # Un-jitted init takes seconds (STACK.md).
+    return model.init(key, jnp.zeros((1, model.input_length), jnp.float32))['params']
+
+  params = init(init_rng)
+  return TrainState(
+      params=params, opt_state=tx.init(params), step=jnp.int32(0), epoch=jnp.int32(0),
+      epoch_step=jnp.int32(0), rng=state_rng, best_dev_loss=jnp.float32(jnp.inf),
+      evals_without_improvement=jnp.int32(0), adapt_round=jnp.int32(0),
+      best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
+
+
+def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
+  """A 1-D ('data',) mesh over the first ``num_devices`` devices (all when None or 0).
+
+  Across hosts ``jax.devices()`` lists every process's devices, so the mesh spans them all.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if num_devices:
+    if num_devices > len(devices):
+      raise TrainingError(f'num_devices={num_devices} but only {len(devices)} devices exist')
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree fully replicated on the mesh (a no-op for arrays already there)."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows → one global array per key, split over the 'data' axis."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in DEVICE_KEYS}
+
+
+def device_batch(batch: Mapping[str, np.ndarray], standardizer: Standardizer, mesh: Mesh
+                 ) -> dict[str, jax.Array]:
+  """Adds standardised 'targets' (z = (x − μ)/σ, §3.1) and a mask, then shards to the mesh."""
+  batch = dict(batch)
+  batch['targets'] = standardizer.transform(batch['labels'])
+  if 'mask' not in batch:
+    batch['mask'] = np.ones(len(batch['labels']), bool)
+  return shard_batch(batch, mesh)
+
+
+# ------------------------------------------------------------------------------------------------
+# The steps (pure, jitted once each).
+
+
+def _masked_sums(per_example: jax.Array, data_type: jax.Array, mask: jax.Array
+                 ) -> dict[str, jax.Array]:
+  """Sums over the GLOBAL batch: total and per data type squared error and counts."""
+  w = mask.astype(jnp.float32)
+  one_hot = jax.nn.one_hot(data_type, len(DATA_TYPES), dtype=jnp.float32) * w[:, None]
+  sums = {'loss_sum': jnp.sum(per_example * w), 'count': jnp.sum(w),
+          'type_loss_sum': one_hot.T @ per_example, 'type_count': jnp.sum(one_hot, axis=0)}
+  return jax.tree.map(lambda x: lax.psum(x, DATA_AXIS), sums)
+
+
+def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics)."""
+
+  def local_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    # Different dropout masks per device, reproducible from (rng, step).
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                     lax.axis_index(DATA_AXIS))
+    w = batch['mask'].astype(jnp.float32)
+
+    def loss_fn(params):
+      pred = model.apply({'params': params}, batch['flux'], train=True,
+                         rngs={'dropout': dropout_rng})
+      per_example = jnp.mean(jnp.square(pred - batch['targets']), axis=-1)  # MSE, §3.3
+      # The GLOBAL mean, reduced over the axis INSIDE the differentiated function: the gradient of
+      # a replicated input already carries the psum, so pmean-ing gradients afterwards would give
+      # N× the true gradient (STACK.md, "gradient trap").
+      loss = lax.psum(jnp.sum(per_example * w), DATA_AXIS) / lax.psum(jnp.sum(w), DATA_AXIS)
+      return loss, per_example
+
+    (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = _masked_sums(lax.stop_gradient(per_example), batch['data_type'], batch['mask'])
+    metrics['loss'] = loss
+    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
+                              epoch_step=state.epoch_step + 1)
+    return new_state, metrics
+
+  step = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                       out_specs=(P(), P()))
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(model: APOGEENet, mesh: Mesh) -> Callable[[Any, dict], dict]:
+  """The jitted data-parallel evaluation: (params, padded global batch) → summed metrics."""
+
+  def local_eval(params: Any, batch: dict) -> dict:
+    pred = model.apply({'params': params}, batch['flux'], train=False)
+    per_example = jnp.mean(jnp.square(pred - batch['targets']), axis=-1)
+    return _masked_sums(per_example, batch['data_type'], batch['mask'])
+
+  return jax.jit(jax.shard_map(local_eval, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                               out_specs=P()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics and early stopping (host side).
+
+
+def summarize(sums: Mapping[str, Any], prefix: str) -> dict[str, float]:
+  """Summed metrics → mean standardised MSE overall and per data type (Table 2's quantity).
+
+  Also returns ``{prefix}_adapt_loss``: the MStar+YSO mean that drives adaptation. A data type
+  absent from the split gives NaN.
+  """
+  sums = jax.device_get(sums)
+  count = float(sums['count'])
+  out = {f'{prefix}_loss': float(sums['loss_sum']) / count if count else float('nan'),
+         f'{prefix}_count': count}
+  type_sum = np.asarray(sums['type_loss_sum'], np.float64)
+  type_count = np.asarray(sums['type_count'], np.float64)
+  for i, name in enumerate(DATA_TYPES):
+    out[f'{prefix}_loss_{name}'] = (type_sum[i] / type_count[i] if type_count[i]
+                                    else float('nan'))
+  idx = [DATA_TYPES.index(t) for t in ADAPT_TYPES]
+  n = type_count[idx].sum()
+  out[f'{prefix}_adapt_loss'] = float(type_sum[idx].sum() / n) if n else float('nan')
+  return out
+
+
+def update_early_stopping(state: TrainState, dev_loss: float, min_delta: float = 0.0
+                          ) -> tuple[TrainState, bool]:
+  """Records one dev evaluation (§3.3): improved resets the counter, else it counts up."""
+  best = float(state.best_dev_loss)
+  improved = bool(dev_loss < best - min_delta)
+  if improved:
+    return state.replace(best_dev_loss=jnp.float32(dev_loss),
+                         evals_without_improvement=jnp.int32(0)), True
+  return state.replace(
+      evals_without_improvement=jnp.int32(int(state.evals_without_improvement) + 1)), False
+
+
+def should_stop_early(state: TrainState, patience: int) -> bool:
+  """True once ``patience`` evaluations in a row have not improved the best dev loss."""
+  return int(state.evals_without_improvement) >= patience
+
+
+def adaptation_indices(data_type: np.ndarray, *, fraction: float, seed: int, adapt_round: int
+                       ) -> np.ndarray:
+  """Training indices of one adaptation round (§3.4), sorted.
+
+  All MStar and all YSO stars, plus a fresh random ``fraction`` of the Payne stars drawn from
+  (seed, round): every round differs, and a resumed run redraws the same subset.
+  """
+  data_type = np.asarray(data_type)
+  payne = np.flatnonzero(data_type == PAYNE)
+  others = np.flatnonzero(data_type != PAYNE)
+  rng = np.random.default_rng([int(seed), 0xADA, int(adapt_round)])
+  n = round(fraction * len(payne))
+  chosen = rng.choice(payne, size=n, replace=False) if n else np.zeros(0, np.int64)
+  return np.sort(np.concatenate([others, chosen]).astype(np.int64))
+
+
+def _check_finite(loss: Any, step: int) -> None:
+  loss = float(loss)
+  if not np.isfinite(loss):
+    raise TrainingError(
+        f'non-finite training loss {loss} at step {step}: stopping (lower the learning rate, '
+        f'check the inputs for huge fluxes, or resume from the last good checkpoint)')
+
+
+# ------------------------------------------------------------------------------------------------
+# Epoch loops.
+
+
+def train_epoch(state: TrainState, train_step: Callable, batches: Iterable[dict],
+                standardizer: Standardizer, mesh: Mesh, *, num_batches: int,
+                stop_requested: Callable[[], bool] = lambda: False,
+                progress: bool = True, log_every_steps: int = 0
+                ) -> tuple[TrainState, dict[str, Any] | None, bool]:
+  """Runs the step over ``batches``; returns (state, summed metrics, interrupted).
+
+  The loss is fetched one step late so the host keeps the device queue full; a non-finite loss
+  raises ``TrainingError`` at once.
+  """
+  sums, pending = None, None
+  interrupted = False
+  start = time.perf_counter()
+  seen = 0
+  bar = tqdm.tqdm(total=num_batches, initial=0, unit='batch', leave=False,
+                  disable=not (progress and sys.stderr.isatty()))
+  for batch in batches:
+    n = len(batch['labels'])
+    state, metrics = train_step(state, device_batch(batch, standardizer, mesh))
+    if pending is not None:
+      _check_finite(*pending)
+    pending = (metrics['loss'], int(state.step))
+    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    seen += n
+    bar.update(1)
+    rate = seen * jax.process_count() / max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix(loss=f'{float(pending[0]):.4f}', spectra_per_s=f'{rate:.0f}')
+    if log_every_steps and bar.disable and int(state.epoch_step) % log_every_steps == 0:
+      logging.info('step %d (epoch %d, batch %d/%d): loss %.5f, %.0f spectra/s',
+                   int(state.step), int(state.epoch), int(state.epoch_step), num_batches,
+                   float(pending[0]), rate)
+    if stop_requested():
+      interrupted = True
+      break
+  bar.close()
+  if pending is not None:
+    _check_finite(*pending)
+  if sums is not None:
+    sums = dict(sums)
+    sums['spectra_per_s'] = seen * jax.process_count() / max(time.perf_counter() - start, 1e-9)
+  return state, sums, interrupted
+
+
+def evaluate_split(params: Any, eval_step: Callable, batches: Iterable[dict],
+                   standardizer: Standardizer, mesh: Mesh, prefix: str = 'dev') -> dict[str, float]:
+  """Mean standardised MSE over a split, overall and per data type (padded rows masked out)."""
+  sums = None
+  for batch in batches:
+    m = eval_step(params, device_batch(batch, standardizer, mesh))
+    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+  if sums is None:
+    raise TrainingError(f'the {prefix} split is empty')
+  return summarize(sums, prefix)
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals.
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop checks it after every step, saves and returns."""
+
+  def __init__(self):
+    self.signum = None
+
+  def __call__(self) -> bool:
+    return self.signum is not None
+
+  def handler(self, signum, frame):
+    del frame
+    if self.signum is not None:  # A second signal: the user insists.
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning('Received signal %d: saving a checkpoint after this step, then exiting.',
+                    signum)
+
+
+def _install_handlers(flag: _StopFlag) -> dict[int, Any]:
+  if threading.current_thread() is not threading.main_thread():
+    return {}
+  old = {}
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    old[sig] = signal.signal(sig, flag.handler)
+  return old
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole procedure.
+
+
+def _abstract(state: TrainState, mesh: Mesh) -> TrainState:
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def _sources(config: ml_collections.ConfigDict, sources: Mapping[str, Sequence] | None
+             ) -> tuple[Sequence, Sequence]:
+  if sources is not None:
+    return sources['train'], sources['dev']
+  if not config.data_dir:
+    raise TrainingError('config.data_dir is empty: point it at a built tfds data dir')
+  return (input_pipeline.open_split(config.data_dir, 'train', config.dataset_name),
+          input_pipeline.open_split(config.data_dir, 'dev', config.dataset_name))
+
+
+def _standardizer(config, train_labels: np.ndarray, init_meta: Mapping | None) -> Standardizer:
+  if init_meta is not None:  # Adaptation keeps the normalisation the model was trained with.
+    return checkpoint.standardizer_from_meta(init_meta)
+  if config.standardizer == 'paper':
+    return PAPER_STANDARDIZER
+  if config.standardizer == 'fit':
+    return Standardizer.fit(train_labels)
+  raise TrainingError(f"config.standardizer must be 'fit' or 'paper', got "
+                      f'{config.standardizer!r}')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       sources: Mapping[str, Sequence] | None = None) -> TrainState:
+  """Trains (and, with ``config.adapt``, adapts) until early stopping; returns the best state.
+
+  Args:
+    config: see configs/default.py.
+    workdir: WORKDIR/checkpoints (orbax: latest + best), WORKDIR/metrics.jsonl,
+      WORKDIR/tensorboard/. An existing workdir is resumed from its latest checkpoint.
+    sources: optional {'train': …, 'dev': …} random-access sources (tests); default
+      ``open_split(config.data_dir, …)``.
+
+  Returns:
+    The final TrainState with the best parameters (lowest early-stopping dev loss) restored.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  process_count, process_index = jax.process_count(), jax.process_index()
+  mesh = make_mesh(config.get('num_devices', 0))
+  n_dev = mesh.devices.size
+  if config.batch_size % n_dev or config.batch_size % process_count:
+    raise TrainingError(f'batch_size {config.batch_size} is not divisible by {n_dev} devices')
+  local_batch = config.batch_size // process_count
+  eval_batch = -(-config.eval_batch_size // n_dev) * n_dev  # a multiple of the device count
+  local_eval_batch = eval_batch // process_count
+
+  train_source, dev_source = _sources(config, sources)
+  logging.info('Reading labels of %d training spectra …', len(train_source))
+  train_meta = input_pipeline.read_metadata(train_source, num_threads=config.num_threads)
+  counts = {t: int(np.sum(train_meta['data_type'] == i)) for i, t in enumerate(DATA_TYPES)}
+  logging.info('Training spectra per data type: %s; dev: %d', counts, len(dev_source))
+
+  manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
+  model = create_model(config)
+  tx = create_optimizer(config)
+  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx)
+  state = replicate(state, mesh)
+  abstract_state = _abstract(state, mesh)
+
+  latest = manager.latest_step()
+  init_meta = None
+  if latest is not None:
+    state, saved_meta = checkpoint.restore_state(manager, latest, abstract_state)
+    standardizer = checkpoint.standardizer_from_meta(saved_meta)
+    logging.info('Resumed %s at step %d (epoch %d, round %d).', workdir, latest,
+                 int(state.epoch), int(state.adapt_round))
+  else:
+    if config.adapt:
+      if not config.init_from:
+        raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
+      init_dir = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)),
+                              CHECKPOINT_DIR)
+      init_params, init_meta = checkpoint.load_params(init_dir, best=True)
+      if checkpoint.model_config(model) != init_meta['model']:
+        raise TrainingError(f'{init_dir}: model config {init_meta["model"]} differs from this '
+                            f'config\'s {checkpoint.model_config(model)}')
+      state = replicate(state.replace(params=init_params, opt_state=tx.init(init_params)), mesh)
+      logging.info('Adaptation starts from %s step %d.', init_dir, init_meta['step'])
+    standardizer = _standardizer(config, train_meta['labels'], init_meta)
+
+  meta = checkpoint.make_meta(
+      model, standardizer, config=_config_json(config),
+      dataset={'data_dir': config.data_dir, 'name': config.dataset_name,
+               'train_counts': counts, 'num_dev': len(dev_source)},
+      init_from=config.init_from if config.adapt else '')
+  writer = MetricWriter(workdir, enabled=is_main)
+  train_step = make_train_step(model, tx, mesh)
+  eval_step = make_eval_step(model, mesh)
+  dev_indices = np.arange(len(dev_source))[process_index::process_count]
+  # Every process must run the same number of eval steps: pad to the largest shard.
+  largest_shard = -(-len(dev_source) // process_count)
+  dev_batches_per_process = -(-largest_shard // local_eval_batch)
+
+  def evaluate(params) -> dict[str, float]:
+    batches = input_pipeline.eval_batches(
+        dev_source, local_eval_batch, indices=dev_indices,
+        num_batches=(dev_batches_per_process if process_count > 1 else None),
+        num_threads=config.num_threads)
+    return evaluate_split(params, eval_step, batches, standardizer, mesh, 'dev')
+
+  stop_loss_key = 'dev_adapt_loss' if config.adapt else 'dev_loss'
+
+  def save(state, metrics=None):
+    step = int(state.step)
+    if step in manager.all_steps():
+      return
+    checkpoint.save(manager, step, state, meta,
+                    None if metrics is None else {checkpoint.BEST_METRIC: metrics})
+
+  if config.adapt and latest is None:
+    # Round 1 must beat the model it starts from.
+    dev = evaluate(state.params)
+    loss0 = dev[stop_loss_key]
+    if not np.isfinite(loss0):
+      raise TrainingError('adaptation needs MStar or YSO stars in the dev split')
+    state = replicate(state.replace(best_dev_loss=jnp.float32(loss0),
+                                    best_adapt_loss=jnp.float32(loss0),
+                                    adapt_round=jnp.int32(1)), mesh)
+    save(state, loss0)
+    writer.write_scalars(0, {**dev, 'epoch': 0, 'adapt_round': 0})
+    logging.info('Initial MStar+YSO dev loss %.5f', loss0)
+
+  flag = _StopFlag()
+  old_handlers = _install_handlers(flag)
+  interrupted = False
+  try:
+    while True:
+      if should_stop_early(state, config.patience):
+        if not config.adapt:
+          logging.info('Early stopping: %d evaluations without improvement.', config.patience)
+          break
+        # End of an adaptation round (§3.4).
+        improved = float(state.best_dev_loss) < float(state.best_adapt_loss)
+        without = 0 if improved else int(state.adapt_rounds_without_improvement) + 1
+        logging.info('Adaptation round %d ended: best MStar+YSO dev loss %.5f (%s).',
+                     int(state.adapt_round), float(state.best_dev_loss),
+                     'improved' if improved else 'no improvement')
+        if without >= config.adapt_patience or int(state.adapt_round) >= config.max_adapt_rounds:
+          break
+        best_state, _ = checkpoint.restore_state(manager, manager.best_step(), abstract_state)
+        state = replicate(state.replace(
+            params=best_state.params, opt_state=best_state.opt_state,
+            evals_without_improvement=jnp.int32(0), adapt_round=state.adapt_round + 1,
+            best_adapt_loss=state.best_dev_loss,
+            adapt_rounds_without_improvement=jnp.int32(without)), mesh)
+      if int(state.epoch) >= config.max_epochs:
+        logging.info('Reached max_epochs=%d.', config.max_epochs)
+        break
+
+      epoch = int(state.epoch)
+      if config.adapt:
+        indices = adaptation_indices(train_meta['data_type'], fraction=config.payne_fraction,
+                                     seed=config.seed, adapt_round=int(state.adapt_round))
+      else:
+        indices = np.arange(len(train_source))
+      num_batches = input_pipeline.num_train_batches(len(indices), local_batch, process_count)
+      if num_batches == 0:
+        raise TrainingError(f'{len(indices)} training spectra make no batch of '
+                            f'{config.batch_size}')
+      batches = input_pipeline.train_batches(
+          train_source, local_batch, seed=config.seed, epoch=epoch, indices=indices,
+          shard_index=process_index, shard_count=process_count,
+          start_batch=int(state.epoch_step), num_threads=config.num_threads,
+          prefetch_batches=config.prefetch_batches)
+      t0 = time.perf_counter()
+      state, sums, interrupted = train_epoch(
+          state, train_step, batches, standardizer, mesh, num_batches=num_batches,
+          stop_requested=flag, progress=is_main, log_every_steps=config.log_every_steps)
+      if interrupted:
+        save(state)
+        logging.warning('Interrupted: saved step %d of epoch %d in %s; rerun the same command '
+                        'to resume.', int(state.step), epoch, workdir)
+        break
+      dev = evaluate(state.params)
+      state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
+      state, improved = update_early_stopping(state, dev[stop_loss_key], config.min_delta)
+      state = replicate(state, mesh)
+      save(state, dev[stop_loss_key])
+      scalars = {'epoch': epoch + 1, 'adapt_round': int(state.adapt_round),
+                 'epoch_seconds': time.perf_counter() - t0,
+                 'train_spectra_per_s': float(sums['spectra_per_s']) if sums else 0.0,
+                 **(summarize(sums, 'train') if sums else {}), **dev,
+                 'best_dev_loss': float(state.best_dev_loss)}
+      writer.write_scalars(int(state.step), scalars)
+      logging.info(
+          'epoch %d%s: train %.5f dev %.5f (Payne %.4f MStar %.4f YSO %.4f)%s, %.0f spectra/s',
+          epoch + 1, f' round {int(state.adapt_round)}' if config.adapt else '',
+          scalars.get('train_loss', float('nan')), dev['dev_loss'], dev['dev_loss_Payne'],
+          dev['dev_loss_MStar'], dev['dev_loss_YSO'], ' *' if improved else '',
+          scalars['train_spectra_per_s'])
+  finally:
+    for sig, handler in old_handlers.items():
+      signal.signal(sig, handler)
+    writer.close()
+
+  if interrupted:
+    return state
+  best = manager.best_step()
+  if best is not None:
+    best_state, _ = checkpoint.restore_state(manager, best, abstract_state)
+    state = state.replace(params=best_state.params)
+    logging.info('Best checkpoint: step %d, %s %.5f.', best, stop_loss_key,
+                 float(best_state.best_dev_loss))
+  manager.close()
+  return state
+
+
+__all__ = [
+    'TrainState', 'TrainingError', 'adaptation_indices', 'create_model', 'create_optimizer',
+    'create_train_state', 'evaluate_split', 'make_eval_step', 'make_mesh', 'make_train_step',
+    'replicate', 'should_stop_early', 'summarize', 'train_and_evaluate', 'train_epoch',
+    'update_early_stopping']

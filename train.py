@@ -1,0 +1,41 @@
+r"""Train APOGEE Net (paper §3.3–3.4).
+
+    python train.py --config=configs/default.py --workdir=workdirs/default \
+        [--config.data_dir=data/tfds] [--config.batch_size=256 …]
+
+Rerunning the same command on an existing workdir resumes from its latest checkpoint.
+Multi-host (one process per host, each with its own devices and data shard):
+
+    python train.py --config=configs/default.py --workdir=gs://…/run --config.multihost=True
+
+on every host; ``jax.distributed.initialize()`` reads the coordinator from the cluster environment
+(Cloud TPU, SLURM, Open MPI) or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+Intentionally short: the logic lives in ``apogeenet_jax.training``.
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from apogeenet_jax import training
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard logs.')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  config = FLAGS.config
+  if config.multihost:
+    jax.distributed.initialize()
+  logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  training.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
