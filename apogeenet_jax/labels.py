@@ -1,0 +1,244 @@
+"""The INPUT label catalogue: read, validate, match rows to apStar files, assign splits.
+
+Catalogue (FITS, CSV or ECSV; read with astropy), one row per star:
+  APOGEE_ID  str    2MASS-style ID, unique
+  LOGG       float  dex
+  TEFF       float  K
+  FE_H       float  dex
+  DATA_TYPE  str    'Payne', 'MStar' or 'YSO' (paper §2.2-2.4; case-insensitive)
+  SPLIT      str    optional: 'train', 'dev' or 'test'; empty = assign from the ID (paper §3)
+  FILE       str    optional: apStar path relative to the manual_dir; empty = match by ID
+
+manual_dir layout: the catalogue as labels.fits, labels.csv or labels.ecsv at the top, apStar
+files anywhere below, matched by FILE or by the ID in `apStar-<reduction>-<ID>.fits[.gz]`.
+NumPy + astropy only: no JAX here.
+"""
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import os
+import pathlib
+
+import numpy as np
+from astropy.table import Table
+
+from apogeenet_jax import apstar, constants
+
+CATALOG_NAMES = ('labels.fits', 'labels.ecsv', 'labels.csv')
+REQUIRED_COLUMNS = ('APOGEE_ID', *constants.LABEL_NAMES, 'DATA_TYPE')
+OPTIONAL_COLUMNS = ('SPLIT', 'FILE')
+SKIP_REPORT_COLUMNS = ('file', 'apogee_id', 'reason')
+# ASPCAP and friends write -9999 for "no value"; such a label must never reach training.
+_SENTINEL = -9999.0
+
+
+class LabelCatalogError(ValueError):
+  """The label catalogue is missing, unreadable or invalid. Message starts with its path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledStar:
+  """One catalogue row. labels: (3,) float32 in LABEL_NAMES order (dex, K, dex)."""
+  apogee_id: str
+  labels: np.ndarray
+  data_type: str
+  split: str | None  # From the catalogue's SPLIT column; None = assign_split decides.
+  file: str | None  # From the catalogue's FILE column, relative to the manual_dir.
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One line of the skip report: which file / row, and why it was left out."""
+  file: str
+  apogee_id: str
+  reason: str
+
+
+def assign_split(apogee_id: str, data_type: str, seed: int = 0) -> str:
+  """Deterministic 'train'/'dev'/'test' for one star with the paper's fractions (§3).
+
+  A hash of (seed, ID) is a uniform draw in [0, 1): the split of a star never depends on which
+  other stars are in the catalogue, so adding stars or re-building keeps every split stable.
+  """
+  if data_type not in constants.SPLIT_FRACTIONS:
+    raise ValueError(f'unknown data type {data_type!r}; expected one of {constants.DATA_TYPES}')
+  digest = hashlib.sha256(f'{seed}:{apogee_id.strip()}'.encode()).digest()
+  u = int.from_bytes(digest[:8], 'big') / 2.0**64
+  edges = np.cumsum(constants.SPLIT_FRACTIONS[data_type])
+  for split, edge in zip(constants.SPLITS, edges, strict=True):
+    if u < edge:
+      return split
+  return constants.SPLITS[-1]
+
+
+def find_catalog(manual_dir: str | os.PathLike) -> pathlib.Path:
+  """The one labels.{fits,ecsv,csv} at the top of manual_dir."""
+  root = pathlib.Path(manual_dir)
+  found = [root / name for name in CATALOG_NAMES if (root / name).is_file()]
+  if not found:
+    raise LabelCatalogError(f'{root}: no label catalogue; expected one of {CATALOG_NAMES}')
+  if len(found) > 1:
+    raise LabelCatalogError(f'{root}: several label catalogues {[p.name for p in found]}; keep one')
+  return found[0]
+
+
+def _column_strings(table: Table, name: str) -> list[str]:
+  column = table[name]
+  values = []
+  for i, v in enumerate(column):
+    if np.ma.is_masked(v):
+      values.append('')
+    elif isinstance(v, bytes):
+      values.append(v.decode().strip())
+    else:
+      values.append(str(v).strip())
+    if values[-1] in ('--', 'nan', 'None'):  # Empty CSV cells.
+      values[i] = ''
+  return values
+
+
+def read_catalog(path: str | os.PathLike) -> list[LabelledStar]:
+  """Reads and validates a label catalogue.
+
+  Raises:
+    LabelCatalogError: unreadable, missing columns, duplicate IDs, non-finite or -9999 labels,
+      unknown DATA_TYPE or SPLIT.
+  """
+  path = pathlib.Path(path)
+  try:
+    if path.suffix.lower() in ('.csv', '.ecsv'):
+      table = Table.read(path, format='ascii.ecsv' if path.suffix.lower() == '.ecsv'
+                         else 'ascii.csv')
+    else:
+      table = Table.read(path)
+  except FileNotFoundError:
+    raise LabelCatalogError(f'{path}: no such file') from None
+  except Exception as e:  # astropy raises many types for malformed tables.
+    raise LabelCatalogError(f'{path}: cannot read table ({type(e).__name__}: {e})') from e
+
+  # Accept lower-case column names ('apogee_id', 'teff', …) but use the survey's upper case.
+  by_upper = {name.upper(): name for name in table.colnames}
+  missing = [c for c in REQUIRED_COLUMNS if c not in by_upper]
+  if missing:
+    raise LabelCatalogError(f'{path}: missing column(s) {missing}; required {REQUIRED_COLUMNS}')
+  if len(table) == 0:
+    raise LabelCatalogError(f'{path}: the catalogue has no rows')
+
+  ids = _column_strings(table, by_upper['APOGEE_ID'])
+  empty = [i for i, s in enumerate(ids) if not s]
+  if empty:
+    raise LabelCatalogError(f'{path}: empty APOGEE_ID in row(s) {empty[:10]}')
+  duplicates = [k for k, n in collections.Counter(ids).items() if n > 1]
+  if duplicates:
+    raise LabelCatalogError(f'{path}: duplicate APOGEE_ID(s) {sorted(duplicates)[:10]} '
+                            f'({len(duplicates)} in all)')
+
+  labels = np.empty((len(table), len(constants.LABEL_NAMES)), np.float64)
+  for j, name in enumerate(constants.LABEL_NAMES):
+    column = table[by_upper[name]]
+    try:
+      values = np.ma.filled(np.ma.asarray(column, dtype=np.float64), np.nan)
+    except (TypeError, ValueError) as e:
+      raise LabelCatalogError(f'{path}: column {name} is not numeric ({e})') from e
+    bad = ~np.isfinite(values) | (values == _SENTINEL)
+    if bad.any():
+      rows = np.flatnonzero(bad)
+      raise LabelCatalogError(
+          f'{path}: {len(rows)} non-finite, empty or -9999 {name} value(s), e.g. '
+          f'{[ids[i] for i in rows[:5]]}; remove those rows')
+    labels[:, j] = values
+
+  canonical_type = {t.lower(): t for t in constants.DATA_TYPES}
+  data_types = []
+  for star_id, t in zip(ids, _column_strings(table, by_upper['DATA_TYPE']), strict=True):
+    if t.lower() not in canonical_type:
+      raise LabelCatalogError(f'{path}: APOGEE_ID {star_id}: DATA_TYPE {t!r} is not one of '
+                              f'{constants.DATA_TYPES}')
+    data_types.append(canonical_type[t.lower()])
+
+  splits = [''] * len(table)
+  if 'SPLIT' in by_upper:
+    splits = [s.lower() for s in _column_strings(table, by_upper['SPLIT'])]
+    for star_id, s in zip(ids, splits, strict=True):
+      if s and s not in constants.SPLITS:
+        raise LabelCatalogError(f'{path}: APOGEE_ID {star_id}: SPLIT {s!r} is not one of '
+                                f'{constants.SPLITS} (or empty)')
+  files = [''] * len(table)
+  if 'FILE' in by_upper:
+    files = _column_strings(table, by_upper['FILE'])
+
+  return [
+      LabelledStar(apogee_id=i, labels=labels[k].astype(np.float32), data_type=t,
+                   split=s or None, file=f or None)
+      for k, (i, t, s, f) in enumerate(zip(ids, data_types, splits, files, strict=True))
+  ]
+
+
+def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
+                ) -> tuple[list[tuple[LabelledStar, str]], list[Problem]]:
+  """Pairs catalogue rows with apStar files below manual_dir.
+
+  Returns:
+    matched: (star, absolute file path) in catalogue order.
+    problems: rows without a file, files without a row, and extra files for one ID (the first
+      in sorted path order is used), one Problem each, for the skip report.
+  """
+  root = pathlib.Path(manual_dir).resolve()
+  files_by_id = collections.defaultdict(list)
+  for path in apstar.find_apstar_files(root):
+    files_by_id[apstar.apogee_id_from_filename(path)].append(path)
+
+  matched, problems, used = [], [], set()
+  for star in stars:
+    if star.file:
+      path = pathlib.Path(star.file)
+      path = path if path.is_absolute() else root / path
+      if not path.is_file():
+        problems.append(Problem(star.file, star.apogee_id, 'FILE given in the catalogue does '
+                                'not exist'))
+        continue
+      matched.append((star, str(path)))
+      used.add(str(path))
+      continue
+    candidates = files_by_id.get(star.apogee_id, [])
+    if not candidates:
+      problems.append(Problem('', star.apogee_id, 'no apStar file for this catalogue row'))
+      continue
+    matched.append((star, candidates[0]))
+    used.add(candidates[0])
+    for extra in candidates[1:]:
+      problems.append(Problem(relative_path(extra, root), star.apogee_id,
+                              f'another file for this APOGEE_ID was used: '
+                              f'{relative_path(candidates[0], root)}'))
+      used.add(extra)
+  for star_id, paths in sorted(files_by_id.items()):
+    for path in paths:
+      if path not in used:
+        problems.append(Problem(relative_path(path, root), star_id,
+                                'no catalogue row for this file'))
+  return matched, problems
+
+
+def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+  """path relative to root when below it, else as given."""
+  try:
+    return str(pathlib.Path(path).resolve().relative_to(pathlib.Path(root).resolve()))
+  except ValueError:
+    return os.fspath(path)
+
+
+def write_problems(problems: list[Problem], path: str | os.PathLike) -> None:
+  """Writes the skip report: CSV with header `file,apogee_id,reason`, one line per problem."""
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(SKIP_REPORT_COLUMNS)
+    for p in problems:
+      writer.writerow((p.file, p.apogee_id, p.reason))
+
+
+def read_problems(path: str | os.PathLike) -> list[Problem]:
+  """Reads a skip report written by write_problems."""
+  with open(path, newline='') as f:
+    return [Problem(r['file'], r['apogee_id'], r['reason']) for r in csv.DictReader(f)]
