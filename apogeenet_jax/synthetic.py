@@ -333,7 +333,7 @@ def write_survey(output_dir: str | os.PathLike, num_stars: int = DEFAULT_NUM_STA
   # Exact counts per kind (largest remainder), then shuffled, so small surveys keep every type.
   fractions = np.array([k[2] for k in KINDS])
   counts = np.floor(fractions * num_stars).astype(int)
-  counts[np.argsort(-(fractions * num_stars - counts))[:num_stars - counts.sum()]] += 1
+  counts[np.argsort(-(fractions * num_stars - counts), kind="stable")[:num_stars - counts.sum()]] += 1
   kinds = rng.permutation(np.repeat(names, counts))
   rows = []
   suffix = '.fits.gz' if compress else '.fits'

@@ -1,0 +1,163 @@
+"""apogeenet_jax.apstar on the real SDSS files and on broken copies of them."""
+
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from apogeenet_jax import apstar, constants
+
+SINGLE_VISIT_ID = '2M03290406+3117075'
+
+
+def test_reads_every_real_file(real_apstar_files):
+  for path in real_apstar_files:
+    s = apstar.read_apstar(path)
+    with fits.open(path) as hdul:
+      flux = hdul[1].data
+      err = hdul[2].data
+      header = hdul[0].header
+      row = 0 if flux.ndim == 2 else ...
+      # Row 0 (pixel-weighted combined) when 2-D, the array itself when NVISITS = 1.
+      np.testing.assert_array_equal(s.flux, flux[row])
+      np.testing.assert_array_equal(s.flux_err, err[row])
+      np.testing.assert_array_equal(s.mask, hdul[3].data[row])
+      assert s.apogee_id == header['OBJID'] == apstar.apogee_id_from_filename(path)
+      assert s.nvisits == header['NVISITS']
+      assert s.snr == pytest.approx(header['SNR'])
+      assert s.ra == pytest.approx(header['RA']) and s.dec == pytest.approx(header['DEC'])
+      assert s.telescope == 'apo25m' and s.field == header['FIELD'].strip()
+    assert s.flux.shape == s.flux_err.shape == s.mask.shape == (constants.N_PIXELS,)
+    assert s.flux.dtype == np.float32 and s.flux.dtype.isnative and s.flux_err.dtype.isnative
+    # The real files mark 800-900 pixels per star as flux 0 / error 1e10 (data/README.md).
+    assert 780 <= s.n_bad_pixels <= 950, (path, s.n_bad_pixels)
+    assert np.all(s.flux[s.bad_pixels] == 0) and np.all(s.flux_err[s.bad_pixels] == 1e10)
+    assert s.bad_pixels[0] and s.bad_pixels[-1]
+
+
+def test_single_visit_file_is_1d_and_read(real_apstar_files):
+  path = next(p for p in real_apstar_files if SINGLE_VISIT_ID in p.name)
+  with fits.open(path) as hdul:
+    assert hdul[1].data.ndim == 1
+  s = apstar.read_apstar(path)
+  assert s.nvisits == 1 and s.field == 'N1333'
+  np.testing.assert_array_equal(s.flux, fits.getdata(path, 1))
+
+
+def test_multi_visit_reads_row_0_not_row_1(real_apstar_files):
+  path = next(p for p in real_apstar_files if fits.getheader(p)['NVISITS'] > 2)
+  rows = fits.getdata(path, 1)
+  s = apstar.read_apstar(path)
+  assert not np.array_equal(rows[0], rows[1])
+  np.testing.assert_array_equal(s.flux, rows[0])
+
+
+def test_wavelength_grid():
+  wave = apstar.wavelength_grid()
+  assert wave.dtype == np.float64 and wave.shape == (constants.N_PIXELS,)
+  assert wave[0] == pytest.approx(15100.80, abs=0.01)  # 10**4.179 Å
+  assert wave[-1] == pytest.approx(16999.81, abs=0.01)
+
+
+def test_find_apstar_files(tmp_path, real_apstar_files):
+  (tmp_path / 'apo25m' / 'F1').mkdir(parents=True)
+  shutil.copy(real_apstar_files[0], tmp_path / 'apo25m' / 'F1' / real_apstar_files[0].name)
+  (tmp_path / 'asStar-r8-2M00000000+0000000.fits.gz').write_bytes(b'')
+  (tmp_path / 'apVisit-r8-1-2-3.fits').write_bytes(b'')
+  (tmp_path / 'notes.txt').write_text('x')
+  found = [p.replace(str(tmp_path) + '/', '') for p in apstar.find_apstar_files(tmp_path)]
+  assert found == [f'apo25m/F1/{real_apstar_files[0].name}',
+                   'asStar-r8-2M00000000+0000000.fits.gz']
+
+
+def test_id_from_filename_keeps_minus_sign():
+  assert apstar.apogee_id_from_filename('a/apStar-r8-2M17334253-1654573.fits') == \
+      '2M17334253-1654573'
+  assert apstar.apogee_id_from_filename('asStar-dr17-2M00+01.fits.gz') == '2M00+01'
+  assert apstar.apogee_id_from_filename('aspcapStar-r8-2M00.fits') is None
+
+
+@pytest.fixture
+def real_file(real_apstar_files):
+  return next(p for p in real_apstar_files if SINGLE_VISIT_ID not in p.name)
+
+
+def test_truncated_copy_raises(tmp_path, real_file):
+  broken = tmp_path / real_file.name
+  broken.write_bytes(real_file.read_bytes()[:400_000])  # Cut inside the flux HDU.
+  with pytest.raises(apstar.ApStarError, match='truncated') as e:
+    apstar.read_apstar(broken)
+  assert str(e.value).startswith(str(broken))
+
+
+def test_text_file_named_fits_raises(tmp_path):
+  path = tmp_path / 'apStar-r8-2M00000000+0000000.fits'
+  path.write_text('SIMPLE? no, this is a text file\n')
+  with pytest.raises(apstar.ApStarError, match='not a readable FITS') as e:
+    apstar.read_apstar(path)
+  assert str(e.value).startswith(str(path))
+
+
+def test_missing_file_raises(tmp_path):
+  with pytest.raises(apstar.ApStarError, match='no such file'):
+    apstar.read_apstar(tmp_path / 'apStar-r8-2M0.fits')
+
+
+def _rewrite(src, dst, edit):
+  with fits.open(src) as hdul:
+    hdul = fits.HDUList([h.copy() for h in hdul])
+  edit(hdul)
+  hdul.writeto(dst)
+  return dst
+
+
+def test_wrong_nwave_raises(tmp_path, real_file):
+  def edit(hdul):
+    hdul[0].header['NWAVE'] = 8000
+  path = _rewrite(real_file, tmp_path / real_file.name, edit)
+  with pytest.raises(apstar.ApStarError, match='NWAVE = 8000'):
+    apstar.read_apstar(path)
+
+
+def test_other_wavelength_grid_raises(tmp_path, real_file):
+  def edit(hdul):
+    hdul[0].header['CRVAL1'] = 4.18
+  path = _rewrite(real_file, tmp_path / real_file.name, edit)
+  with pytest.raises(apstar.ApStarError, match='wavelength grid'):
+    apstar.read_apstar(path)
+
+
+def test_wrong_pixel_count_raises(tmp_path, real_file):
+  def edit(hdul):
+    hdul[1].data = hdul[1].data[:, :8000]
+  path = _rewrite(real_file, tmp_path / real_file.name, edit)
+  with pytest.raises(apstar.ApStarError, match='8000 pixels'):
+    apstar.read_apstar(path)
+
+
+def test_missing_hdus_raise(tmp_path, real_file):
+  def edit(hdul):
+    del hdul[2:]
+  path = _rewrite(real_file, tmp_path / real_file.name, edit)
+  with pytest.raises(apstar.ApStarError, match='missing HDU2'):
+    apstar.read_apstar(path)
+
+
+def test_all_bad_pixels_raise(tmp_path, real_file):
+  def edit(hdul):
+    hdul[1].data[:] = 0
+    hdul[2].data[:] = 1e10
+  path = _rewrite(real_file, tmp_path / real_file.name, edit)
+  with pytest.raises(apstar.ApStarError, match='all 8575 pixels are bad'):
+    apstar.read_apstar(path)
+
+
+def test_nan_pixels_are_reported_not_hidden(tmp_path, real_file):
+  def edit(hdul):
+    hdul[1].data[0, 4000:4010] = np.nan
+  path = _rewrite(real_file, tmp_path / real_file.name, edit)
+  s = apstar.read_apstar(path)
+  assert np.isnan(s.flux[4000:4010]).all()  # Raw: not replaced here.
+  assert s.bad_pixels[4000:4010].all()
+  assert s.n_bad_pixels == apstar.read_apstar(real_file).n_bad_pixels + 10

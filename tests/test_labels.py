@@ -1,0 +1,138 @@
+"""apogeenet_jax.labels: catalogue validation, file matching, deterministic splits."""
+
+import collections
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from apogeenet_jax import constants, labels
+
+
+def _table(ids=('2M01+1', '2M02+2', '2M03-3'), **extra):
+  n = len(ids)
+  columns = {'APOGEE_ID': list(ids), 'LOGG': np.linspace(1, 5, n), 'TEFF': np.linspace(3000, 6000, n),
+             'FE_H': np.zeros(n), 'DATA_TYPE': ['Payne', 'mstar', 'YSO'][:n]}
+  columns.update(extra)
+  return Table(columns)
+
+
+@pytest.mark.parametrize('name', ['labels.fits', 'labels.csv', 'labels.ecsv'])
+def test_reads_every_format(tmp_path, name):
+  _table(SPLIT=['', 'dev', 'test']).write(tmp_path / name)
+  stars = labels.read_catalog(labels.find_catalog(tmp_path))
+  assert [s.apogee_id for s in stars] == ['2M01+1', '2M02+2', '2M03-3']
+  assert [s.data_type for s in stars] == ['Payne', 'MStar', 'YSO']  # Case normalised.
+  assert [s.split for s in stars] == [None, 'dev', 'test']
+  np.testing.assert_allclose(stars[1].labels, [3.0, 4500.0, 0.0])  # LABEL_NAMES order.
+  assert stars[0].labels.dtype == np.float32
+
+
+def test_lower_case_columns(tmp_path):
+  t = _table()
+  t.rename_columns(t.colnames, [c.lower() for c in t.colnames])
+  t.write(tmp_path / 'labels.csv')
+  assert len(labels.read_catalog(tmp_path / 'labels.csv')) == 3
+
+
+def test_duplicate_id_raises(tmp_path):
+  _table(ids=('2M01+1', '2M02+2', '2M01+1')).write(tmp_path / 'labels.fits')
+  with pytest.raises(labels.LabelCatalogError, match=r'duplicate APOGEE_ID.*2M01\+1') as e:
+    labels.read_catalog(tmp_path / 'labels.fits')
+  assert str(e.value).startswith(str(tmp_path / 'labels.fits'))
+
+
+def test_missing_column_raises(tmp_path):
+  t = _table()
+  del t['FE_H']
+  t.write(tmp_path / 'labels.csv')
+  with pytest.raises(labels.LabelCatalogError, match=r"missing column\(s\) \['FE_H'\]"):
+    labels.read_catalog(tmp_path / 'labels.csv')
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -9999.0])
+def test_non_finite_or_sentinel_label_raises(tmp_path, bad):
+  t = _table()
+  t['TEFF'][1] = bad
+  t.write(tmp_path / 'labels.fits')
+  with pytest.raises(labels.LabelCatalogError, match=r'TEFF.*2M02\+2'):
+    labels.read_catalog(tmp_path / 'labels.fits')
+
+
+def test_empty_csv_cell_raises(tmp_path):
+  (tmp_path / 'labels.csv').write_text(
+      'APOGEE_ID,LOGG,TEFF,FE_H,DATA_TYPE\n2M01+1,2.5,4700,,Payne\n')
+  with pytest.raises(labels.LabelCatalogError, match='FE_H'):
+    labels.read_catalog(tmp_path / 'labels.csv')
+
+
+def test_unknown_data_type_and_split_raise(tmp_path):
+  _table(DATA_TYPE=['Payne', 'Giant', 'YSO']).write(tmp_path / 'a.csv')
+  with pytest.raises(labels.LabelCatalogError, match="DATA_TYPE 'Giant'"):
+    labels.read_catalog(tmp_path / 'a.csv')
+  _table(SPLIT=['train', 'val', 'test']).write(tmp_path / 'b.csv')
+  with pytest.raises(labels.LabelCatalogError, match="SPLIT 'val'"):
+    labels.read_catalog(tmp_path / 'b.csv')
+
+
+def test_unreadable_or_absent_catalogue_raises(tmp_path):
+  with pytest.raises(labels.LabelCatalogError, match='no label catalogue'):
+    labels.find_catalog(tmp_path)
+  (tmp_path / 'labels.fits').write_text('not fits')
+  with pytest.raises(labels.LabelCatalogError, match='cannot read'):
+    labels.read_catalog(tmp_path / 'labels.fits')
+  (tmp_path / 'labels.csv').write_text('x')
+  with pytest.raises(labels.LabelCatalogError, match='several'):
+    labels.find_catalog(tmp_path)
+
+
+def test_assign_split_is_deterministic_and_has_paper_fractions():
+  n = 20_000
+  for data_type, fractions in constants.SPLIT_FRACTIONS.items():
+    splits = [labels.assign_split(f'2M{i:08d}+0000000', data_type, seed=0) for i in range(n)]
+    counts = collections.Counter(splits)
+    for split, fraction in zip(constants.SPLITS, fractions, strict=True):
+      # Binomial σ ≤ sqrt(0.25/n) = 0.0035: 0.015 is > 4σ.
+      assert abs(counts[split] / n - fraction) < 0.015, (data_type, counts)
+  assert labels.assign_split('2M1+1', 'YSO', 3) == labels.assign_split('2M1+1', 'YSO', 3)
+  seeds = [labels.assign_split(f'2M{i}', 'Payne', 0) == labels.assign_split(f'2M{i}', 'Payne', 1)
+           for i in range(2000)]
+  assert 0.5 < np.mean(seeds) < 0.8  # Another seed reshuffles (P(same) = .8²+.1²+.1² = 0.66).
+  with pytest.raises(ValueError, match='unknown data type'):
+    labels.assign_split('2M1', 'Giant', 0)
+
+
+def test_match_files_by_id_and_by_file_column(tmp_path):
+  (tmp_path / 'apo25m' / 'F1').mkdir(parents=True)
+  (tmp_path / 'lco25m' / 'F2').mkdir(parents=True)
+  for rel in ('apo25m/F1/apStar-r8-2M01+1.fits', 'lco25m/F2/asStar-r8-2M01+1.fits',
+              'apo25m/F1/apStar-r8-2M03-3.fits.gz', 'apo25m/F1/renamed.fits',
+              'apo25m/F1/apStar-r8-2M09+9.fits'):
+    (tmp_path / rel).write_bytes(b'')
+  _table(FILE=['', 'apo25m/F1/renamed.fits', '']).write(tmp_path / 'labels.ecsv')
+  stars = labels.read_catalog(tmp_path / 'labels.ecsv')
+  matched, problems = labels.match_files(stars, tmp_path)
+  got = {s.apogee_id: labels.relative_path(p, tmp_path) for s, p in matched}
+  assert got == {'2M01+1': 'apo25m/F1/apStar-r8-2M01+1.fits',
+                 '2M02+2': 'apo25m/F1/renamed.fits',
+                 '2M03-3': 'apo25m/F1/apStar-r8-2M03-3.fits.gz'}
+  reasons = {(p.file, p.reason.split(':')[0]) for p in problems}
+  assert reasons == {('lco25m/F2/asStar-r8-2M01+1.fits',
+                      'another file for this APOGEE_ID was used'),
+                     ('apo25m/F1/apStar-r8-2M09+9.fits', 'no catalogue row for this file')}
+
+
+def test_row_without_file_is_a_problem(tmp_path):
+  _table(FILE=['', 'nowhere.fits', '']).write(tmp_path / 'labels.ecsv')
+  matched, problems = labels.match_files(labels.read_catalog(tmp_path / 'labels.ecsv'), tmp_path)
+  assert matched == []
+  assert sorted(p.apogee_id for p in problems) == ['2M01+1', '2M02+2', '2M03-3']
+  assert any('does not exist' in p.reason for p in problems)
+
+
+def test_skip_report_round_trip(tmp_path):
+  problems = [labels.Problem('a/b.fits', '2M1', 'x, with "quotes"'), labels.Problem('', '2M2', 'y')]
+  labels.write_problems(problems, tmp_path / 'skipped.csv')
+  assert labels.read_problems(tmp_path / 'skipped.csv') == problems
+  labels.write_problems([], tmp_path / 'empty.csv')
+  assert (tmp_path / 'empty.csv').read_text().strip() == 'file,apogee_id,reason'

@@ -1,0 +1,119 @@
+"""apogeenet_jax.synthetic: real apStar format, clean default survey, labels visible in the flux."""
+
+import collections
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from apogeenet_jax import apstar, constants, labels, synthetic
+
+
+@pytest.fixture(scope='module')
+def survey(tmp_path_factory):
+  out = tmp_path_factory.mktemp('synth')
+  catalog = synthetic.write_survey(out, num_stars=24, seed=3, show_progress=False)
+  return out, catalog
+
+
+def test_catalogue_matches_files_and_headers(survey):
+  out, catalog = survey
+  stars = labels.read_catalog(catalog)
+  matched, problems = labels.match_files(stars, out)
+  assert problems == [] and len(matched) == 24
+  assert set(collections.Counter(s.data_type for s in stars)) == set(constants.DATA_TYPES)
+  for star, path in matched:
+    assert apstar.apogee_id_from_filename(path) == star.apogee_id
+    assert star.apogee_id.startswith('2M99')
+    header = fits.getheader(path)
+    assert header['TELESCOP'] == 'SYNTHETIC' and header['SYNTHETC'] is True
+    assert header['FIELD'].startswith('SYNTH')
+    np.testing.assert_allclose([header['SYNLOGG'], header['SYNTEFF'], header['SYNFEH']],
+                               star.labels, rtol=1e-6)
+
+
+def test_files_follow_the_real_layout(survey, real_apstar_files):
+  out, _ = survey
+  real = fits.open(real_apstar_files[0])
+  n_visits = collections.Counter()
+  for path in apstar.find_apstar_files(out):
+    with fits.open(path) as hdul:
+      hdul.verify('exception')
+      assert len(hdul) == len(real) == 10
+      nvisits = hdul[0].header['NVISITS']
+      n_visits[nvisits > 1] += 1
+      for i in range(1, 8):
+        assert hdul[i].data.dtype == real[i].data.dtype  # Big-endian >f4 / >i2 like SDSS.
+        expected = (constants.N_PIXELS,) if nvisits == 1 else (nvisits + 2, constants.N_PIXELS)
+        assert hdul[i].data.shape == expected
+      for key in ('CRVAL1', 'CDELT1', 'NWAVE'):
+        assert hdul[0].header[key] == real[0].header[key]
+    s = apstar.read_apstar(path)
+    # Chip gaps and array ends exactly like real files: flux 0, error 1e10, 800-900 pixels.
+    assert 700 <= s.n_bad_pixels <= 1000
+    assert s.bad_pixels[:150].all() and s.bad_pixels[-150:].all()
+    assert s.bad_pixels[3400] and s.bad_pixels[6200] and not s.bad_pixels[1000]
+    assert np.isfinite(s.flux).all() and np.isfinite(s.flux_err).all()
+    good = s.flux_err[~s.bad_pixels]
+    assert good.max() > 50 * np.median(good)  # A few huge errors, as in real spectra.
+    assert 3 < s.snr < 600
+  assert n_visits[True] > 0 and n_visits[False] > 0  # Both 1-D and NVISITS+2-row files.
+
+
+def test_bad_pixel_edges_vary_between_stars(survey):
+  out, _ = survey
+  counts = {apstar.read_apstar(p).n_bad_pixels for p in apstar.find_apstar_files(out)}
+  assert len(counts) > 5
+
+
+def test_same_seed_same_survey(tmp_path):
+  a = synthetic.write_survey(tmp_path / 'a', 4, seed=1, show_progress=False)
+  b = synthetic.write_survey(tmp_path / 'b', 4, seed=1, show_progress=False)
+  c = synthetic.write_survey(tmp_path / 'c', 4, seed=2, show_progress=False)
+  ta, tb, tc = Table.read(a), Table.read(b), Table.read(c)
+  np.testing.assert_array_equal(ta['TEFF'], tb['TEFF'])
+  assert not np.array_equal(ta['TEFF'], tc['TEFF'])
+  fa = apstar.find_apstar_files(tmp_path / 'a')[0]
+  fb = apstar.find_apstar_files(tmp_path / 'b')[0]
+  assert open(fa, 'rb').read() == open(fb, 'rb').read()
+
+
+@pytest.mark.parametrize('index', [0, 1, 2])
+def test_each_label_changes_the_flux(index):
+  base = np.array([3.0, 4500.0, -0.2])
+  step = np.array([0.5, 300.0, 0.3])
+  up = base.copy()
+  up[index] += step[index]
+  a = synthetic.model_flux(*base)
+  b = synthetic.model_flux(*up)
+  # Shape, not only level: compare after normalising each by its median.
+  change = np.abs(a / np.median(a) - b / np.median(b)).mean()
+  assert change > 0.005, (constants.LABEL_NAMES[index], change)
+
+
+def test_labels_are_learnable_from_noisy_flux():
+  """A ridge regression on median-normalised noisy flux already recovers all three labels."""
+  rng = np.random.default_rng(0)
+  x, y = [], []
+  for i in range(400):
+    kind, data_type, _ = synthetic.KINDS[i % len(synthetic.KINDS)]
+    star = synthetic.draw_star(i, 0, kind, data_type, rng)
+    flux, _, _, _ = synthetic.simulate_rows(star, rng)
+    f = flux[0]
+    x.append(f[::4] / np.median(f[f > 0]))
+    y.append((star.logg, star.teff, star.fe_h))
+  x, y = np.array(x), np.array(y)
+  n = 300
+  xm, ym = x[:n].mean(0), y[:n].mean(0)
+  a = x[:n] - xm
+  w = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ (y[:n] - ym))
+  pred = (x[n:] - xm) @ w + ym
+  r2 = 1 - ((pred - y[n:]) ** 2).mean(0) / y[n:].var(0)
+  assert (r2 > 0.8).all(), dict(zip(constants.LABEL_NAMES, r2, strict=True))
+
+
+def test_kind_mix_exact_for_small_surveys(tmp_path):
+  catalog = synthetic.write_survey(tmp_path, 10, seed=0, show_progress=False)
+  counts = collections.Counter(Table.read(catalog)['KIND'])
+  assert counts == {'giant': 5, 'dwarf': 1, 'mdwarf': 2, 'yso': 2}
