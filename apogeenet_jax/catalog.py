@@ -1,0 +1,222 @@
+"""The output catalogue (paper Table 4, §3.6, §4): an astropy Table written as FITS and CSV.
+
+Columns (units in each column's ``unit``, meaning in its ``description``):
+  APOGEE_ID, RA, DEC (J2000, deg),
+  LOGG, LOGG_PRED, LOGG_ERR (dex), TEFF, TEFF_PRED, TEFF_ERR (K), FE_H, FE_H_PRED, FE_H_ERR (dex)
+    — label, MC mean prediction, MC standard deviation; labels masked (empty) for unlabelled stars,
+    σ masked when no Monte Carlo was run (``--mc=0``),
+  SNR, DATA_SET ('Train'/'Dev'/'Test' or empty), DATA_TYPE ('Payne'/'MStar'/'YSO' or empty).
+Flags, all defined here and nowhere else:
+  FLAG_TEFF_GT_6700        TEFF_PRED > 6700 K: the paper leaves these out of its catalogue
+                           (edge effect near the 8000 K grid limit, §3.6).
+  FLAG_LOW_SNR_UNPHYSICAL  SNR < LOW_SNR and a prediction outside PHYSICAL_RANGES (or non-finite):
+                           the paper removes "S/N ≈ 0 with unphysical parameters" (§3.6); the
+                           thresholds are ours, the paper gives none.
+  YSO_CANDIDATE            (TEFF_PRED, LOGG_PRED) inside the triangle (2200 K, 4.4),
+                           (4500 K, 3.9), (3200 K, 1.7), boundary included (§4).
+  AGE_BIN                  log g age proxy of YSO candidates (§4): 0 log g < 3.6 (~1 Myr),
+                           1 3.6–3.8 (1–2 Myr), 2 3.8–4.0 (2–3 Myr), 3 4.0–4.2 (3–5 Myr),
+                           4 ≥ 4.2 (≥ 5 Myr); −1 for stars that are not YSO candidates.
+                           Lower edges belong to the bin above (log g = 3.6 is bin 1).
+The CSV is ECSV (comma-separated, with a commented YAML header carrying units and descriptions):
+read it with ``Table.read(path, format='ascii.ecsv')`` or ``pandas.read_csv(path, comment='#')``.
+"""
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+
+import astropy.units as u
+import numpy as np
+from astropy.io import fits
+from astropy.table import MaskedColumn, Table
+
+from apogeenet_jax.constants import LABEL_NAMES, LABEL_UNITS
+
+# §3.6: stars hotter than this are left out of the published catalogue.
+TEFF_CATALOG_MAX = 6700.0
+# §4: YSO candidate region in (Teff [K], log g [dex]).
+YSO_TRIANGLE = ((2200.0, 4.4), (4500.0, 3.9), (3200.0, 1.7))
+# §4: log g bin edges of the age proxy and what each bin means.
+AGE_BIN_EDGES = (3.6, 3.8, 4.0, 4.2)
+AGE_BIN_MEANING = ('~1 Myr', '1-2 Myr', '2-3 Myr', '3-5 Myr', '>=5 Myr')
+NOT_AGE_BINNED = -1
+# §3.6 says "S/N ≈ 0 and unphysical parameters" without numbers; these are ours.
+LOW_SNR = 1.0
+PHYSICAL_RANGES = {'LOGG': (-1.0, 6.0), 'TEFF': (2000.0, 10000.0), 'FE_H': (-3.0, 1.5)}
+
+FLAG_COLUMNS = ('FLAG_TEFF_GT_6700', 'FLAG_LOW_SNR_UNPHYSICAL', 'YSO_CANDIDATE', 'AGE_BIN')
+_SPLIT_NAMES = {'train': 'Train', 'dev': 'Dev', 'test': 'Test'}
+_UNITS = {'dex': u.dex, 'K': u.K}
+_LABEL_DESC = {'LOGG': 'surface gravity log g', 'TEFF': 'effective temperature',
+               'FE_H': 'metallicity [Fe/H]'}
+
+
+class CatalogError(RuntimeError):
+  """A catalogue cannot be built or written."""
+
+
+def in_yso_triangle(teff, logg) -> np.ndarray:
+  """True where (teff [K], logg [dex]) lies inside YSO_TRIANGLE or on its edges (§4)."""
+  teff = np.asarray(teff, dtype=np.float64)
+  logg = np.asarray(logg, dtype=np.float64)
+  # Log g spans ~3 dex against Teff's ~2300 K: compare edge sides in units scaled to each axis.
+  x, y = teff / 1000.0, logg
+  (x1, y1), (x2, y2), (x3, y3) = [(a / 1000.0, b) for a, b in YSO_TRIANGLE]
+
+  def side(ax, ay, bx, by):
+    return (bx - ax) * (y - ay) - (by - ay) * (x - ax)
+
+  s1, s2, s3 = side(x1, y1, x2, y2), side(x2, y2, x3, y3), side(x3, y3, x1, y1)
+  eps = 1e-12
+  inside = ((s1 >= -eps) & (s2 >= -eps) & (s3 >= -eps)) | ((s1 <= eps) & (s2 <= eps) & (s3 <= eps))
+  return inside & np.isfinite(x) & np.isfinite(y)
+
+
+def age_bin(logg) -> np.ndarray:
+  """log g [dex] → age-proxy bin 0…4 (AGE_BIN_MEANING), NOT_AGE_BINNED where not finite."""
+  logg = np.asarray(logg, dtype=np.float64)
+  bins = np.digitize(logg, AGE_BIN_EDGES, right=False)
+  return np.where(np.isfinite(logg), bins, NOT_AGE_BINNED).astype(np.int16)
+
+
+def compute_flags(pred: np.ndarray, snr: np.ndarray) -> dict[str, np.ndarray]:
+  """Flag columns from predictions (n, 3) native units in LABEL_NAMES order and S/N (n,)."""
+  pred = np.asarray(pred, dtype=np.float64)
+  snr = np.asarray(snr, dtype=np.float64)
+  logg, teff = pred[:, LABEL_NAMES.index('LOGG')], pred[:, LABEL_NAMES.index('TEFF')]
+  unphysical = ~np.all(np.isfinite(pred), axis=1)
+  for j, name in enumerate(LABEL_NAMES):
+    lo, hi = PHYSICAL_RANGES[name]
+    with np.errstate(invalid='ignore'):
+      unphysical |= (pred[:, j] < lo) | (pred[:, j] > hi)
+  with np.errstate(invalid='ignore'):
+    low_snr = ~(snr >= LOW_SNR)  # NaN S/N counts as low
+    hot = teff > TEFF_CATALOG_MAX
+  yso = in_yso_triangle(teff, logg)
+  return {
+      'FLAG_TEFF_GT_6700': hot,
+      'FLAG_LOW_SNR_UNPHYSICAL': low_snr & unphysical,
+      'YSO_CANDIDATE': yso,
+      'AGE_BIN': np.where(yso, age_bin(logg), NOT_AGE_BINNED).astype(np.int16),
+  }
+
+
+def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, labels=None,
+                  data_set: Sequence[str] | None = None,
+                  data_type: Sequence[str] | None = None) -> Table:
+  """The Table 4 catalogue plus flags.
+
+  Args:
+    apogee_id: (n,) 2MASS-style identifiers.
+    ra, dec: (n,) J2000 degrees.
+    pred, pred_err: (n, 3) MC mean and σ in native units, LABEL_NAMES order (σ NaN: not run).
+    snr: (n,) S/N from the apStar header.
+    labels: (n, 3) native units with NaN rows for unlabelled stars, or None (all unlabelled).
+    data_set: (n,) 'train'/'dev'/'test' (or the capitalised names, or '' when unlabelled).
+    data_type: (n,) 'Payne'/'MStar'/'YSO' or ''.
+  """
+  n = len(apogee_id)
+  pred = np.asarray(pred, dtype=np.float64).reshape(n, len(LABEL_NAMES))
+  pred_err = np.asarray(pred_err, dtype=np.float64).reshape(n, len(LABEL_NAMES))
+  labels = (np.full_like(pred, np.nan) if labels is None
+            else np.asarray(labels, dtype=np.float64).reshape(n, len(LABEL_NAMES)))
+  t = Table()
+  t['APOGEE_ID'] = np.asarray([str(s) for s in apogee_id], dtype=str)
+  t['APOGEE_ID'].description = '2MASS identifier of the star'
+  for name, val, desc in (('RA', ra, 'right ascension (J2000)'),
+                          ('DEC', dec, 'declination (J2000)')):
+    t[name] = MaskedColumn(np.asarray(val, dtype=np.float64), unit=u.deg, description=desc)
+    t[name].mask = ~np.isfinite(t[name].data.data)
+  for j, (name, unit) in enumerate(zip(LABEL_NAMES, LABEL_UNITS, strict=True)):
+    what = _LABEL_DESC[name]
+    for suffix, arr, desc in (('', labels[:, j], f'{what}: reference label (empty: unlabelled)'),
+                              ('_PRED', pred[:, j], f'{what}: APOGEE Net, mean of MC draws'),
+                              ('_ERR', pred_err[:, j],
+                               f'{what}: std of MC draws (empty: no MC run)')):
+      col = name + suffix
+      t[col] = MaskedColumn(arr, mask=~np.isfinite(arr), unit=_UNITS[unit], description=desc)
+  t['SNR'] = MaskedColumn(np.asarray(snr, dtype=np.float64), description='S/N of the spectrum')
+  t['SNR'].mask = ~np.isfinite(t['SNR'].data.data)
+  t['DATA_SET'] = np.asarray(
+      [_SPLIT_NAMES.get(str(s), str(s)) for s in (data_set if data_set is not None else [''] * n)],
+      dtype='U5')
+  t['DATA_SET'].description = 'Train/Dev/Test split of the labelled set; empty: unlabelled'
+  t['DATA_TYPE'] = np.asarray(
+      [str(s) for s in (data_type if data_type is not None else [''] * n)], dtype='U5')
+  t['DATA_TYPE'].description = 'label source Payne/MStar/YSO; empty: unlabelled'
+  flags = compute_flags(pred, snr)
+  for name, desc in (
+      ('FLAG_TEFF_GT_6700', f'TEFF_PRED > {TEFF_CATALOG_MAX:g} K: outside the published catalogue'),
+      ('FLAG_LOW_SNR_UNPHYSICAL', f'SNR < {LOW_SNR:g} and a prediction outside the physical range'),
+      ('YSO_CANDIDATE', 'inside the (Teff, log g) YSO triangle of Olney et al. 2020 sec. 4'),
+      ('AGE_BIN', 'YSO log g age bin: 0 ~1 Myr, 1 1-2, 2 2-3, 3 3-5, 4 >=5 Myr; -1 not a YSO')):
+    t[name] = flags[name]
+    t[name].description = desc
+  t.meta['ORIGIN'] = 'apogeenet-jax'
+  t.meta['REFERENC'] = 'Olney et al. 2020, AJ 159, 182'
+  return t
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str):
+  """Yields a temporary path beside ``path``; moves it over ``path`` only if the body succeeds."""
+  directory = os.path.dirname(os.path.abspath(path)) or '.'
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
+                             suffix='.tmp')
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_fits(table: Table, path: str) -> None:
+  """Writes ``table`` to FITS atomically, keeping 'dex' units (TUNIT) and descriptions (TCOMM)."""
+  hdu = fits.table_to_hdu(_without_dex(table))
+  for i, col in enumerate(table.columns.values(), start=1):
+    if col.unit is not None:
+      hdu.header[f'TUNIT{i}'] = col.unit.to_string()
+    if col.description:
+      # FITS headers are ASCII; long comments continue on CONTINUE cards.
+      hdu.header[f'TCOMM{i}'] = col.description.encode('ascii', 'replace').decode()
+  try:
+    with _atomic_path(path) as tmp:
+      fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp, overwrite=True)
+  except OSError as e:
+    raise CatalogError(f'{path}: cannot write the FITS catalogue: {e}') from e
+
+
+def write_csv(table: Table, path: str) -> None:
+  """Writes ``table`` as comma-separated ECSV atomically (units and descriptions in the header)."""
+  try:
+    with _atomic_path(path) as tmp:
+      table.write(tmp, format='ascii.ecsv', delimiter=',', overwrite=True)
+  except OSError as e:
+    raise CatalogError(f'{path}: cannot write the CSV catalogue: {e}') from e
+
+
+def read_catalog(path: str) -> Table:
+  """Reads a catalogue written by ``write_fits`` or ``write_csv``."""
+  if path.endswith('.csv'):
+    return Table.read(path, format='ascii.ecsv')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', u.UnitsWarning)  # 'dex' is not a FITS unit: restored below
+    table = Table.read(path)
+  for col in table.columns.values():
+    if col.unit is not None and col.unit.to_string() == 'dex':
+      col.unit = u.dex
+  return table
+
+
+def _without_dex(table: Table) -> Table:
+  # FITS has no 'dex' unit: astropy refuses it, so it goes into TUNIT by hand after conversion.
+  out = table.copy(copy_data=False)
+  for col in out.columns.values():
+    col.unit = None
+  return out

@@ -1,0 +1,370 @@
+"""Inference with Monte Carlo uncertainties → catalogue, metrics (Tables 2–3) and figures.
+
+``evaluate(...)`` is what ``evaluate.py`` calls and what a notebook or test can call directly:
+it streams spectra (a split of the built TFDS data set, or apStar files) through the jitted MC
+function of ``uncertainty`` batch by batch — device memory is bounded by the batch and draw chunk,
+host memory by a few numbers per star — and writes into ``output_dir``:
+
+  catalog.fits, catalog.csv   the catalogue (``catalog``), written atomically
+  metrics.json                Table 2 (standardised MSE) and Table 3 (scatter), when labelled
+  figures/*.png               ``figures``
+  skipped.csv                 apStar files that could not be read, and why (apStar mode)
+"""
+
+import concurrent.futures
+import csv
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from apogeenet_jax import apstar, catalog, checkpoint, figures, uncertainty
+from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS, N_PIXELS
+from apogeenet_jax.normalization import Standardizer
+from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
+
+CATALOG_FITS = 'catalog.fits'
+CATALOG_CSV = 'catalog.csv'
+METRICS_JSON = 'metrics.json'
+SKIPPED_CSV = 'skipped.csv'
+FIGURES_DIR = 'figures'
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_DRAW_CHUNK = 25
+
+# Table 2 (standardised MSE, train/dev/test) and Table 3 (test scatter) of the paper, to print
+# beside ours. 'Full' is every data type together.
+PAPER_TABLE2 = {'Full': (0.044, 0.049, 0.063), 'MStar': (0.08, 0.098, 0.196),
+                'YSO': (0.153, 0.168, 0.217)}
+PAPER_TABLE3 = {'Full': (0.216, 183.74, 0.0914), 'MStar': (0.346, 273.7, 0.18),
+                'YSO': (0.4, 490.99, 0.0879)}
+
+
+_STREAMS = {'train': 0, 'dev': 1, 'test': 2, 'apstar': 3}
+
+
+class EvaluationError(RuntimeError):
+  """Evaluation cannot run: bad arguments, no checkpoint, no spectra."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def load_checkpoint(*, workdir: str | None = None, checkpoint_dir: str | None = None
+                    ) -> tuple[Any, dict[str, Any]]:
+  """Params and meta: the best step of a training ``workdir`` or any ``checkpoint_dir``."""
+  if (workdir is None) == (checkpoint_dir is None):
+    raise EvaluationError('give exactly one of --workdir (a training run) or --checkpoint')
+  directory = (os.path.join(workdir, 'checkpoints') if workdir is not None else checkpoint_dir)
+  params, meta = checkpoint.load_params(directory)
+  meta['checkpoint_dir'] = os.path.abspath(directory)
+  return params, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches: every source yields the ``input_pipeline`` batch dicts (preprocessed flux and errors).
+
+
+def _pad_batch(rows: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, np.ndarray]:
+  n = len(rows)
+  pad = [rows[0]] * (batch_size - n)  # same shapes; masked out of everything
+  rows = [*rows, *pad]
+  return {
+      'flux': preprocess_flux(np.stack([r['flux'] for r in rows])),
+      'flux_err': preprocess_error(np.stack([r['flux_err'] for r in rows])),
+      'labels': np.full((batch_size, len(LABEL_NAMES)), np.nan, np.float32),
+      'data_type': np.full(batch_size, -1, np.int32),
+      'apogee_id': np.asarray([r['apogee_id'] for r in rows], dtype=str),
+      'snr': np.asarray([r['snr'] for r in rows], np.float32),
+      'ra': np.asarray([r['ra'] for r in rows], np.float64),
+      'dec': np.asarray([r['dec'] for r in rows], np.float64),
+      'mask': np.arange(batch_size) < n,
+  }
+
+
+def apstar_batches(paths: Sequence[str], batch_size: int, *, skipped: list[tuple[str, str]],
+                   num_threads: int = 4, lookahead: int = 64) -> Iterator[dict[str, np.ndarray]]:
+  """Padded batches of apStar spectra read by background threads, in file order.
+
+  Unreadable files are logged, appended to ``skipped`` as (path, reason) and left out.
+  At most ``lookahead`` files are in flight, so memory does not grow with the file count.
+  """
+
+  def read(path):
+    try:
+      s = apstar.read_apstar(path)
+    except apstar.ApStarError as e:
+      return path, None, str(e)
+    return path, {'flux': s.flux, 'flux_err': s.flux_err, 'apogee_id': s.apogee_id,
+                  'snr': s.snr, 'ra': s.ra, 'dec': s.dec}, ''
+
+  rows = []
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+    pending = []
+    it = iter(paths)
+    for path in it:
+      pending.append(pool.submit(read, path))
+      if len(pending) < lookahead:
+        continue
+      while len(pending) >= lookahead:
+        yield from _collect(pending.pop(0).result(), rows, batch_size, skipped)
+    for fut in pending:
+      yield from _collect(fut.result(), rows, batch_size, skipped)
+  if rows:
+    yield _pad_batch(rows, batch_size)
+
+
+def _collect(result, rows: list, batch_size: int, skipped: list):
+  path, row, reason = result
+  if row is None:
+    logging.warning('Skipping %s', reason)
+    skipped.append((path, reason))
+    return
+  rows.append(row)
+  if len(rows) == batch_size:
+    yield _pad_batch(rows, batch_size)
+    rows.clear()
+
+
+def split_batches(data_dir: str, split: str, batch_size: int
+                  ) -> tuple[Iterator[dict[str, np.ndarray]], int]:
+  """(batches, number of stars) of one split of the built data set."""
+  from apogeenet_jax import input_pipeline  # grain/tfds: only needed in this mode
+
+  source = input_pipeline.open_split(data_dir, split)
+  return input_pipeline.eval_batches(source, batch_size), len(source)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction.
+
+
+def predict_batches(params: Any, model, standardizer: Standardizer,
+                    batches: Iterable[Mapping[str, np.ndarray]], *, mc: int = 100,
+                    error_cap: str = 'median', seed: int = 0,
+                    draw_chunk: int = DEFAULT_DRAW_CHUNK, total: int | None = None,
+                    stream: int = 0, desc: str = 'stars') -> dict[str, np.ndarray]:
+  """Streams batches through the MC function; returns per-star arrays of the valid rows.
+
+  Returns a dict with 'pred', 'pred_err' (n, 3) native units (σ NaN when mc == 0), 'labels',
+  'data_type', 'apogee_id', 'snr', 'ra', 'dec'. Star i (in stream order) draws its noise from
+  ``fold_in(fold_in(PRNGKey(seed), stream), i)``, so results do not depend on the batch size;
+  ``stream`` separates the noise of different inputs (splits, apStar files) under one seed.
+  """
+  apply_fn = uncertainty.model_apply_fn(model)
+  if mc > 0:
+    fn = uncertainty.make_mc_fn(apply_fn, num_draws=mc, draw_chunk=draw_chunk,
+                                noiseless_first=(error_cap == 'median'))
+  elif mc == 0:
+    fn = uncertainty.make_predict_fn(apply_fn)
+  else:
+    raise EvaluationError(f'--mc must be >= 0, got {mc}')
+  if error_cap not in uncertainty.ERROR_CAP_MODES:
+    raise EvaluationError(f'--error_cap must be one of {uncertainty.ERROR_CAP_MODES}, '
+                          f'got {error_cap!r}')
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
+  params = jax.device_put(params)
+  keep = {k: [] for k in ('labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec')}
+  means, stds = [], []
+  start = 0
+  pending = None  # one batch in flight: the host prepares batch k+1 while the device runs k
+
+  def finish(p):
+    mean_z, std_z, valid = p
+    means.append(np.asarray(mean_z)[valid])
+    stds.append(np.asarray(std_z)[valid])
+
+  with tqdm(total=total, desc=desc, unit='star', mininterval=2.0) as bar:
+    for batch in batches:
+      valid = np.asarray(batch['mask'], bool)
+      flux = np.asarray(batch['flux'], np.float32)
+      if flux.shape[1:] != (N_PIXELS,):
+        raise EvaluationError(f'flux batch of shape {flux.shape}, expected (B, {N_PIXELS})')
+      scale = (uncertainty.prepare_errors(batch['flux_err'], error_cap) if mc > 0
+               else np.zeros_like(flux))
+      index = np.arange(start, start + len(flux), dtype=np.uint32)
+      out = fn(params, flux, scale, index, key)
+      if pending is not None:
+        finish(pending)
+      pending = (*out, valid)
+      for k in keep:
+        keep[k].append(np.asarray(batch[k])[valid])
+      start += int(valid.sum())
+      bar.update(int(valid.sum()))
+    if pending is not None:
+      finish(pending)
+  n_labels = len(LABEL_NAMES)
+  result = {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in keep.items()}
+  mean_z = np.concatenate(means) if means else np.zeros((0, n_labels))
+  std_z = np.concatenate(stds) if stds else np.zeros((0, n_labels))
+  result['pred'] = standardizer.inverse(mean_z)
+  result['pred_err'] = standardizer.inverse_scale(std_z)
+  result['pred_z'] = mean_z.astype(np.float64)
+  return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics: paper Tables 2 and 3.
+
+
+def compute_metrics(pred: np.ndarray, labels: np.ndarray, data_type: np.ndarray,
+                    standardizer: Standardizer) -> dict[str, Any]:
+  """Table 2 (standardised MSE over the 3 labels) and Table 3 (std of pred − label, native).
+
+  Args:
+    pred, labels: (n, 3) native units; rows with non-finite labels are ignored.
+    data_type: (n,) index into DATA_TYPES.
+  Returns: {group: {'n', 'mse_standardised', 'mse_standardised_per_label', 'scatter', 'bias'}}
+    for group in 'Full' (all data types) and each data type present.
+  """
+  pred = np.asarray(pred, np.float64)
+  labels = np.asarray(labels, np.float64)
+  data_type = np.asarray(data_type)
+  ok = np.all(np.isfinite(labels), axis=1) & np.all(np.isfinite(pred), axis=1)
+  groups = {'Full': ok}
+  for i, name in enumerate(DATA_TYPES):
+    groups[name] = ok & (data_type == i)
+  out = {}
+  for name, sel in groups.items():
+    n = int(sel.sum())
+    if n == 0:
+      continue
+    dz = (pred[sel] - labels[sel]) / standardizer.std
+    diff = pred[sel] - labels[sel]
+    out[name] = {
+        'n': n,
+        'mse_standardised': float(np.mean(dz ** 2)),
+        'mse_standardised_per_label': dict(zip(LABEL_NAMES, np.mean(dz ** 2, 0).tolist(),
+                                               strict=True)),
+        'scatter': dict(zip(LABEL_NAMES, diff.std(0).tolist(), strict=True)),
+        'bias': dict(zip(LABEL_NAMES, diff.mean(0).tolist(), strict=True)),
+    }
+  return out
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+  """A readable Table 2 / Table 3 with the paper's values beside ours."""
+  lines = []
+  for split, groups in metrics['splits'].items():
+    lines.append(f'== {split} ==')
+    lines.append(f'{"":8s} {"n":>7s} {"MSE(std)":>9s} {"paper":>7s}   '
+                 + '   '.join(f'σ {n} [{u}] (paper)' for n, u in zip(LABEL_NAMES, LABEL_UNITS,
+                                                                     strict=True)))
+    col = {'train': 0, 'dev': 1, 'test': 2}.get(split)
+    for name, m in groups.items():
+      paper = PAPER_TABLE2.get(name)
+      paper_mse = f'{paper[col]:7.3f}' if paper and col is not None else f'{"":7s}'
+      paper3 = PAPER_TABLE3.get(name) if split == 'test' else None
+      scatter = '   '.join(
+          f'{m["scatter"][n]:9.4g} ({paper3[j]:g})' if paper3 else f'{m["scatter"][n]:9.4g}'
+          for j, n in enumerate(LABEL_NAMES))
+      lines.append(f'{name:8s} {m["n"]:7d} {m["mse_standardised"]:9.4f} {paper_mse}   {scatter}')
+  return '\n'.join(lines)
+
+
+def _write_json_atomic(obj: Any, path: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, allow_nan=True)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole job.
+
+
+def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
+             splits: Sequence[str] = (), data_dir: str | None = None,
+             apstar_files: Sequence[str] = (), mc: int = uncertainty.PAPER_NUM_DRAWS,
+             error_cap: str = 'median', seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+             draw_chunk: int = DEFAULT_DRAW_CHUNK, make_figures: bool = True,
+             num_threads: int = 4) -> dict[str, Any]:
+  """Predicts every star, writes the catalogue, metrics and figures; returns what it wrote.
+
+  Give ``splits`` (with ``data_dir``) for labelled stars of the built data set, or
+  ``apstar_files`` for unlabelled apStar spectra (or both). Returns a dict with the output
+  paths ('catalog_fits', 'catalog_csv', 'metrics_json' or None, 'figures', 'skipped_csv' or
+  None), 'n_stars', 'n_skipped', 'metrics' and 'seconds'.
+  """
+  if not splits and not apstar_files:
+    raise EvaluationError('nothing to evaluate: give --split (with --data_dir) or --apstar_dir')
+  if splits and not data_dir:
+    raise EvaluationError('--split needs --data_dir (the tfds data dir of the built data set)')
+  t0 = time.perf_counter()
+  model = checkpoint.model_from_meta(meta)
+  standardizer = checkpoint.standardizer_from_meta(meta)
+  os.makedirs(output_dir, exist_ok=True)
+  kwargs = dict(mc=mc, error_cap=error_cap, seed=seed, draw_chunk=draw_chunk)
+  parts, data_sets = [], []
+  for split in splits:
+    batches, n = split_batches(data_dir, split, batch_size)
+    logging.info('Predicting %d stars of split %r (mc=%d, error_cap=%s).', n, split, mc,
+                 error_cap)
+    # One noise stream per split: star 0 of dev and of test get different noise, and a split's
+    # result does not depend on which other splits run with it.
+    part = predict_batches(params, model, standardizer, batches, total=n, desc=split,
+                           stream=_STREAMS[split], **kwargs)
+    parts.append(part)
+    data_sets.append(np.full(len(part['pred']), split))
+  skipped: list[tuple[str, str]] = []
+  if apstar_files:
+    logging.info('Predicting %d apStar files (mc=%d, error_cap=%s).', len(apstar_files), mc,
+                 error_cap)
+    part = predict_batches(
+        params, model, standardizer,
+        apstar_batches(apstar_files, batch_size, skipped=skipped, num_threads=num_threads),
+        total=len(apstar_files), desc='apStar', stream=_STREAMS['apstar'], **kwargs)
+    parts.append(part)
+    data_sets.append(np.full(len(part['pred']), ''))
+  merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  data_set = np.concatenate(data_sets)
+  if len(merged['pred']) == 0:
+    raise EvaluationError(f'no star could be read ({len(skipped)} files skipped)')
+  dtype_names = np.asarray([DATA_TYPES[i] if 0 <= i < len(DATA_TYPES) else ''
+                            for i in merged['data_type'].astype(int)], dtype=str)
+  table = catalog.build_catalog(
+      apogee_id=merged['apogee_id'], ra=merged['ra'], dec=merged['dec'], pred=merged['pred'],
+      pred_err=merged['pred_err'], snr=merged['snr'], labels=merged['labels'],
+      data_set=data_set, data_type=dtype_names)
+  run_info = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
+              'mc': int(mc), 'error_cap': error_cap, 'seed': int(seed)}
+  for k, v in run_info.items():
+    table.meta[k.upper()[:8]] = '' if v is None else v
+  out = {'catalog_fits': os.path.join(output_dir, CATALOG_FITS),
+         'catalog_csv': os.path.join(output_dir, CATALOG_CSV),
+         'metrics_json': None, 'skipped_csv': None, 'figures': [], 'metrics': None}
+  catalog.write_fits(table, out['catalog_fits'])
+  catalog.write_csv(table, out['catalog_csv'])
+  if apstar_files:
+    out['skipped_csv'] = os.path.join(output_dir, SKIPPED_CSV)
+    with open(out['skipped_csv'], 'w', newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(['path', 'reason'])
+      writer.writerows(skipped)
+  labelled = bool(splits)
+  if labelled:
+    metrics = {'run': run_info, 'splits': {}}
+    for split in splits:
+      sel = data_set == split
+      metrics['splits'][split] = compute_metrics(
+          merged['pred'][sel], merged['labels'][sel], merged['data_type'][sel], standardizer)
+    metrics['paper'] = {'table2_train_dev_test': PAPER_TABLE2, 'table3_test': PAPER_TABLE3}
+    out['metrics_json'] = os.path.join(output_dir, METRICS_JSON)
+    _write_json_atomic(metrics, out['metrics_json'])
+    out['metrics'] = metrics
+    logging.info('Metrics:\n%s', format_metrics(metrics))
+  if make_figures:
+    out['figures'] = figures.make_figures(table, os.path.join(output_dir, FIGURES_DIR),
+                                          with_labels=labelled)
+  out['n_stars'] = len(table)
+  out['n_skipped'] = len(skipped)
+  out['seconds'] = time.perf_counter() - t0
+  out['table'] = table
+  logging.info('Wrote %d stars to %s in %.1f s.', len(table), output_dir, out['seconds'])
+  return out

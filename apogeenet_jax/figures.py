@@ -1,0 +1,121 @@
+"""Figures of the paper from a catalogue Table (``catalog.build_catalog``): PNG, matplotlib Agg.
+
+- ``plot_labels_vs_predictions``: Fig. 4 left, label vs prediction per parameter by data type.
+- ``plot_sigma_vs_snr``: Fig. 4 right, MC σ against S/N per parameter.
+- ``plot_kiel``: Fig. 3, Teff–log g diagram by data type with the YSO triangle (§4).
+"""
+
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only; never needs a display
+
+import matplotlib.pyplot as plt
+import numpy as np
+from astropy.table import Table
+
+from apogeenet_jax.catalog import YSO_TRIANGLE
+from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS
+
+_AXIS_NAME = {'LOGG': r'$\log g$', 'TEFF': r'$T_\mathrm{eff}$', 'FE_H': '[Fe/H]'}
+_COLOURS = {'Payne': 'tab:blue', 'MStar': 'tab:orange', 'YSO': 'tab:green', '': 'tab:gray'}
+_DPI = 120
+
+
+def _values(table: Table, name: str) -> np.ndarray:
+  col = table[name]
+  return np.ma.filled(np.ma.asarray(col, dtype=np.float64), np.nan)
+
+
+def _groups(table: Table):
+  """(name, row mask) per data type present; unlabelled stars form one group 'unlabelled'."""
+  dtype = np.asarray(table['DATA_TYPE']).astype(str) if len(table) else np.array([], str)
+  for name in (*DATA_TYPES, ''):
+    sel = dtype == name
+    if sel.any():
+      yield (name or 'unlabelled'), _COLOURS[name], sel
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=_DPI, bbox_inches='tight')
+  plt.close(fig)
+  return path
+
+
+def plot_labels_vs_predictions(table: Table, path: str) -> str:
+  """Fig. 4 (left): reference label against prediction, 1:1 line, one panel per parameter."""
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+  for ax, name, unit in zip(axes, LABEL_NAMES, LABEL_UNITS, strict=True):
+    label, pred = _values(table, name), _values(table, name + '_PRED')
+    for group, colour, sel in _groups(table):
+      ok = sel & np.isfinite(label) & np.isfinite(pred)
+      if ok.any():
+        ax.scatter(label[ok], pred[ok], s=6, alpha=0.6, color=colour, label=f'{group} ({ok.sum()})',
+                   rasterized=True)
+    both = np.concatenate([label, pred])
+    both = both[np.isfinite(both)]
+    if both.size:
+      lo, hi = both.min(), both.max()
+      pad = 0.03 * (hi - lo or 1.0)
+      ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], 'k--', lw=1, label='1:1')
+    ax.set_xlabel(f'{_AXIS_NAME[name]} label [{unit}]')
+    ax.set_ylabel(f'{_AXIS_NAME[name]} APOGEE Net [{unit}]')
+    ax.legend(fontsize=8, loc='upper left')
+    ax.grid(alpha=0.3)
+  fig.suptitle('Labels vs predictions (Olney et al. 2020, Fig. 4 left)')
+  return _save(fig, path)
+
+
+def plot_sigma_vs_snr(table: Table, path: str) -> str:
+  """Fig. 4 (right): Monte Carlo σ against S/N, log S/N axis, one panel per parameter."""
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+  snr = _values(table, 'SNR')
+  for ax, name, unit in zip(axes, LABEL_NAMES, LABEL_UNITS, strict=True):
+    sigma = _values(table, name + '_ERR')
+    for group, colour, sel in _groups(table):
+      ok = sel & np.isfinite(sigma) & (snr > 0)
+      if ok.any():
+        ax.scatter(snr[ok], sigma[ok], s=6, alpha=0.6, color=colour, label=group, rasterized=True)
+    ax.set_xscale('log')
+    ax.set_xlabel('S/N')
+    ax.set_ylabel(f'σ {_AXIS_NAME[name]} [{unit}]')
+    ax.grid(alpha=0.3, which='both')
+    if ax.has_data():
+      ax.legend(fontsize=8)
+    else:
+      ax.text(0.5, 0.5, 'no Monte Carlo σ (--mc=0)', ha='center', transform=ax.transAxes)
+  fig.suptitle('Monte Carlo uncertainty vs S/N (Olney et al. 2020, Fig. 4 right)')
+  return _save(fig, path)
+
+
+def plot_kiel(table: Table, path: str) -> str:
+  """Fig. 3: predicted Teff–log g diagram, both axes reversed, YSO triangle overlaid."""
+  fig, ax = plt.subplots(figsize=(7, 6))
+  teff, logg = _values(table, 'TEFF_PRED'), _values(table, 'LOGG_PRED')
+  for group, colour, sel in _groups(table):
+    ok = sel & np.isfinite(teff) & np.isfinite(logg)
+    if ok.any():
+      ax.scatter(teff[ok], logg[ok], s=6, alpha=0.6, color=colour, label=f'{group} ({ok.sum()})',
+                 rasterized=True)
+  tri = np.array([*YSO_TRIANGLE, YSO_TRIANGLE[0]])
+  ax.plot(tri[:, 0], tri[:, 1], 'r-', lw=1.2, label='YSO candidate region')
+  ax.invert_xaxis()
+  ax.invert_yaxis()
+  ax.set_xlabel(r'$T_\mathrm{eff}$ [K]')
+  ax.set_ylabel(r'$\log g$ [dex]')
+  ax.legend(fontsize=8, loc='lower left')
+  ax.grid(alpha=0.3)
+  ax.set_title('Kiel diagram of the predictions (Olney et al. 2020, Fig. 3)')
+  return _save(fig, path)
+
+
+def make_figures(table: Table, directory: str, *, with_labels: bool) -> list[str]:
+  """All figures into ``directory``; label-vs-prediction only ``with_labels``. Returns paths."""
+  paths = [plot_kiel(table, os.path.join(directory, 'kiel.png')),
+           plot_sigma_vs_snr(table, os.path.join(directory, 'sigma_vs_snr.png'))]
+  if with_labels:
+    paths.insert(0, plot_labels_vs_predictions(
+        table, os.path.join(directory, 'labels_vs_predictions.png')))
+  return paths

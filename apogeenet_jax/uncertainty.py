@@ -1,0 +1,136 @@
+"""Monte Carlo uncertainties (paper §3.5, PAPER.md §7): predictions on noisy copies of a spectrum.
+
+For each star, N realisations ``flux + N(0, 1) · error`` per pixel go through the network; the
+catalogue reports their mean and standard deviation per label. Two error treatments:
+
+``median`` (default, the authors' released inference code):
+  error capped at 5 × the spectrum's median error, the median taken over ALL 8575 pixels as the
+  released code's ``np.median(e_flux)`` does (the 800–900 bad pixels at 1e10 shift it from the
+  50th to about the 55th percentile of the good pixels — a small, faithful effect); pixels whose
+  error is BAD_PIXEL_ERROR (1e10: array ends, chip gaps) get no noise; draw 0 is noiseless.
+``mean`` (the paper's text):
+  error capped at 5 × the mean error of the GOOD pixels (error < BAD_PIXEL_ERROR). Including the
+  1e10 pixels would make the cap ~1e9 and the draws meaningless, so they are excluded from the
+  mean and, as in ``median`` mode, get no noise (the paper does not say; noise of 1e10 would
+  destroy the prediction). All N draws are noisy. On real files a few finite but huge errors make
+  the good-pixel mean up to 1000× the median, so this cap leaves them almost untouched.
+
+Randomness: the noise of draw d of the star with global index i comes from
+``fold_in(fold_in(PRNGKey(seed), i), d)``, so a star's result depends on neither the batch it
+lands in, the padding, the draw chunking, nor the number of other draws.
+
+Memory: the draws run in chunks of ``draw_chunk`` through one jitted ``lax.map``, so the device
+holds activations for ``batch · draw_chunk`` spectra at a time whatever N is.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR
+
+# §3.5: "each pixel's error capped at 5× the spectrum's mean error" (the code: median).
+ERROR_CAP_FACTOR = 5.0
+ERROR_CAP_MODES = ('median', 'mean')
+# §3.5: 100 realisations per spectrum.
+PAPER_NUM_DRAWS = 100
+
+
+class UncertaintyError(ValueError):
+  """Bad Monte Carlo settings or inputs."""
+
+
+def prepare_errors(flux_err: np.ndarray, mode: str = 'median') -> np.ndarray:
+  """Per-pixel noise scale for the MC draws.
+
+  Args:
+    flux_err: (..., 8575) errors already passed through ``preprocess_error`` (bad pixels at
+      BAD_PIXEL_ERROR), 1e-17 erg/s/cm²/Å.
+    mode: 'median' (authors' code) or 'mean' (paper text); see the module docstring.
+
+  Returns:
+    (..., 8575) float32 noise standard deviation per pixel; 0 where no noise is drawn.
+  """
+  if mode not in ERROR_CAP_MODES:
+    raise UncertaintyError(f'error cap mode {mode!r} is not one of {ERROR_CAP_MODES}')
+  err = np.asarray(flux_err, dtype=np.float64)
+  bad = ~(err < BAD_PIXEL_ERROR)
+  if mode == 'median':
+    cap = ERROR_CAP_FACTOR * np.median(err, axis=-1, keepdims=True)
+  else:
+    n_good = np.maximum((~bad).sum(axis=-1, keepdims=True), 1)
+    cap = ERROR_CAP_FACTOR * np.where(bad, 0.0, err).sum(axis=-1, keepdims=True) / n_good
+  return np.where(bad, 0.0, np.minimum(err, cap)).astype(np.float32)
+
+
+def draw_key(key: jax.Array, star_index, draw_index) -> jax.Array:
+  """The PRNG key of one (star, draw): independent of batching and of the number of draws."""
+  return jax.random.fold_in(jax.random.fold_in(key, star_index), draw_index)
+
+
+def make_mc_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, num_draws: int,
+               draw_chunk: int = 25, noiseless_first: bool = True) -> Callable:
+  """A jitted ``fn(params, flux, noise_scale, star_index, key) -> (mean_z, std_z)``.
+
+  Args:
+    apply_fn: ``apply_fn(params, flux (n, 8575)) -> (n, 3)`` standardised predictions.
+    num_draws: N ≥ 1 realisations per star (paper: 100). Use ``make_predict_fn`` for N = 0.
+    draw_chunk: draws evaluated together per star; the device sees batch · draw_chunk spectra.
+    noiseless_first: draw 0 is the spectrum itself (the authors' code, ``median`` mode).
+
+  The returned function takes flux (B, 8575) float32, noise_scale (B, 8575) from
+  ``prepare_errors``, star_index (B,) int global star numbers and a PRNG key; it returns the
+  mean and the population standard deviation (ddof 0) over the N draws, each (B, 3) standardised.
+  """
+  if num_draws < 1:
+    raise UncertaintyError(f'num_draws must be >= 1, got {num_draws}')
+  chunk = max(1, min(int(draw_chunk), num_draws))
+  n_chunks = -(-num_draws // chunk)
+
+  def mc(params, flux, noise_scale, star_index, key):
+    batch, n_pix = flux.shape
+    draw_ids = jnp.arange(n_chunks * chunk, dtype=jnp.uint32).reshape(n_chunks, chunk)
+
+    def one_chunk(ids):  # ids (chunk,) → predictions (batch, chunk, 3)
+      keys = jax.vmap(lambda i: jax.vmap(lambda d: draw_key(key, i, d))(ids))(star_index)
+      eps = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (n_pix,), flux.dtype)))(keys)
+      if noiseless_first:
+        eps = eps * (ids > 0).astype(flux.dtype)[None, :, None]
+      x = flux[:, None, :] + eps * noise_scale[:, None, :]
+      return apply_fn(params, x.reshape(batch * chunk, n_pix)).reshape(batch, chunk, -1)
+
+    preds = jax.lax.map(one_chunk, draw_ids)  # (n_chunks, batch, chunk, 3)
+    preds = jnp.moveaxis(preds, 0, 1).reshape(batch, n_chunks * chunk, -1)[:, :num_draws]
+    # Shift by draw 0 before the moments: identical draws then give σ exactly 0, not rounding.
+    ref = preds[:, :1]
+    shifted = preds - ref
+    return ref[:, 0] + shifted.mean(axis=1), shifted.std(axis=1)
+
+  return jax.jit(mc)
+
+
+def make_predict_fn(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable:
+  """``--mc=0``: the noiseless prediction alone, same signature as ``make_mc_fn``'s result.
+
+  The standard deviation is NaN: no uncertainty was computed (the catalogue's σ columns say so).
+  """
+
+  def predict(params, flux, noise_scale, star_index, key):
+    del noise_scale, star_index, key
+    z = apply_fn(params, flux)
+    return z, jnp.full_like(z, jnp.nan)
+
+  return jax.jit(predict)
+
+
+def model_apply_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
+  """``(params, flux) -> standardised predictions`` for a flax linen APOGEENet, eval mode."""
+  return functools.partial(_apply, model)
+
+
+def _apply(model, params, flux):
+  return model.apply({'params': params}, flux, train=False)

@@ -1,0 +1,176 @@
+"""Monte Carlo uncertainties (uncertainty.py): error preparation and the jitted MC."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apogeenet_jax import apstar, uncertainty
+from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR, preprocess_error, preprocess_flux
+
+N_PIX = 8575
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """A small APOGEENet whose outputs depend on the spectrum (raw fluxes ~100s drive them)."""
+  model = APOGEENet(channels=(4, 4), hidden=(16,))
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, N_PIX)))['params']
+  return model, params, uncertainty.model_apply_fn(model)
+
+
+def _spectra(n, seed=0):
+  rng = np.random.default_rng(seed)
+  flux = rng.normal(300.0, 40.0, (n, N_PIX)).astype(np.float32)
+  err = rng.uniform(2.0, 8.0, (n, N_PIX)).astype(np.float32)
+  return flux, err
+
+
+def _mc(apply_fn, params, flux, scale, *, n=20, chunk=7, seed=0, index=None, first=True):
+  fn = uncertainty.make_mc_fn(apply_fn, num_draws=n, draw_chunk=chunk, noiseless_first=first)
+  index = np.arange(len(flux), dtype=np.uint32) if index is None else index
+  mean, std = fn(params, flux, scale, index, jax.random.PRNGKey(seed))
+  return np.asarray(mean), np.asarray(std)
+
+
+def test_prepare_errors_median_mode_caps_at_five_medians_and_silences_bad_pixels():
+  err = np.full(N_PIX, 2.0, np.float32)
+  err[:100] = BAD_PIXEL_ERROR
+  err[100:110] = 50.0  # above 5 × median = 10
+  err[110:120] = 9.0  # below
+  out = uncertainty.prepare_errors(err, 'median')
+  np.testing.assert_array_equal(out[:100], 0.0)
+  np.testing.assert_array_equal(out[100:110], 10.0)
+  np.testing.assert_array_equal(out[110:120], 9.0)
+  np.testing.assert_array_equal(out[120:], 2.0)
+
+
+def test_prepare_errors_mean_mode_uses_mean_of_good_pixels():
+  err = np.full(N_PIX, 1.0, np.float64)
+  err[:500] = BAD_PIXEL_ERROR
+  err[500] = 1e6  # one huge finite error dominates the good-pixel mean
+  good_mean = err[500:].mean()
+  out = uncertainty.prepare_errors(err, 'mean')
+  assert out[500] == pytest.approx(5 * good_mean, rel=1e-6)
+  np.testing.assert_array_equal(out[:500], 0.0)
+  np.testing.assert_array_equal(out[501:], 1.0)
+  with pytest.raises(uncertainty.UncertaintyError, match='cap mode'):
+    uncertainty.prepare_errors(err, 'max')
+
+
+def test_vmapped_mc_equals_python_loop_over_the_same_keys(tiny):
+  model, params, apply_fn = tiny
+  flux, err = _spectra(3)
+  scale = uncertainty.prepare_errors(err, 'median')
+  n = 9
+  mean, std = _mc(apply_fn, params, flux, scale, n=n, chunk=4, seed=3)
+  key = jax.random.PRNGKey(3)
+  for i in range(len(flux)):
+    preds = []
+    for d in range(n):
+      eps = np.asarray(jax.random.normal(uncertainty.draw_key(key, i, d), (N_PIX,)))
+      x = flux[i] + (eps * scale[i] if d > 0 else 0.0)
+      preds.append(np.asarray(model.apply({'params': params}, x[None], train=False))[0])
+    preds = np.asarray(preds, np.float64)
+    np.testing.assert_allclose(mean[i], preds.mean(0), rtol=2e-5, atol=1e-4)
+    np.testing.assert_allclose(std[i], preds.std(0), rtol=2e-3, atol=1e-4)
+  assert np.all(std > 0)
+
+
+def test_result_does_not_depend_on_batch_or_chunking(tiny):
+  _, params, apply_fn = tiny
+  flux, err = _spectra(4, seed=1)
+  scale = uncertainty.prepare_errors(err)
+  mean_a, std_a = _mc(apply_fn, params, flux, scale, n=10, chunk=3)
+  # Star 2 alone, with its global index, in a batch padded by a copy, other chunking.
+  one = np.stack([flux[2], flux[2]])
+  mean_b, std_b = _mc(apply_fn, params, one, np.stack([scale[2]] * 2), n=10, chunk=10,
+                      index=np.array([2, 99], np.uint32))
+  np.testing.assert_allclose(mean_b[0], mean_a[2], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(std_b[0], std_a[2], rtol=1e-4, atol=1e-5)
+
+
+def test_fixed_seed_reproducible_other_seed_differs(tiny):
+  _, params, apply_fn = tiny
+  flux, err = _spectra(2, seed=2)
+  scale = uncertainty.prepare_errors(err)
+  a = _mc(apply_fn, params, flux, scale, n=100, chunk=25, seed=0)
+  b = _mc(apply_fn, params, flux, scale, n=100, chunk=25, seed=0)
+  c = _mc(apply_fn, params, flux, scale, n=100, chunk=25, seed=1)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert not np.allclose(a[1], c[1])
+
+
+def test_sigma_zero_without_errors_and_grows_with_them(tiny):
+  _, params, apply_fn = tiny
+  flux, err = _spectra(2, seed=4)
+  for mode in uncertainty.ERROR_CAP_MODES:
+    zero = uncertainty.prepare_errors(np.zeros_like(err), mode)
+    _mean0, std0 = _mc(apply_fn, params, flux, zero, n=8, first=mode == 'median')
+    np.testing.assert_array_equal(std0, 0.0)
+    small = _mc(apply_fn, params, flux, uncertainty.prepare_errors(err, mode), n=30)[1]
+    large = _mc(apply_fn, params, flux, uncertainty.prepare_errors(10 * err, mode), n=30)[1]
+    assert np.all(large > 3 * small), (mode, small, large)
+
+
+def test_draw_zero_is_noiseless_in_median_mode(tiny):
+  model, params, apply_fn = tiny
+  flux, err = _spectra(2, seed=5)
+  noiseless = np.asarray(model.apply({'params': params}, flux, train=False))
+  mean, std = _mc(apply_fn, params, flux, uncertainty.prepare_errors(err), n=1, first=True)
+  np.testing.assert_allclose(mean, noiseless, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(std, 0.0)
+  mean_noisy, _ = _mc(apply_fn, params, flux, uncertainty.prepare_errors(err), n=1, first=False)
+  assert not np.allclose(mean_noisy, noiseless, rtol=1e-6, atol=1e-6)
+
+
+def test_predict_fn_is_noiseless_with_nan_sigma(tiny):
+  model, params, apply_fn = tiny
+  flux, _ = _spectra(2, seed=6)
+  mean, std = uncertainty.make_predict_fn(apply_fn)(params, flux, None, None, None)
+  np.testing.assert_allclose(mean, model.apply({'params': params}, flux, train=False), rtol=1e-6)
+  assert np.all(np.isnan(std))
+  with pytest.raises(uncertainty.UncertaintyError):
+    uncertainty.make_mc_fn(apply_fn, num_draws=0)
+
+
+def _real(path):
+  s = apstar.read_apstar(path)
+  return preprocess_flux(s.flux), preprocess_error(s.flux_err)
+
+
+def test_real_spectra_give_finite_positive_sigma(tiny, real_apstar_files):
+  _, params, apply_fn = tiny
+  flux, err = map(np.stack, zip(*[_real(p) for p in real_apstar_files], strict=True))
+  for mode in uncertainty.ERROR_CAP_MODES:
+    scale = uncertainty.prepare_errors(err, mode)
+    assert np.all(scale[err >= BAD_PIXEL_ERROR] == 0)  # chip gaps and ends get no noise
+    mean, std = _mc(apply_fn, params, flux, scale, n=12, chunk=6, first=mode == 'median')
+    assert np.all(np.isfinite(mean)) and np.all(np.isfinite(std)), mode
+    assert np.all(std > 0), mode
+
+
+def test_cap_modes_differ_where_real_errors_have_huge_outliers(tiny, real_apstar_files):
+  """On a real file whose good-pixel mean error ≫ median, only the median cap tames the outliers."""
+  _, params, apply_fn = tiny
+  chosen = None
+  for path in real_apstar_files:
+    flux, err = _real(path)
+    good = err[err < BAD_PIXEL_ERROR]
+    if good.mean() > 20 * np.median(err):
+      chosen = (path, flux, err)
+      break
+  if chosen is None:
+    pytest.skip('no real file with mean error ≫ median error')
+  _, flux, err = chosen
+  med = uncertainty.prepare_errors(err, 'median')
+  mean = uncertainty.prepare_errors(err, 'mean')
+  capped_by_median = med < np.where(err < BAD_PIXEL_ERROR, err, 0)
+  capped_by_mean = mean < np.where(err < BAD_PIXEL_ERROR, err, 0)
+  assert capped_by_median.sum() > capped_by_mean.sum() >= 0
+  assert med.max() < mean.max() / 10  # the mean cap leaves the huge errors almost untouched
+  std_med = _mc(apply_fn, params, flux[None], med[None], n=30, first=True)[1]
+  std_mean = _mc(apply_fn, params, flux[None], mean[None], n=30, first=False)[1]
+  assert np.all(std_mean > std_med)
