@@ -1,0 +1,105 @@
+"""The output catalogue (catalog.py): flags on hand-picked points, round trips, atomic writes."""
+
+import os
+
+import astropy.units as u
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from apogeenet_jax import catalog
+
+INTERFACE_COLUMNS = ['APOGEE_ID', 'RA', 'DEC', 'LOGG', 'LOGG_PRED', 'LOGG_ERR', 'TEFF',
+                     'TEFF_PRED', 'TEFF_ERR', 'FE_H', 'FE_H_PRED', 'FE_H_ERR', 'SNR', 'DATA_SET',
+                     'DATA_TYPE']
+
+
+def test_yso_triangle_on_hand_picked_points():
+  inside = [(2200, 4.4), (4500, 3.9), (3200, 1.7),  # vertices
+            (3300, 3.33),  # centroid
+            (3200, 1.8), (3200, 4.1), (2500, 4.3), (4400, 3.9)]
+  outside = [(3200, 1.6), (3200, 4.3), (2100, 4.4), (4600, 3.9), (5000, 4.0), (3000, 5.0),
+             (2500, 2.0), (4500, 2.5), (np.nan, 3.0)]
+  t_in, g_in = np.array(inside).T
+  t_out, g_out = np.array(outside).T
+  assert catalog.in_yso_triangle(t_in, g_in).all()
+  assert not catalog.in_yso_triangle(t_out, g_out).any()
+
+
+def test_age_bins_on_hand_picked_points():
+  logg = [3.0, 3.59, 3.6, 3.7, 3.8, 3.95, 4.0, 4.1, 4.2, 4.5, np.nan]
+  expected = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, catalog.NOT_AGE_BINNED]
+  np.testing.assert_array_equal(catalog.age_bin(logg), expected)
+
+
+def test_flags():
+  # (log g, Teff, [Fe/H]) per row.
+  pred = np.array([[4.5, 6701.0, 0.0],   # hot
+                   [4.5, 6700.0, 0.0],   # not hot
+                   [9.0, 5000.0, 0.0],   # unphysical log g, low S/N
+                   [4.0, 5000.0, 0.0],   # physical, low S/N
+                   [9.0, 5000.0, 0.0],   # unphysical, good S/N
+                   [3.7, 3300.0, 0.0],   # YSO candidate, bin 1
+                   [4.3, 3300.0, 0.0]])  # in the triangle? top edge at 3300 K is ~4.18: no
+  snr = np.array([50, 50, 0.2, 0.2, 50, 50, 50.0])
+  f = catalog.compute_flags(pred, snr)
+  np.testing.assert_array_equal(f['FLAG_TEFF_GT_6700'], [1, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(f['FLAG_LOW_SNR_UNPHYSICAL'], [0, 0, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(f['YSO_CANDIDATE'], [0, 0, 0, 0, 0, 1, 0])
+  np.testing.assert_array_equal(f['AGE_BIN'], [-1, -1, -1, -1, -1, 1, -1])
+
+
+def _table():
+  rng = np.random.default_rng(0)
+  n = 5
+  labels = rng.normal([3.0, 4500.0, -0.2], [1.0, 500.0, 0.3], (n, 3))
+  labels[3:] = np.nan  # two unlabelled stars
+  pred = labels + rng.normal(0, 0.1, (n, 3))
+  pred[3:] = [[3.7, 3300.0, 0.1], [2.0, 4800.0, -0.5]]
+  err = np.abs(rng.normal(0, 0.05, (n, 3)))
+  err[4] = np.nan  # no MC for this one
+  return catalog.build_catalog(
+      apogee_id=[f'2M0000000{i}+0000000' for i in range(n)], ra=rng.uniform(0, 360, n),
+      dec=rng.uniform(-90, 90, n), pred=pred, pred_err=err, snr=[100, 50, 10, 0.5, 200],
+      labels=labels, data_set=['train', 'dev', 'test', '', ''],
+      data_type=['Payne', 'MStar', 'YSO', '', ''])
+
+
+@pytest.mark.parametrize('name', ['catalog.fits', 'catalog.csv'])
+def test_catalog_round_trips_through_astropy(tmp_path, name):
+  table = _table()
+  path = str(tmp_path / name)
+  (catalog.write_fits if name.endswith('.fits') else catalog.write_csv)(table, path)
+  back = catalog.read_catalog(path)
+  assert back.colnames == INTERFACE_COLUMNS + list(catalog.FLAG_COLUMNS)
+  assert list(back['APOGEE_ID']) == list(table['APOGEE_ID'])
+  for col in INTERFACE_COLUMNS[1:13]:
+    a = np.ma.filled(np.ma.asarray(table[col], float), np.nan)
+    b = np.ma.filled(np.ma.asarray(back[col], float), np.nan)
+    np.testing.assert_allclose(b, a, rtol=1e-12, equal_nan=True, err_msg=col)
+  assert back['LOGG'].mask[3:].all() and not back['LOGG'].mask[:3].any()
+  assert back['TEFF_ERR'].mask[4] and not back['TEFF_ERR'].mask[:4].any()
+  assert back['TEFF'].unit == u.K and back['LOGG'].unit == u.dex and back['RA'].unit == u.deg
+  ds = [str(x) if x is not np.ma.masked else '' for x in back['DATA_SET']]
+  assert ds == ['Train', 'Dev', 'Test', '', '']
+  for col in catalog.FLAG_COLUMNS:
+    np.testing.assert_array_equal(np.asarray(back[col]), np.asarray(table[col]), err_msg=col)
+  assert back['YSO_CANDIDATE'][3] and back['AGE_BIN'][3] == 1
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+  table = _table()
+  path = str(tmp_path / 'catalog.fits')
+  catalog.write_fits(table, path)
+  before = open(path, 'rb').read()
+
+  def crash(self, fileobj, *args, **kwargs):
+    with open(fileobj, 'wb') as f:
+      f.write(b'SIMPLE  =   half a file')
+    raise OSError('disk full')
+
+  monkeypatch.setattr(fits.HDUList, 'writeto', crash)
+  with pytest.raises(catalog.CatalogError, match=r'catalog\.fits'):
+    catalog.write_fits(table[:2], path)
+  assert open(path, 'rb').read() == before
+  assert os.listdir(tmp_path) == ['catalog.fits']

@@ -1,0 +1,151 @@
+"""End-to-end evaluation (evaluation.py, evaluate.py) on a tiny checkpoint and real apStar files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apogeenet_jax import catalog, checkpoint, evaluation
+from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
+from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+  model = APOGEENet(channels=(4, 4), hidden=(16,))
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, N_PIXELS)))['params']
+  directory = str(tmp_path_factory.mktemp('ckpt'))
+  manager = checkpoint.make_manager(directory)
+  checkpoint.save(manager, 3, {'params': params}, checkpoint.make_meta(model, PAPER_STANDARDIZER))
+  return directory
+
+
+@pytest.fixture
+def apstar_dir(tmp_path, real_apstar_files):
+  """Three real files plus one broken one that must be skipped, not kill the run."""
+  d = tmp_path / 'apstar'
+  d.mkdir()
+  for path in real_apstar_files[:3]:
+    os.symlink(path, d / path.name)
+  (d / 'apStar-r6-2M99999999+9999999.fits').write_bytes(b'not a fits file')
+  return d
+
+
+def _files(d):
+  return sorted(str(p) for p in d.iterdir())
+
+
+def test_evaluate_on_real_apstar_files(tiny_checkpoint, apstar_dir, tmp_path):
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  assert meta['step'] == 3
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'out'),
+                            apstar_files=_files(apstar_dir), mc=6, batch_size=2, draw_chunk=3)
+  assert out['n_stars'] == 3 and out['n_skipped'] == 1
+  assert out['metrics_json'] is None  # unlabelled: no metrics
+  skipped = open(out['skipped_csv']).read()
+  assert '2M99999999+9999999' in skipped
+  for path in (out['catalog_fits'], out['catalog_csv'], *out['figures']):
+    assert os.path.getsize(path) > 0, path
+  assert {os.path.basename(p) for p in out['figures']} == {'kiel.png', 'sigma_vs_snr.png'}
+  for path in (out['catalog_fits'], out['catalog_csv']):
+    t = catalog.read_catalog(path)
+    assert len(t) == 3
+    assert t['LOGG'].mask.all() and t['TEFF'].mask.all()  # unlabelled
+    for name in ('LOGG', 'TEFF', 'FE_H'):
+      assert np.all(np.isfinite(t[f'{name}_PRED'])) and np.all(t[f'{name}_ERR'] > 0)
+    assert np.all(np.isfinite(t['SNR'])) and np.all(np.isfinite(t['RA']))
+
+
+def test_mc100_fixed_seed_is_reproducible_and_batch_independent(tiny_checkpoint, apstar_dir,
+                                                                tmp_path):
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  files = _files(apstar_dir)
+  runs = [evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / f'o{i}'),
+                              apstar_files=files, mc=100, seed=7, batch_size=bs,
+                              make_figures=False)['table'] for i, bs in enumerate((4, 4, 1))]
+  other = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o9'),
+                              apstar_files=files, mc=100, seed=8, batch_size=4,
+                              make_figures=False)['table']
+  for col in ('LOGG_PRED', 'TEFF_ERR', 'FE_H_ERR'):
+    np.testing.assert_array_equal(runs[0][col], runs[1][col])
+    np.testing.assert_allclose(runs[2][col], runs[0][col], rtol=1e-4)
+  assert not np.allclose(other['TEFF_ERR'], runs[0]['TEFF_ERR'])
+
+
+def _fake_split(n, seed, batch_size):
+  """In-memory batches in the input_pipeline contract, labels from the model's own scale."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    rows.append({'flux': rng.normal(300, 30, N_PIXELS).astype(np.float32),
+                 'flux_err': rng.uniform(1, 5, N_PIXELS).astype(np.float32),
+                 'labels': np.array([4.0, 3500.0 + 10 * i, -0.1], np.float32),
+                 'data_type': i % len(DATA_TYPES), 'apogee_id': f'2M{i:08d}+0000000',
+                 'snr': 50.0, 'ra': 10.0, 'dec': 20.0})
+  for start in range(0, n, batch_size):
+    chunk = rows[start:start + batch_size]
+    valid = np.arange(batch_size) < len(chunk)
+    chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
+    batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+    batch['mask'] = valid
+    yield batch
+
+
+def test_evaluate_on_a_labelled_split_writes_metrics_and_figures(tiny_checkpoint, tmp_path,
+                                                                 monkeypatch):
+  monkeypatch.setattr(evaluation, 'split_batches',
+                      lambda data_dir, split, bs: (_fake_split(7, 0, bs), 7))
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path),
+                            splits=['test'], data_dir='unused', mc=4, batch_size=3)
+  assert out['n_stars'] == 7  # padding rows dropped
+  metrics = json.load(open(out['metrics_json']))
+  test = metrics['splits']['test']
+  assert test['Full']['n'] == 7 and test['Payne']['n'] == 3 and test['YSO']['n'] == 2
+  t = out['table']
+  assert list(t['DATA_SET']) == ['Test'] * 7
+  assert list(t['DATA_TYPE'][:3]) == ['Payne', 'MStar', 'YSO']
+  pred = np.stack([t[c].filled(np.nan) for c in ('LOGG_PRED', 'TEFF_PRED', 'FE_H_PRED')], 1)
+  labels = np.stack([t[c].filled(np.nan) for c in ('LOGG', 'TEFF', 'FE_H')], 1)
+  dz = (pred - labels) / PAPER_STANDARDIZER.std
+  assert test['Full']['mse_standardised'] == pytest.approx(np.mean(dz ** 2), rel=1e-9)
+  assert test['Full']['scatter']['TEFF'] == pytest.approx(np.std(pred[:, 1] - labels[:, 1]))
+  assert {os.path.basename(p) for p in out['figures']} == {
+      'labels_vs_predictions.png', 'kiel.png', 'sigma_vs_snr.png'}
+  assert 'test' in evaluation.format_metrics(metrics)
+
+
+def test_compute_metrics_by_hand():
+  std = Standardizer(mean=np.zeros(3), std=np.array([1.0, 100.0, 0.5]))
+  labels = np.array([[1.0, 4000.0, 0.0], [2.0, 5000.0, 0.0], [3.0, 6000.0, np.nan]])
+  pred = labels + np.array([[1.0, 100.0, 0.5], [-1.0, -100.0, -0.5], [9, 9, 9]])
+  m = evaluation.compute_metrics(pred, labels, np.array([0, 1, 0]), std)
+  assert m['Full']['n'] == 2  # the NaN-labelled star is ignored
+  assert m['Full']['mse_standardised'] == pytest.approx(1.0)
+  assert m['Full']['scatter']['TEFF'] == pytest.approx(100.0)
+  assert m['Payne']['bias']['LOGG'] == pytest.approx(1.0) and m['MStar']['n'] == 1
+  assert 'YSO' not in m
+
+
+@pytest.mark.slow
+def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path):
+  out = tmp_path / 'cli'
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'evaluate.py'), f'--checkpoint={tiny_checkpoint}',
+       f'--apstar_dir={apstar_dir}', '--mc=3', '--batch_size=2', f'--output_dir={out}',
+       '--nofigures'], capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'Catalogue: {out}/catalog.fits' in proc.stdout
+  assert (out / 'catalog.csv').exists() and (out / 'skipped.csv').exists()
+  shutil.rmtree(out)
