@@ -1,0 +1,148 @@
+"""The `apogee` TFDS builder without TensorFlow: array_record build, data_source read-back.
+
+The tfds.testing.DatasetBuilderTestCase version (needs TensorFlow) is
+tfds_apogee/apogee/apogee_dataset_builder_test.py.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from astropy.io import fits
+from astropy.table import Table
+
+import tfds_apogee  # noqa: F401  (registers 'apogee')
+from apogeenet_jax import apstar, constants, labels, synthetic
+from tfds_apogee import build as build_lib
+from tfds_apogee.apogee import apogee_dataset_builder, make_dummy_data
+
+DUMMY_DIR = make_dummy_data.DUMMY_DIR
+
+
+def _build(manual_dir, data_dir, **kwargs):
+  return build_lib.build(str(manual_dir), str(data_dir), **kwargs)
+
+
+def _records(data_dir, split):
+  source = tfds.data_source('apogee', split=split, data_dir=str(data_dir))
+  return [source[i] for i in range(len(source))]
+
+
+def _text(value):
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _assert_bitwise_equal(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.dtype == b.dtype and a.shape == b.shape
+  np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_dummy_data_build_and_read_back(tmp_path):
+  builder = _build(DUMMY_DIR, tmp_path)
+  assert builder.info.file_format.value == 'array_record'  # The TF-free default.
+  counts = {name: s.num_examples for name, s in builder.info.splits.items()}
+  assert counts == {'train': 3, 'dev': 1, 'test': 1}
+  catalog = {s.apogee_id: s for s in labels.read_catalog(DUMMY_DIR / 'labels.ecsv')}
+  seen = set()
+  for split in constants.SPLITS:
+    for record in _records(tmp_path, split):
+      apogee_id = _text(record['apogee_id'])
+      seen.add(apogee_id)
+      star = catalog[apogee_id]
+      assert star.split == split
+      spectrum = apstar.read_apstar(DUMMY_DIR / _text(record['file']))
+      _assert_bitwise_equal(record['flux'], spectrum.flux)  # Raw flux, bit for bit.
+      _assert_bitwise_equal(record['flux_err'], spectrum.flux_err)
+      _assert_bitwise_equal(record['labels'], star.labels)
+      assert constants.DATA_TYPES[record['data_type']] == star.data_type
+      assert record['snr'] == np.float32(spectrum.snr)
+      assert record['ra'] == spectrum.ra and record['dec'] == spectrum.dec
+      assert _text(record['telescope']) == 'SYNTHETIC'
+      assert _text(record['field']) == spectrum.field
+  assert len(seen) == 5
+  report = labels.read_problems(tmp_path / 'apogee' / '1.0.0' / apogee_dataset_builder.SKIP_REPORT)
+  by_id = {p.apogee_id: p for p in report}
+  assert set(by_id) == {make_dummy_data.BAD_FILE_ID, make_dummy_data.MISSING_FILE_ID}
+  assert 'not a readable FITS' in by_id[make_dummy_data.BAD_FILE_ID].reason
+  assert by_id[make_dummy_data.BAD_FILE_ID].file.endswith('.fits')
+  assert 'no apStar file' in by_id[make_dummy_data.MISSING_FILE_ID].reason
+  assert builder.info.metadata['split_seed'] == 0
+
+
+def test_real_files_round_trip_bit_for_bit(tmp_path, real_apstar_files):
+  manual = tmp_path / 'manual'
+  (manual / 'apo25m').mkdir(parents=True)
+  ids = []
+  for path in real_apstar_files:
+    shutil.copy(path, manual / 'apo25m' / path.name)
+    ids.append(apstar.apogee_id_from_filename(path))
+  n = len(ids)
+  # Placeholder labels: these tests are about I/O, not accuracy (no reference labels exist).
+  Table({'APOGEE_ID': ids, 'LOGG': np.full(n, 4.5), 'TEFF': np.linspace(3000, 4000, n),
+         'FE_H': np.zeros(n), 'DATA_TYPE': ['MStar'] * n,
+         'SPLIT': ['train'] * (n - 2) + ['dev', 'test']}).write(manual / 'labels.fits')
+  _build(manual, tmp_path / 'data')
+  records = [r for s in constants.SPLITS for r in _records(tmp_path / 'data', s)]
+  assert len(records) == n
+  for record in records:
+    path = manual / _text(record['file'])
+    with fits.open(path) as hdul:  # Straight from the big-endian FITS rows, no reader between.
+      row = 0 if hdul[1].data.ndim == 2 else ...
+      expected_flux = hdul[1].data[row].astype(np.float32)
+      expected_err = hdul[2].data[row].astype(np.float32)
+      header = hdul[0].header
+    _assert_bitwise_equal(record['flux'], expected_flux)
+    _assert_bitwise_equal(record['flux_err'], expected_err)
+    assert _text(record['apogee_id']) == header['OBJID']
+    assert record['snr'] == np.float32(header['SNR'])
+    assert record['ra'] == header['RA'] and record['dec'] == header['DEC']
+
+
+def test_bad_files_are_skipped_and_reported(tmp_path, real_apstar_files):
+  manual = tmp_path / 'manual'
+  synthetic.write_survey(manual, num_stars=30, seed=5, show_progress=False)
+  catalog = Table.read(manual / 'labels.fits')
+  del catalog['FILE']  # Match by the ID in the file name; no SPLIT column: hashed splits.
+  real = real_apstar_files[0]
+  truncated = manual / 'apo25m' / 'X' / real.name
+  truncated.parent.mkdir(parents=True)
+  truncated.write_bytes(real.read_bytes()[:300_000])
+  wrong_grid = manual / 'apo25m' / 'X' / 'apStar-r8-2M99888888+0000000.fits'
+  with fits.open(real) as hdul:
+    hdul = fits.HDUList([h.copy() for h in hdul])
+    hdul[0].header['NWAVE'] = 8000
+    hdul[0].header['OBJID'] = '2M99888888+0000000'
+    hdul.writeto(wrong_grid)
+  text = manual / 'apo25m' / 'X' / 'apStar-r8-2M99777777+0000000.fits'
+  text.write_text('hello')
+  for path in (truncated, wrong_grid, text):
+    catalog.add_row((apstar.apogee_id_from_filename(path), 4.0, 3500.0, 0.0, 'YSO', 0.0, 1,
+                     'mdwarf'))
+  catalog.write(manual / 'labels.fits', overwrite=True)
+
+  builder = _build(manual, tmp_path / 'data', split_seed=11, num_workers=2)
+  counts = {name: s.num_examples for name, s in builder.info.splits.items()}
+  assert sum(counts.values()) == 30
+  for split in constants.SPLITS:
+    for record in _records(tmp_path / 'data', split):
+      star_id = _text(record['apogee_id'])
+      data_type = constants.DATA_TYPES[record['data_type']]
+      assert labels.assign_split(star_id, data_type, 11) == split
+  report = labels.read_problems(builder.data_path / apogee_dataset_builder.SKIP_REPORT)
+  reasons = {p.file: p.reason for p in report}
+  assert len(report) == 3, report
+  assert 'truncated' in reasons[f'apo25m/X/{real.name}']
+  assert 'NWAVE = 8000' in reasons['apo25m/X/apStar-r8-2M99888888+0000000.fits']
+  assert 'not a readable FITS' in reasons['apo25m/X/apStar-r8-2M99777777+0000000.fits']
+  assert all(reason.startswith(str(manual.resolve())) for reason in reasons.values())
+
+
+def test_tfrecord_is_selectable(tmp_path):
+  pytest.importorskip('tensorflow')
+  builder = _build(DUMMY_DIR, tmp_path, file_format='tfrecord')
+  assert builder.info.file_format.value == 'tfrecord'
+  assert list(builder.data_path.glob('apogee-train.tfrecord-*'))
+  ds = tfds.load('apogee', split='train', data_dir=str(tmp_path))
+  assert len(list(ds)) == 3

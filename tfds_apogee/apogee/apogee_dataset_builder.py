@@ -1,0 +1,206 @@
+"""TFDS builder `apogee`: APOGEE apStar spectra + a label catalogue → sharded records.
+
+Reads a manual_dir (the label catalogue labels.{fits,ecsv,csv} at its top, apStar files anywhere
+below; see apogeenet_jax/labels.py) and writes array_record shards by default, so training reads
+them without TensorFlow through `tfds.data_source('apogee', data_dir=D)` and grain. Flux and
+error are stored RAW, exactly as in the files (preprocessing happens at read time).
+
+Splits train/dev/test: the catalogue's SPLIT column where given, else a hash of (split_seed,
+APOGEE ID) with the paper's fractions per data type (Payne 80/10/10, MStar and YSO 60/20/20, §3).
+A file that cannot be read is skipped, never fatal: every skipped file or catalogue row and its
+reason goes to `skipped.csv` in the data set version directory, and the count is logged.
+"""
+
+import concurrent.futures
+import multiprocessing
+import pathlib
+from typing import ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from tensorflow_datasets.core import utils as tfds_utils
+
+from apogeenet_jax import apstar, constants, labels
+
+SKIP_REPORT = 'skipped.csv'
+DEFAULT_FILE_FORMAT = 'array_record'
+
+_EXACT = tfds.features.Encoding.BYTES
+
+_DESCRIPTION = """
+SDSS-IV APOGEE combined spectra (apStar, 8575-pixel log-linear grid, 1.51-1.70 μm, raw flux in
+1e-17 erg/s/cm²/Å) with (log g, Teff, [Fe/H]) labels from a user catalogue, as used by APOGEE Net
+(Olney et al. 2020). Labels in native units in the order LOGG (dex), TEFF (K), FE_H (dex).
+"""
+
+_CITATION = """
+@article{Olney2020,
+  author = {Olney, Richard and Kounkel, Marina and Schillinger, Chad and others},
+  title = {{APOGEE Net: Improving the Derived Spectral Parameters for Young Stars through Deep
+           Learning}},
+  journal = {The Astronomical Journal}, volume = {159}, pages = {182}, year = {2020},
+  doi = {10.3847/1538-3881/ab7a97}
+}
+"""
+
+
+def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, str | None]:
+  """Reads one apStar file into a TFDS example; never raises.
+
+  Args:
+    task: (absolute path, path relative to manual_dir, catalogue row fields, split).
+
+  Returns:
+    (apogee_id, example or None, reason or None).
+  """
+  path, relative, (apogee_id, star_labels, data_type), _ = task
+  try:
+    spectrum = apstar.read_apstar(path)
+  except apstar.ApStarError as e:
+    return apogee_id, None, str(e)
+  except Exception as e:  # One odd file must never kill a survey-sized build.
+    return apogee_id, None, f'{path}: unexpected {type(e).__name__}: {e}'
+  if spectrum.apogee_id != apogee_id:
+    return apogee_id, None, (f'{path}: header APOGEE ID {spectrum.apogee_id} differs from the '
+                             f'catalogue APOGEE_ID {apogee_id}')
+  example = {
+      'flux': spectrum.flux,
+      'flux_err': spectrum.flux_err,
+      'labels': np.asarray(star_labels, np.float32),
+      'apogee_id': apogee_id,
+      'data_type': data_type,
+      'snr': np.float32(spectrum.snr),
+      'ra': np.float64(spectrum.ra),
+      'dec': np.float64(spectrum.dec),
+      'telescope': spectrum.telescope,
+      'field': spectrum.field,
+      'file': relative,
+  }
+  return apogee_id, example, None
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """APOGEE apStar spectra with (log g, Teff, [Fe/H]) labels."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {'1.0.0': 'Initial release: raw flux, flux error, labels, metadata.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Put the label catalogue at the top of manual_dir as labels.fits, labels.ecsv or labels.csv with
+  columns APOGEE_ID, LOGG, TEFF, FE_H, DATA_TYPE (Payne/MStar/YSO) and optionally SPLIT
+  (train/dev/test) and FILE (apStar path relative to manual_dir). Put the apStar files
+  (apStar-<reduction>-<APOGEE_ID>.fits[.gz] or asStar-…) anywhere below manual_dir, e.g. as
+  SDSS lays them out: <telescope>/<field>/apStar-r8-2M….fits. No data at hand?
+  `python -m apogeenet_jax.synthetic --output_dir=M` writes a SYNTHETIC survey in this layout.
+  """
+
+  @tfds_utils.classproperty
+  @classmethod
+  def _checksums_path(cls):
+    # Nothing is downloaded (manual data only), so there are no checksums to look up; TFDS's
+    # lookup would import importlib_resources, which is not a dependency without TensorFlow.
+    return None
+
+  def __init__(self, *, split_seed: int = 0, num_workers: int = 1,
+               file_format: str | None = None, **kwargs):
+    """split_seed: seed of the hashed split assignment; num_workers: reader processes."""
+    self._split_seed = int(split_seed)
+    self._num_workers = max(int(num_workers), 1)
+    self._explicit_file_format = file_format
+    self._problems: list[labels.Problem] = []
+    self._n_unreadable = 0
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    n = constants.N_PIXELS
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=_DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            'flux': tfds.features.Tensor(shape=(n,), dtype=np.float32,
+                                         doc='raw combined flux, 1e-17 erg/s/cm^2/Angstrom'),
+            'flux_err': tfds.features.Tensor(shape=(n,), dtype=np.float32,
+                                             doc='raw flux error; 1e10 marks bad pixels'),
+            'labels': tfds.features.Tensor(shape=(len(constants.LABEL_NAMES),),
+                                           dtype=np.float32,
+                                           doc='LOGG (dex), TEFF (K), FE_H (dex)'),
+            'apogee_id': tfds.features.Text(),
+            'data_type': tfds.features.ClassLabel(names=constants.DATA_TYPES),
+            'snr': tfds.features.Scalar(dtype=np.float32, doc='header SNR'),
+            # BYTES: the default encoding goes through a float32 proto field and would round RA
+            # and Dec to ~0.05 arcsec; raw bytes keep float64 exact.
+            'ra': tfds.features.Tensor(shape=(), dtype=np.float64, encoding=_EXACT,
+                                       doc='deg J2000'),
+            'dec': tfds.features.Tensor(shape=(), dtype=np.float64, encoding=_EXACT,
+                                        doc='deg J2000'),
+            'telescope': tfds.features.Text(),
+            'field': tfds.features.Text(),
+            'file': tfds.features.Text(doc='apStar path relative to manual_dir'),
+        }),
+        supervised_keys=('flux', 'labels'),
+        homepage='https://www.sdss4.org/dr14/irspec/',
+        citation=_CITATION,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def download_and_prepare(self, *, file_format=None, **kwargs):
+    # TFDS defaults to tfrecord, which needs TensorFlow to write and to read; array_record does
+    # not, so it is this data set's default unless the caller asked for a format.
+    if file_format is None and self._explicit_file_format is None:
+      file_format = DEFAULT_FILE_FORMAT
+    return super().download_and_prepare(file_format=file_format, **kwargs)
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    self._problems = []
+    self._n_unreadable = 0
+    super()._download_and_prepare(dl_manager, download_config)
+    # Still inside TFDS's temporary data directory: the report moves with the finished data set.
+    report = pathlib.Path(self.data_dir) / SKIP_REPORT
+    labels.write_problems(self._problems, report)
+    logging.info('apogee: %d problem(s) (skipped files or rows), %d of them unreadable files; '
+                 'report: %s', len(self._problems), self._n_unreadable, report.name)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    catalog = labels.find_catalog(manual_dir)
+    stars = labels.read_catalog(catalog)
+    matched, problems = labels.match_files(stars, manual_dir)
+    self._problems.extend(problems)
+    logging.info('apogee: catalogue %s: %d rows, %d matched to files, %d problem(s) in matching',
+                 catalog, len(stars), len(matched), len(problems))
+    tasks = {split: [] for split in constants.SPLITS}
+    root = manual_dir.resolve()
+    for star, path in matched:
+      split = star.split or labels.assign_split(star.apogee_id, star.data_type, self._split_seed)
+      tasks[split].append((path, labels.relative_path(path, root),
+                           (star.apogee_id, tuple(float(x) for x in star.labels),
+                            star.data_type), split))
+    self.info.metadata['split_seed'] = self._split_seed
+    self.info.metadata['catalog'] = catalog.name
+    self.info.metadata['label_names'] = list(constants.LABEL_NAMES)
+    self.info.metadata['label_units'] = list(constants.LABEL_UNITS)
+    empty = [s for s, t in tasks.items() if not t]
+    if empty:
+      logging.warning('apogee: no stars in split(s) %s; they are left out', empty)
+    return {split: self._generate_examples(t) for split, t in tasks.items() if t}
+
+  def _generate_examples(self, tasks):
+    """Yields (APOGEE ID, example); unreadable files land in the skip report instead."""
+    if self._num_workers > 1 and len(tasks) > 1:
+      # Parsing FITS headers is CPU-bound Python: processes, not threads. fork keeps the
+      # already-imported modules; the workers touch no TensorFlow or JAX.
+      context = multiprocessing.get_context('fork')
+      with concurrent.futures.ProcessPoolExecutor(self._num_workers, mp_context=context) as pool:
+        results = pool.map(read_example, tasks, chunksize=16)
+        yield from self._keep_good(tasks, results)
+    else:
+      yield from self._keep_good(tasks, map(read_example, tasks))
+
+  def _keep_good(self, tasks, results):
+    for task, (apogee_id, example, reason) in zip(tasks, results, strict=True):
+      if example is None:
+        self._problems.append(labels.Problem(task[1], apogee_id, reason))
+        self._n_unreadable += 1
+        logging.warning('apogee: skipped %s', reason)
+        continue
+      yield apogee_id, example

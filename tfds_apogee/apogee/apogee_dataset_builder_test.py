@@ -1,0 +1,24 @@
+"""tfds.testing.DatasetBuilderTestCase for `apogee` on dummy_data (needs TensorFlow).
+
+dummy_data/ holds 5 SYNTHETIC stars (SPLIT column: 3 train, 1 dev, 1 test), one catalogue row
+whose file is not FITS and one without a file: the two must be skipped, not counted.
+The TensorFlow-free test of the same builder is tests/test_dataset_builder.py.
+"""
+
+import pytest
+
+pytest.importorskip('tensorflow')
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+from tfds_apogee.apogee import apogee_dataset_builder  # noqa: E402
+
+
+class ApogeeTest(tfds.testing.DatasetBuilderTestCase):
+  DATASET_CLASS = apogee_dataset_builder.Builder
+  SPLITS = {'train': 3, 'dev': 1, 'test': 1}
+  SKIP_CHECKSUMS = True
+
+
+if __name__ == '__main__':
+  tfds.testing.test_main()

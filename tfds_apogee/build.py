@@ -1,0 +1,58 @@
+r"""Builds the `apogee` TFDS data set without TensorFlow (array_record by default).
+
+  python -m tfds_apogee.build --manual_dir=M --data_dir=D \
+      [--file_format=array_record|tfrecord] [--split_seed=0] [--num_workers=N]
+
+Calls the same Builder.download_and_prepare as `tfds build tfds_apogee/apogee` (which needs
+TensorFlow), then logs where the data set went and how many files or rows were skipped; the list
+is in <data set dir>/skipped.csv. tfrecord writing needs TensorFlow installed.
+"""
+
+import os
+
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+
+from tfds_apogee.apogee import apogee_dataset_builder
+
+
+def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
+          split_seed: int = 0, num_workers: int = 1) -> tfds.core.DatasetBuilder:
+  """Builds (or reuses) the data set and returns its builder."""
+  builder = apogee_dataset_builder.Builder(data_dir=data_dir, split_seed=split_seed,
+                                           num_workers=num_workers, file_format=file_format)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers)
+  report = os.path.join(builder.data_dir, apogee_dataset_builder.SKIP_REPORT)
+  n_skipped = 0
+  if os.path.exists(report):
+    with open(report) as f:
+      n_skipped = max(sum(1 for _ in f) - 1, 0)
+  counts = {name: split.num_examples for name, split in builder.info.splits.items()}
+  logging.info('apogee data set at %s: %s examples; %d skipped file(s)/row(s), see %s',
+               builder.data_dir, counts, n_skipped, report)
+  print(f'apogee data set: {builder.data_dir}\nexamples: {counts}\n'
+        f'skipped: {n_skipped} (report: {report})')
+
+
+def run():
+  """Entry point. Flags are defined here, not at import, so library users can import build()."""
+  flags.DEFINE_string('manual_dir', None, 'Catalogue + apStar files (see the README).')
+  flags.DEFINE_string('data_dir', None, 'Where TFDS data sets go.')
+  flags.DEFINE_enum('file_format', apogee_dataset_builder.DEFAULT_FILE_FORMAT,
+                    ['array_record', 'tfrecord'], 'Record file format (tfrecord needs TensorFlow).')
+  flags.DEFINE_integer('split_seed', 0, 'Seed of the hashed train/dev/test split.')
+  flags.DEFINE_integer('num_workers', os.cpu_count() or 1, 'Processes reading apStar files.')
+  flags.mark_flags_as_required(['manual_dir', 'data_dir'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
