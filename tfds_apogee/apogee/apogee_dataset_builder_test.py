@@ -5,18 +5,20 @@ whose file is not FITS and one without a file: the two must be skipped, not coun
 The TensorFlow-free test of the same builder is tests/test_dataset_builder.py.
 """
 
+from typing import ClassVar
+
 import pytest
 
 pytest.importorskip('tensorflow')
 
-import tensorflow_datasets as tfds  # noqa: E402
+import tensorflow_datasets as tfds
 
-from tfds_apogee.apogee import apogee_dataset_builder  # noqa: E402
+from tfds_apogee.apogee import apogee_dataset_builder
 
 
 class ApogeeTest(tfds.testing.DatasetBuilderTestCase):
   DATASET_CLASS = apogee_dataset_builder.Builder
-  SPLITS = {'train': 3, 'dev': 1, 'test': 1}
+  SPLITS: ClassVar[dict[str, int]] = {'train': 3, 'dev': 1, 'test': 1}
   SKIP_CHECKSUMS = True
 
 
