@@ -11,6 +11,7 @@ Everything a resume needs lives in one pytree, ``TrainState``, saved by orbax ev
 latest checkpoint and ends with the same parameters as an uninterrupted run.
 """
 
+import functools
 import json
 import os
 import signal
@@ -84,24 +85,31 @@ def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Plain SGD (§3.3); momentum only if the config asks (paper: none)."""
-  return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+  return _sgd(config.learning_rate, config.momentum)
+
+
+def _sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate, momentum=momentum or None)
 
 
 def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation
                        ) -> TrainState:
   """Fresh parameters (Flax default initialisers) and counters; rng is a raw PRNG key."""
   init_rng, state_rng = jax.random.split(rng)
-
-  @jax.jit
-  def init(key):  # Un-jitted init takes seconds (STACK.md).
-    return model.init(key, jnp.zeros((1, model.input_length), jnp.float32))['params']
-
-  params = init(init_rng)
+  params = _init_fn(model)(init_rng)
   return TrainState(
       params=params, opt_state=tx.init(params), step=jnp.int32(0), epoch=jnp.int32(0),
       epoch_step=jnp.int32(0), rng=state_rng, best_dev_loss=jnp.float32(jnp.inf),
       evals_without_improvement=jnp.int32(0), adapt_round=jnp.int32(0),
       best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(model: APOGEENet) -> Callable[[jax.Array], Any]:
+  """The jitted parameter initialiser of ``model``, compiled once per architecture (un-jitted
+  init takes seconds, STACK.md; compiling it takes seconds too)."""
+  return jax.jit(
+      lambda key: model.init(key, jnp.zeros((1, model.input_length), jnp.float32))['params'])
 
 
 def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None
@@ -360,6 +368,14 @@ def _install_handlers(flag: _StopFlag) -> dict[int, Any]:
 # The whole procedure.
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled_steps(model: APOGEENet, learning_rate: float, momentum: float, mesh: Mesh):
+  """(train_step, eval_step), cached so repeated runs in one process (tests, notebooks,
+  resumes) reuse the compiled executables."""
+  tx = _sgd(learning_rate, momentum)
+  return make_train_step(model, tx, mesh), make_eval_step(model, mesh)
+
+
 def _abstract(state: TrainState, mesh: Mesh) -> TrainState:
   sharding = NamedSharding(mesh, P())
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
@@ -456,8 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                'train_counts': counts, 'num_dev': len(dev_source)},
       init_from=config.init_from if config.adapt else '')
   writer = MetricWriter(workdir, enabled=is_main)
-  train_step = make_train_step(model, tx, mesh)
-  eval_step = make_eval_step(model, mesh)
+  train_step, eval_step = _compiled_steps(model, config.learning_rate, config.momentum, mesh)
   dev_indices = np.arange(len(dev_source))[process_index::process_count]
   # Every process must run the same number of eval steps: pad to the largest shard.
   largest_shard = -(-len(dev_source) // process_count)

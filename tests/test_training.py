@@ -1,0 +1,286 @@
+"""Tests of apogeenet_jax.training: the data-parallel step, early stopping, resume, adaptation.
+
+Logic tests run on tiny in-memory sources (lists of feature dicts) and a reduced network; the
+conftest gives 4 fake CPU devices.
+"""
+
+import os
+import pathlib
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apogeenet_jax import checkpoint, metrics, training
+from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
+from apogeenet_jax.normalization import Standardizer
+from configs import test as test_config
+
+_X = np.linspace(0.0, 1.0, N_PIXELS)
+
+
+def fake_source(n: int, seed: int) -> list[dict]:
+  """Spectra whose three labels are linear in three flux patterns, cycling the data types."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    z = rng.normal(size=3)
+    flux = (100 + 10 * z[0] * np.sin(20 * _X) + 10 * z[1] * np.cos(7 * _X) + 10 * z[2] * _X
+            + rng.normal(size=N_PIXELS))
+    out.append({'flux': flux.astype(np.float32), 'flux_err': np.ones(N_PIXELS, np.float32),
+                'labels': np.array([2.9 + 1.1 * z[0], 4700 + 700 * z[1], -0.2 + 0.3 * z[2]],
+                                   np.float32),
+                'data_type': i % 3, 'apogee_id': f'2M{seed}_{i}', 'snr': 50.0, 'ra': 0.0,
+                'dec': 0.0})
+  return out
+
+
+@pytest.fixture(scope='module')
+def sources():
+  return {'train': fake_source(32, 0), 'dev': fake_source(12, 1)}
+
+
+def _config(**overrides):
+  config = test_config.get_config()
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _assert_trees_equal(a, b, **tol):
+  for x, y in zip(_leaves(a), _leaves(b), strict=True):
+    if tol:
+      np.testing.assert_allclose(x, y, **tol)
+    else:
+      np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step.
+
+
+@pytest.mark.parametrize('n_devices', [2, 4])
+def test_step_same_params_on_1_2_4_devices(n_devices):
+  """Same global batch → same parameters on 1 and N devices (catches the N× gradient trap)."""
+  if len(jax.devices()) < n_devices:
+    pytest.skip(f'needs {n_devices} devices')
+  config = _config(dropout_rate=0.0)
+  config.model.channels = (4, 4, 8, 8)
+  config.model.input_length = 1024  # The step does not care about the length: keep it quick.
+  model = training.create_model(config)
+  tx = training.create_optimizer(config)
+  batches = [fake_source(8, s) for s in (5, 6)]
+  std = Standardizer.fit(np.stack([e['labels'] for b in batches for e in b]))
+
+  def run(n):
+    mesh = training.make_mesh(n)
+    state = training.replicate(
+        training.create_train_state(jax.random.PRNGKey(0), model, tx), mesh)
+    step = training.make_train_step(model, tx, mesh)
+    losses = []
+    for examples in batches:
+      batch = {'flux': np.stack([e['flux'][:1024] for e in examples]),
+               'labels': np.stack([e['labels'] for e in examples]),
+               'data_type': np.array([e['data_type'] for e in examples], np.int32)}
+      state, m = step(state, training.device_batch(batch, std, mesh))
+      losses.append(float(m['loss']))
+    return state, losses
+
+  ref, ref_losses = run(1)
+  other, losses = run(n_devices)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  # The parameters must have moved, and identically.
+  init = training.create_train_state(jax.random.PRNGKey(0), model, tx)
+  moved = max(np.abs(a - b).max() for a, b in zip(_leaves(ref.params), _leaves(init.params), strict=True))
+  assert moved > 1e-4
+  _assert_trees_equal(other.params, ref.params, rtol=1e-4, atol=1e-6)
+  assert int(other.step) == 2
+
+
+def test_step_metrics_per_data_type_and_mask():
+  """Padded rows count nowhere; per-type sums add up to the total."""
+  config = _config()
+  model = training.create_model(config)
+  mesh = training.make_mesh(2)
+  params = training.replicate(
+      training.create_train_state(jax.random.PRNGKey(0), model,
+                                  training.create_optimizer(config)).params, mesh)
+  eval_step = training.make_eval_step(model, mesh)
+  examples = fake_source(4, 3)
+  batch = {'flux': np.stack([e['flux'] for e in examples]),
+           'labels': np.stack([e['labels'] for e in examples]),
+           'data_type': np.array([0, 1, 2, 1], np.int32),
+           'mask': np.array([True, True, True, False])}
+  std = Standardizer.fit(batch['labels'])
+  out = training.summarize(eval_step(params, training.device_batch(batch, std, mesh)), 'dev')
+  pred = model.apply({'params': jax.device_get(params)}, batch['flux'][:3])
+  per = np.mean((np.asarray(pred) - std.transform(batch['labels'][:3])) ** 2, axis=-1)
+  assert out['dev_count'] == 3
+  np.testing.assert_allclose(out['dev_loss'], per.mean(), rtol=1e-5)
+  for i, name in enumerate(DATA_TYPES):
+    np.testing.assert_allclose(out[f'dev_loss_{name}'], per[i], rtol=1e-5)
+  np.testing.assert_allclose(out['dev_adapt_loss'], per[1:].mean(), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Early stopping.
+
+
+def test_update_early_stopping_counts():
+  state = training.create_train_state(jax.random.PRNGKey(0), training.create_model(_config()),
+                                      training.create_optimizer(_config()))
+  flags = []
+  for loss in [1.0, 0.5, 0.5, 0.7, 0.4, 0.6]:
+    state, improved = training.update_early_stopping(state, loss)
+    flags.append(improved)
+  assert flags == [True, True, False, False, True, False]
+  assert int(state.evals_without_improvement) == 1
+  assert float(state.best_dev_loss) == pytest.approx(0.4)
+
+
+def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path, monkeypatch):
+  """Scripted dev losses: best at epoch 2, then 5 worse → stop after epoch 7 with epoch-2 params."""
+  script = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.1, 0.1])
+  real = training.evaluate_split
+
+  def scripted(*args, **kwargs):
+    out = real(*args, **kwargs)
+    out['dev_loss'] = next(script)
+    return out
+
+  monkeypatch.setattr(training, 'evaluate_split', scripted)
+  config = _config(max_epochs=20, patience=5)
+  state = training.train_and_evaluate(config, str(tmp_path), sources=sources)
+  records = metrics.read_metrics(str(tmp_path))
+  assert [r['epoch'] for r in records] == list(range(1, 8))
+  assert int(state.epoch) == 7
+  steps_per_epoch = len(sources['train']) // config.batch_size
+  best_params, meta = checkpoint.load_params(str(tmp_path / 'checkpoints'))
+  assert meta['step'] == 2 * steps_per_epoch
+  _assert_trees_equal(state.params, best_params)
+  latest, _ = checkpoint.load_params(str(tmp_path / 'checkpoints'), best=False)
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(_leaves(latest), _leaves(best_params), strict=True))
+  assert meta['normalization']['label_names'] == ['LOGG', 'TEFF', 'FE_H']
+
+
+def test_nonfinite_loss_stops_at_once(tmp_path):
+  bad = fake_source(16, 0)
+  for e in bad:
+    e['flux'] = np.full(N_PIXELS, 3e38, np.float32)
+  with pytest.raises(training.TrainingError, match='non-finite'):
+    training.train_and_evaluate(_config(), str(tmp_path), sources={'train': bad, 'dev': bad[:4]})
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume.
+
+
+def test_resume_after_epoch_matches_uninterrupted(sources, tmp_path):
+  config = _config(max_epochs=3)
+  full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
+  training.train_and_evaluate(_config(max_epochs=1), str(tmp_path / 'split'), sources=sources)
+  resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
+  assert int(resumed.epoch) == int(full.epoch) == 3
+  _assert_trees_equal(resumed.params, full.params)
+  for name in ('full', 'split'):
+    assert len(metrics.read_metrics(str(tmp_path / name))) == 3
+
+
+class _SignalOnRead(list):
+  """A source that sends SIGINT to this process on its ``trigger``-th read."""
+
+  def __init__(self, items, trigger):
+    super().__init__(items)
+    self.reads, self.trigger, self.lock = 0, trigger, threading.Lock()
+
+  def __getitem__(self, i):
+    with self.lock:
+      self.reads += 1
+      if self.reads == self.trigger:
+        os.kill(os.getpid(), signal.SIGINT)
+    return super().__getitem__(i)
+
+
+def test_sigint_mid_epoch_saves_and_resumes_exactly(sources, tmp_path):
+  config = _config(max_epochs=2)
+  full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
+  # read_metadata reads the 32 training spectra once; then epoch 1 starts reading.
+  flaky = _SignalOnRead(sources['train'], trigger=len(sources['train']) + 12)
+  stopped = training.train_and_evaluate(config, str(tmp_path / 'split'),
+                                        sources={'train': flaky, 'dev': sources['dev']})
+  assert int(stopped.epoch) == 0 and 0 < int(stopped.epoch_step) < 4
+  assert checkpoint.make_manager(str(tmp_path / 'split' / 'checkpoints')).latest_step() == int(
+      stopped.step)
+  resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
+  assert int(resumed.step) == int(full.step)
+  _assert_trees_equal(resumed.params, full.params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Adaptation (§3.4).
+
+
+def test_adaptation_indices_fresh_payne_all_others():
+  data_type = np.array([0] * 1000 + [1] * 37 + [2] * 21)
+  rounds = [training.adaptation_indices(data_type, fraction=0.05, seed=0, adapt_round=r)
+            for r in (1, 2, 3)]
+  others = set(np.flatnonzero(data_type != 0))
+  payne_sets = []
+  for idx in rounds:
+    assert len(np.unique(idx)) == len(idx)
+    assert others <= set(idx)
+    payne = set(idx) - others
+    assert len(payne) == 50 and all(data_type[i] == 0 for i in payne)
+    payne_sets.append(payne)
+  assert payne_sets[0] != payne_sets[1] != payne_sets[2] != payne_sets[0]
+  again = training.adaptation_indices(data_type, fraction=0.05, seed=0, adapt_round=2)
+  np.testing.assert_array_equal(again, rounds[1])
+
+
+def test_adaptation_run_starts_from_best_and_stops(sources, tmp_path):
+  base = tmp_path / 'default'
+  training.train_and_evaluate(_config(max_epochs=2), str(base), sources=sources)
+  config = _config(adapt=True, init_from=str(base), patience=1, adapt_patience=1,
+                   max_epochs=10, payne_fraction=0.5)
+  state = training.train_and_evaluate(config, str(tmp_path / 'adapt'), sources=sources)
+  records = metrics.read_metrics(str(tmp_path / 'adapt'))
+  assert records[0]['adapt_round'] == 0 and 'dev_adapt_loss' in records[0]
+  assert int(state.adapt_round) >= 1
+  assert all(r['adapt_round'] >= 1 for r in records[1:])
+  # The adapt run keeps the default run's normalisation.
+  _, base_meta = checkpoint.load_params(str(base / 'checkpoints'))
+  _, meta = checkpoint.load_params(str(tmp_path / 'adapt' / 'checkpoints'))
+  assert meta['normalization'] == base_meta['normalization']
+  assert float(state.best_dev_loss) <= records[0]['dev_adapt_loss']
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo config end to end (needs the synthetic survey and the tfds builder).
+
+
+@pytest.mark.slow
+def test_demo_config_dev_loss_falls(tmp_path):
+  pytest.importorskip('tfds_apogee.build')
+  from absl.testing import flagsaver  # noqa: F401  (absl is a dependency anyway)
+
+  from apogeenet_jax import synthetic
+  from configs import demo
+  from tfds_apogee import build
+  raw, tfds_dir = tmp_path / 'raw', tmp_path / 'tfds'
+  synthetic.write_survey(str(raw), num_stars=600, seed=0)
+  build.build(manual_dir=str(raw), data_dir=str(tfds_dir))
+  config = demo.get_config()
+  config.data_dir = str(tfds_dir)
+  config.max_epochs = 8
+  training.train_and_evaluate(config, str(tmp_path / 'wd'))
+  records = metrics.read_metrics(str(tmp_path / 'wd'))
+  assert min(r['dev_loss'] for r in records) < 0.5 * records[0]['dev_loss']
+  assert jnp.isfinite(records[-1]['dev_loss'])
+  assert pathlib.Path(tmp_path / 'wd' / 'tensorboard').is_dir()
