@@ -21,6 +21,19 @@ class ApogeeTest(tfds.testing.DatasetBuilderTestCase):
   SPLITS: ClassVar[dict[str, int]] = {'train': 3, 'dev': 1, 'test': 1}
   SKIP_CHECKSUMS = True
 
+  @classmethod
+  def setUpClass(cls):
+    # DatasetBuilderTestCase reads back with as_dataset (tf.data), which array_record, the
+    # TensorFlow-free default, does not support: these tests build tfrecord instead.
+    cls._default_format = apogee_dataset_builder.DEFAULT_FILE_FORMAT
+    apogee_dataset_builder.DEFAULT_FILE_FORMAT = 'tfrecord'
+    super().setUpClass()
+
+  @classmethod
+  def tearDownClass(cls):
+    apogee_dataset_builder.DEFAULT_FILE_FORMAT = cls._default_format
+    super().tearDownClass()
+
 
 if __name__ == '__main__':
   tfds.testing.test_main()
