@@ -100,7 +100,7 @@ def test_real_files_round_trip_bit_for_bit(tmp_path, real_apstar_files):
     assert record['ra'] == header['RA'] and record['dec'] == header['DEC']
 
 
-def test_bad_files_are_skipped_and_reported(tmp_path, real_apstar_files):
+def test_bad_files_are_skipped_and_reported(tmp_path, real_apstar_files, monkeypatch):
   manual = tmp_path / 'manual'
   synthetic.write_survey(manual, num_stars=30, seed=5, show_progress=False)
   catalog = Table.read(manual / 'labels.fits')
@@ -122,9 +122,13 @@ def test_bad_files_are_skipped_and_reported(tmp_path, real_apstar_files):
                      'mdwarf'))
   catalog.write(manual / 'labels.fits', overwrite=True)
 
+  # Windows of 2 x 4 files: the 33 files cross several reader windows, bad ones included.
+  monkeypatch.setattr(apogee_dataset_builder, '_WINDOW_PER_WORKER', 4)
   builder = _build(manual, tmp_path / 'data', split_seed=11, num_workers=2)
   counts = {name: s.num_examples for name, s in builder.info.splits.items()}
   assert sum(counts.values()) == 30
+  ids = {_text(r['apogee_id']) for s in constants.SPLITS for r in _records(tmp_path / 'data', s)}
+  assert ids == set(catalog['APOGEE_ID'][:30])  # Every good star once, none lost between windows.
   for split in constants.SPLITS:
     for record in _records(tmp_path / 'data', split):
       star_id = _text(record['apogee_id'])
