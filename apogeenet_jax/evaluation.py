@@ -358,7 +358,6 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
     out['metrics_json'] = os.path.join(output_dir, METRICS_JSON)
     _write_json_atomic(metrics, out['metrics_json'])
     out['metrics'] = metrics
-    logging.info('Metrics:\n%s', format_metrics(metrics))
   if make_figures:
     out['figures'] = figures.make_figures(table, os.path.join(output_dir, FIGURES_DIR),
                                           with_labels=labelled)
