@@ -14,6 +14,7 @@ matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 from astropy.table import Table
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 from apogeenet_jax.catalog import YSO_TRIANGLE
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS
@@ -60,6 +61,7 @@ def plot_labels_vs_predictions(table: Table, path: str) -> str:
       lo, hi = both.min(), both.max()
       pad = 0.03 * (hi - lo or 1.0)
       ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], 'k--', lw=1, label='1:1')
+    ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.set_xlabel(f'{_AXIS_NAME[name]} label [{unit}]')
     ax.set_ylabel(f'{_AXIS_NAME[name]} APOGEE Net [{unit}]')
     ax.legend(fontsize=8, loc='upper left')
@@ -79,6 +81,10 @@ def plot_sigma_vs_snr(table: Table, path: str) -> str:
       if ok.any():
         ax.scatter(snr[ok], sigma[ok], s=6, alpha=0.6, color=colour, label=group, rasterized=True)
     ax.set_xscale('log')
+    # Labelled 1-2-5 ticks: S/N usually spans less than two decades.
+    ax.xaxis.set_major_locator(FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel('S/N')
     ax.set_ylabel(f'σ {_AXIS_NAME[name]} [{unit}]')
     ax.grid(alpha=0.3, which='both')
