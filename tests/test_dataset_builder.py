@@ -69,6 +69,8 @@ def test_dummy_data_build_and_read_back(tmp_path):
   assert by_id[make_dummy_data.BAD_FILE_ID].file.endswith('.fits')
   assert 'no apStar file' in by_id[make_dummy_data.MISSING_FILE_ID].reason
   assert builder.info.metadata['split_seed'] == 0
+  assert builder.info.metadata['n_problems'] == 2
+  assert builder.info.metadata['n_unreadable_files'] == 1
 
 
 def test_real_files_round_trip_bit_for_bit(tmp_path, real_apstar_files):

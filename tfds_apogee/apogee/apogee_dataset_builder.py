@@ -159,6 +159,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # Still inside TFDS's temporary data directory: the report moves with the finished data set.
     report = pathlib.Path(self.data_dir) / SKIP_REPORT
     labels.write_problems(self._problems, report)
+    # DatasetInfo (metadata.json) is written after this method returns, so the counts land there.
+    self.info.metadata['n_problems'] = len(self._problems)
+    self.info.metadata['n_unreadable_files'] = self._n_unreadable
     logging.info('apogee: %d problem(s) (skipped files or rows), %d of them unreadable files; '
                  'report: %s', len(self._problems), self._n_unreadable, report.name)
 
