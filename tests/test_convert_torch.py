@@ -10,23 +10,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-from astropy.io import fits
 
 torch = pytest.importorskip('torch')
 
-from apogeenet_jax import checkpoint, convert_torch  # noqa: E402
+from apogeenet_jax import apstar, checkpoint, convert_torch  # noqa: E402
 from apogeenet_jax.normalization import PAPER_STANDARDIZER  # noqa: E402
 from apogeenet_jax.preprocessing import preprocess_flux  # noqa: E402
 from apogeenet_jax.torch_reference import TorchAPOGEENet  # noqa: E402
 
 RTOL = 1e-4
-
-
-def _combined_flux(path):
-  """Row 0 of HDU1 (the combined spectrum) or the 1-D array of a single-visit file."""
-  with fits.open(path) as hdul:
-    flux = np.asarray(hdul[1].data, dtype=np.float32)
-  return flux[0] if flux.ndim == 2 else flux
 
 
 @pytest.fixture(scope='module')
@@ -73,7 +65,7 @@ def test_parity_on_random_spectra(torch_model, converted):
 
 
 def test_parity_on_real_apstar_spectra(torch_model, converted, real_apstar_files):
-  flux = np.stack([preprocess_flux(_combined_flux(f)) for f in real_apstar_files])
+  flux = np.stack([preprocess_flux(apstar.read_apstar(f).flux) for f in real_apstar_files])
   assert flux.shape == (len(real_apstar_files), 8575)
   _assert_parity(torch_model, converted, flux)
 
