@@ -92,11 +92,17 @@ def _sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
   return optax.sgd(learning_rate, momentum=momentum or None)
 
 
-def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation
-                       ) -> TrainState:
-  """Fresh parameters (Flax default initialisers) and counters; rng is a raw PRNG key."""
+def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation,
+                       init: str = 'torch') -> TrainState:
+  """Fresh parameters and counters; rng is a raw PRNG key.
+
+  ``init='torch'`` draws every kernel and bias from U(±1/√fan_in), PyTorch's default for Conv1d and
+  Linear and so what the authors trained from (the paper names no initialisation). On raw fluxes
+  of ~10²–10³ it keeps the initial outputs small; Flax's LeCun-normal defaults (``'flax'``) give
+  outputs ~10σ off and plain SGD at lr 0.001 diverges from them within a few steps.
+  """
   init_rng, state_rng = jax.random.split(rng)
-  params = _init_fn(model)(init_rng)
+  params = _init_fn(model, init)(init_rng)
   return TrainState(
       params=params, opt_state=tx.init(params), step=jnp.int32(0), epoch=jnp.int32(0),
       epoch_step=jnp.int32(0), rng=state_rng, best_dev_loss=jnp.float32(jnp.inf),
@@ -104,12 +110,39 @@ def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTrans
       best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
 
 
+def torch_default_params(rng: jax.Array, params: Any) -> Any:
+  """Redraws every 'kernel' and 'bias' from U(±1/√fan_in), fan_in of the layer's kernel.
+
+  PyTorch's Conv1d/Linear defaults (kaiming_uniform with a=√5 gives exactly this bound).
+  Kernels: conv (k, C_in, C_out) → fan_in k·C_in; dense (in, out) → fan_in in.
+  """
+  layers = sorted(params)
+  keys = jax.random.split(rng, len(layers))
+  out = {}
+  for key, name in zip(keys, layers, strict=True):
+    layer = params[name]
+    kernel = layer['kernel']
+    bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
+    k_key, b_key = jax.random.split(key)
+    out[name] = {'kernel': jax.random.uniform(k_key, kernel.shape, kernel.dtype, -bound, bound),
+                 'bias': jax.random.uniform(b_key, layer['bias'].shape, layer['bias'].dtype,
+                                            -bound, bound)}
+  return out
+
+
 @functools.lru_cache(maxsize=8)
-def _init_fn(model: APOGEENet) -> Callable[[jax.Array], Any]:
+def _init_fn(model: APOGEENet, init: str = 'torch') -> Callable[[jax.Array], Any]:
   """The jitted parameter initialiser of ``model``, compiled once per architecture (un-jitted
   init takes seconds, STACK.md; compiling it takes seconds too)."""
-  return jax.jit(
-      lambda key: model.init(key, jnp.zeros((1, model.input_length), jnp.float32))['params'])
+  if init not in ('torch', 'flax'):
+    raise TrainingError(f"init must be 'torch' or 'flax', got {init!r}")
+
+  def fn(key):
+    flax_key, torch_key = jax.random.split(key)
+    params = model.init(flax_key, jnp.zeros((1, model.input_length), jnp.float32))['params']
+    return torch_default_params(torch_key, params) if init == 'torch' else params
+
+  return jax.jit(fn)
 
 
 def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None
@@ -441,7 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
   model = create_model(config)
   tx = create_optimizer(config)
-  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx)
+  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init)
   state = replicate(state, mesh)
   abstract_state = _abstract(state, mesh)
 

@@ -1,0 +1,112 @@
+r"""Training throughput: the JAX data-parallel step vs the paper's PyTorch model, same run.
+
+    python benchmarks/train_benchmark.py [--batch_size=128] [--steps=10] [--torch_threads=2]
+        [--conv=...]
+
+Both do one SGD step (lr 0.001, MSE, dropout 0.1, paper Appendix B architecture) on the same
+random raw-flux batch. Reports the median step time of ``--steps`` timed steps after warm-up,
+spectra/s (and per device for JAX) and the JAX/PyTorch ratio. Figures, never assertions.
+"""
+
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from apogeenet_jax import training
+from apogeenet_jax.constants import N_PIXELS
+from apogeenet_jax.normalization import PAPER_STANDARDIZER
+from configs import default
+
+flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
+flags.DEFINE_integer('steps', 10, 'Timed steps per framework (after warm-up).')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps first (compilation, allocator).')
+flags.DEFINE_integer('torch_threads', 2, 'torch.set_num_threads; 0 = leave torch’s default.')
+flags.DEFINE_integer('num_devices', 0, 'JAX devices in the mesh; 0 = all.')
+flags.DEFINE_string('conv', '', 'APOGEENet conv implementation field, if the model has one.')
+flags.DEFINE_bool('torch', True, 'Also time PyTorch.')
+FLAGS = flags.FLAGS
+
+
+def _batch(batch_size: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  flux = rng.lognormal(5.0, 0.5, (batch_size, 1)) * (1 + 0.05 * rng.normal(
+      size=(batch_size, N_PIXELS)))
+  labels = PAPER_STANDARDIZER.inverse(rng.normal(size=(batch_size, 3)))
+  return {'flux': flux.astype(np.float32), 'labels': labels.astype(np.float32),
+          'data_type': np.zeros(batch_size, np.int32)}
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def time_jax(batch: dict, steps: int, warmup: int) -> tuple[float, int]:
+  config = default.get_config()
+  if FLAGS.conv:
+    config.model.conv = FLAGS.conv
+  model = training.create_model(config)
+  tx = training.create_optimizer(config)
+  mesh = training.make_mesh(FLAGS.num_devices)
+  state = training.replicate(
+      training.create_train_state(jax.random.PRNGKey(0), model, tx), mesh)
+  step = training.make_train_step(model, tx, mesh)
+  device_batch = training.device_batch(batch, PAPER_STANDARDIZER, mesh)
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], device_batch)
+    jax.block_until_ready(metrics['loss'])
+
+  return _median_time(run, steps, warmup), mesh.devices.size
+
+
+def time_torch(batch: dict, steps: int, warmup: int) -> float:
+  import torch
+
+  from apogeenet_jax.torch_reference import TorchAPOGEENet
+  if FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.torch_threads)
+  torch.manual_seed(0)
+  model = TorchAPOGEENet(drop_p=0.1).train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.001)
+  x = torch.from_numpy(batch['flux'])[:, None, :]
+  y = torch.from_numpy(PAPER_STANDARDIZER.transform(batch['labels']))
+  loss_fn = torch.nn.MSELoss()
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+
+  return _median_time(run, steps, warmup)
+
+
+def main(argv):
+  del argv
+  batch = _batch(FLAGS.batch_size)
+  b = FLAGS.batch_size
+  t_jax, n_dev = time_jax(batch, FLAGS.steps, FLAGS.warmup)
+  print(f'device: {jax.devices()[0].platform} x{n_dev} ({jax.devices()[0].device_kind})')
+  print(f'JAX     step {t_jax * 1e3:8.1f} ms  {b / t_jax:8.1f} spectra/s  '
+        f'{b / t_jax / n_dev:8.1f} spectra/s/device  (batch {b}, median of {FLAGS.steps})')
+  if FLAGS.torch:
+    t_torch = time_torch(batch, FLAGS.steps, FLAGS.warmup)
+    import torch
+    print(f'PyTorch step {t_torch * 1e3:8.1f} ms  {b / t_torch:8.1f} spectra/s  '
+          f'(threads {torch.get_num_threads()}, plain SGD)')
+    print(f'ratio JAX/PyTorch throughput: {t_torch / t_jax:.2f}x')
+
+
+if __name__ == '__main__':
+  app.run(main)
