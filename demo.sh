@@ -7,7 +7,8 @@
 #
 # Idempotent: a re-run skips the survey and the build when they exist, resumes (or finishes at
 # once) the training run, and rewrites the evaluation outputs. Override with environment
-# variables: PYTHON, NUM_STARS (1200), DEMO_DATA (data/demo), DEMO_WORKDIR (workdirs/demo), MC (100).
+# variables: PYTHON, NUM_STARS (1200), DEMO_DATA (data/demo), DEMO_WORKDIR (workdirs/demo), MC (100),
+# TRAIN_FLAGS (extra train.py flags, e.g. "--config.learning_rate=1e-4").
 set -euo pipefail
 cd "$(dirname "$0")"
 
