@@ -200,7 +200,8 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
     if pending is not None:
       finish(pending)
   n_labels = len(LABEL_NAMES)
-  result = {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in keep.items()}
+  empty = {'labels': np.zeros((0, n_labels)), 'apogee_id': np.zeros((0,), str)}
+  result = {k: (np.concatenate(v) if v else empty.get(k, np.zeros((0,)))) for k, v in keep.items()}
   mean_z = np.concatenate(means) if means else np.zeros((0, n_labels))
   std_z = np.concatenate(stds) if stds else np.zeros((0, n_labels))
   result['pred'] = standardizer.inverse(mean_z)

@@ -149,3 +149,14 @@ def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path):
   assert f'Catalogue: {out}/catalog.fits' in proc.stdout
   assert (out / 'catalog.csv').exists() and (out / 'skipped.csv').exists()
   shutil.rmtree(out)
+
+
+def test_all_files_unreadable_is_a_clear_error(tiny_checkpoint, tmp_path):
+  bad = tmp_path / 'apStar-r6-2M00000000+0000000.fits'
+  bad.write_bytes(b'')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  with pytest.raises(evaluation.EvaluationError, match='no star could be read'):
+    evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o'),
+                        apstar_files=[str(bad)], mc=2)
+  with pytest.raises(checkpoint.CheckpointError, match='no such checkpoint'):
+    evaluation.load_checkpoint(workdir=str(tmp_path / 'nowhere'))
