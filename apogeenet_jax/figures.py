@@ -47,7 +47,7 @@ def _save(fig, path: str) -> str:
 
 def plot_labels_vs_predictions(table: Table, path: str) -> str:
   """Fig. 4 (left): reference label against prediction, 1:1 line, one panel per parameter."""
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout='constrained')
   for ax, name, unit in zip(axes, LABEL_NAMES, LABEL_UNITS, strict=True):
     label, pred = _values(table, name), _values(table, name + '_PRED')
     for group, colour, sel in _groups(table):
@@ -72,7 +72,7 @@ def plot_labels_vs_predictions(table: Table, path: str) -> str:
 
 def plot_sigma_vs_snr(table: Table, path: str) -> str:
   """Fig. 4 (right): Monte Carlo σ against S/N, log S/N axis, one panel per parameter."""
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout='constrained')
   snr = _values(table, 'SNR')
   for ax, name, unit in zip(axes, LABEL_NAMES, LABEL_UNITS, strict=True):
     sigma = _values(table, name + '_ERR')
@@ -98,7 +98,7 @@ def plot_sigma_vs_snr(table: Table, path: str) -> str:
 
 def plot_kiel(table: Table, path: str) -> str:
   """Fig. 3: predicted Teff–log g diagram, both axes reversed, YSO triangle overlaid."""
-  fig, ax = plt.subplots(figsize=(7, 6))
+  fig, ax = plt.subplots(figsize=(7, 6), layout='constrained')
   teff, logg = _values(table, 'TEFF_PRED'), _values(table, 'LOGG_PRED')
   for group, colour, sel in _groups(table):
     ok = sel & np.isfinite(teff) & np.isfinite(logg)
