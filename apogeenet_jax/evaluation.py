@@ -22,12 +22,16 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from apogeenet_jax import apstar, catalog, checkpoint, figures, uncertainty
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
+
+DATA_AXIS = 'data'
 
 CATALOG_FITS = 'catalog.fits'
 CATALOG_CSV = 'catalog.csv'
@@ -149,13 +153,16 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
                     batches: Iterable[Mapping[str, np.ndarray]], *, mc: int = 100,
                     error_cap: str = 'median', seed: int = 0,
                     draw_chunk: int = DEFAULT_DRAW_CHUNK, total: int | None = None,
-                    stream: int = 0, desc: str = 'stars') -> dict[str, np.ndarray]:
+                    stream: int = 0, desc: str = 'stars', devices: Sequence[Any] | None = None
+                    ) -> dict[str, np.ndarray]:
   """Streams batches through the MC function; returns per-star arrays of the valid rows.
 
   Returns a dict with 'pred', 'pred_err' (n, 3) native units (σ NaN when mc == 0), 'labels',
   'data_type', 'apogee_id', 'snr', 'ra', 'dec'. Star i (in stream order) draws its noise from
   ``fold_in(fold_in(PRNGKey(seed), stream), i)``, so results do not depend on the batch size;
   ``stream`` separates the noise of different inputs (splits, apStar files) under one seed.
+  With several ``devices`` (default: all local ones) each batch is split over them (data
+  parallel, params replicated) whenever the batch size is a multiple of their number.
   """
   apply_fn = uncertainty.model_apply_fn(model)
   if mc > 0:
@@ -169,7 +176,11 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
     raise EvaluationError(f'--error_cap must be one of {uncertainty.ERROR_CAP_MODES}, '
                           f'got {error_cap!r}')
   key = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
-  params = jax.device_put(params)
+  devices = list(jax.local_devices() if devices is None else devices)
+  mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  row_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  single = NamedSharding(mesh, P())
   keep = {k: [] for k in ('labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec')}
   means, stds = [], []
   start = 0
@@ -189,7 +200,9 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
       scale = (uncertainty.prepare_errors(batch['flux_err'], error_cap) if mc > 0
                else np.zeros_like(flux))
       index = np.arange(start, start + len(flux), dtype=np.uint32)
-      out = fn(params, flux, scale, index, key)
+      # Rows split over the devices when they divide evenly; otherwise all rows on every device.
+      where = row_sharding if len(flux) % len(devices) == 0 else single
+      out = fn(params, *jax.device_put((flux, scale, index), where), key)
       if pending is not None:
         finish(pending)
       pending = (*out, valid)
@@ -301,6 +314,9 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
   model = checkpoint.model_from_meta(meta)
   standardizer = checkpoint.standardizer_from_meta(meta)
   os.makedirs(output_dir, exist_ok=True)
+  n_dev = jax.local_device_count()
+  if batch_size % n_dev:  # whole batches split evenly over the devices (results do not change)
+    batch_size += n_dev - batch_size % n_dev
   kwargs = dict(mc=mc, error_cap=error_cap, seed=seed, draw_chunk=draw_chunk)
   parts, data_sets = [], []
   for split in splits:

@@ -160,3 +160,19 @@ def test_all_files_unreadable_is_a_clear_error(tiny_checkpoint, tmp_path):
                         apstar_files=[str(bad)], mc=2)
   with pytest.raises(checkpoint.CheckpointError, match='no such checkpoint'):
     evaluation.load_checkpoint(workdir=str(tmp_path / 'nowhere'))
+
+
+def test_sharded_over_fake_devices_equals_one_device(tiny_checkpoint):
+  """conftest gives 4 CPU devices: a batch of 4 is split over them, the result must not change."""
+  if jax.local_device_count() < 2:
+    pytest.skip('needs several (fake) devices')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  model = checkpoint.model_from_meta(meta)
+  std = checkpoint.standardizer_from_meta(meta)
+  n = jax.local_device_count()
+  run = lambda devices: evaluation.predict_batches(  # noqa: E731
+      params, model, std, _fake_split(2 * n - 1, 3, n), mc=8, draw_chunk=4, devices=devices)
+  many, one = run(None), run(jax.local_devices()[:1])
+  assert len(many['pred']) == 2 * n - 1
+  np.testing.assert_allclose(many['pred'], one['pred'], rtol=1e-5)
+  np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)
