@@ -1,7 +1,7 @@
 r"""Monte Carlo inference: JAX (``uncertainty.make_mc_fn``) against the paper's PyTorch model.
 
   python benchmarks/mc_benchmark.py [--num_stars=32] [--mc=100] [--batch_size=16] \
-      [--draw_chunk=25] [--torch_threads=2] [--memory_stars=1000,10000] [--memory_mc=2]
+      [--draw_chunk=25] [--rounds=3] [--torch_threads=2] [--memory_stars=1000,10000] [--memory_mc=2]
 
 1. Throughput, same run, same stars, paper-size network (Appendix B), random weights:
    JAX: the jitted MC of ``evaluation`` (vmap over draws in chunks, lax.map over chunks),
@@ -33,6 +33,7 @@ _MC = flags.DEFINE_integer('mc', 100, 'Monte Carlo draws per star (paper: 100).'
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'JAX stars per device batch.')
 _CHUNK = flags.DEFINE_integer('draw_chunk', 25, 'JAX draws per chunk.')
 _THREADS = flags.DEFINE_integer('torch_threads', 2, 'PyTorch intra-op threads.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds (median reported).')
 _SKIP_TORCH = flags.DEFINE_bool('skip_torch', False, 'Time JAX only.')
 _MEM_STARS = flags.DEFINE_string('memory_stars', '1000,10000', 'Star counts for the memory test; '
                                  'empty: skip.')
@@ -76,7 +77,8 @@ def _jax_model():
   return model, params
 
 
-def time_jax(flux, err, mc, batch_size, draw_chunk):
+def jax_runner(flux, err, mc, batch_size, draw_chunk):
+  """A compiled, warmed-up ``run() -> seconds`` for MC over all stars."""
   import jax
 
   from apogeenet_jax import uncertainty
@@ -84,23 +86,27 @@ def time_jax(flux, err, mc, batch_size, draw_chunk):
   fn = uncertainty.make_mc_fn(uncertainty.model_apply_fn(model), num_draws=mc,
                               draw_chunk=draw_chunk)
   key = jax.random.PRNGKey(0)
-  n = len(flux)
-  pad = -n % batch_size
+  pad = -len(flux) % batch_size
   flux = np.concatenate([flux, flux[:pad]])
   err = np.concatenate([err, err[:pad]])
   idx = np.arange(len(flux), dtype=np.uint32)
   jax.block_until_ready(fn(params, flux[:batch_size], uncertainty.prepare_errors(err[:batch_size]),
                            idx[:batch_size], key))  # compile
-  t0 = time.perf_counter()
-  outs = []
-  for s in range(0, len(flux), batch_size):
-    scale = uncertainty.prepare_errors(err[s:s + batch_size])
-    outs.append(fn(params, flux[s:s + batch_size], scale, idx[s:s + batch_size], key))
-  jax.block_until_ready(outs)
-  return n / (time.perf_counter() - t0)
+
+  def run():
+    t0 = time.perf_counter()
+    outs = []
+    for s in range(0, len(flux), batch_size):
+      scale = uncertainty.prepare_errors(err[s:s + batch_size])  # error preparation included
+      outs.append(fn(params, flux[s:s + batch_size], scale, idx[s:s + batch_size], key))
+    jax.block_until_ready(outs)
+    return time.perf_counter() - t0
+
+  return run
 
 
-def time_torch(flux, err, mc, threads):
+def torch_runner(flux, err, mc, threads):
+  """``run() -> seconds``: the paper's model, one batch of ``mc`` draws per star, in a loop."""
   import torch
 
   from apogeenet_jax import uncertainty
@@ -117,12 +123,16 @@ def time_torch(flux, err, mc, threads):
     out = model(x)
     return out.mean(0), out.std(0, unbiased=False)
 
+  def run():
+    with torch.no_grad():
+      t0 = time.perf_counter()
+      for f, e in zip(flux, err, strict=True):
+        one(f, e)
+      return time.perf_counter() - t0
+
   with torch.no_grad():
     one(flux[0], err[0])  # warm-up
-    t0 = time.perf_counter()
-    for f, e in zip(flux, err, strict=True):
-      one(f, e)
-  return len(flux) / (time.perf_counter() - t0)
+  return run
 
 
 def memory_child(n_stars, mc, batch_size, draw_chunk):
@@ -147,18 +157,28 @@ def main(argv):
   import jax
   print(f'devices: {jax.devices()}; {os.cpu_count()} CPUs')
   flux, err = _spectra(_NUM_STARS.value, seed=1)
-  jax_rate = time_jax(flux, err, _MC.value, _BATCH.value, _CHUNK.value)
-  print(f'JAX   MC {_MC.value} draws: {jax_rate:8.2f} stars/s  ({jax_rate * _MC.value:.0f} '
-        f'spectra/s; batch {_BATCH.value}, draw_chunk {_CHUNK.value})')
+  n = len(flux)
+  runners = {'JAX': jax_runner(flux, err, _MC.value, _BATCH.value, _CHUNK.value)}
   if not _SKIP_TORCH.value:
     try:
-      torch_rate = time_torch(flux, err, _MC.value, _THREADS.value)
+      runners['PyTorch'] = torch_runner(flux, err, _MC.value, _THREADS.value)
     except ImportError:
       print('PyTorch not installed: no reference (pip install -e ".[torch]")')
-    else:
-      print(f'Torch MC {_MC.value} draws: {torch_rate:8.2f} stars/s  ({torch_rate * _MC.value:.0f} '
-            f'spectra/s; {_THREADS.value} threads, one batch of {_MC.value} per star)')
-      print(f'ratio JAX / PyTorch: {jax_rate / torch_rate:.2f}x  (goal >= 3x)')
+  # Interleaved rounds: on a shared machine both sides then see the same load.
+  times = {name: [] for name in runners}
+  for _ in range(_ROUNDS.value):
+    for name, run in runners.items():
+      times[name].append(run())
+  rate = {name: n / float(np.median(t)) for name, t in times.items()}
+  print(f'JAX     MC {_MC.value} draws: {rate["JAX"]:7.2f} stars/s ({rate["JAX"] * _MC.value:.0f} '
+        f'spectra/s; batch {_BATCH.value}, draw_chunk {_CHUNK.value}; median of '
+        f'{_ROUNDS.value} rounds of {n} stars)')
+  if 'PyTorch' in rate:
+    print(f'PyTorch MC {_MC.value} draws: {rate["PyTorch"]:7.2f} stars/s '
+          f'({rate["PyTorch"] * _MC.value:.0f} spectra/s; {_THREADS.value} threads, one batch of '
+          f'{_MC.value} per star)')
+    print(f'ratio JAX / PyTorch: {rate["JAX"] / rate["PyTorch"]:.2f}x  (goal >= 3x); per round: '
+          + ', '.join(f'{b / a:.2f}' for a, b in zip(times['JAX'], times['PyTorch'], strict=True)))
   counts = [int(s) for s in _MEM_STARS.value.split(',') if s.strip()]
   for n in counts:
     cmd = [sys.executable, __file__, f'--memory_child={n}', f'--memory_mc={_MEM_MC.value}',
