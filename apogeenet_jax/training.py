@@ -340,7 +340,7 @@ def train_epoch(state: TrainState, train_step: Callable, batches: Iterable[dict]
     bar.set_postfix(loss=f'{float(pending[0]):.4f}', spectra_per_s=f'{rate:.0f}')
     if log_every_steps and bar.disable and int(state.epoch_step) % log_every_steps == 0:
       logging.info('step %d (epoch %d, batch %d/%d): loss %.5f, %.0f spectra/s',
-                   int(state.step), int(state.epoch), int(state.epoch_step), num_batches,
+                   int(state.step), int(state.epoch) + 1, int(state.epoch_step), num_batches,
                    float(pending[0]), rate)
     if stop_requested():
       interrupted = True
@@ -589,7 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if interrupted:
         save(state)
         logging.warning('Interrupted: saved step %d of epoch %d in %s; rerun the same command '
-                        'to resume.', int(state.step), epoch, workdir)
+                        'to resume.', int(state.step), epoch + 1, workdir)
         break
       dev = evaluate(state.params)
       state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
