@@ -472,14 +472,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('Training spectra per data type: %s; dev: %d', counts, len(dev_source))
 
   manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
-  model = create_model(config)
+  init_meta = init_params = None
+  if config.adapt:
+    # Adaptation continues the init_from model: its architecture and normalisation, this
+    # config's dropout and optimiser.
+    if not config.init_from:
+      raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
+    init_dir = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)),
+                            CHECKPOINT_DIR)
+    init_params, init_meta = checkpoint.load_params(init_dir, best=True)
+    model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.dropout_rate)
+  else:
+    model = create_model(config)
   tx = create_optimizer(config)
   state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init)
   state = replicate(state, mesh)
   abstract_state = _abstract(state, mesh)
 
   latest = manager.latest_step()
-  init_meta = None
   if latest is not None:
     state, saved_meta = checkpoint.restore_state(manager, latest, abstract_state)
     standardizer = checkpoint.standardizer_from_meta(saved_meta)
@@ -487,14 +497,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  int(state.epoch), int(state.adapt_round))
   else:
     if config.adapt:
-      if not config.init_from:
-        raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
-      init_dir = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)),
-                              CHECKPOINT_DIR)
-      init_params, init_meta = checkpoint.load_params(init_dir, best=True)
-      if checkpoint.model_config(model) != init_meta['model']:
-        raise TrainingError(f'{init_dir}: model config {init_meta["model"]} differs from this '
-                            f'config\'s {checkpoint.model_config(model)}')
       state = replicate(state.replace(params=init_params, opt_state=tx.init(init_params)), mesh)
       logging.info('Adaptation starts from %s step %d.', init_dir, init_meta['step'])
     standardizer = _standardizer(config, train_meta['labels'], init_meta)
@@ -561,7 +563,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = replicate(state.replace(
             params=best_state.params, opt_state=best_state.opt_state,
             evals_without_improvement=jnp.int32(0), adapt_round=state.adapt_round + 1,
-            best_adapt_loss=state.best_dev_loss,
+            # A fresh array: the same buffer twice in one donated pytree is an XLA error.
+            best_adapt_loss=jnp.float32(float(state.best_dev_loss)),
             adapt_rounds_without_improvement=jnp.int32(without)), mesh)
       if int(state.epoch) >= config.max_epochs:
         logging.info('Reached max_epochs=%d.', config.max_epochs)
@@ -595,7 +598,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
       state, improved = update_early_stopping(state, dev[stop_loss_key], config.min_delta)
       state = replicate(state, mesh)
-      save(state, dev[stop_loss_key])
+      # "Best" for orbax (and so for evaluate.py) is the checkpoint early stopping chose: an
+      # epoch that did not improve by min_delta is never best.
+      save(state, dev[stop_loss_key] if improved else float('inf'))
       scalars = {'epoch': epoch + 1, 'adapt_round': int(state.adapt_round),
                  'epoch_seconds': time.perf_counter() - t0,
                  'train_spectra_per_s': float(sums['spectra_per_s']) if sums else 0.0,

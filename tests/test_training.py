@@ -262,13 +262,18 @@ def test_adaptation_indices_fresh_payne_all_others():
 def test_adaptation_run_starts_from_best_and_stops(sources, tmp_path):
   base = tmp_path / 'default'
   training.train_and_evaluate(_config(max_epochs=2), str(base), sources=sources)
-  config = _config(adapt=True, init_from=str(base), patience=1, adapt_patience=1,
-                   max_epochs=10, payne_fraction=0.5)
+  # A huge min_delta ends each round after one epoch; adapt_patience 2 and a 2-round cap make
+  # round 2 (reload the best = initial model, fresh Payne subset) run and then stop.
+  config = _config(adapt=True, init_from=str(base), patience=1, adapt_patience=2, min_delta=10.0,
+                   max_adapt_rounds=2, max_epochs=10, payne_fraction=0.5)
   state = training.train_and_evaluate(config, str(tmp_path / 'adapt'), sources=sources)
   records = metrics.read_metrics(str(tmp_path / 'adapt'))
   assert records[0]['adapt_round'] == 0 and 'dev_adapt_loss' in records[0]
-  assert int(state.adapt_round) >= 1
-  assert all(r['adapt_round'] >= 1 for r in records[1:])
+  assert int(state.adapt_round) == 2
+  assert [r['adapt_round'] for r in records[1:]] == sorted(r['adapt_round'] for r in records[1:])
+  assert [r['adapt_round'] for r in records[1:]] == [1, 2]
+  # Each round restarted from the best model, which is still the one adaptation started from.
+  _assert_trees_equal(state.params, checkpoint.load_params(str(base / 'checkpoints'))[0])
   # The adapt run keeps the default run's normalisation.
   _, base_meta = checkpoint.load_params(str(base / 'checkpoints'))
   _, meta = checkpoint.load_params(str(tmp_path / 'adapt' / 'checkpoints'))
