@@ -160,8 +160,23 @@ def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | No
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree fully replicated on the mesh (a no-op for arrays already there)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Places a pytree fully replicated on the mesh (a no-op for arrays already there).
+
+  Host-side values (NumPy, Python scalars, single-device arrays from host bookkeeping) go through
+  NumPy: every process holds the same value, which is what a replicated global array needs
+  across hosts.
+  """
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    if isinstance(x, jax.Array):
+      if x.sharding == sharding:
+        return x
+      if x.is_fully_addressable and jax.process_count() > 1:
+        x = np.asarray(x)
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(put, tree)
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

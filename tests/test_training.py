@@ -5,6 +5,7 @@ conftest gives 4 fake CPU devices.
 """
 
 import os
+import pathlib
 import signal
 import threading
 
@@ -236,6 +237,52 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(sources, tmp_path):
   resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
   assert int(resumed.step) == int(full.step)
   _assert_trees_equal(resumed.params, full.params)
+
+
+_MULTIPROCESS_WORKER = """
+import os, sys
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ.pop('XLA_FLAGS', None)
+import jax
+import numpy as np
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+pid, port, workdir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                           process_id=pid)
+sys.path[:0] = ['.', 'tests']
+from test_training import _config, fake_source
+from apogeenet_jax import training
+state = training.train_and_evaluate(
+    _config(max_epochs=2), workdir,
+    sources={'train': fake_source(32, 0), 'dev': fake_source(12, 1)})
+if pid == 0:
+  np.savez(out, *[np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_two_devices(sources, tmp_path):
+  """jax.distributed with 2 CPU processes (1 device each, each reading its own data shard)
+  ends with the parameters of one process driving 2 devices."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = str(sock.getsockname()[1])
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = tmp_path / 'params.npz'
+  procs = [subprocess.Popen([sys.executable, '-c', _MULTIPROCESS_WORKER, str(i), port,
+                             str(tmp_path / 'multi'), str(out)], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+  single = training.train_and_evaluate(_config(max_epochs=2, num_devices=2),
+                                       str(tmp_path / 'single'), sources=sources)
+  multi = np.load(out)
+  for i, leaf in enumerate(_leaves(single.params)):
+    np.testing.assert_allclose(multi[f'arr_{i}'], leaf, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
