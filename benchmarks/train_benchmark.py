@@ -1,7 +1,7 @@
 r"""Training throughput: the JAX data-parallel step vs the paper's PyTorch model, same run.
 
     python benchmarks/train_benchmark.py [--batch_size=128] [--steps=10] [--torch_threads=2]
-        [--conv=...]
+        [--pool=pairwise|reduce_window]
 
 Both do one SGD step (lr 0.001, MSE, dropout 0.1, paper Appendix B architecture) on the same
 random raw-flux batch. Reports the median step time of ``--steps`` timed steps after warm-up,
@@ -25,7 +25,7 @@ flags.DEFINE_integer('steps', 10, 'Timed steps per framework (after warm-up).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps first (compilation, allocator).')
 flags.DEFINE_integer('torch_threads', 2, 'torch.set_num_threads; 0 = leave torch’s default.')
 flags.DEFINE_integer('num_devices', 0, 'JAX devices in the mesh; 0 = all.')
-flags.DEFINE_string('conv', '', 'APOGEENet conv implementation field, if the model has one.')
+flags.DEFINE_enum('pool', 'pairwise', ['pairwise', 'reduce_window'], 'APOGEENet.pool.')
 flags.DEFINE_bool('torch', True, 'Also time PyTorch.')
 FLAGS = flags.FLAGS
 
@@ -48,8 +48,7 @@ def _timed(fn) -> float:
 def jax_step_fn(batch: dict):
   """One jitted data-parallel step of the paper model, ready to call; returns (fn, devices)."""
   config = default.get_config()
-  if FLAGS.conv:
-    config.model.conv = FLAGS.conv
+  config.model.pool = FLAGS.pool
   model = training.create_model(config)
   tx = training.create_optimizer(config)
   mesh = training.make_mesh(FLAGS.num_devices)

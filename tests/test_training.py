@@ -10,6 +10,7 @@ import signal
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -101,6 +102,29 @@ def test_step_same_params_on_1_2_4_devices(n_devices):
   assert moved > 1e-4
   _assert_trees_equal(other.params, ref.params, rtol=1e-4, atol=1e-6)
   assert int(other.step) == 2
+
+
+def test_pairwise_pool_same_outputs_and_gradients_as_reduce_window():
+  """model.pool='pairwise' (the fast default) vs nn.max_pool: equal forward AND gradients,
+  ties (ReLU zeros) included, odd lengths floored."""
+  import flax.linen as nn
+
+  from apogeenet_jax.model import max_pool2
+  x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (3, 101, 4)))
+  ref = lambda x: nn.max_pool(x, (2,), (2,), padding='VALID')  # noqa: E731
+  np.testing.assert_array_equal(max_pool2(x), ref(x))
+  cot = jax.random.normal(jax.random.PRNGKey(1), (3, 50, 4))
+  g = jax.grad(lambda x: jnp.sum(max_pool2(x) * cot))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(ref(x) * cot))(x)
+  np.testing.assert_array_equal(g, g_ref)
+  config = _config()
+  fast = training.create_model(config)
+  slow = fast.clone(pool='reduce_window')
+  params = training.create_train_state(jax.random.PRNGKey(0), fast,
+                                       training.create_optimizer(config)).params
+  flux = np.stack([e['flux'] for e in fake_source(2, 0)])
+  np.testing.assert_array_equal(fast.apply({'params': params}, flux),
+                                slow.apply({'params': params}, flux))
 
 
 def test_step_metrics_per_data_type_and_mask():
@@ -244,6 +268,7 @@ import os, sys
 os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ.pop('XLA_FLAGS', None)
 import jax
+import jax.numpy as jnp
 import numpy as np
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 pid, port, workdir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
