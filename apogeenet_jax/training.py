@@ -337,26 +337,30 @@ def train_epoch(state: TrainState, train_step: Callable, batches: Iterable[dict]
   raises ``TrainingError`` at once.
   """
   sums, pending = None, None
+  last_loss = float('nan')
   interrupted = False
   start = time.perf_counter()
   seen = 0
-  bar = tqdm.tqdm(total=num_batches, initial=0, unit='batch', leave=False,
+  # Host-side copies of the counters: reading state.step would wait for the step just queued.
+  step, epoch_step, epoch = int(state.step), int(state.epoch_step), int(state.epoch) + 1
+  bar = tqdm.tqdm(total=num_batches, initial=epoch_step, unit='batch', leave=False,
                   disable=not (progress and sys.stderr.isatty()))
   for batch in batches:
     n = len(batch['labels'])
     state, metrics = train_step(state, device_batch(batch, standardizer, mesh))
-    if pending is not None:
+    step, epoch_step = step + 1, epoch_step + 1
+    if pending is not None:  # The previous step's loss: ready by now, or nearly.
+      last_loss = float(pending[0])
       _check_finite(*pending)
-    pending = (metrics['loss'], int(state.step))
+    pending = (metrics['loss'], step)
     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     seen += n
-    bar.update(1)
     rate = seen * jax.process_count() / max(time.perf_counter() - start, 1e-9)
-    bar.set_postfix(loss=f'{float(pending[0]):.4f}', spectra_per_s=f'{rate:.0f}')
-    if log_every_steps and bar.disable and int(state.epoch_step) % log_every_steps == 0:
+    bar.update(1)
+    bar.set_postfix(loss=f'{last_loss:.4f}', spectra_per_s=f'{rate:.0f}', refresh=False)
+    if log_every_steps and bar.disable and epoch_step % log_every_steps == 0:
       logging.info('step %d (epoch %d, batch %d/%d): loss %.5f, %.0f spectra/s',
-                   int(state.step), int(state.epoch) + 1, int(state.epoch_step), num_batches,
-                   float(pending[0]), rate)
+                   step, epoch, epoch_step, num_batches, last_loss, rate)
     if stop_requested():
       interrupted = True
       break
