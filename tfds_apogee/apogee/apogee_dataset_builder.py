@@ -192,9 +192,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, tasks):
     """Yields (APOGEE ID, example); unreadable files land in the skip report instead."""
     if self._num_workers > 1 and len(tasks) > 1:
-      # Parsing FITS headers is CPU-bound Python: processes, not threads. fork keeps the
-      # already-imported modules; the workers touch no TensorFlow or JAX.
-      context = multiprocessing.get_context('fork')
+      # Parsing FITS is CPU-bound Python: processes, not threads. 'spawn', not 'fork': the
+      # caller may have started JAX's or TensorFlow's threads, and forking a multithreaded
+      # process can deadlock the child.
+      context = multiprocessing.get_context('spawn')
       with concurrent.futures.ProcessPoolExecutor(self._num_workers, mp_context=context) as pool:
         # Executor.map would submit every file at once and hold every finished spectrum in
         # memory (~70 kB each: 18 GB for DR14) while the writer catches up: go window by window.
