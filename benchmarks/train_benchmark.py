@@ -8,12 +8,16 @@ random raw-flux batch. Reports the median step time of ``--steps`` timed steps a
 spectra/s (and per device for JAX) and the JAX/PyTorch ratio. Figures, never assertions.
 """
 
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ at the top
 
 from apogeenet_jax import training
 from apogeenet_jax.constants import N_PIXELS
