@@ -161,8 +161,12 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
 
 
 @contextlib.contextmanager
-def _atomic_path(path: str):
-  """Yields a temporary path beside ``path``; moves it over ``path`` only if the body succeeds."""
+def atomic_path(path: str):
+  """Yields a temporary path beside ``path``; moves it over ``path`` only if the body succeeds.
+
+  Every output file (catalogue, metrics, figures) is written through this: a crash never leaves
+  half a file where a good one stood.
+  """
   directory = os.path.dirname(os.path.abspath(path)) or '.'
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
@@ -186,7 +190,7 @@ def write_fits(table: Table, path: str) -> None:
       # FITS headers are ASCII; long comments continue on CONTINUE cards.
       hdu.header[f'TCOMM{i}'] = col.description.encode('ascii', 'replace').decode()
   try:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
       fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp, overwrite=True)
   except OSError as e:
     raise CatalogError(f'{path}: cannot write the FITS catalogue: {e}') from e
@@ -195,7 +199,7 @@ def write_fits(table: Table, path: str) -> None:
 def write_csv(table: Table, path: str) -> None:
   """Writes ``table`` as comma-separated ECSV atomically (units and descriptions in the header)."""
   try:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
       table.write(tmp, format='ascii.ecsv', delimiter=',', overwrite=True)
   except OSError as e:
     raise CatalogError(f'{path}: cannot write the CSV catalogue: {e}') from e

@@ -283,10 +283,8 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
 
 
 def _write_json_atomic(obj: Any, path: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with catalog.atomic_path(path) as tmp, open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, allow_nan=True)
-  os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------

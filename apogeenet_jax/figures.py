@@ -16,7 +16,7 @@ import numpy as np
 from astropy.table import Table
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
-from apogeenet_jax.catalog import YSO_TRIANGLE
+from apogeenet_jax.catalog import YSO_TRIANGLE, atomic_path
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS
 
 _AXIS_NAME = {'LOGG': r'$\log g$', 'TEFF': r'$T_\mathrm{eff}$', 'FE_H': '[Fe/H]'}
@@ -39,8 +39,8 @@ def _groups(table: Table):
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=_DPI, bbox_inches='tight')
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=_DPI, bbox_inches='tight', format='png')
   plt.close(fig)
   return path
 
