@@ -8,6 +8,7 @@ so that a checkpoint alone — from training or from ``convert_torch`` — is en
 """
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,16 @@ import orbax.checkpoint as ocp
 from apogeenet_jax.constants import LABEL_NAMES
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import Standardizer
+
+
+class _QuietOrbaxInfo(logging.Filter):
+  """Drops orbax's INFO lines (a dozen per save, through absl's logger); keeps its warnings."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+logging.getLogger('absl').addFilter(_QuietOrbaxInfo())
 
 STATE_ITEM = 'state'
 META_ITEM = 'meta'
