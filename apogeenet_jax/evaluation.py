@@ -26,10 +26,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from apogeenet_jax import apstar, catalog, checkpoint, figures, uncertainty
+from apogeenet_jax import apstar, catalog, checkpoint, figures, input_pipeline, uncertainty
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
-from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
 
 DATA_AXIS = 'data'
 
@@ -76,20 +75,11 @@ def load_checkpoint(*, workdir: str | None = None, checkpoint_dir: str | None = 
 
 
 def _pad_batch(rows: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, np.ndarray]:
+  """Unlabelled apStar rows → one batch of fixed size, padded with masked copies of row 0."""
   n = len(rows)
-  pad = [rows[0]] * (batch_size - n)  # same shapes; masked out of everything
-  rows = [*rows, *pad]
-  return {
-      'flux': preprocess_flux(np.stack([r['flux'] for r in rows])),
-      'flux_err': preprocess_error(np.stack([r['flux_err'] for r in rows])),
-      'labels': np.full((batch_size, len(LABEL_NAMES)), np.nan, np.float32),
-      'data_type': np.full(batch_size, -1, np.int32),
-      'apogee_id': np.asarray([r['apogee_id'] for r in rows], dtype=str),
-      'snr': np.asarray([r['snr'] for r in rows], np.float32),
-      'ra': np.asarray([r['ra'] for r in rows], np.float64),
-      'dec': np.asarray([r['dec'] for r in rows], np.float64),
-      'mask': np.arange(batch_size) < n,
-  }
+  examples = [{**r, 'labels': np.full(len(LABEL_NAMES), np.nan, np.float32), 'data_type': -1}
+              for r in (*rows, *[rows[0]] * (batch_size - n))]
+  return input_pipeline.collate(examples, mask=np.arange(batch_size) < n)
 
 
 def apstar_batches(paths: Sequence[str], batch_size: int, *, skipped: list[tuple[str, str]],
@@ -139,8 +129,6 @@ def _collect(result, rows: list, batch_size: int, skipped: list):
 def split_batches(data_dir: str, split: str, batch_size: int
                   ) -> tuple[Iterator[dict[str, np.ndarray]], int]:
   """(batches, number of stars) of one split of the built data set."""
-  from apogeenet_jax import input_pipeline  # grain/tfds: only needed in this mode
-
   source = input_pipeline.open_split(data_dir, split)
   return input_pipeline.eval_batches(source, batch_size), len(source)
 

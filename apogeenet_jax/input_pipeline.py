@@ -29,7 +29,8 @@ from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
 DEFAULT_NAME = 'apogee'
 # Alternative per-label feature names a builder may use instead of one 'labels' vector.
 _LABEL_KEYS = {'LOGG': ('logg', 'LOGG'), 'TEFF': ('teff', 'TEFF'), 'FE_H': ('fe_h', 'FE_H', 'feh')}
-_SCALAR_KEYS = ('snr', 'ra', 'dec')
+# Per-star scalars and their dtypes: RA/Dec stay float64 (float32 rounds them by ~0.05″).
+_SCALAR_KEYS = {'snr': np.float32, 'ra': np.float64, 'dec': np.float64}
 
 
 class InputPipelineError(RuntimeError):
@@ -143,8 +144,8 @@ def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
       'data_type': _data_type_index(record['data_type']),
       'apogee_id': _as_str(record.get('apogee_id', '')),
   }
-  for key in _SCALAR_KEYS:
-    example[key] = np.float32(record.get(key, np.nan))
+  for key, dtype in _SCALAR_KEYS.items():
+    example[key] = dtype(record.get(key, np.nan))
   return example
 
 
@@ -158,8 +159,8 @@ def collate(examples: Sequence[Mapping[str, Any]], mask: np.ndarray | None = Non
       'data_type': np.asarray([e['data_type'] for e in examples], np.int32),
       'apogee_id': np.asarray([e['apogee_id'] for e in examples], dtype=str),
   }
-  for key in _SCALAR_KEYS:
-    batch[key] = np.asarray([e[key] for e in examples], np.float32)
+  for key, dtype in _SCALAR_KEYS.items():
+    batch[key] = np.asarray([e[key] for e in examples], dtype)
   batch['mask'] = np.ones(len(examples), bool) if mask is None else np.asarray(mask, bool)
   return batch
 

@@ -147,6 +147,10 @@ def test_open_split_reads_built_records(built_dir):
   assert np.all(batch['flux_err'][:, 0] == BAD_PIXEL_ERROR)  # array ends are bad pixels
   assert all(i.startswith('2M99') for i in batch['apogee_id'])
   assert set(batch['data_type']) <= {0, 1, 2}
+  # Coordinates reach the catalogue exactly: float32 would move them by up to ~0.05 arcsec.
+  for key in ('ra', 'dec'):
+    assert batch[key].dtype == np.float64
+    np.testing.assert_array_equal(batch[key], [sources['train'][i][key] for i in range(4)])
   # The version folder itself works too.
   version_dir = next((built_dir / 'apogee').iterdir())
   assert len(input_pipeline.open_split(str(version_dir), 'train')) == len(sources['train'])
