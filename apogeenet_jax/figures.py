@@ -38,6 +38,17 @@ def _groups(table: Table):
       yield (name or 'unlabelled'), _COLOURS[name], sel
 
 
+def _scatter_by_type(ax, table: Table, x: np.ndarray, y: np.ndarray, *, counts: bool) -> None:
+  """One scatter per data type of the rows where x and y are finite (and x > 0 on log axes)."""
+  for group, colour, sel in _groups(table):
+    ok = sel & np.isfinite(x) & np.isfinite(y)
+    if ax.get_xscale() == 'log':
+      ok &= x > 0
+    if ok.any():
+      ax.scatter(x[ok], y[ok], s=6, alpha=0.6, color=colour, rasterized=True,
+                 label=f'{group} ({ok.sum()})' if counts else group)
+
+
 def _save(fig, path: str) -> str:
   with atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=_DPI, bbox_inches='tight', format='png')
@@ -50,11 +61,7 @@ def plot_labels_vs_predictions(table: Table, path: str) -> str:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout='constrained')
   for ax, name, unit in zip(axes, LABEL_NAMES, LABEL_UNITS, strict=True):
     label, pred = _values(table, name), _values(table, name + '_PRED')
-    for group, colour, sel in _groups(table):
-      ok = sel & np.isfinite(label) & np.isfinite(pred)
-      if ok.any():
-        ax.scatter(label[ok], pred[ok], s=6, alpha=0.6, color=colour, label=f'{group} ({ok.sum()})',
-                   rasterized=True)
+    _scatter_by_type(ax, table, label, pred, counts=True)
     both = np.concatenate([label, pred])
     both = both[np.isfinite(both)]
     if both.size:
@@ -76,11 +83,8 @@ def plot_sigma_vs_snr(table: Table, path: str) -> str:
   snr = _values(table, 'SNR')
   for ax, name, unit in zip(axes, LABEL_NAMES, LABEL_UNITS, strict=True):
     sigma = _values(table, name + '_ERR')
-    for group, colour, sel in _groups(table):
-      ok = sel & np.isfinite(sigma) & (snr > 0)
-      if ok.any():
-        ax.scatter(snr[ok], sigma[ok], s=6, alpha=0.6, color=colour, label=group, rasterized=True)
     ax.set_xscale('log')
+    _scatter_by_type(ax, table, snr, sigma, counts=False)
     # Labelled 1-2-5 ticks: S/N usually spans less than two decades.
     ax.xaxis.set_major_locator(FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]))
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -100,11 +104,7 @@ def plot_kiel(table: Table, path: str) -> str:
   """Fig. 3: predicted Teff–log g diagram, both axes reversed, YSO triangle overlaid."""
   fig, ax = plt.subplots(figsize=(7, 6), layout='constrained')
   teff, logg = _values(table, 'TEFF_PRED'), _values(table, 'LOGG_PRED')
-  for group, colour, sel in _groups(table):
-    ok = sel & np.isfinite(teff) & np.isfinite(logg)
-    if ok.any():
-      ax.scatter(teff[ok], logg[ok], s=6, alpha=0.6, color=colour, label=f'{group} ({ok.sum()})',
-                 rasterized=True)
+  _scatter_by_type(ax, table, teff, logg, counts=True)
   tri = np.array([*YSO_TRIANGLE, YSO_TRIANGLE[0]])
   ax.plot(tri[:, 0], tri[:, 1], 'r-', lw=1.2, label='YSO candidate region')
   ax.invert_xaxis()

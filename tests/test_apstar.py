@@ -112,27 +112,26 @@ def _rewrite(src, dst, edit):
   return dst
 
 
-def test_wrong_nwave_raises(tmp_path, real_file):
-  def edit(hdul):
-    hdul[0].header['NWAVE'] = 8000
+def _set_nwave(hdul):
+  hdul[0].header['NWAVE'] = 8000
+
+
+def _shift_grid(hdul):
+  hdul[0].header['CRVAL1'] = 4.18
+
+
+def _cut_pixels(hdul):
+  hdul[1].data = hdul[1].data[:, :8000]
+
+
+@pytest.mark.parametrize('edit, message', [
+    (_set_nwave, 'NWAVE = 8000'),
+    (_shift_grid, 'wavelength grid'),
+    (_cut_pixels, '8000 pixels'),
+])
+def test_wrong_grid_raises(tmp_path, real_file, edit, message):
   path = _rewrite(real_file, tmp_path / real_file.name, edit)
-  with pytest.raises(apstar.ApStarError, match='NWAVE = 8000'):
-    apstar.read_apstar(path)
-
-
-def test_other_wavelength_grid_raises(tmp_path, real_file):
-  def edit(hdul):
-    hdul[0].header['CRVAL1'] = 4.18
-  path = _rewrite(real_file, tmp_path / real_file.name, edit)
-  with pytest.raises(apstar.ApStarError, match='wavelength grid'):
-    apstar.read_apstar(path)
-
-
-def test_wrong_pixel_count_raises(tmp_path, real_file):
-  def edit(hdul):
-    hdul[1].data = hdul[1].data[:, :8000]
-  path = _rewrite(real_file, tmp_path / real_file.name, edit)
-  with pytest.raises(apstar.ApStarError, match='8000 pixels'):
+  with pytest.raises(apstar.ApStarError, match=message):
     apstar.read_apstar(path)
 
 
