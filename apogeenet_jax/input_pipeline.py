@@ -213,6 +213,23 @@ def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8
   return {'labels': labels, 'data_type': data_type, 'apogee_id': apogee_id.astype(str)}
 
 
+def median_flux(source: Sequence[Mapping[str, Any]], *, num_samples: int = 512) -> float:
+  """The median positive flux of up to ``num_samples`` evenly spaced spectra of ``source``.
+
+  One robust number for the flux level of a training set (the model's ``input_scale``): bad
+  pixels (flux 0) are left out. Deterministic, so a resumed run gets the same value.
+  """
+  n = len(source)
+  if n == 0:
+    raise InputPipelineError('cannot take the median flux of an empty split')
+  idx = np.unique(np.linspace(0, n - 1, min(n, num_samples)).round().astype(np.int64))
+  flux = preprocess_flux(np.stack([np.asarray(source[int(i)]['flux']) for i in idx]))
+  good = flux[flux > 0]
+  if good.size == 0:
+    raise InputPipelineError(f'no positive flux in {len(idx)} sampled spectra of the split')
+  return float(np.median(good))
+
+
 # ------------------------------------------------------------------------------------------------
 # Batch iterators.
 

@@ -8,7 +8,9 @@ transpose and nothing else (see ``convert_torch``):
     flatten channel-major (64 × 133 = 8512, PyTorch's (C, L) order);
     Dense 512 → dropout → ReLU → Dense 512 → dropout → ReLU → Dense 3.
 
-Input: raw combined apStar flux, (batch, 8575) or (batch, 8575, 1), 1e-17 erg/s/cm²/Å.
+Input: raw combined apStar flux, (batch, 8575) or (batch, 8575, 1), 1e-17 erg/s/cm²/Å, divided
+by one global constant ``input_scale`` before the first layer (1.0 = the authors' network, which
+reads the raw flux; a trained checkpoint records its value in meta['model']).
 Output: (batch, 3) standardised (log g, Teff, [Fe/H]) — see ``normalization``.
 """
 
@@ -50,6 +52,10 @@ class APOGEENet(nn.Module):
     input_length: pixels per spectrum (8575 on the apStar grid).
     pool: 'pairwise' (default) or 'reduce_window' (``nn.max_pool``). Identical outputs and
       gradients; 'pairwise' trains ~1.5x faster on CPU (see ``max_pool2``).
+    input_scale: the flux is divided by this one constant (no parameter, no per-spectrum
+      normalisation: the spectra keep their relative flux levels, which the paper found the
+      network needs, §3.1). 1.0 for the authors' weights; training sets it to the median flux of
+      the training set so that the first layer sees O(1) inputs (configs/default.py).
   """
 
   channels: Sequence[int] = PAPER_CHANNELS
@@ -58,6 +64,7 @@ class APOGEENet(nn.Module):
   dropout_rate: float = PAPER_DROPOUT
   input_length: int = N_PIXELS
   pool: str = 'pairwise'
+  input_scale: float = 1.0
 
   @nn.compact
   def __call__(self, flux: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -68,7 +75,7 @@ class APOGEENet(nn.Module):
       raise ValueError(
           f'APOGEENet expects flux of shape (batch, {self.input_length}) or '
           f'(batch, {self.input_length}, 1), got {flux.shape}')
-    x = flux
+    x = flux if self.input_scale == 1.0 else flux / jnp.asarray(self.input_scale, flux.dtype)
     for i, features in enumerate(self.channels):
       x = nn.Conv(features, kernel_size=(3,), padding=((1, 1),), name=f'conv{i + 1}')(x)
       x = nn.relu(x)

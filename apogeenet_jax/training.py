@@ -83,26 +83,60 @@ def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
   return APOGEENet(dropout_rate=config.dropout_rate, **kwargs)
 
 
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate per step: linear warm-up, then constant or cosine decay.
+
+  ``config.learning_rate`` is the rate at ``config.lr_reference_batch``; a larger global batch
+  (many devices) scales it by ``config.lr_batch_scaling``: 'linear' (SGD's rule), 'sqrt' (Adam's)
+  or 'none'.
+  """
+  factor = config.batch_size / config.get('lr_reference_batch', config.batch_size)
+  scaling = config.get('lr_batch_scaling', 'none')
+  if scaling not in _LR_BATCH_SCALINGS:
+    raise TrainingError(f'lr_batch_scaling must be one of {sorted(_LR_BATCH_SCALINGS)}, '
+                        f'got {scaling!r}')
+  peak = config.learning_rate * _LR_BATCH_SCALINGS[scaling](factor)
+  warmup = int(config.get('warmup_steps', 0))
+  kind = config.get('lr_schedule', 'constant')
+  if kind == 'constant':
+    after = optax.constant_schedule(peak)
+  elif kind == 'cosine':
+    decay = int(config.get('decay_steps', 0))
+    if decay <= 0:
+      raise TrainingError("lr_schedule='cosine' needs decay_steps > 0")
+    after = optax.cosine_decay_schedule(peak, decay, alpha=config.get('lr_final_fraction', 0.0))
+  else:
+    raise TrainingError(f"lr_schedule must be 'constant' or 'cosine', got {kind!r}")
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+_LR_BATCH_SCALINGS = {'none': lambda f: 1.0, 'linear': lambda f: f, 'sqrt': lambda f: f ** 0.5}
+
+
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Plain SGD (§3.3); momentum only if the config asks (paper: none)."""
-  return _sgd(config.learning_rate, config.momentum)
-
-
-def _sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
-  return optax.sgd(learning_rate, momentum=momentum or None)
+  """The optimiser of ``config``: 'sgd' (paper §3.3: plain SGD, momentum optional), 'adam' or
+  'adamw', with ``learning_rate_schedule`` and optional global-norm gradient clipping."""
+  lr = learning_rate_schedule(config)
+  name = config.get('optimizer', 'sgd')
+  if name == 'sgd':
+    tx = optax.sgd(lr, momentum=config.get('momentum', 0.0) or None)
+  elif name == 'adam':
+    tx = optax.adam(lr)
+  elif name == 'adamw':
+    tx = optax.adamw(lr, weight_decay=config.get('weight_decay', 0.0))
+  else:
+    raise TrainingError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {name!r}")
+  clip = config.get('grad_clip_norm', 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
 
 
 def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation,
-                       init: str = 'torch') -> TrainState:
-  """Fresh parameters and counters; rng is a raw PRNG key.
-
-  ``init='torch'`` draws every kernel and bias from U(±1/√fan_in), PyTorch's default for Conv1d and
-  Linear and so what the authors trained from (the paper names no initialisation). On raw fluxes
-  of ~10²–10³ it keeps the initial outputs small; Flax's LeCun-normal defaults (``'flax'``) give
-  outputs ~10σ off and plain SGD at lr 0.001 diverges from them within a few steps.
-  """
+                       init: str = 'torch', zero_last_layer: bool = False) -> TrainState:
+  """Fresh parameters (``init_params``) and counters; rng is a raw PRNG key."""
   init_rng, state_rng = jax.random.split(rng)
-  params = _init_fn(model, init)(init_rng)
+  params = _init_fn(model, init, zero_last_layer)(init_rng)
   return TrainState(
       params=params, opt_state=tx.init(params), step=jnp.int32(0), epoch=jnp.int32(0),
       epoch_step=jnp.int32(0), rng=state_rng, best_dev_loss=jnp.float32(jnp.inf),
@@ -130,17 +164,53 @@ def torch_default_params(rng: jax.Array, params: Any) -> Any:
   return out
 
 
+def he_params(rng: jax.Array, params: Any) -> Any:
+  """He (Kaiming) normal kernels, N(0, 2/fan_in) truncated at 2σ, and zero biases.
+
+  The variance that keeps the activations' scale through ReLU layers (He et al. 2015): through
+  the 12 ReLU convolutions of Appendix B, U(±1/√fan_in) ('torch', variance 1/(3·fan_in)) shrinks
+  the signal ~1.5× per layer, so the output hardly depends on the spectrum (measured in
+  tests/test_training.py::test_default_init_features_differ_between_spectra).
+  """
+  init = jax.nn.initializers.he_normal()
+  layers = sorted(params)
+  keys = jax.random.split(rng, len(layers))
+  return {name: {'kernel': init(key, params[name]['kernel'].shape, params[name]['kernel'].dtype),
+                 'bias': jnp.zeros_like(params[name]['bias'])}
+          for key, name in zip(keys, layers, strict=True)}
+
+
+_INITS = {'torch': torch_default_params, 'he': he_params, 'flax': lambda rng, params: params}
+
+
+def last_layer_name(params: Any) -> str:
+  """The output Dense layer: 'fc<N>' with the highest N."""
+  return max((name for name in params if name.startswith('fc')), key=lambda n: int(n[2:]))
+
+
 @functools.lru_cache(maxsize=8)
-def _init_fn(model: APOGEENet, init: str = 'torch') -> Callable[[jax.Array], Any]:
+def _init_fn(model: APOGEENet, init: str = 'torch', zero_last_layer: bool = False
+             ) -> Callable[[jax.Array], Any]:
   """The jitted parameter initialiser of ``model``, compiled once per architecture (un-jitted
-  init takes seconds, STACK.md; compiling it takes seconds too)."""
-  if init not in ('torch', 'flax'):
-    raise TrainingError(f"init must be 'torch' or 'flax', got {init!r}")
+  init takes seconds, STACK.md; compiling it takes seconds too).
+
+  ``init``: 'torch' = U(±1/√fan_in) for kernels and biases, PyTorch's default for Conv1d/Linear
+  and so what the authors trained from (the paper names none); 'he' = ``he_params``; 'flax' =
+  Flax's LeCun-normal kernels and zero biases. ``zero_last_layer`` zeroes the output layer, so
+  training starts from predicting the training mean (z = 0) and the first steps only learn the
+  readout of features that already differ between spectra.
+  """
+  if init not in _INITS:
+    raise TrainingError(f'init must be one of {sorted(_INITS)}, got {init!r}')
 
   def fn(key):
-    flax_key, torch_key = jax.random.split(key)
+    flax_key, init_key = jax.random.split(key)
     params = model.init(flax_key, jnp.zeros((1, model.input_length), jnp.float32))['params']
-    return torch_default_params(torch_key, params) if init == 'torch' else params
+    params = _INITS[init](init_key, params)
+    if zero_last_layer:
+      last = last_layer_name(params)
+      params = {**params, last: jax.tree.map(jnp.zeros_like, params[last])}
+    return params
 
   return jax.jit(fn)
 
@@ -420,11 +490,22 @@ def _install_handlers(flag: _StopFlag) -> dict[int, Any]:
 # The whole procedure.
 
 
+# The config fields that define the optimiser (create_optimizer); the compiled steps are cached
+# on their values.
+_OPTIMIZER_FIELDS = ('optimizer', 'learning_rate', 'momentum', 'weight_decay', 'lr_schedule',
+                     'warmup_steps', 'decay_steps', 'lr_final_fraction', 'grad_clip_norm',
+                     'lr_batch_scaling', 'lr_reference_batch', 'batch_size')
+
+
+def _optimizer_key(config: ml_collections.ConfigDict) -> tuple:
+  return tuple((k, config[k]) for k in _OPTIMIZER_FIELDS if k in config)
+
+
 @functools.lru_cache(maxsize=4)
-def _compiled_steps(model: APOGEENet, learning_rate: float, momentum: float, mesh: Mesh):
+def _compiled_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh):
   """(train_step, eval_step), cached so repeated runs in one process (tests, notebooks,
   resumes) reuse the compiled executables."""
-  tx = _sgd(learning_rate, momentum)
+  tx = create_optimizer(ml_collections.ConfigDict(dict(optimizer_key)))
   return make_train_step(model, tx, mesh), make_eval_step(model, mesh)
 
 
@@ -445,6 +526,17 @@ def _sources(config: ml_collections.ConfigDict, sources: Mapping[str, Sequence] 
     raise TrainingError('config.data_dir is empty: point it at a built tfds data dir')
   return (input_pipeline.open_split(config.data_dir, 'train', config.dataset_name),
           input_pipeline.open_split(config.data_dir, 'dev', config.dataset_name))
+
+
+def resolve_input_scale(config: ml_collections.ConfigDict, train_source: Sequence) -> float:
+  """``config.input_scale`` if > 0, else the median flux of the training set (a fixed sample,
+  so a resumed run computes the same value)."""
+  scale = float(config.get('input_scale', 1.0))
+  if scale > 0:
+    return scale
+  scale = input_pipeline.median_flux(train_source)
+  logging.info('Input scale: median training flux %.6g (1e-17 erg/s/cm²/Å).', scale)
+  return scale
 
 
 def _standardizer(config, train_labels: np.ndarray, init_meta: Mapping | None) -> Standardizer:
@@ -502,9 +594,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_params, init_meta = checkpoint.load_params(init_dir, best=True)
     model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.dropout_rate)
   else:
-    model = create_model(config)
+    model = create_model(config).clone(input_scale=resolve_input_scale(config, train_source))
   tx = create_optimizer(config)
-  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init)
+  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init,
+                             config.get('zero_last_layer', False))
   state = replicate(state, mesh)
   abstract_state = _abstract(state, mesh)
 
@@ -526,7 +619,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                'train_counts': counts, 'num_dev': len(dev_source)},
       init_from=config.init_from if config.adapt else '')
   writer = MetricWriter(workdir, enabled=is_main)
-  train_step, eval_step = _compiled_steps(model, config.learning_rate, config.momentum, mesh)
+  train_step, eval_step = _compiled_steps(model, _optimizer_key(config), mesh)
   dev_indices = np.arange(len(dev_source))[process_index::process_count]
   # Every process must run the same number of eval steps: pad to the largest shard.
   largest_shard = -(-len(dev_source) // process_count)
