@@ -70,6 +70,26 @@ class YSOPhotometricNet(nn.Module):
     return nn.Dense(self.num_targets, name='fc2')(x)
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """The training recipe (configs/yso.py returns this). §2.4 fixes only the 42,000 stars."""
+  config = ml_collections.ConfigDict()
+  config.num_train = 42_000  # §2.4
+  config.num_dev = 4_200
+  config.num_test = 4_200
+  config.seed = 0
+  config.channels = (32, 64, 128)
+  config.hidden = 256
+  config.dropout_rate = 0.0
+  config.batch_size = 128
+  config.eval_batch_size = 1024
+  config.learning_rate = 1e-3  # Adam
+  config.max_epochs = 200
+  config.patience = 10  # dev evaluations without improvement
+  config.min_delta = 0.0
+  config.num_devices = 1
+  return config
+
+
 def _model(config: ml_collections.ConfigDict) -> YSOPhotometricNet:
   return YSOPhotometricNet(channels=tuple(config.channels), hidden=config.hidden,
                            dropout_rate=config.dropout_rate)
