@@ -38,7 +38,8 @@ import ml_collections
 from absl import app, flags, logging
 from astropy.table import Table
 
-from apogeenet_jax.label_sources import common, isochrones, merge, mstar, payne, relations
+from apogeenet_jax.label_sources import common, isochrones, merge, mstar, relations
+from apogeenet_jax.label_sources import payne as payne_source
 
 REPORT_NAME = 'labels_report.csv'
 SUMMARY_NAME = 'labels_summary.json'
@@ -50,7 +51,7 @@ class LabelRequest:
   """Everything ``make_labels`` needs; None leaves a source out."""
   output: str
   payne: str | None = None
-  payne_columns: payne.PayneColumns = dataclasses.field(default_factory=payne.PayneColumns)
+  payne_columns: payne_source.PayneColumns = dataclasses.field(default_factory=payne_source.PayneColumns)
   photometry: str | None = None
   feh_relation: relations.FehRelation | str | None = None
   photometry_columns: mstar.PhotometryColumns = dataclasses.field(
@@ -100,7 +101,7 @@ def make_labels(request: LabelRequest) -> tuple[Table, list[common.Cut], dict[st
   summary: dict[str, Any] = {}
   parts = []
   if request.payne is not None:
-    parts.append(payne.payne_labels(request.payne, request.payne_columns, report))
+    parts.append(payne_source.payne_labels(request.payne, request.payne_columns, report))
   if request.photometry is not None:
     check: dict[str, float] = {}
     parts.append(mstar.mstar_labels(request.photometry, feh, columns=request.photometry_columns,
@@ -154,7 +155,7 @@ def main(argv):
   f = flags.FLAGS
   request = LabelRequest(
       output=f.output, payne=f.payne,
-      payne_columns=payne.PayneColumns(array=f.payne_array or None, flag=f.payne_flag or None,
+      payne_columns=payne_source.PayneColumns(array=f.payne_array or None, flag=f.payne_flag or None,
                                        teff_index=f.payne_teff_index,
                                        logg_index=f.payne_logg_index,
                                        fe_h_index=f.payne_fe_h_index),

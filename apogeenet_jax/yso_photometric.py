@@ -38,7 +38,7 @@ from apogeenet_jax.normalization import Standardizer
 
 SOURCE = 'YSO'
 META_KIND = 'yso_photometric'
-PROVENANCE = ('YSO (Olney+2020 §2.4): photometric CNN trained on PARSEC isochrones; '
+PROVENANCE = ('YSO (Olney+2020 sec. 2.4): photometric CNN trained on PARSEC isochrones; '
               '[Fe/H] = {fe_h:g} (isochrone metallicity)')
 
 

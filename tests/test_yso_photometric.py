@@ -19,7 +19,7 @@ def iso(iso_paths):
 
 
 def test_missing_isochrones_is_a_clear_error(tmp_path):
-  with pytest.raises(isochrones.MissingIsochronesError, match='PARSEC isochrones.*CMD'):
+  with pytest.raises(isochrones.MissingIsochronesError, match=r'PARSEC isochrones.*CMD'):
     isochrones.read_isochrones([])
   with pytest.raises(isochrones.MissingIsochronesError, match=r'absent\.dat: no such'):
     isochrones.read_isochrones([tmp_path / 'absent.dat'])
@@ -39,7 +39,7 @@ def test_read_joins_photometric_systems_and_checks_the_grid(iso_paths, iso, tmp_
     isochrones.read_isochrones(iso_paths[:1])
   # A second file on another grid is refused.
   other = fake_isochrones.write(tmp_path, masses=np.geomspace(0.1, 3.5, 50))
-  with pytest.raises(common.SourceTableError, match='same .log age, initial mass. grid'):
+  with pytest.raises(common.SourceTableError, match=r'same \(log age, initial mass\) grid'):
     isochrones.read_isochrones([iso_paths[0], other[1]])
   # Ages that do not reach 100 Myr.
   short = isochrones.read_isochrones(fake_isochrones.write(tmp_path / 's',
@@ -80,11 +80,11 @@ def test_synthetic_stars_follow_the_paper_rules(iso):
 def test_gaia_rule_and_radius_at_known_points():
   # The Sun: L = 1, Teff = 5772 K → R = 1 R☉ (IAU nominal values).
   assert isochrones.radius_from_l_teff(0.0, np.log10(5772.0)) == pytest.approx(1.0, rel=1e-3)
-  r, l = isochrones.gaia_radius_luminosity(np.array([0.6, 0.5, 0.6, 0.6, np.nan]),
+  radius, log_l = isochrones.gaia_radius_luminosity(np.array([0.6, 0.5, 0.6, 0.6, np.nan]),
                                            np.array([-1.0, -1.0, -1.54, -1.0, -1.0]),
                                            np.array([9.9, 5.0, 5.0, 10.0, 5.0]))
-  np.testing.assert_array_equal(r, [0.6, 0.5, 0.5, 0.5, 0.5])
-  np.testing.assert_array_equal(l, [-1.0, -1.54, -1.54, -1.54, -1.54])
+  np.testing.assert_array_equal(radius, [0.6, 0.5, 0.5, 0.5, 0.5])
+  np.testing.assert_array_equal(log_l, [-1.0, -1.54, -1.54, -1.54, -1.54])
 
 
 def _tiny_config():

@@ -43,7 +43,7 @@ J_K_RANGE = (0.7, 1.05)
 G_K_RANGE = (3.37, 8.46)
 MK_RANGE = (5.0, 10.0)
 MIN_PARALLAX_SNR = 3.0
-PROVENANCE = ('MStar (Olney+2020 §2.3): Teff Mann+2015 R(M_K)=R(Teff); logg Veyette+2017 '
+PROVENANCE = ('MStar (Olney+2020 sec. 2.3): Teff Mann+2015 R(M_K)=R(Teff); logg Veyette+2017 '
               '(reconstructed); [Fe/H] user relation: ')
 
 

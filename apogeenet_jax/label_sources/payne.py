@@ -25,7 +25,7 @@ SOURCE = 'Payne'
 # §2.2: "labels … from the Payne's outputs for stars with Teff > 4000 K or log g < 3.5".
 TEFF_MIN = 4000.0  # K
 LOGG_MAX = 3.5  # dex
-PROVENANCE = 'Payne DR14 (Ting et al. 2019); Teff>4000 K or logg<3.5 (Olney+2020 §2.2)'
+PROVENANCE = 'Payne DR14 (Ting et al. 2019); Teff>4000 K or logg<3.5 (Olney+2020 sec. 2.2)'
 
 
 @dataclasses.dataclass(frozen=True)
