@@ -74,7 +74,7 @@ def _yso_network(request: LabelRequest) -> dict[str, Any]:
     try:
       _, meta = yso_photometric.load(request.yso_workdir)
       logging.info('Using the YSO network in %s (step %d).', request.yso_workdir, meta['step'])
-      return meta.get('test', {})
+      return yso_photometric.test_scores(request.yso_workdir)
     except checkpoint.CheckpointError as e:
       logging.warning('%s; training a new one.', e)
   if not request.isochrones:

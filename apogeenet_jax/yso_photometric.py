@@ -18,6 +18,7 @@ apStar spectra through the TFDS input pipeline. The checkpoint meta names the ta
 Paper benchmark (§2.4, noiseless synthetic test set): log g to 0.01 dex, log Teff to 0.003 dex.
 """
 
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +39,7 @@ from apogeenet_jax.normalization import Standardizer
 
 SOURCE = 'YSO'
 META_KIND = 'yso_photometric'
+TEST_SCORES = 'synthetic_test.json'  # beside checkpoints/
 PROVENANCE = ('YSO (Olney+2020 sec. 2.4): photometric CNN trained on PARSEC isochrones; '
               '[Fe/H] = {fe_h:g} (isochrone metallicity)')
 
@@ -171,7 +173,18 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
   test_set = isochrones.synthesize(iso, config.num_test, config.seed + 2)
   scores = evaluate_synthetic(params, meta, test_set)
   logging.info('YSO net on %d held-out synthetic stars: %s', len(test_set), scores)
+  with open(os.path.join(workdir, TEST_SCORES), 'w') as f:
+    json.dump(scores, f, indent=1)
   return scores
+
+
+def test_scores(workdir: str) -> dict[str, float]:
+  """The held-out synthetic scatter ``train`` measured for the network in ``workdir``."""
+  path = os.path.join(workdir, TEST_SCORES)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def _arrays(table: Table) -> tuple[np.ndarray, np.ndarray]:

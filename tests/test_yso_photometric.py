@@ -118,6 +118,7 @@ def test_train_recovers_logg_and_teff_and_reloads(iso, tmp_path):
   assert abs(scores['LOGG_median']) < 0.05 and abs(scores['LOG_TEFF_median']) < 0.01
   params, meta = yso_photometric.load(str(tmp_path / 'yso'))  # through orbax
   assert meta['normalization']['label_names'] == list(isochrones.TARGETS)
+  assert yso_photometric.test_scores(str(tmp_path / 'yso')) == scores
   again = yso_photometric.evaluate_synthetic(params, meta, test)
   assert again['LOGG_std'] == pytest.approx(scores['LOGG_std'], rel=1e-5)
 
