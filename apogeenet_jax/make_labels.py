@@ -66,17 +66,15 @@ class LabelRequest:
 
 def _yso_network(request: LabelRequest) -> dict[str, Any]:
   """Reuses the trained network in yso_workdir, else trains one on the user's isochrones."""
-  from apogeenet_jax import checkpoint, training, yso_photometric  # JAX only when needed.
+  from apogeenet_jax import training, yso_photometric  # JAX only when needed.
 
   if not request.yso_workdir:
     raise ValueError('--yso_members needs --yso_workdir (where the YSO network lives)')
   if os.path.isdir(os.path.join(request.yso_workdir, training.CHECKPOINT_DIR)):
-    try:
-      _, meta = yso_photometric.load(request.yso_workdir)
-      logging.info('Using the YSO network in %s (step %d).', request.yso_workdir, meta['step'])
-      return yso_photometric.test_scores(request.yso_workdir)
-    except checkpoint.CheckpointError as e:
-      logging.warning('%s; training a new one.', e)
+    # A broken or foreign checkpoint raises CheckpointError here rather than being overwritten.
+    _, meta = yso_photometric.load(request.yso_workdir)
+    logging.info('Using the YSO network in %s (step %d).', request.yso_workdir, meta['step'])
+    return yso_photometric.test_scores(request.yso_workdir)
   if not request.isochrones:
     raise isochrones.MissingIsochronesError(
         f'{request.yso_workdir}: no trained YSO network and no isochrone files given. '
@@ -153,6 +151,10 @@ def regions_from_flags(fields: str, circles: str | None) -> mstar.StarFormingReg
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not (f.payne or f.photometry or f.yso_members):
+    raise app.UsageError('give at least one of --payne, --photometry, --yso_members')
+  if f.yso_members and not f.yso_workdir:
+    raise app.UsageError('--yso_members needs --yso_workdir (where the YSO network lives)')
   request = LabelRequest(
       output=f.output, payne=f.payne,
       payne_columns=payne_source.PayneColumns(array=f.payne_array or None, flag=f.payne_flag or None,

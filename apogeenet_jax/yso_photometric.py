@@ -130,6 +130,10 @@ def _meta(model: YSOPhotometricNet, standardizer: Standardizer, config, **extra)
 def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[str, float]:
   """Trains on synthetic stars from ``iso`` until early stopping; keeps the best checkpoint in
   WORKDIR/checkpoints. Returns the held-out synthetic test scatter (``evaluate_synthetic``)."""
+  checkpoints = os.path.join(os.path.abspath(workdir), training.CHECKPOINT_DIR)
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    raise training.TrainingError(f'{checkpoints} already holds a network: load it with '
+                                 f'yso_photometric.load, or train into another workdir')
   train_set = isochrones.synthesize(iso, config.num_train, config.seed)
   dev_set = isochrones.synthesize(iso, config.num_dev, config.seed + 1)
   x_train, y_train = _arrays(train_set)
@@ -145,8 +149,7 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
       training.create_train_state(jax.random.PRNGKey(config.seed), model, tx, init='flax'), mesh)
   train_step = training.make_train_step(model, tx, mesh)
   eval_step = training.make_eval_step(model, mesh)
-  manager = checkpoint.make_manager(os.path.join(os.path.abspath(workdir),
-                                                 training.CHECKPOINT_DIR))
+  manager = checkpoint.make_manager(checkpoints)
   meta = _meta(model, standardizer, config, num_train=len(x_train), num_dev=len(x_dev))
   num_batches = len(x_train) // config.batch_size
   if num_batches == 0:
