@@ -57,6 +57,7 @@ class LabelRequest:
   photometry_columns: mstar.PhotometryColumns = dataclasses.field(
       default_factory=mstar.PhotometryColumns)
   regions: mstar.StarFormingRegions = dataclasses.field(default_factory=mstar.StarFormingRegions)
+  teff_relation: str = mstar.TEFF_FROM_MK
   yso_members: str | None = None
   isochrones: Sequence[str] = ()
   yso_workdir: str | None = None
@@ -103,7 +104,8 @@ def make_labels(request: LabelRequest) -> tuple[Table, list[common.Cut], dict[st
   if request.photometry is not None:
     check: dict[str, float] = {}
     parts.append(mstar.mstar_labels(request.photometry, feh, columns=request.photometry_columns,
-                                    regions=request.regions, report=report, crosscheck=check))
+                                    regions=request.regions, teff_relation=request.teff_relation,
+                                    report=report, crosscheck=check))
     summary['mstar_logg_crosscheck_veyette_minus_mann_mass_radius'] = check
   if request.yso_members is not None:
     from apogeenet_jax import yso_photometric
@@ -162,7 +164,7 @@ def main(argv):
                                        logg_index=f.payne_logg_index,
                                        fe_h_index=f.payne_fe_h_index),
       photometry=f.photometry, feh_relation=f.feh_relation,
-      regions=regions_from_flags(f.sfr_fields, f.sfr_circles),
+      regions=regions_from_flags(f.sfr_fields, f.sfr_circles), teff_relation=f.mstar_teff,
       yso_members=f.yso_members, isochrones=[p for p in f.isochrones if p],
       yso_workdir=f.yso_workdir, yso_config=f.yso_config, yso_fe_h=f.yso_fe_h)
   try:
@@ -188,6 +190,8 @@ def run():
                       'PARALLAX_ERROR, FIELD and/or RA/DEC).')
   flags.DEFINE_string('feh_relation', None, 'JSON [Fe/H](g−K, J−K) relation (Hejazi 2015 in '
                       'the paper; required with --photometry).')
+  flags.DEFINE_string('mstar_teff', mstar.TEFF_FROM_MK, "MStar Teff: 'M_K' (solve Mann's "
+                      "R(M_K) = R(Teff)) or a Mann 2015 colour relation, e.g. 'BP-RP,[Fe/H]'.")
   flags.DEFINE_string('sfr_fields', PAPER_REGIONS, "Star-forming-region field-name patterns: "
                       "'paper', 'none' or comma-separated.")
   flags.DEFINE_string('sfr_circles', PAPER_REGIONS, "Sky circles to exclude: 'paper', 'none' "

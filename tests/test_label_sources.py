@@ -188,7 +188,7 @@ def test_mstar_cut_boundaries_and_labels(tmp_path):
   kept = list(out['APOGEE_ID'])
   assert kept == ['ok', 'ok_cool', 'snr_above_3', 'jk_in', 'gk_in']
   removed = {c.cut: c.removed for c in report}
-  assert removed['missing J, K, g, parallax or parallax error'] == 1
+  assert removed['missing J, K, G, PLX, PLX_ERR or parallax error <= 0'] == 1
   assert removed['parallax/error <= 3'] == 1
   assert removed['J-K outside (0.7, 1.05)'] == 2
   assert removed['g-K outside (3.37, 8.46)'] == 2
@@ -227,6 +227,24 @@ def test_mstar_validity_of_feh_and_veyette():
   report = []
   assert len(mstar.mstar_labels(table, feh, report=report)) == 0
   assert report[-2].removed == 1 and 'Veyette' in report[-2].cut
+
+
+def test_mstar_teff_from_a_mann_colour_relation():
+  feh = relations.PolynomialFehRelation(terms=((0.1, 0, 0),), source='TEST')
+  table = _photometry([_star('a'), _star('b'), _star('c')])
+  table['BP'] = [12.0, 12.0, 12.0]
+  table['RP'] = [10.0, 9.5, np.nan]  # BP−RP = 2.0, 2.5, missing
+  report = []
+  out = mstar.mstar_labels(table, feh, teff_relation='BP-RP,[Fe/H]', report=report)
+  assert list(out['APOGEE_ID']) == ['a', 'b']
+  x = np.array([2.0, 2.5])
+  expected = 3500 * (2.835 - 1.893 * x + 0.7860 * x**2 - 0.1594 * x**3 + 0.01243 * x**4
+                     + 0.04417 * 0.1)
+  np.testing.assert_allclose(out['TEFF'], expected, rtol=1e-12)
+  assert 'BP-RP,[Fe/H]' in out['PROVENANCE'][0]
+  assert report[1].removed == 1 and 'COLOUR' in report[1].cut
+  with pytest.raises(ValueError, match='teff_relation'):
+    mstar.mstar_labels(table, feh, teff_relation='g-K')
 
 
 def test_mstar_requires_a_way_to_exclude_star_forming_regions():

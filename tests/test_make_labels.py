@@ -116,3 +116,17 @@ def test_cli_stops_without_feh_relation_or_isochrones(tmp_path):
              f'--yso_workdir={tmp_path}/none')
   assert run.returncode != 0 and 'PARSEC' in run.stderr and 'never downloaded' in run.stderr
   assert not (tmp_path / 'labels.fits').exists()
+
+
+def test_star_forming_region_flags(tmp_path):
+  paper = make_labels.regions_from_flags('paper', 'paper')
+  assert 'PLEIADES' in paper.field_patterns and len(paper.circles) == 7
+  none = make_labels.regions_from_flags('none', 'none')
+  assert none.field_patterns == () and none.circles == ()
+  (tmp_path / 'circles.csv').write_text('name,ra,dec,radius\nTaurus,68.0,26.0,5\n')
+  mine = make_labels.regions_from_flags('TAURUS, L1495', str(tmp_path / 'circles.csv'))
+  assert mine.field_patterns == ('TAURUS', 'L1495')
+  assert mine.circles == (make_labels.mstar.SkyCircle('Taurus', 68.0, 26.0, 5.0),)
+  (tmp_path / 'bad.csv').write_text('name,ra\nx,1\n')
+  with pytest.raises(common.SourceTableError, match=r'bad\.csv'):
+    make_labels.regions_from_flags('none', str(tmp_path / 'bad.csv'))

@@ -17,7 +17,8 @@ Steps, in order, each counted in the cut report (all inequalities strict, as pri
      relation's validity range;
   8. Teff from Mann 2015 (solve R(M_K) = R(Teff), see ``relations``): M_K in (4.6, 9.8) and a
      solution on the physical branch, (≈2733, 4100) K. Note that the branch ends at
-     M_K ≈ 9.5: fainter stars have radii below R(2733 K) and are dropped here;
+     M_K ≈ 9.5: fainter stars have radii below R(2733 K) and are dropped here. Or, with
+     ``teff_relation``, one of Mann's colour relations (Table 2), Teff kept in (2700, 4100) K;
   9. log g from the Veyette 2017 reconstruction, inside 3200 < Teff < 4100 K and
      −0.7 < [Fe/H] < 0.3.
 Cross-check (reported, not applied): log g = log10(G·M/R²) from Mann's M(M_K) and R(M_K);
@@ -59,6 +60,19 @@ class PhotometryColumns:
   field: str = 'FIELD'  # APOGEE field name; optional if RA/DEC exist
   ra: str = 'RA'  # deg; optional if FIELD exists
   dec: str = 'DEC'
+  # Only for the Mann 2015 colour–Teff relations (teff_relation='V-J', 'BP-RP,[Fe/H]', …).
+  v: str = 'V'
+  ic: str = 'I_C'
+  r: str = 'SDSS_R'
+  z: str = 'SDSS_Z'
+  bp: str = 'BP'
+  rp: str = 'RP'
+  h: str = 'H'
+
+  def band(self, name: str) -> str:
+    """The column of a band named as in Mann's relations ('V', 'Ic', 'r', 'z', 'J', 'BP', …)."""
+    return {'V': self.v, 'Ic': self.ic, 'r': self.r, 'z': self.z, 'J': self.j, 'BP': self.bp,
+            'RP': self.rp, 'H': self.h}[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +167,12 @@ def logg_crosscheck(mk, logg) -> dict[str, float]:
           'max_abs': float(np.max(np.abs(diff)))}
 
 
+TEFF_FROM_MK = 'M_K'
+
+
 def mstar_labels(photometry: str | os.PathLike | Table, fe_h_relation: relations.FehRelation,
                  *, columns: PhotometryColumns = PhotometryColumns(),
+                 teff_relation: str = TEFF_FROM_MK,
                  regions: StarFormingRegions = StarFormingRegions(),
                  fe_h_range: Sequence[float] | None = None,
                  report: list[common.Cut] | None = None,
@@ -165,6 +183,9 @@ def mstar_labels(photometry: str | os.PathLike | Table, fe_h_relation: relations
     photometry: table file or Table (see ``PhotometryColumns``).
     fe_h_relation: (g−K, J−K) → [Fe/H]; e.g. ``relations.load_feh_relation(path)``. None raises
       MissingFehRelationError: there is no default.
+    teff_relation: 'M_K' (default: solve R(M_K) = R(Teff)) or a Mann 2015 colour relation,
+      a key of ``relations.MANN_COLOUR_TEFF`` ('BP-RP', 'r-J,[Fe/H]', 'V-J,J-H', …), whose
+      bands must be columns (``PhotometryColumns.band``); Teff kept inside (2700, 4100) K.
     fe_h_range: validity of the relation; default its own ``fe_h_range`` attribute, else
       Hejazi's (−0.73, 0.3).
     report: list to which one ``common.Cut`` per step is appended.
@@ -174,9 +195,13 @@ def mstar_labels(photometry: str | os.PathLike | Table, fe_h_relation: relations
     raise relations.MissingFehRelationError(f'no [Fe/H] relation given. {relations.FEH_HELP}')
   if fe_h_range is None:
     fe_h_range = getattr(fe_h_relation, 'fe_h_range', relations.HEJAZI_FEH_RANGE)
+  if teff_relation != TEFF_FROM_MK and teff_relation not in relations.MANN_COLOUR_TEFF:
+    raise ValueError(f'teff_relation {teff_relation!r}: use {TEFF_FROM_MK!r} or one of '
+                     f'{sorted(relations.MANN_COLOUR_TEFF)}')
   report = [] if report is None else report
   table = photometry if isinstance(photometry, Table) else common.read_table(photometry)
   report.append(common.Cut(SOURCE, 'input rows', 0, len(table)))
+  needed = ['J', 'K', 'G', 'PLX', 'PLX_ERR']
   work = Table({'APOGEE_ID': common.string_column(table, columns.apogee_id),
                 'J': common.float_column(table, columns.j),
                 'K': common.float_column(table, columns.k),
@@ -184,10 +209,17 @@ def mstar_labels(photometry: str | os.PathLike | Table, fe_h_relation: relations
                 'PLX': common.float_column(table, columns.parallax),
                 'PLX_ERR': common.float_column(table, columns.parallax_error),
                 'SFR': in_star_forming_region(table, regions, columns)})
-  finite = np.all([np.isfinite(np.asarray(work[c])) for c in ('J', 'K', 'G', 'PLX', 'PLX_ERR')],
-                  axis=0)
+  if teff_relation != TEFF_FROM_MK:
+    blue, red = teff_relation.split(',')[0].split('-')
+    work['COLOUR'] = (common.float_column(table, columns.band(blue))
+                      - common.float_column(table, columns.band(red)))
+    needed.append('COLOUR')
+    if teff_relation.endswith('J-H'):
+      work['J_H'] = work['J'] - common.float_column(table, columns.h)
+      needed.append('J_H')
+  finite = np.all([np.isfinite(np.asarray(work[c])) for c in needed], axis=0)
   work = common.apply_cut(work, finite & (work['PLX_ERR'] > 0), SOURCE,
-                          'missing J, K, g, parallax or parallax error', report)
+                          f'missing {", ".join(needed)} or parallax error <= 0', report)
   snr = np.asarray(work['PLX']) / np.asarray(work['PLX_ERR'])
   work = common.apply_cut(work, snr > MIN_PARALLAX_SNR, SOURCE,
                           f'parallax/error <= {MIN_PARALLAX_SNR:g}', report)
@@ -209,11 +241,17 @@ def mstar_labels(photometry: str | os.PathLike | Table, fe_h_relation: relations
   work = common.apply_cut(work, np.isfinite(fe_h) & between(fe_h, fe_h_range), SOURCE,
                           f'[Fe/H] outside the relation validity ({fe_h_range[0]:g}, '
                           f'{fe_h_range[1]:g})', report)
-  teff = relations.mann_teff_from_mk(work['MK'])
+  if teff_relation == TEFF_FROM_MK:
+    teff = relations.mann_teff_from_mk(work['MK'])
+    cut = 'Mann 2015: M_K outside (4.6, 9.8) or no Teff on the physical branch'
+  else:
+    teff = relations.mann_teff_from_colour(
+        work['COLOUR'], teff_relation, fe_h=np.asarray(work['FE_H']),
+        j_h=np.asarray(work['J_H']) if 'J_H' in work.colnames else None)
+    teff = np.where(between(teff, relations.MANN_TEFF_RANGE), teff, np.nan)
+    cut = f'Mann 2015 {teff_relation}: Teff outside (2700, 4100) K'
   work['TEFF'] = teff
-  work = common.apply_cut(work, np.isfinite(teff), SOURCE,
-                          'Mann 2015: M_K outside (4.6, 9.8) or no Teff on the physical branch',
-                          report)
+  work = common.apply_cut(work, np.isfinite(teff), SOURCE, cut, report)
   valid = (between(np.asarray(work['TEFF']), relations.VEYETTE_TEFF_RANGE)
            & between(np.asarray(work['FE_H']), relations.VEYETTE_FEH_RANGE))
   work = common.apply_cut(work, valid, SOURCE, 'Veyette 2017: Teff outside (3200, 4100) K or '
@@ -228,5 +266,7 @@ def mstar_labels(photometry: str | os.PathLike | Table, fe_h_relation: relations
   if crosscheck is not None:
     crosscheck.update(check)
   source = getattr(fe_h_relation, 'source', getattr(fe_h_relation, '__name__', 'callable'))
+  provenance = PROVENANCE if teff_relation == TEFF_FROM_MK else PROVENANCE.replace(
+      'R(M_K)=R(Teff)', teff_relation)
   return common.label_table(work['APOGEE_ID'], logg, work['TEFF'], work['FE_H'], SOURCE,
-                            PROVENANCE + str(source))
+                            provenance + str(source))
