@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/
 from apogeenet_jax import training
 from apogeenet_jax.constants import N_PIXELS
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
-from configs import default
+from configs import paper
 
 flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per framework (after warm-up).')
@@ -51,7 +51,7 @@ def _timed(fn) -> float:
 
 def jax_step_fn(batch: dict):
   """One jitted data-parallel step of the paper model, ready to call; returns (fn, devices)."""
-  config = default.get_config()
+  config = paper.get_config()  # the paper's SGD step, as the PyTorch reference does
   config.model.pool = FLAGS.pool
   model = training.create_model(config)
   tx = training.create_optimizer(config)

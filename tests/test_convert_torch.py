@@ -70,6 +70,20 @@ def test_parity_on_real_apstar_spectra(torch_model, converted, real_apstar_files
   _assert_parity(torch_model, converted, flux)
 
 
+def test_converted_weights_read_raw_flux_and_input_scale_is_one_constant(torch_model, converted,
+                                                                      real_apstar_files):
+  """Converted weights carry input_scale 1.0 (the authors' network reads raw flux). A trained
+  model's input_scale s divides the flux once, before conv1: APOGEENet(input_scale=s) with conv1's
+  kernel × s is the same function as the PyTorch model, to the parity tolerance."""
+  model, params, meta = converted
+  assert meta['model']['input_scale'] == 1.0
+  flux = np.stack([preprocess_flux(apstar.read_apstar(f).flux) for f in real_apstar_files])
+  s = 157.3
+  scaled = model.clone(input_scale=s)
+  scaled_params = {**params, 'conv1': {**params['conv1'], 'kernel': params['conv1']['kernel'] * s}}
+  _assert_parity(torch_model, (scaled, scaled_params, meta), flux)
+
+
 def test_checkpoint_meta_carries_paper_normalisation(converted):
   _, _, meta = converted
   np.testing.assert_array_equal(checkpoint.standardizer_from_meta(meta).mean,

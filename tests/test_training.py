@@ -361,24 +361,30 @@ def test_adaptation_run_starts_from_best_and_stops(sources, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_config_dev_loss_falls(tmp_path):
-  """configs/demo.py end to end on a small synthetic survey built with the TF-free builder."""
+def test_demo_config_trains_the_paper_network(tmp_path):
+  """configs/demo.py end to end on a small synthetic survey built with the TF-free builder: the
+  demo trains the full Appendix-B network (learning itself: the short-run recipe test below)."""
   build = pytest.importorskip('tfds_apogee.build')
   from apogeenet_jax import synthetic
+  from apogeenet_jax.model import PAPER_CHANNELS, PAPER_HIDDEN
   from configs import demo
   raw, tfds_dir = tmp_path / 'raw', tmp_path / 'tfds'
   synthetic.write_survey(raw, num_stars=600, seed=0, show_progress=False)
   build.build(manual_dir=str(raw), data_dir=str(tfds_dir))
   config = demo.get_config()
   config.data_dir = str(tfds_dir)
-  config.max_epochs = 8
+  config.max_epochs = 2
   training.train_and_evaluate(config, str(tmp_path / 'wd'))
   records = metrics.read_metrics(str(tmp_path / 'wd'))
-  assert len(records) >= 2
-  assert min(r['dev_loss'] for r in records) < 0.6 * records[0]['dev_loss']
+  assert [r['epoch'] for r in records] == [1, 2]
+  assert all(np.isfinite(r['dev_loss']) for r in records)
   assert (tmp_path / 'wd' / 'tensorboard').is_dir()
   params, meta = checkpoint.load_params(str(tmp_path / 'wd' / 'checkpoints'))
-  assert meta['model']['channels'] == [8, 8, 16, 16] and jax.tree.leaves(params)
+  assert meta['model']['channels'] == list(PAPER_CHANNELS)
+  assert meta['model']['hidden'] == list(PAPER_HIDDEN)
+  # The median flux of the synthetic survey (continuum 10²–10^2.6): far from the paper's 1.0.
+  assert 30 < meta['model']['input_scale'] < 1000
+  assert jax.tree.leaves(params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,13 +436,13 @@ def test_default_init_features_differ_between_spectra(real_apstar_files):
 
 @pytest.mark.parametrize('recipe', ['default', 'paper'])
 def test_short_run_of_paper_network_learns_under_default_recipe(recipe, tmp_path):
-  """64 steps of the full Appendix-B network: the default recipe lowers the dev MSE clearly,
+  """72 steps of the full Appendix-B network: the default recipe lowers the dev MSE clearly,
   the paper's literal recipe does not (so the assertion can fail)."""
-  srcs = {'train': synthetic_source(128, 0), 'dev': synthetic_source(48, 1)}
+  srcs = {'train': synthetic_source(192, 0), 'dev': synthetic_source(48, 1)}
   config = (default_config if recipe == 'default' else paper_config).get_config()
-  config.batch_size = 16
+  config.batch_size = 32
   config.eval_batch_size = 48
-  config.max_epochs = 8
+  config.max_epochs = 12
   config.num_threads = 2
   config.log_every_steps = 0
   if recipe == 'default':
