@@ -7,7 +7,7 @@
 #
 # Idempotent: a re-run skips the survey and the build when they exist, resumes (or finishes at
 # once) the training run, and rewrites the evaluation outputs. Override with environment
-# variables: PYTHON, NUM_STARS (3000), DEMO_DATA (data/demo), DEMO_WORKDIR (workdirs/demo), MC (100),
+# variables: PYTHON, NUM_STARS (2500), DEMO_DATA (data/demo), DEMO_WORKDIR (workdirs/demo), MC (100),
 # TRAIN_FLAGS (extra train.py flags, e.g. "--config.learning_rate=1e-4").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-NUM_STARS=${NUM_STARS:-3000}
+NUM_STARS=${NUM_STARS:-2500}
 DATA=${DEMO_DATA:-data/demo}
 WORKDIR=${DEMO_WORKDIR:-workdirs/demo}
 MC=${MC:-100}

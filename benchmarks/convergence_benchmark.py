@@ -31,7 +31,8 @@ from apogeenet_jax import checkpoint, evaluation, input_pipeline, training  # no
 from apogeenet_jax.metrics import read_metrics  # noqa: E402
 
 flags.DEFINE_integer('num_stars', 18000, 'Synthetic survey size (≈72% of it trains).')
-flags.DEFINE_list('recipes', ['default', 'paper'], 'Config modules under configs/.')
+flags.DEFINE_list('recipes', ['default', 'paper'], 'Config modules under configs/; '
+                  'RECIPE:STEPS caps that recipe at the first epoch past STEPS steps.')
 flags.DEFINE_integer('max_epochs', 60, 'Epoch cap per recipe (early stopping usually ends first).')
 flags.DEFINE_integer('max_steps', 0, 'Stop a recipe after the first epoch past this many steps '
                      '(0 = no cap); for a quick look at the paper recipe, which barely moves.')
@@ -65,16 +66,18 @@ def build_survey(root: pathlib.Path, num_stars: int, seed: int) -> pathlib.Path:
   return tfds_dir
 
 
-def run_recipe(recipe: str, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict:
+def run_recipe(recipe: str, data_dir: pathlib.Path, workdir: pathlib.Path,
+               max_steps: int = 0) -> dict:
   config = importlib.import_module(f'configs.{recipe}').get_config()
   config.data_dir = str(data_dir)
   config.max_epochs = FLAGS.max_epochs
   config.seed = FLAGS.seed
   config.log_every_steps = 0
-  if FLAGS.max_steps:
+  max_steps = max_steps or FLAGS.max_steps
+  if max_steps:
     n_train = len(input_pipeline.open_split(str(data_dir), 'train'))
     steps_per_epoch = max(n_train // config.batch_size, 1)
-    config.max_epochs = min(config.max_epochs, -(-FLAGS.max_steps // steps_per_epoch))
+    config.max_epochs = min(config.max_epochs, -(-max_steps // steps_per_epoch))
   training.train_and_evaluate(config, str(workdir))
   rows = [r for r in read_metrics(str(workdir)) if 'dev_loss' in r and r.get('epoch', 0) > 0]
   elapsed = np.cumsum([r['epoch_seconds'] for r in rows])
@@ -101,9 +104,10 @@ def main(argv):
   root = pathlib.Path(FLAGS.root) / f'n{FLAGS.num_stars}_s{FLAGS.seed}'
   data_dir = build_survey(root, FLAGS.num_stars, FLAGS.seed)
   results = []
-  for recipe in FLAGS.recipes:
-    logging.info('=== recipe %s', recipe)
-    results.append(run_recipe(recipe, data_dir, root / 'runs' / recipe))
+  for spec in FLAGS.recipes:
+    recipe, _, cap = spec.partition(':')
+    logging.info('=== recipe %s', spec)
+    results.append(run_recipe(recipe, data_dir, root / 'runs' / recipe, int(cap or 0)))
 
   def reach(r, t):
     return '—' if r[t] is None else f'{r[t][0]} / {r[t][1]:.0f} s'

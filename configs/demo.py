@@ -1,6 +1,6 @@
 r"""The paper's network on the embedded SYNTHETIC survey, end to end in minutes on 2 CPU cores.
 
-    python -m apogeenet_jax.synthetic --output_dir=data/demo/raw --num_stars=3000
+    python -m apogeenet_jax.synthetic --output_dir=data/demo/raw --num_stars=2500
     python -m tfds_apogee.build --manual_dir=data/demo/raw --data_dir=data/demo/tfds
     python train.py --config=configs/demo.py --workdir=workdirs/demo
 
@@ -16,7 +16,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data_dir = 'data/demo/tfds'
-  # ~16 steps of 128 per epoch on the 3000-star demo survey; the cap keeps the demo within
+  # ~14 steps of 128 per epoch on the 2500-star demo survey; the cap keeps the demo within
   # minutes on 2 CPU cores (early stopping rarely triggers this early).
   config.max_epochs = 16
   config.log_every_steps = 10
