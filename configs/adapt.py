@@ -3,8 +3,9 @@ r"""Adapt a converged default run to the M dwarfs and young stars (paper §3.4).
     python train.py --config=configs/adapt.py --workdir=workdirs/adapt \
         --config.data_dir=data/tfds --config.init_from=workdirs/default
 
-Starts from the best checkpoint of ``init_from`` (its normalisation and architecture are kept;
-this config's dropout, learning rate and momentum apply),
+Starts from the best checkpoint of ``init_from`` — a configs/default.py or configs/paper.py run:
+its normalisation, architecture and input scale are kept, and this config's optimiser (the default
+recipe's, with a fresh warm-up) and dropout apply —
 then runs rounds: train on all MStar + all YSO training stars + a fresh random 5% of the Payne
 training stars, early stopping on the MStar+YSO dev loss (patience 5); each new round reloads the
 best model so far. Rounds continue until one ends without improving the MStar+YSO dev loss
