@@ -2,14 +2,18 @@ r"""A tiny variant for the tests (in-memory sources; seconds on a CPU).
 
     pytest tests/test_training.py
 
-Reduced network (channels 4,4; hidden 16) with dropout 0 so runs are exactly reproducible.
+Reduced network (channels 4,4; hidden 16) with dropout 0 so runs are exactly reproducible. Built
+on the paper's recipe (configs/paper.py: plain SGD, raw flux) rather than the default's Adam:
+the logic tests need an optimiser whose step is proportional to the gradient — Adam's is scale
+invariant, so it would hide an N× gradient (STACK.md's shard_map trap) — and raw flux, so a huge
+input gives a huge loss. The default recipe's own tests use configs/default.py directly.
 """
 
-from configs import default
+from configs import paper
 
 
 def get_config():
-  config = default.get_config()
+  config = paper.get_config()
   config.batch_size = 8
   config.eval_batch_size = 8
   config.learning_rate = 0.01
