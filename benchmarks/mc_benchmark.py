@@ -44,6 +44,8 @@ _MEM_MC = flags.DEFINE_integer('memory_mc', 2, 'Draws per star in the memory tes
 _CHILD = flags.DEFINE_integer('memory_child', 0, 'Internal: run one memory measurement.')
 _ENSEMBLES = flags.DEFINE_string('ensemble_sizes', '', 'Comma-separated K > 1 to time ensembles '
                                  'of K members; empty: skip.')
+_VECTORIZE = flags.DEFINE_bool('ensemble_vectorize', False, 'vmap the members instead of '
+                               'lax.map (make_ensemble_fn(vectorize=True)).')
 _MODEL = flags.DEFINE_enum('model', 'paper', ['paper', 'small'],
                            'paper: Appendix B; small: channels 8,8,16,16, hidden 64,64 (the demo '
                            'network before issue 8).')
@@ -98,7 +100,7 @@ def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1):
   fn = uncertainty.make_mc_fn(uncertainty.model_apply_fn(model), num_draws=mc,
                               draw_chunk=draw_chunk)
   if ensemble_size > 1:
-    fn = uncertainty.make_ensemble_fn(fn)
+    fn = uncertainty.make_ensemble_fn(fn, vectorize=_VECTORIZE.value)
   key = jax.random.PRNGKey(0)
   pad = -len(flux) % batch_size
   flux = np.concatenate([flux, flux[:pad]])
