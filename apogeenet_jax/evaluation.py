@@ -160,9 +160,10 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   'pred_err_noise' (MC spread, averaged over members; NaN when mc == 0), 'pred_err_model'
   (spread of the members' means; NaN for one network) and 'pred_err' (their quadrature sum,
   σ_model counted 0 for one network), 'labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec'.
-  ``ensemble_size`` K > 1: ``params`` carry a leading member axis (``uncertainty``). Star i (in stream order) draws its noise from
-  ``fold_in(fold_in(PRNGKey(seed), stream), i)``, so results do not depend on the batch size;
-  ``stream`` separates the noise of different inputs (splits, apStar files) under one seed.
+  ``ensemble_size`` K > 1: ``params`` carry a leading member axis (``uncertainty``).
+  Star i (in stream order) draws its noise from ``fold_in(fold_in(PRNGKey(seed), stream), i)``,
+  so results do not depend on the batch size; ``stream`` separates the noise of different inputs
+  (splits, apStar files) under one seed.
   With several ``devices`` (default: all local ones) each batch is split over them (data
   parallel, params replicated) whenever the batch size is a multiple of their number.
   """
