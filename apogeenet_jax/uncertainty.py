@@ -145,7 +145,8 @@ def make_ensemble_fn(member_fn: Callable, *, vectorize: bool = False) -> Callabl
   ``vectorize`` in one ``vmap`` (memory K-fold). Both give identical numbers; on the 2-core CPU
   the vmap was 3× slower (K = 4, demo network, 16 stars × 100 draws: map 19.7 s, vmap 60.9 s,
   4 separate single-network calls 20.7 s; vmap turns every convolution after the first into a
-  grouped one), so map is the default. No accelerator was available to time vmap there.
+  grouped one; ``benchmarks/mc_benchmark.py --ensemble_sizes=4 [--ensemble_vectorize]`` gives
+  the same picture), so map is the default. No accelerator was available to time vmap there.
   """
 
   def ensemble(params, flux, noise_scale, star_index, key):
