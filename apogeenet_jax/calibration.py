@@ -158,8 +158,11 @@ def save(checkpoint_dir: str, record: Mapping[str, Any]) -> str:
   if 'step' not in record:
     raise CalibrationError('a calibration record needs the checkpoint step it was fitted for')
   path = path_in(checkpoint_dir)
-  with atomic_path(path) as tmp, open(tmp, 'w') as f:
-    json.dump(dict(record), f, indent=2)
+  try:
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+      json.dump(dict(record), f, indent=2)
+  except OSError as e:
+    raise CalibrationError(f'{path}: cannot write the calibration: {e}') from e
   return path
 
 

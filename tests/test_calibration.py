@@ -71,6 +71,8 @@ def test_sidecar_round_trip_and_bad_files(tmp_path):
   assert calibration.load(str(tmp_path / 'none')) is None
   with pytest.raises(calibration.CalibrationError, match='step'):
     calibration.save(str(tmp_path), {'a': {}, 'b': {}})
+  with pytest.raises(calibration.CalibrationError, match='cannot write'):
+    calibration.save(str(tmp_path / 'calibration.json' / 'x'), record)  # a file, not a folder
   with open(path, 'w') as f:
     json.dump({'a': {'LOGG': 1}, 'b': dict.fromkeys(names, 0.1), 'step': 3}, f)
   with pytest.raises(calibration.CalibrationError, match=r"'a' lacks \['TEFF', 'FE_H'\]"):
