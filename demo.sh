@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole APOGEE Net chain on the embedded SYNTHETIC survey (not SDSS data), on a fresh machine:
-#   generate the survey → build the TFDS records (no TensorFlow) → train → predict with 100
-#   Monte Carlo draws → catalogue, Tables 2–3 and figures.
+#   generate the survey → build the TFDS records (no TensorFlow) → train → calibrate the σ on
+#   the dev split and predict the test split with 100 Monte Carlo draws → catalogue, Tables 2–3,
+#   coverage and figures.
 #
 #   python3 -m venv .venv && .venv/bin/pip install -q -e . && bash demo.sh
 #
 # Idempotent: a re-run skips the survey and the build when they exist, resumes (or finishes at
-# once) the training run, and rewrites the evaluation outputs. Override with environment
-# variables: PYTHON, NUM_STARS (2500), DEMO_DATA (data/demo), DEMO_WORKDIR (workdirs/demo), MC (100),
+# once) the training run, refits the calibration and rewrites the evaluation outputs. Override
+# with environment variables: PYTHON, NUM_STARS (2500), DEMO_DATA (data/demo), DEMO_WORKDIR (workdirs/demo), MC (100),
 # TRAIN_FLAGS (extra train.py flags, e.g. "--config.learning_rate=1e-4").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -39,9 +40,9 @@ step "2/4 TFDS build (TensorFlow-free; 'tfds build tfds_apogee/apogee' is the TF
 step "3/4 training: train.py --config=configs/demo.py --workdir=$WORKDIR"
 "$PYTHON" train.py --config=configs/demo.py --config.data_dir="$DATA/tfds" --workdir="$WORKDIR"
 
-step "4/4 evaluation: evaluate.py --mc=$MC --split=test"
-"$PYTHON" evaluate.py --workdir="$WORKDIR" --data_dir="$DATA/tfds" --split=test --mc="$MC" \
-  --output_dir="$OUT"
+step "4/4 evaluation: evaluate.py --calibrate (on dev) --mc=$MC --split=test"
+"$PYTHON" evaluate.py --workdir="$WORKDIR" --data_dir="$DATA/tfds" --calibrate --split=test \
+  --mc="$MC" --output_dir="$OUT"
 
 step "done in $((SECONDS - start)) s. Outputs:"
 echo "  catalogue: $OUT/catalog.fits, $OUT/catalog.csv"

@@ -9,6 +9,11 @@ New, unlabelled apStar files (the common use; unreadable files go to OUT/skipped
 
     python evaluate.py --checkpoint=checkpoints/paper --apstar_dir=DIR --mc=100 --output_dir=OUT
 
+Calibrate the σ on the dev split first (stored in the checkpoint directory as calibration.json;
+every later run on that checkpoint applies it, ``--calibration=none`` shows the raw σ):
+
+    python evaluate.py --workdir=workdirs/demo --data_dir=data/demo/tfds --calibrate --mc=100
+
 ``--workdir`` takes the best checkpoint of a training run, ``--checkpoint`` any orbax checkpoint
 directory (e.g. one from ``python -m apogeenet_jax.convert_torch``). ``--error_cap=median`` (the
 authors' code, default) or ``mean`` (the paper's text); ``--mc=0`` gives noiseless predictions and
@@ -42,6 +47,10 @@ flags.DEFINE_integer('batch_size', evaluation.DEFAULT_BATCH_SIZE, 'Stars per dev
 flags.DEFINE_integer('draw_chunk', evaluation.DEFAULT_DRAW_CHUNK,
                      'Draws evaluated together; device holds batch_size × draw_chunk spectra.')
 flags.DEFINE_bool('figures', True, 'Draw the PNG figures.')
+flags.DEFINE_bool('calibrate', False, 'Fit σ_cal² = (a σ)² + b² per label on the dev split and '
+                  'store it with the checkpoint (then evaluate --split, if given).')
+flags.DEFINE_enum('calibration', 'auto', list(evaluation.CALIBRATION_MODES),
+                  "auto: apply the checkpoint's calibration when it has one; none: raw σ.")
 config_flags.DEFINE_config_file('config', None, 'Optional training config: supplies data_dir.')
 
 
@@ -61,19 +70,34 @@ def main(argv):
   if FLAGS.apstar_list:
     with open(FLAGS.apstar_list) as f:
       files += [line.strip() for line in f if line.strip() and not line.startswith('#')]
-  if not splits and not files:
+  if not splits and not files and not FLAGS.calibrate:
     raise app.UsageError('Nothing to evaluate: give --split or --apstar_dir/--apstar_list '
-                         '(an --apstar_dir without apStar-*.fits files counts as nothing).')
+                         '(an --apstar_dir without apStar-*.fits files counts as nothing), '
+                         'or --calibrate.')
   params, meta = evaluation.load_checkpoint(workdir=FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint)
-  logging.info('Checkpoint %s, step %s.', meta['checkpoint_dir'], meta.get('step'))
+  logging.info('Checkpoint %s, step %s, ensemble of %d.', meta['checkpoint_dir'],
+               meta.get('step'), meta.get('ensemble_size', 1))
+  if FLAGS.calibrate:
+    record = evaluation.calibrate(
+        params=params, meta=meta, data_dir=data_dir, mc=FLAGS.mc, error_cap=FLAGS.error_cap,
+        seed=FLAGS.seed, batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk)
+    meta['calibration'] = record
+    print(f'Calibration on {record["split"]} ({record["n"]["TEFF"]} stars), '
+          'σ_cal² = (a σ)² + b²: ' + ', '.join(
+              f'{n} a={record["a"][n]:.3g} b={record["b"][n]:.3g}' for n in record['a']))
+    print(f'           stored in {record["path"]}')
+    if not splits and not files:
+      return
   out = evaluation.evaluate(
       params=params, meta=meta, output_dir=output_dir, splits=splits, data_dir=data_dir,
       apstar_files=files, mc=FLAGS.mc, error_cap=FLAGS.error_cap, seed=FLAGS.seed,
-      batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk, make_figures=FLAGS.figures)
+      batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk, make_figures=FLAGS.figures,
+      calibration_mode=FLAGS.calibration)
   if out['metrics'] is not None:
     print(evaluation.format_metrics(out['metrics']))
   print(f'{out["n_stars"]} stars in {out["seconds"]:.1f} s (mc={FLAGS.mc}, '
-        f'error_cap={FLAGS.error_cap}, seed={FLAGS.seed})')
+        f'error_cap={FLAGS.error_cap}, seed={FLAGS.seed}, σ calibration: '
+        f'{"dev" if out["calibrated"] else "none"})')
   print(f'Catalogue: {out["catalog_fits"]}\n           {out["catalog_csv"]}')
   if out['metrics_json']:
     print(f'Metrics:   {out["metrics_json"]}')

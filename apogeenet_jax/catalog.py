@@ -2,9 +2,13 @@
 
 Columns (units in each column's ``unit``, meaning in its ``description``):
   APOGEE_ID, RA, DEC (J2000, deg),
-  LOGG, LOGG_PRED, LOGG_ERR (dex), TEFF, TEFF_PRED, TEFF_ERR (K), FE_H, FE_H_PRED, FE_H_ERR (dex)
-    — label, MC mean prediction, MC standard deviation; labels masked (empty) for unlabelled stars,
-    σ masked when no Monte Carlo was run (``--mc=0``),
+  LOGG, LOGG_PRED, LOGG_ERR, LOGG_ERR_NOISE, LOGG_ERR_MODEL (dex), the same for TEFF (K) and
+  FE_H (dex) — label; prediction (mean over ensemble members and MC draws); the total σ,
+  calibrated on the dev split when the checkpoint carries a calibration (``calibration``), else
+  raw; σ_noise, the spread of the MC noise draws (averaged over members); σ_model, the spread of
+  the members' means. Raw total = sqrt(σ_noise² + σ_model²). Labels masked (empty) for
+  unlabelled stars, σ masked when no Monte Carlo was run (``--mc=0``), σ_model masked for a
+  single network (no ensemble: model error unmeasured, only the calibration's floor covers it),
   SNR, DATA_SET ('Train'/'Dev'/'Test' or empty), DATA_TYPE ('Payne'/'MStar'/'YSO' or empty).
 Flags, all defined here and nowhere else:
   FLAG_TEFF_GT_6700        TEFF_PRED > 6700 K: the paper leaves these out of its catalogue
@@ -106,13 +110,17 @@ def compute_flags(pred: np.ndarray, snr: np.ndarray) -> dict[str, np.ndarray]:
 
 def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, labels=None,
                   data_set: Sequence[str] | None = None,
-                  data_type: Sequence[str] | None = None) -> Table:
+                  data_type: Sequence[str] | None = None, pred_err_noise=None,
+                  pred_err_model=None, calibrated: bool = False) -> Table:
   """The Table 4 catalogue plus flags.
 
   Args:
     apogee_id: (n,) 2MASS-style identifiers.
     ra, dec: (n,) J2000 degrees.
-    pred, pred_err: (n, 3) MC mean and σ in native units, LABEL_NAMES order (σ NaN: not run).
+    pred, pred_err: (n, 3) mean and total σ in native units, LABEL_NAMES order (σ NaN: not run).
+    pred_err_noise, pred_err_model: optional (n, 3) σ_noise and σ_model (NaN: not measured);
+      the _ERR_NOISE column defaults to ``pred_err``, _ERR_MODEL to empty.
+    calibrated: whether ``pred_err`` is the dev-calibrated σ (it says so in the description).
     snr: (n,) S/N from the apStar header.
     labels: (n, 3) native units with NaN rows for unlabelled stars, or None (all unlabelled).
     data_set: (n,) 'train'/'dev'/'test' (or the capitalised names, or '' when unlabelled).
@@ -123,6 +131,13 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   pred_err = np.asarray(pred_err, dtype=np.float64).reshape(n, len(LABEL_NAMES))
   labels = (np.full_like(pred, np.nan) if labels is None
             else np.asarray(labels, dtype=np.float64).reshape(n, len(LABEL_NAMES)))
+  noise = (pred_err if pred_err_noise is None
+           else np.asarray(pred_err_noise, dtype=np.float64).reshape(n, len(LABEL_NAMES)))
+  model = (np.full_like(pred, np.nan) if pred_err_model is None
+           else np.asarray(pred_err_model, dtype=np.float64).reshape(n, len(LABEL_NAMES)))
+  total_desc = ('total uncertainty calibrated on the dev split, sqrt((a*sigma)^2 + b^2) of '
+                'sigma = sqrt(NOISE^2 + MODEL^2)' if calibrated else
+                'total uncertainty sqrt(NOISE^2 + MODEL^2), not calibrated')
   t = Table()
   t['APOGEE_ID'] = np.asarray([str(s) for s in apogee_id], dtype=str)
   t['APOGEE_ID'].description = '2MASS identifier of the star'
@@ -133,9 +148,15 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   for j, (name, unit) in enumerate(zip(LABEL_NAMES, LABEL_UNITS, strict=True)):
     what = _LABEL_DESC[name]
     for suffix, arr, desc in (('', labels[:, j], f'{what}: reference label (empty: unlabelled)'),
-                              ('_PRED', pred[:, j], f'{what}: APOGEE Net, mean of MC draws'),
-                              ('_ERR', pred_err[:, j],
-                               f'{what}: std of MC draws (empty: no MC run)')):
+                              ('_PRED', pred[:, j],
+                               f'{what}: APOGEE Net, mean over ensemble members and MC draws'),
+                              ('_ERR', pred_err[:, j], f'{what}: {total_desc} (empty: no MC run)'),
+                              ('_ERR_NOISE', noise[:, j],
+                               f'{what}: std of the MC noise draws, averaged over members '
+                               '(empty: no MC run)'),
+                              ('_ERR_MODEL', model[:, j],
+                               f'{what}: std of the ensemble members\' means '
+                               '(empty: a single network)')):
       col = name + suffix
       t[col] = MaskedColumn(arr, mask=~np.isfinite(arr), unit=_UNITS[unit], description=desc)
   t['SNR'] = MaskedColumn(np.asarray(snr, dtype=np.float64), description='S/N of the spectrum')

@@ -3,8 +3,10 @@
 Layout: an orbax ``CheckpointManager`` directory; each step holds two items,
   ``state``: a pytree with a ``params`` entry (a whole TrainState during training, just
              ``{'params': …}`` for converted weights), and
-  ``meta``:  JSON with the label order, the target normalisation and the model config,
+  ``meta``:  JSON with the label order, the target normalisation, the model config and
+             ``ensemble_size`` K (params of K > 1 carry a leading member axis of length K),
 so that a checkpoint alone — from training or from ``convert_torch`` — is enough to predict.
+A ``calibration.json`` beside the steps (``calibration``) is read into ``meta['calibration']``.
 """
 
 import dataclasses
@@ -13,8 +15,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
+from apogeenet_jax import calibration
 from apogeenet_jax.constants import LABEL_NAMES
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import Standardizer
@@ -44,10 +48,16 @@ def model_config(model: APOGEENet) -> dict[str, Any]:
           for f in dataclasses.fields(model) if f.name not in ('parent', 'name')}
 
 
-def make_meta(model: APOGEENet, standardizer: Standardizer, **extra: Any) -> dict[str, Any]:
+def make_meta(model: APOGEENet, standardizer: Standardizer, *, ensemble_size: int = 1,
+              **extra: Any) -> dict[str, Any]:
   """The JSON saved beside the arrays."""
   return {'label_names': list(LABEL_NAMES), 'normalization': standardizer.to_dict(),
-          'model': model_config(model), **extra}
+          'model': model_config(model), 'ensemble_size': int(ensemble_size), **extra}
+
+
+def ensemble_size(meta: Mapping[str, Any]) -> int:
+  """K of a checkpoint; checkpoints written before ensembles existed hold one network."""
+  return int(meta.get('ensemble_size', 1))
 
 
 def model_from_meta(meta: Mapping[str, Any]) -> APOGEENet:
@@ -127,4 +137,17 @@ def load_params(directory: str, *, step: int | None = None, best: bool = True
     if key not in meta:
       raise CheckpointError(f'{directory}: step {step} meta lacks {key!r}')
   meta['step'] = int(step)
+  k = ensemble_size(meta)
+  leading = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(params)}
+  if k > 1 and leading != {k}:
+    raise CheckpointError(f'{directory}: step {step} meta says ensemble_size {k} but the params '
+                          f'have leading axes {sorted(map(str, leading))}')
+  record = calibration.load(directory)
+  if record is not None:
+    if int(record['step']) == int(step):
+      meta['calibration'] = record
+    else:
+      logging.getLogger('absl').warning(
+          '%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
+          'evaluate.py --calibrate again).', calibration.path_in(directory), record['step'], step)
   return params, meta

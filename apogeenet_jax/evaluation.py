@@ -6,7 +6,8 @@ function of ``uncertainty`` batch by batch — device memory is bounded by the b
 host memory by a few numbers per star — and writes into ``output_dir``:
 
   catalog.fits, catalog.csv   the catalogue (``catalog``), written atomically
-  metrics.json                Table 2 (standardised MSE) and Table 3 (scatter), when labelled
+  metrics.json                Table 2 (standardised MSE), Table 3 (scatter) and the coverage
+                              of the σ (calibrated and raw), when labelled
   figures/*.png               ``figures``
   skipped.csv                 apStar files that could not be read, and why (apStar mode)
 """
@@ -26,7 +27,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from apogeenet_jax import apstar, catalog, checkpoint, figures, input_pipeline, uncertainty
+from apogeenet_jax import (
+  apstar,
+  calibration,
+  catalog,
+  checkpoint,
+  figures,
+  input_pipeline,
+  uncertainty,
+)
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
 
@@ -39,6 +48,8 @@ SKIPPED_CSV = 'skipped.csv'
 FIGURES_DIR = 'figures'
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_DRAW_CHUNK = 25
+CALIBRATION_MODES = ('auto', 'none')  # auto: apply the checkpoint's calibration when it has one
+CALIBRATION_SPLIT = 'dev'
 
 # Table 2 (standardised MSE, train/dev/test) and Table 3 (test scatter) of the paper, to print
 # beside ours. 'Full' is every data type together.
@@ -141,14 +152,18 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
                     batches: Iterable[Mapping[str, np.ndarray]], *, mc: int = 100,
                     error_cap: str = 'median', seed: int = 0,
                     draw_chunk: int = DEFAULT_DRAW_CHUNK, total: int | None = None,
-                    stream: int = 0, desc: str = 'stars', devices: Sequence[Any] | None = None
-                    ) -> dict[str, np.ndarray]:
+                    stream: int = 0, desc: str = 'stars', devices: Sequence[Any] | None = None,
+                    ensemble_size: int = 1) -> dict[str, np.ndarray]:
   """Streams batches through the MC function; returns per-star arrays of the valid rows.
 
-  Returns a dict with 'pred', 'pred_err' (n, 3) native units (σ NaN when mc == 0), 'labels',
-  'data_type', 'apogee_id', 'snr', 'ra', 'dec'. Star i (in stream order) draws its noise from
-  ``fold_in(fold_in(PRNGKey(seed), stream), i)``, so results do not depend on the batch size;
-  ``stream`` separates the noise of different inputs (splits, apStar files) under one seed.
+  Returns a dict with 'pred' (n, 3) native units, the raw σ (n, 3) native units
+  'pred_err_noise' (MC spread, averaged over members; NaN when mc == 0), 'pred_err_model'
+  (spread of the members' means; NaN for one network) and 'pred_err' (their quadrature sum,
+  σ_model counted 0 for one network), 'labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec'.
+  ``ensemble_size`` K > 1: ``params`` carry a leading member axis (``uncertainty``).
+  Star i (in stream order) draws its noise from ``fold_in(fold_in(PRNGKey(seed), stream), i)``,
+  so results do not depend on the batch size; ``stream`` separates the noise of different inputs
+  (splits, apStar files) under one seed.
   With several ``devices`` (default: all local ones) each batch is split over them (data
   parallel, params replicated) whenever the batch size is a multiple of their number.
   """
@@ -160,6 +175,8 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
     fn = uncertainty.make_predict_fn(apply_fn)
   else:
     raise EvaluationError(f'--mc must be >= 0, got {mc}')
+  if ensemble_size > 1:
+    fn = uncertainty.make_ensemble_fn(fn)
   if error_cap not in uncertainty.ERROR_CAP_MODES:
     raise EvaluationError(f'--error_cap must be one of {uncertainty.ERROR_CAP_MODES}, '
                           f'got {error_cap!r}')
@@ -170,14 +187,17 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   row_sharding = NamedSharding(mesh, P(DATA_AXIS))
   single = NamedSharding(mesh, P())
   keep = {k: [] for k in ('labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec')}
-  means, stds = [], []
+  means, noises, models = [], [], []
   start = 0
   pending = None  # one batch in flight: the host prepares batch k+1 while the device runs k
 
   def finish(p):
-    mean_z, std_z, valid = p
+    *out, valid = p
+    mean_z, noise_z = out[0], out[1]
     means.append(np.asarray(mean_z)[valid])
-    stds.append(np.asarray(std_z)[valid])
+    noises.append(np.asarray(noise_z)[valid])
+    models.append(np.asarray(out[2])[valid] if len(out) > 2
+                  else np.full_like(means[-1], np.nan))
 
   with tqdm(total=total, desc=desc, unit='star', mininterval=2.0) as bar:
     for batch in batches:
@@ -203,10 +223,13 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   n_labels = len(LABEL_NAMES)
   empty = {'labels': np.zeros((0, n_labels)), 'apogee_id': np.zeros((0,), str)}
   result = {k: (np.concatenate(v) if v else empty.get(k, np.zeros((0,)))) for k, v in keep.items()}
-  mean_z = np.concatenate(means) if means else np.zeros((0, n_labels))
-  std_z = np.concatenate(stds) if stds else np.zeros((0, n_labels))
+  cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, n_labels))  # noqa: E731
+  mean_z = cat(means)
   result['pred'] = standardizer.inverse(mean_z)
-  result['pred_err'] = standardizer.inverse_scale(std_z)
+  result['pred_err_noise'] = standardizer.inverse_scale(cat(noises))
+  result['pred_err_model'] = standardizer.inverse_scale(cat(models))
+  result['pred_err'] = np.sqrt(result['pred_err_noise'] ** 2
+                               + np.nan_to_num(result['pred_err_model']) ** 2)
   result['pred_z'] = mean_z.astype(np.float64)
   return result
 
@@ -216,14 +239,18 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
 
 
 def compute_metrics(pred: np.ndarray, labels: np.ndarray, data_type: np.ndarray,
-                    standardizer: Standardizer) -> dict[str, Any]:
+                    standardizer: Standardizer, *, sigma: np.ndarray | None = None,
+                    raw_sigma: np.ndarray | None = None) -> dict[str, Any]:
   """Table 2 (standardised MSE over the 3 labels) and Table 3 (std of pred − label, native).
 
   Args:
     pred, labels: (n, 3) native units; rows with non-finite labels are ignored.
     data_type: (n,) index into DATA_TYPES.
-  Returns: {group: {'n', 'mse_standardised', 'mse_standardised_per_label', 'scatter', 'bias'}}
-    for group in 'Full' (all data types) and each data type present.
+    sigma, raw_sigma: optional (n, 3) catalogue σ (calibrated) and raw σ, native units: add
+      'coverage_1sigma', 'coverage_2sigma', 'nll' and the same three prefixed 'raw_'.
+  Returns: {group: {'n', 'mse_standardised', 'mse_standardised_per_label', 'scatter', 'bias',
+    [coverage keys]}} for group in 'Full' (all data types) and each data type present; every
+    per-label entry is a dict keyed by label name.
   """
   pred = np.asarray(pred, np.float64)
   labels = np.asarray(labels, np.float64)
@@ -247,6 +274,19 @@ def compute_metrics(pred: np.ndarray, labels: np.ndarray, data_type: np.ndarray,
         'scatter': dict(zip(LABEL_NAMES, diff.std(0).tolist(), strict=True)),
         'bias': dict(zip(LABEL_NAMES, diff.mean(0).tolist(), strict=True)),
     }
+    for prefix, sig in (('', sigma), ('raw_', raw_sigma)):
+      if sig is not None:
+        out[name].update(_coverage_metrics(diff, np.asarray(sig, np.float64)[sel], prefix))
+  return out
+
+
+def _coverage_metrics(diff: np.ndarray, sigma: np.ndarray, prefix: str) -> dict[str, Any]:
+  """coverage_1sigma, coverage_2sigma, nll (each {label: value}) of residuals (n, 3)."""
+  out = {f'{prefix}coverage_1sigma': {}, f'{prefix}coverage_2sigma': {}, f'{prefix}nll': {}}
+  for j, n in enumerate(LABEL_NAMES):
+    out[f'{prefix}coverage_1sigma'][n] = calibration.coverage(diff[:, j], sigma[:, j], 1.0)
+    out[f'{prefix}coverage_2sigma'][n] = calibration.coverage(diff[:, j], sigma[:, j], 2.0)
+    out[f'{prefix}nll'][n] = calibration.gaussian_nll(diff[:, j], sigma[:, j])
   return out
 
 
@@ -267,6 +307,15 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
           f'{m["scatter"][n]:9.4g} ({paper3[j]:g})' if paper3 else f'{m["scatter"][n]:9.4g}'
           for j, n in enumerate(LABEL_NAMES))
       lines.append(f'{name:8s} {m["n"]:7d} {m["mse_standardised"]:9.4f} {paper_mse}   {scatter}')
+    if any('coverage_1sigma' in m for m in groups.values()):
+      lines.append(f'{"":8s} coverage 1σ / 2σ, calibrated (raw); ideal '
+                   f'{calibration.NOMINAL_1SIGMA:.3f} / {calibration.NOMINAL_2SIGMA:.3f}')
+      for name, m in groups.items():
+        if 'coverage_1sigma' in m:
+          lines.append(f'{name:8s} ' + '   '.join(
+              f'{n} {m["coverage_1sigma"][n]:.3f}/{m["coverage_2sigma"][n]:.3f} '
+              f'({m["raw_coverage_1sigma"][n]:.3f}/{m["raw_coverage_2sigma"][n]:.3f})'
+              for n in LABEL_NAMES))
   return '\n'.join(lines)
 
 
@@ -279,18 +328,76 @@ def _write_json_atomic(obj: Any, path: str) -> None:
 # The whole job.
 
 
+def _even_batch_size(batch_size: int) -> int:
+  """Whole batches split evenly over the local devices (results do not change)."""
+  n_dev = jax.local_device_count()
+  return batch_size + (n_dev - batch_size % n_dev) % n_dev
+
+
+def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str,
+              mc: int = uncertainty.PAPER_NUM_DRAWS, error_cap: str = 'median', seed: int = 0,
+              batch_size: int = DEFAULT_BATCH_SIZE, draw_chunk: int = DEFAULT_DRAW_CHUNK,
+              save: bool = True) -> dict[str, Any]:
+  """Fits σ_cal² = (a σ)² + b² per label on the dev split (``calibration``); returns the record.
+
+  The dev stars are predicted exactly as ``evaluate(splits=['dev'])`` would (same noise stream).
+  With ``save`` the record goes to ``meta['checkpoint_dir']/calibration.json``, tied to
+  ``meta['step']``, where every later ``load_checkpoint`` of that step finds it.
+  """
+  if mc < 1:
+    raise EvaluationError('--calibrate needs Monte Carlo draws (--mc >= 1): σ_noise is part of '
+                          'the fitted total')
+  if not data_dir:
+    raise EvaluationError('--calibrate needs --data_dir (it fits on the dev split)')
+  standardizer = checkpoint.standardizer_from_meta(meta)
+  batches, n = split_batches(data_dir, CALIBRATION_SPLIT, _even_batch_size(batch_size))
+  logging.info('Calibrating on %d %s stars (mc=%d).', n, CALIBRATION_SPLIT, mc)
+  part = predict_batches(params, checkpoint.model_from_meta(meta), standardizer, batches, mc=mc,
+                         error_cap=error_cap, seed=seed, draw_chunk=draw_chunk, total=n,
+                         desc=f'calibrate on {CALIBRATION_SPLIT}',
+                         stream=_STREAMS[CALIBRATION_SPLIT],
+                         ensemble_size=checkpoint.ensemble_size(meta))
+  try:
+    record = calibration.fit(part['pred'], part['labels'], part['pred_err'], standardizer.std,
+                             step=meta.get('step'), split=CALIBRATION_SPLIT, mc=int(mc),
+                             error_cap=error_cap, seed=int(seed),
+                             ensemble_size=checkpoint.ensemble_size(meta))
+  except calibration.CalibrationError as e:
+    raise EvaluationError(f'{data_dir} {CALIBRATION_SPLIT} split: {e}') from e
+  logging.info('Calibration a=%s b=%s', record['a'], record['b'])
+  if save:
+    if not meta.get('checkpoint_dir') or meta.get('step') is None:
+      raise EvaluationError('cannot store a calibration: meta has no checkpoint_dir/step '
+                            '(load it with load_checkpoint)')
+    record['path'] = calibration.save(meta['checkpoint_dir'], record)
+  return record
+
+
+def _calibration_in_use(meta: Mapping[str, Any], mode: str, mc: int, error_cap: str
+                        ) -> dict[str, Any] | None:
+  if mode not in CALIBRATION_MODES:
+    raise EvaluationError(f'--calibration must be one of {CALIBRATION_MODES}, got {mode!r}')
+  record = meta.get('calibration') if mode == 'auto' else None
+  if record is not None and (record.get('mc'), record.get('error_cap')) != (mc, error_cap):
+    logging.warning('The calibration was fitted with mc=%s error_cap=%s, this run uses mc=%d '
+                    'error_cap=%s: the σ it scales differ somewhat.', record.get('mc'),
+                    record.get('error_cap'), mc, error_cap)
+  return record
+
+
 def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
              splits: Sequence[str] = (), data_dir: str | None = None,
              apstar_files: Sequence[str] = (), mc: int = uncertainty.PAPER_NUM_DRAWS,
              error_cap: str = 'median', seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
              draw_chunk: int = DEFAULT_DRAW_CHUNK, make_figures: bool = True,
-             num_threads: int = 4) -> dict[str, Any]:
+             num_threads: int = 4, calibration_mode: str = 'auto') -> dict[str, Any]:
   """Predicts every star, writes the catalogue, metrics and figures; returns what it wrote.
 
   Give ``splits`` (with ``data_dir``) for labelled stars of the built data set, or
-  ``apstar_files`` for unlabelled apStar spectra (or both). Returns a dict with the output
-  paths ('catalog_fits', 'catalog_csv', 'metrics_json' or None, 'figures', 'skipped_csv' or
-  None), 'n_stars', 'n_skipped', 'metrics' and 'seconds'.
+  ``apstar_files`` for unlabelled apStar spectra (or both). ``calibration_mode='auto'`` scales
+  the σ by ``meta['calibration']`` when present (``calibrate``), 'none' keeps the raw σ.
+  Returns a dict with the output paths ('catalog_fits', 'catalog_csv', 'metrics_json' or None,
+  'figures', 'skipped_csv' or None), 'n_stars', 'n_skipped', 'metrics' and 'seconds'.
   """
   if not splits and not apstar_files:
     raise EvaluationError('nothing to evaluate: give --split (with --data_dir) or --apstar_dir')
@@ -299,11 +406,11 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
   t0 = time.perf_counter()
   model = checkpoint.model_from_meta(meta)
   standardizer = checkpoint.standardizer_from_meta(meta)
+  cal = _calibration_in_use(meta, calibration_mode, mc, error_cap)
   os.makedirs(output_dir, exist_ok=True)
-  n_dev = jax.local_device_count()
-  if batch_size % n_dev:  # whole batches split evenly over the devices (results do not change)
-    batch_size += n_dev - batch_size % n_dev
-  kwargs = dict(mc=mc, error_cap=error_cap, seed=seed, draw_chunk=draw_chunk)
+  batch_size = _even_batch_size(batch_size)
+  kwargs = dict(mc=mc, error_cap=error_cap, seed=seed, draw_chunk=draw_chunk,
+                ensemble_size=checkpoint.ensemble_size(meta))
   parts, data_sets = [], []
   for split in splits:
     batches, n = split_batches(data_dir, split, batch_size)
@@ -331,14 +438,20 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
     raise EvaluationError(f'no star could be read ({len(skipped)} files skipped)')
   dtype_names = np.asarray([DATA_TYPES[i] if 0 <= i < len(DATA_TYPES) else ''
                             for i in merged['data_type'].astype(int)], dtype=str)
+  sigma = calibration.apply(merged['pred_err'], cal)
   table = catalog.build_catalog(
       apogee_id=merged['apogee_id'], ra=merged['ra'], dec=merged['dec'], pred=merged['pred'],
-      pred_err=merged['pred_err'], snr=merged['snr'], labels=merged['labels'],
-      data_set=data_set, data_type=dtype_names)
+      pred_err=sigma, pred_err_noise=merged['pred_err_noise'],
+      pred_err_model=merged['pred_err_model'], snr=merged['snr'], labels=merged['labels'],
+      data_set=data_set, data_type=dtype_names, calibrated=cal is not None)
   run_info = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
-              'mc': int(mc), 'error_cap': error_cap, 'seed': int(seed)}
+              'mc': int(mc), 'error_cap': error_cap, 'seed': int(seed),
+              'ensemble': checkpoint.ensemble_size(meta)}
   for k, v in run_info.items():
     table.meta[k.upper()[:8]] = '' if v is None else v
+  table.meta['CALIB'] = 'dev' if cal is not None else 'none'
+  run_info['calibration'] = ({k: cal[k] for k in ('a', 'b', 'n', 'step', 'split', 'mc')
+                              if k in cal} if cal is not None else None)
   out = {'catalog_fits': os.path.join(output_dir, CATALOG_FITS),
          'catalog_csv': os.path.join(output_dir, CATALOG_CSV),
          'metrics_json': None, 'skipped_csv': None, 'figures': [], 'metrics': None}
@@ -356,7 +469,8 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
     for split in splits:
       sel = data_set == split
       metrics['splits'][split] = compute_metrics(
-          merged['pred'][sel], merged['labels'][sel], merged['data_type'][sel], standardizer)
+          merged['pred'][sel], merged['labels'][sel], merged['data_type'][sel], standardizer,
+          sigma=sigma[sel], raw_sigma=merged['pred_err'][sel])
     metrics['paper'] = {'table2_train_dev_test': PAPER_TABLE2, 'table3_test': PAPER_TABLE3}
     out['metrics_json'] = os.path.join(output_dir, METRICS_JSON)
     _write_json_atomic(metrics, out['metrics_json'])
@@ -368,5 +482,6 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
   out['n_skipped'] = len(skipped)
   out['seconds'] = time.perf_counter() - t0
   out['table'] = table
+  out['calibrated'] = cal is not None
   logging.info('Wrote %d stars to %s in %.1f s.', len(table), output_dir, out['seconds'])
   return out

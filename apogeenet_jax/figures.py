@@ -3,6 +3,8 @@
 - ``plot_labels_vs_predictions``: Fig. 4 left, label vs prediction per parameter by data type.
 - ``plot_sigma_vs_snr``: Fig. 4 right, MC σ against S/N per parameter.
 - ``plot_kiel``: Fig. 3, Teff–log g diagram by data type with the YSO triangle (§4).
+- ``plot_calibration``: observed against nominal coverage of the σ per parameter (not in the
+  paper): calibrated ``*_ERR`` and the raw sqrt(``*_ERR_NOISE``² + ``*_ERR_MODEL``²).
 """
 
 import os
@@ -16,6 +18,7 @@ import numpy as np
 from astropy.table import Table
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
+from apogeenet_jax import calibration
 from apogeenet_jax.catalog import YSO_TRIANGLE, atomic_path
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS
 
@@ -117,6 +120,37 @@ def plot_kiel(table: Table, path: str) -> str:
   return _save(fig, path)
 
 
+def plot_calibration(table: Table, path: str) -> str:
+  """Observed fraction of |pred − label| ≤ k σ against the nominal Gaussian coverage of k."""
+  nominal = np.linspace(0.02, 0.99, 50)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout='constrained')
+  for ax, name in zip(axes, LABEL_NAMES, strict=True):
+    residual = _values(table, name + '_PRED') - _values(table, name)
+    raw = np.sqrt(_values(table, name + '_ERR_NOISE') ** 2
+                  + np.nan_to_num(_values(table, name + '_ERR_MODEL')) ** 2)
+    ax.plot([0, 1], [0, 1], 'k--', lw=1, label='ideal')
+    for sigma, style, what in ((_values(table, name + '_ERR'), 'C0-', 'catalogue σ (_ERR)'),
+                               (raw, 'C3:', 'raw σ (noise ⊕ model)')):
+      ok = np.isfinite(residual) & np.isfinite(sigma)
+      if ok.any():
+        ax.plot(nominal, calibration.coverage_curve(residual[ok], sigma[ok], nominal), style,
+                lw=1.8, label=f'{what}, {ok.sum()} stars')
+    for p in (calibration.NOMINAL_1SIGMA, calibration.NOMINAL_2SIGMA):
+      ax.axvline(p, color='gray', lw=0.6, alpha=0.6)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel('nominal coverage')
+    ax.set_ylabel(f'observed coverage, {_AXIS_NAME[name]}')
+    ax.grid(alpha=0.3)
+    if len(ax.lines) > 3:
+      ax.legend(fontsize=8, loc='upper left')
+    else:
+      ax.text(0.5, 0.3, 'no σ and label to compare', ha='center', transform=ax.transAxes)
+  fig.suptitle('Coverage of the uncertainties: |prediction − label| ≤ k σ '
+               '(grey lines: 1σ and 2σ)')
+  return _save(fig, path)
+
+
 def make_figures(table: Table, directory: str, *, with_labels: bool) -> list[str]:
   """All figures into ``directory``; label-vs-prediction only ``with_labels``. Returns paths."""
   paths = [plot_kiel(table, os.path.join(directory, 'kiel.png')),
@@ -124,4 +158,5 @@ def make_figures(table: Table, directory: str, *, with_labels: bool) -> list[str
   if with_labels:
     paths.insert(0, plot_labels_vs_predictions(
         table, os.path.join(directory, 'labels_vs_predictions.png')))
+    paths.append(plot_calibration(table, os.path.join(directory, 'calibration.png')))
   return paths

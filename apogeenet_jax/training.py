@@ -6,6 +6,15 @@ named axis (pmap semantics). The same code runs on 1 CPU, 8 GPUs, a TPU slice or
 after ``jax.distributed.initialize()``: each process then reads its own shard of the data and
 ``jax.make_array_from_process_local_data`` assembles the global batch.
 
+Deep ensembles (``config.ensemble_size`` K > 1): K networks that differ by initialisation and
+dropout keys (member k is initialised exactly as a single run with seed ``config.seed + k``) and
+see the same batches train in ONE jitted step, ``jax.vmap`` over a leading member axis of
+``params``, ``opt_state`` and ``rng`` inside the per-device function, so they are still data
+parallel and cost one compiled program. Early stopping watches the MEAN of the members' dev
+losses: all members train the same epochs and the best checkpoint holds all K at one step, so no
+member is ever stopped, frozen or restored on its own (nothing one member does can touch another's
+slice of the stacked arrays). K = 1 keeps unstacked arrays and today's exact computation.
+
 Everything a resume needs lives in one pytree, ``TrainState``, saved by orbax every epoch
 (and on SIGTERM/SIGINT) in WORKDIR/checkpoints; a run on an existing workdir resumes from the
 latest checkpoint and ends with the same parameters as an uninterrupted run.
@@ -57,7 +66,7 @@ class TrainingError(RuntimeError):
 class TrainState:
   """Everything a resume needs, as one pytree of arrays (STYLE §4)."""
 
-  params: Any
+  params: Any  # an ensemble's carry a leading member axis (K, …), as do opt_state and rng
   opt_state: Any
   step: jax.Array  # optimiser steps taken, all epochs
   epoch: jax.Array  # completed epochs, all rounds
@@ -142,6 +151,31 @@ def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTrans
       epoch_step=jnp.int32(0), rng=state_rng, best_dev_loss=jnp.float32(jnp.inf),
       evals_without_improvement=jnp.int32(0), adapt_round=jnp.int32(0),
       best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
+
+
+def create_ensemble_state(seed: int, model: APOGEENet, tx: optax.GradientTransformation,
+                          init: str = 'torch', ensemble_size: int = 1,
+                          zero_last_layer: bool = False) -> TrainState:
+  """``create_train_state`` for K members: member k from ``PRNGKey(seed + k)``, stacked.
+
+  K = 1 returns the unstacked single state of ``PRNGKey(seed)``, unchanged. Optimiser state is
+  each member's own ``tx.init`` stacked, so step counts of schedules carry the member axis too.
+  """
+  if ensemble_size < 1:
+    raise TrainingError(f'ensemble_size must be >= 1, got {ensemble_size}')
+  members = [create_train_state(jax.random.PRNGKey(seed + k), model, tx, init, zero_last_layer)
+             for k in range(ensemble_size)]
+  if ensemble_size == 1:
+    return members[0]
+  stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+  return members[0].replace(params=jax.tree.map(stack, *[m.params for m in members]),
+                            opt_state=jax.tree.map(stack, *[m.opt_state for m in members]),
+                            rng=jnp.stack([m.rng for m in members]))
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Any, ensemble_size: int = 1) -> Any:
+  """``tx.init`` of one network, or of each member of stacked params."""
+  return tx.init(params) if ensemble_size == 1 else jax.vmap(tx.init)(params)
 
 
 def torch_default_params(rng: jax.Array, params: Any) -> Any:
@@ -280,14 +314,27 @@ def _masked_sums(per_example: jax.Array, data_type: jax.Array, mask: jax.Array
   return jax.tree.map(lambda x: lax.psum(x, DATA_AXIS), sums)
 
 
-def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics)."""
+def _member_mean(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-member sums (K, …) → their mean (the ensemble's early-stopping quantity) plus
+  'member_loss_sum' (K,), from which ``summarize`` reports each member."""
+  out = jax.tree.map(lambda x: jnp.mean(x, axis=0), sums)
+  out['member_loss_sum'] = sums['loss_sum']
+  return out
 
-  def local_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+
+def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh,
+                    ensemble_size: int = 1
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics).
+
+  ``ensemble_size`` K > 1: the state's params, opt_state and rng carry a leading member axis;
+  every member takes its step on the same batch (vmap inside the per-device function); the
+  metrics are the members' mean, with 'member_loss_sum' (K,) beside them.
+  """
+
+  def member_step(params, opt_state, rng, step, batch):
     # Different dropout masks per device, reproducible from (rng, step).
-    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                                     lax.axis_index(DATA_AXIS))
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(DATA_AXIS))
     w = batch['mask'].astype(jnp.float32)
 
     def loss_fn(params):
@@ -300,11 +347,23 @@ def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Me
       loss = lax.psum(jnp.sum(per_example * w), DATA_AXIS) / lax.psum(jnp.sum(w), DATA_AXIS)
       return loss, per_example
 
-    (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
     metrics = _masked_sums(lax.stop_gradient(per_example), batch['data_type'], batch['mask'])
     metrics['loss'] = loss
+    return params, opt_state, metrics
+
+  def local_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    if ensemble_size == 1:
+      params, opt_state, metrics = member_step(state.params, state.opt_state, state.rng,
+                                               state.step, batch)
+    else:
+      # Collectives inside (the loss's psum over 'data') are batched per member by vmap, so
+      # each member's gradient is its own global-batch mean gradient.
+      params, opt_state, metrics = jax.vmap(member_step, in_axes=(0, 0, 0, None, None))(
+          state.params, state.opt_state, state.rng, state.step, batch)
+      metrics = _member_mean(metrics)
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                               epoch_step=state.epoch_step + 1)
     return new_state, metrics
@@ -314,13 +373,20 @@ def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Me
   return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(model: APOGEENet, mesh: Mesh) -> Callable[[Any, dict], dict]:
-  """The jitted data-parallel evaluation: (params, padded global batch) → summed metrics."""
+def make_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1
+                   ) -> Callable[[Any, dict], dict]:
+  """The jitted data-parallel evaluation: (params, padded global batch) → summed metrics
+  (for K > 1 the members' mean, with 'member_loss_sum' (K,))."""
 
-  def local_eval(params: Any, batch: dict) -> dict:
+  def member_eval(params: Any, batch: dict) -> dict:
     pred = model.apply({'params': params}, batch['flux'], train=False)
     per_example = jnp.mean(jnp.square(pred - batch['targets']), axis=-1)
     return _masked_sums(per_example, batch['data_type'], batch['mask'])
+
+  def local_eval(params: Any, batch: dict) -> dict:
+    if ensemble_size == 1:
+      return member_eval(params, batch)
+    return _member_mean(jax.vmap(member_eval, in_axes=(0, None))(params, batch))
 
   return jax.jit(jax.shard_map(local_eval, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                out_specs=P()))
@@ -348,6 +414,8 @@ def summarize(sums: Mapping[str, Any], prefix: str) -> dict[str, float]:
   idx = [DATA_TYPES.index(t) for t in ADAPT_TYPES]
   n = type_count[idx].sum()
   out[f'{prefix}_adapt_loss'] = float(type_sum[idx].sum() / n) if n else float('nan')
+  for k, member_sum in enumerate(np.atleast_1d(sums.get('member_loss_sum', []))):
+    out[f'{prefix}_loss_member{k}'] = float(member_sum) / count if count else float('nan')
   return out
 
 
@@ -502,11 +570,13 @@ def _optimizer_key(config: ml_collections.ConfigDict) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh):
+def _compiled_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh,
+                    ensemble_size: int = 1):
   """(train_step, eval_step), cached so repeated runs in one process (tests, notebooks,
   resumes) reuse the compiled executables."""
   tx = create_optimizer(ml_collections.ConfigDict(dict(optimizer_key)))
-  return make_train_step(model, tx, mesh), make_eval_step(model, mesh)
+  return (make_train_step(model, tx, mesh, ensemble_size),
+          make_eval_step(model, mesh, ensemble_size))
 
 
 def _abstract(state: TrainState, mesh: Mesh) -> TrainState:
@@ -584,6 +654,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
   init_meta = init_params = None
+  ensemble_size = int(config.get('ensemble_size', 1))
   if config.adapt:
     # Adaptation continues the init_from model: its architecture and normalisation, this
     # config's dropout and optimiser.
@@ -592,12 +663,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_dir = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)),
                             CHECKPOINT_DIR)
     init_params, init_meta = checkpoint.load_params(init_dir, best=True)
+    if checkpoint.ensemble_size(init_meta) != ensemble_size:
+      raise TrainingError(f'{init_dir}: an ensemble of {checkpoint.ensemble_size(init_meta)}, '
+                          f'but config.ensemble_size is {ensemble_size}')
     model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.dropout_rate)
   else:
     model = create_model(config).clone(input_scale=resolve_input_scale(config, train_source))
   tx = create_optimizer(config)
-  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init,
-                             config.get('zero_last_layer', False))
+  state = create_ensemble_state(config.seed, model, tx, config.init, ensemble_size,
+                                config.get('zero_last_layer', False))
   state = replicate(state, mesh)
   abstract_state = _abstract(state, mesh)
 
@@ -609,17 +683,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  int(state.epoch), int(state.adapt_round))
   else:
     if config.adapt:
-      state = replicate(state.replace(params=init_params, opt_state=tx.init(init_params)), mesh)
+      state = replicate(state.replace(params=init_params, opt_state=init_opt_state(
+          tx, init_params, ensemble_size)), mesh)
       logging.info('Adaptation starts from %s step %d.', init_dir, init_meta['step'])
     standardizer = _standardizer(config, train_meta['labels'], init_meta)
 
   meta = checkpoint.make_meta(
-      model, standardizer, config=_config_json(config),
+      model, standardizer, ensemble_size=ensemble_size, config=_config_json(config),
       dataset={'data_dir': config.data_dir, 'name': config.dataset_name,
                'train_counts': counts, 'num_dev': len(dev_source)},
       init_from=config.init_from if config.adapt else '')
   writer = MetricWriter(workdir, enabled=is_main)
-  train_step, eval_step = _compiled_steps(model, _optimizer_key(config), mesh)
+  train_step, eval_step = _compiled_steps(model, _optimizer_key(config), mesh, ensemble_size)
   dev_indices = np.arange(len(dev_source))[process_index::process_count]
   # Every process must run the same number of eval steps: pad to the largest shard.
   largest_shard = -(-len(dev_source) // process_count)
@@ -743,7 +818,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 __all__ = [
-    'TrainState', 'TrainingError', 'adaptation_indices', 'create_model', 'create_optimizer',
-    'create_train_state', 'evaluate_split', 'make_eval_step', 'make_mesh', 'make_train_step',
-    'replicate', 'should_stop_early', 'summarize', 'train_and_evaluate', 'train_epoch',
-    'update_early_stopping']
+  'TrainState',
+  'TrainingError',
+  'adaptation_indices',
+  'create_ensemble_state',
+  'create_model',
+  'create_optimizer',
+  'create_train_state',
+  'evaluate_split',
+  'init_opt_state',
+  'make_eval_step',
+  'make_mesh',
+  'make_train_step',
+  'replicate',
+  'should_stop_early',
+  'summarize',
+  'train_and_evaluate',
+  'train_epoch',
+  'update_early_stopping',
+]

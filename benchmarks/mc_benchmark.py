@@ -12,6 +12,9 @@ r"""Monte Carlo inference: JAX (``uncertainty.make_mc_fn``) against the paper's 
    a fresh subprocess each (separate high-water marks) and reports the peak RSS; flat means the
    peak does not grow with the star count. ``memory_mc`` draws keep it quick: the per-batch
    memory depends on batch_size × draw_chunk, not on the number of stars.
+3. ``--ensemble_sizes=4,8``: the same MC over K stacked members (``uncertainty.make_ensemble_fn``,
+   the draws vmapped across members), interleaved with the single network; prints stars/s and
+   the time relative to K single-network runs.
 Prints figures; asserts nothing. Compile time is excluded (one warm-up batch).
 """
 
@@ -39,6 +42,13 @@ _MEM_STARS = flags.DEFINE_string('memory_stars', '1000,10000', 'Star counts for 
                                  'empty: skip.')
 _MEM_MC = flags.DEFINE_integer('memory_mc', 2, 'Draws per star in the memory test.')
 _CHILD = flags.DEFINE_integer('memory_child', 0, 'Internal: run one memory measurement.')
+_ENSEMBLES = flags.DEFINE_string('ensemble_sizes', '', 'Comma-separated K > 1 to time ensembles '
+                                 'of K members; empty: skip.')
+_VECTORIZE = flags.DEFINE_bool('ensemble_vectorize', False, 'vmap the members instead of '
+                               'lax.map (make_ensemble_fn(vectorize=True)).')
+_MODEL = flags.DEFINE_enum('model', 'paper', ['paper', 'small'],
+                           'paper: Appendix B; small: channels 8,8,16,16, hidden 64,64 (the demo '
+                           'network before issue 8).')
 
 N_PIX = 8575
 
@@ -67,24 +77,30 @@ def _batches(n, batch_size, seed=0):
            'dec': np.zeros(batch_size), 'mask': np.arange(batch_size) < m}
 
 
-def _jax_model():
+def _jax_model(ensemble_size=1):
   import jax
   import jax.numpy as jnp
 
   from apogeenet_jax.model import APOGEENet
-  model = APOGEENet()
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, N_PIX)))['params']
+  model = (APOGEENet(channels=(8, 8, 16, 16), hidden=(64, 64)) if _MODEL.value == 'small'
+           else APOGEENet())
+  init = jax.jit(model.init)
+  members = [init(jax.random.PRNGKey(k), jnp.zeros((1, N_PIX)))['params']
+             for k in range(ensemble_size)]
+  params = members[0] if ensemble_size == 1 else jax.tree.map(lambda *x: jnp.stack(x), *members)
   return model, params
 
 
-def jax_runner(flux, err, mc, batch_size, draw_chunk):
+def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1):
   """A compiled, warmed-up ``run() -> seconds`` for MC over all stars."""
   import jax
 
   from apogeenet_jax import uncertainty
-  model, params = _jax_model()
+  model, params = _jax_model(ensemble_size)
   fn = uncertainty.make_mc_fn(uncertainty.model_apply_fn(model), num_draws=mc,
                               draw_chunk=draw_chunk)
+  if ensemble_size > 1:
+    fn = uncertainty.make_ensemble_fn(fn, vectorize=_VECTORIZE.value)
   key = jax.random.PRNGKey(0)
   pad = -len(flux) % batch_size
   flux = np.concatenate([flux, flux[:pad]])
@@ -159,6 +175,9 @@ def main(argv):
   flux, err = _spectra(_NUM_STARS.value, seed=1)
   n = len(flux)
   runners = {'JAX': jax_runner(flux, err, _MC.value, _BATCH.value, _CHUNK.value)}
+  sizes = [int(k) for k in _ENSEMBLES.value.split(',') if k.strip() and int(k) > 1]
+  for k in sizes:
+    runners[f'JAX K={k}'] = jax_runner(flux, err, _MC.value, _BATCH.value, _CHUNK.value, k)
   if not _SKIP_TORCH.value:
     try:
       runners['PyTorch'] = torch_runner(flux, err, _MC.value, _THREADS.value)
@@ -173,6 +192,10 @@ def main(argv):
   print(f'JAX     MC {_MC.value} draws: {rate["JAX"]:7.2f} stars/s ({rate["JAX"] * _MC.value:.0f} '
         f'spectra/s; batch {_BATCH.value}, draw_chunk {_CHUNK.value}; median of '
         f'{_ROUNDS.value} rounds of {n} stars)')
+  for k in sizes:
+    r = rate[f'JAX K={k}']
+    print(f'JAX     MC {_MC.value} draws x {k} members: {r:7.2f} stars/s = '
+          f'{rate["JAX"] / (k * r):.2f} x the time of {k} single-network runs')
   if 'PyTorch' in rate:
     print(f'PyTorch MC {_MC.value} draws: {rate["PyTorch"]:7.2f} stars/s '
           f'({rate["PyTorch"] * _MC.value:.0f} spectra/s; {_THREADS.value} threads, one batch of '

@@ -1,11 +1,16 @@
 r"""Training throughput: the JAX data-parallel step vs the paper's PyTorch model, same run.
 
     python benchmarks/train_benchmark.py [--batch_size=128] [--steps=10] [--torch_threads=2]
-        [--pool=pairwise|reduce_window]
+        [--pool=pairwise|reduce_window] [--ensemble_sizes=1,4,8] [--model=paper|small]
 
 Both do one SGD step (lr 0.001, MSE, dropout 0.1, paper Appendix B architecture) on the same
 random raw-flux batch. Reports the median step time of ``--steps`` timed steps after warm-up,
 spectra/s (and per device for JAX) and the JAX/PyTorch ratio. Figures, never assertions.
+
+``--ensemble_sizes``: also times the K-member step (``config.ensemble_size``, one jitted step
+vmapped over the members) against K separate single-network steps, interleaved in one run, and
+prints the time per step relative to K separate steps (< 1: the ensemble step is cheaper).
+``--model=small`` uses SMALL_NETWORK, the reduced network the demo used before issue 8.
 """
 
 import pathlib
@@ -31,7 +36,12 @@ flags.DEFINE_integer('torch_threads', 2, 'torch.set_num_threads; 0 = leave torch
 flags.DEFINE_integer('num_devices', 0, 'JAX devices in the mesh; 0 = all.')
 flags.DEFINE_enum('pool', 'pairwise', ['pairwise', 'reduce_window'], 'APOGEENet.pool.')
 flags.DEFINE_bool('torch', True, 'Also time PyTorch.')
+flags.DEFINE_string('ensemble_sizes', '', 'Comma-separated K: time the K-member step against K '
+                    'single steps (e.g. 1,4,8); empty: skip.')
+flags.DEFINE_enum('model', 'paper', ['paper', 'small'], 'paper: Appendix B; small: SMALL_NETWORK.')
 FLAGS = flags.FLAGS
+# The reduced network of the demo before issue 8 (configs/demo.py then): quick ensemble timings.
+SMALL_NETWORK = {'channels': (8, 8, 16, 16), 'hidden': (64, 64)}
 
 
 def _batch(batch_size: int) -> dict[str, np.ndarray]:
@@ -49,16 +59,18 @@ def _timed(fn) -> float:
   return time.perf_counter() - t0
 
 
-def jax_step_fn(batch: dict):
+def jax_step_fn(batch: dict, ensemble_size: int = 1):
   """One jitted data-parallel step of the paper model, ready to call; returns (fn, devices)."""
   config = paper.get_config()  # the paper's SGD step, as the PyTorch reference does
+  if FLAGS.model == 'small':
+    config.model.update(SMALL_NETWORK)
   config.model.pool = FLAGS.pool
   model = training.create_model(config)
   tx = training.create_optimizer(config)
   mesh = training.make_mesh(FLAGS.num_devices)
   state = training.replicate(
-      training.create_train_state(jax.random.PRNGKey(0), model, tx), mesh)
-  step = training.make_train_step(model, tx, mesh)
+      training.create_ensemble_state(0, model, tx, ensemble_size=ensemble_size), mesh)
+  step = training.make_train_step(model, tx, mesh, ensemble_size)
   device_batch = training.device_batch(batch, PAPER_STANDARDIZER, mesh)
   holder = [state]
 
@@ -92,10 +104,36 @@ def torch_step_fn(batch: dict):
   return run, torch.get_num_threads()
 
 
+def ensemble_comparison(batch: dict, sizes: list[int]) -> None:
+  """K-member step vs K single steps, interleaved; prints the relative time per K."""
+  single, _ = jax_step_fn(batch, 1)
+  runs = {k: jax_step_fn(batch, k)[0] for k in sizes if k > 1}
+  for _ in range(FLAGS.warmup):
+    single()
+    for run in runs.values():
+      run()
+  t_single, t_k = [], {k: [] for k in runs}
+  for _ in range(FLAGS.steps):
+    t_single.append(_timed(single))
+    for k, run in runs.items():
+      t_k[k].append(_timed(run))
+  m1 = statistics.median(t_single)
+  print(f'ensembles ({FLAGS.model} network, batch {FLAGS.batch_size}, median of {FLAGS.steps}, '
+        'interleaved):')
+  print(f'  K=1  step {m1 * 1e3:8.1f} ms')
+  for k, times in t_k.items():
+    mk = statistics.median(times)
+    print(f'  K={k:<2d} step {mk * 1e3:8.1f} ms = {mk / (k * m1):.2f} x the time of {k} separate '
+          f'steps ({k * m1 * 1e3:.1f} ms); {k * FLAGS.batch_size / mk:.1f} member-spectra/s')
+
+
 def main(argv):
   del argv
   b = FLAGS.batch_size
   batch = _batch(b)
+  if FLAGS.ensemble_sizes:
+    ensemble_comparison(batch, [int(k) for k in FLAGS.ensemble_sizes.split(',') if k.strip()])
+    return
   jax_run, n_dev = jax_step_fn(batch)
   torch_run, threads = torch_step_fn(batch) if FLAGS.torch else (None, 0)
   for _ in range(FLAGS.warmup):

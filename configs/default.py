@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Relative flux levels between spectra are kept (§3.1: continuum-normalised flux failed).
   config.input_scale = 0.0
   config.seed = 0
+  # Deep ensemble (not in the paper): K networks trained together in one vmapped step, member k
+  # initialised from seed + k with its own dropout, all on the same batches; evaluation then
+  # reports σ_model, the members' spread. Early stopping on the members' mean dev loss.
+  config.ensemble_size = 1
   # Early stopping (§3.3): one dev evaluation per epoch, stop after 5 without improvement.
   config.patience = 5
   config.min_delta = 0.0

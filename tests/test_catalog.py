@@ -9,9 +9,10 @@ from astropy.io import fits
 
 from apogeenet_jax import catalog
 
-INTERFACE_COLUMNS = ['APOGEE_ID', 'RA', 'DEC', 'LOGG', 'LOGG_PRED', 'LOGG_ERR', 'TEFF',
-                     'TEFF_PRED', 'TEFF_ERR', 'FE_H', 'FE_H_PRED', 'FE_H_ERR', 'SNR', 'DATA_SET',
-                     'DATA_TYPE']
+_SIGMAS = ('_ERR', '_ERR_NOISE', '_ERR_MODEL')
+INTERFACE_COLUMNS = ['APOGEE_ID', 'RA', 'DEC',
+                     *[n + s for n in ('LOGG', 'TEFF', 'FE_H') for s in ('', '_PRED', *_SIGMAS)],
+                     'SNR', 'DATA_SET', 'DATA_TYPE']
 
 
 def test_yso_triangle_on_hand_picked_points():
@@ -58,9 +59,12 @@ def _table():
   pred[3:] = [[3.7, 3300.0, 0.1], [2.0, 4800.0, -0.5]]
   err = np.abs(rng.normal(0, 0.05, (n, 3)))
   err[4] = np.nan  # no MC for this one
+  model = np.full((n, 3), np.nan)
+  model[[1, 3]] = 0.02  # only some rows carry a member spread
   return catalog.build_catalog(
       apogee_id=[f'2M0000000{i}+0000000' for i in range(n)], ra=rng.uniform(0, 360, n),
-      dec=rng.uniform(-90, 90, n), pred=pred, pred_err=err, snr=[100, 50, 10, 0.5, 200],
+      dec=rng.uniform(-90, 90, n), pred=pred, pred_err=2 * err, pred_err_noise=err,
+      pred_err_model=model, calibrated=True, snr=[100, 50, 10, 0.5, 200],
       labels=labels, data_set=['train', 'dev', 'test', '', ''],
       data_type=['Payne', 'MStar', 'YSO', '', ''])
 
@@ -73,12 +77,18 @@ def test_catalog_round_trips_through_astropy(tmp_path, name):
   back = catalog.read_catalog(path)
   assert back.colnames == INTERFACE_COLUMNS + list(catalog.FLAG_COLUMNS)
   assert list(back['APOGEE_ID']) == list(table['APOGEE_ID'])
-  for col in INTERFACE_COLUMNS[1:13]:
+  for col in INTERFACE_COLUMNS[1:-2]:
     a = np.ma.filled(np.ma.asarray(table[col], float), np.nan)
     b = np.ma.filled(np.ma.asarray(back[col], float), np.nan)
     np.testing.assert_allclose(b, a, rtol=1e-12, equal_nan=True, err_msg=col)
   assert back['LOGG'].mask[3:].all() and not back['LOGG'].mask[:3].any()
   assert back['TEFF_ERR'].mask[4] and not back['TEFF_ERR'].mask[:4].any()
+  assert back['TEFF_ERR_MODEL'].mask[[0, 2, 4]].all() and not back['TEFF_ERR_MODEL'].mask[1]
+  for name in ('LOGG', 'TEFF', 'FE_H'):
+    for suffix in _SIGMAS:
+      assert back[name + suffix].unit == back[name].unit, name + suffix
+      assert table[name + suffix].description, name + suffix  # FITS keeps it in TCOMM only
+  assert 'calibrated on the dev split' in table['TEFF_ERR'].description
   assert back['TEFF'].unit == u.K and back['LOGG'].unit == u.dex and back['RA'].unit == u.deg
   ds = [str(x) if x is not np.ma.masked else '' for x in back['DATA_SET']]
   assert ds == ['Train', 'Dev', 'Test', '', '']

@@ -89,6 +89,7 @@ def test_checkpoint_meta_carries_paper_normalisation(converted):
   np.testing.assert_array_equal(checkpoint.standardizer_from_meta(meta).mean,
                                 PAPER_STANDARDIZER.mean)
   assert meta['label_names'] == ['LOGG', 'TEFF', 'FE_H']
+  assert meta['ensemble_size'] == 1  # the authors' weights: one network, unstacked params
 
 
 def test_mismatched_keys_are_listed(torch_model):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apogeenet_jax import catalog, checkpoint, evaluation
+from apogeenet_jax import calibration, catalog, checkpoint, evaluation
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
@@ -120,8 +120,16 @@ def test_evaluate_on_a_labelled_split_writes_metrics_and_figures(tiny_checkpoint
   assert test['Full']['mse_standardised'] == pytest.approx(np.mean(dz ** 2), rel=1e-9)
   assert test['Full']['scatter']['TEFF'] == pytest.approx(np.std(pred[:, 1] - labels[:, 1]))
   assert {os.path.basename(p) for p in out['figures']} == {
-      'labels_vs_predictions.png', 'kiel.png', 'sigma_vs_snr.png'}
+      'labels_vs_predictions.png', 'kiel.png', 'sigma_vs_snr.png', 'calibration.png'}
   assert 'test' in evaluation.format_metrics(metrics)
+  # No calibration stored: the catalogue σ is the raw one, and coverage is measured against it.
+  assert not out['calibrated'] and metrics['run']['calibration'] is None
+  np.testing.assert_array_equal(t['TEFF_ERR'], t['TEFF_ERR_NOISE'])
+  assert t['TEFF_ERR_MODEL'].mask.all()  # one network: no member spread
+  err = t['TEFF_ERR'].filled(np.nan)
+  assert test['Full']['coverage_1sigma']['TEFF'] == pytest.approx(
+      np.mean(np.abs(pred[:, 1] - labels[:, 1]) <= err))
+  assert test['YSO']['raw_coverage_2sigma']['TEFF'] == test['YSO']['coverage_2sigma']['TEFF']
 
 
 def test_compute_metrics_by_hand():
@@ -176,3 +184,113 @@ def test_sharded_over_fake_devices_equals_one_device(tiny_checkpoint):
   assert len(many['pred']) == 2 * n - 1
   np.testing.assert_allclose(many['pred'], one['pred'], rtol=1e-5)
   np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ensembles and calibration.
+
+
+def _stacked(members):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+
+
+def test_ensemble_combines_members_draws_as_specified(tiny_checkpoint):
+  """Mean over members and draws; σ_noise² = mean of member variances; σ_model = std of means."""
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  model = checkpoint.model_from_meta(meta)
+  std = checkpoint.standardizer_from_meta(meta)
+  members = [params] + [jax.jit(model.init)(jax.random.PRNGKey(k), jnp.zeros((1, N_PIXELS)))[
+      'params'] for k in (1, 2)]
+  kw = dict(mc=6, draw_chunk=3, seed=5, stream=2)
+  singles = [evaluation.predict_batches(p, model, std, _fake_split(5, 1, 3), **kw)
+             for p in members]
+  ens = evaluation.predict_batches(_stacked(members), model, std, _fake_split(5, 1, 3),
+                                   ensemble_size=3, **kw)
+  means = np.stack([s['pred'] for s in singles])
+  noise = np.stack([s['pred_err_noise'] for s in singles])
+  np.testing.assert_allclose(ens['pred'], means.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(ens['pred_err_noise'], np.sqrt((noise ** 2).mean(0)), rtol=1e-4)
+  np.testing.assert_allclose(ens['pred_err_model'], means.std(0), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(ens['pred_err'], np.sqrt(ens['pred_err_noise'] ** 2
+                                                      + ens['pred_err_model'] ** 2))
+  assert np.all(ens['pred_err_model'] > 0)
+  # One network: σ_model unmeasured (NaN), the total is σ_noise.
+  assert np.isnan(singles[0]['pred_err_model']).all()
+  np.testing.assert_array_equal(singles[0]['pred_err'], singles[0]['pred_err_noise'])
+
+
+def _copy_checkpoint(src, dst):
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def test_calibrate_stores_applies_and_can_be_switched_off(tiny_checkpoint, tmp_path, monkeypatch):
+  monkeypatch.setattr(evaluation, 'split_batches',
+                      lambda data_dir, split, bs: (_fake_split(24, {'dev': 2, 'test': 3}[split],
+                                                               bs), 24))
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  assert 'calibration' not in meta
+  record = evaluation.calibrate(params=params, meta=meta, data_dir='unused', mc=4, batch_size=8)
+  assert record['step'] == 3 and record['n']['TEFF'] == 24
+  assert os.path.exists(os.path.join(directory, 'calibration.json'))
+  # orbax still sees exactly its one step beside the sidecar.
+  assert checkpoint.make_manager(directory, create=False).all_steps() == [3]
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)  # a later run picks it up
+  assert meta['calibration']['a'] == pytest.approx(record['a'])
+  runs = {mode: evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / mode),
+                                    splits=['test'], data_dir='unused', mc=4, batch_size=8,
+                                    make_figures=False, calibration_mode=mode)
+          for mode in ('auto', 'none')}
+  cal, raw = runs['auto']['table'], runs['none']['table']
+  assert runs['auto']['calibrated'] and not runs['none']['calibrated']
+  np.testing.assert_array_equal(cal['TEFF_PRED'], raw['TEFF_PRED'])
+  np.testing.assert_array_equal(raw['TEFF_ERR'], raw['TEFF_ERR_NOISE'])
+  a, b = record['a']['TEFF'], record['b']['TEFF']
+  np.testing.assert_allclose(cal['TEFF_ERR'], np.sqrt((a * raw['TEFF_ERR']) ** 2 + b ** 2))
+  full = runs['auto']['metrics']['splits']['test']['Full']
+  for key in ('coverage_1sigma', 'coverage_2sigma', 'nll', 'raw_coverage_1sigma',
+              'raw_coverage_2sigma', 'raw_nll'):
+    assert set(full[key]) == {'LOGG', 'TEFF', 'FE_H'}, key
+  assert full['raw_coverage_1sigma'] == runs['none']['metrics']['splits']['test']['Full'][
+      'coverage_1sigma']
+  # The tiny random network is far off: its raw MC σ covers almost nothing; calibrated σ must.
+  assert full['raw_coverage_1sigma']['TEFF'] < 0.3 < full['coverage_1sigma']['TEFF']
+  assert full['nll']['TEFF'] < full['raw_nll']['TEFF']
+
+
+def test_calibration_of_another_step_is_ignored(tiny_checkpoint, tmp_path):
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  names = ('LOGG', 'TEFF', 'FE_H')
+  calibration.save(directory, {'a': dict.fromkeys(names, 2.0), 'b': dict.fromkeys(names, 0.0),
+                               'step': 99})
+  _, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  assert 'calibration' not in meta
+  with open(os.path.join(directory, 'calibration.json'), 'w') as f:
+    f.write('{"a": ')
+  with pytest.raises(calibration.CalibrationError, match=r'calibration\.json'):
+    evaluation.load_checkpoint(checkpoint_dir=directory)
+
+
+def test_ensemble_checkpoint_is_detected_from_meta(tmp_path, monkeypatch):
+  monkeypatch.setattr(evaluation, 'split_batches',
+                      lambda data_dir, split, bs: (_fake_split(5, 0, bs), 5))
+  model = APOGEENet(channels=(4, 4), hidden=(16,))
+  members = [jax.jit(model.init)(jax.random.PRNGKey(k), jnp.zeros((1, N_PIXELS)))['params']
+             for k in range(2)]
+  manager = checkpoint.make_manager(str(tmp_path / 'ens'))
+  checkpoint.save(manager, 1, {'params': _stacked(members)},
+                  checkpoint.make_meta(model, PAPER_STANDARDIZER, ensemble_size=2))
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=str(tmp_path / 'ens'))
+  assert checkpoint.ensemble_size(meta) == 2
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o'),
+                            splits=['test'], data_dir='unused', mc=3, make_figures=False)
+  t = out['table']
+  assert out['metrics']['run']['ensemble'] == 2
+  assert np.all(t['TEFF_ERR_MODEL'] > 0) and not t['TEFF_ERR_MODEL'].mask.any()
+  np.testing.assert_allclose(t['TEFF_ERR'], np.hypot(t['TEFF_ERR_NOISE'], t['TEFF_ERR_MODEL']))
+  manager = checkpoint.make_manager(str(tmp_path / 'bad'))
+  checkpoint.save(manager, 1, {'params': members[0]},
+                  checkpoint.make_meta(model, PAPER_STANDARDIZER, ensemble_size=2))
+  with pytest.raises(checkpoint.CheckpointError, match='ensemble_size 2'):
+    evaluation.load_checkpoint(checkpoint_dir=str(tmp_path / 'bad'))

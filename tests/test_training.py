@@ -107,6 +107,92 @@ def test_step_same_params_on_1_2_4_devices(n_devices):
   assert int(other.step) == 2
 
 
+def _short_batches(seeds, length=1024):
+  out = []
+  for seed in seeds:
+    examples = fake_source(8, seed)
+    out.append({'flux': np.stack([e['flux'][:length] for e in examples]),
+                'labels': np.stack([e['labels'] for e in examples]),
+                'data_type': np.array([e['data_type'] for e in examples], np.int32)})
+  return out
+
+
+def _short_model(dropout_rate):
+  # Plain SGD: Adam and gradient clipping would hide a gradient N× too large (the trap).
+  config = _config(dropout_rate=dropout_rate, optimizer='sgd', momentum=0.0, warmup_steps=0,
+                   grad_clip_norm=0.0)
+  config.model.input_length = 1024  # The step does not care about the length: keep it quick.
+  return training.create_model(config), training.create_optimizer(config)
+
+
+def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
+  mesh = training.make_mesh(n_devices)
+  std = Standardizer.fit(np.concatenate([b['labels'] for b in batches]))
+  step = training.make_train_step(model, tx, mesh, ensemble_size)
+  state = training.replicate(jax.device_get(state), mesh)  # a copy: the step donates its input
+  for batch in batches:
+    state, m = step(state, training.device_batch(batch, std, mesh))
+  return jax.device_get(state), m
+
+
+def test_ensemble_step_same_params_on_1_and_2_devices():
+  """A K-member step on a 2-device mesh equals the 1-device step (the gradient trap under vmap)."""
+  model, tx = _short_model(0.0)
+  state = training.create_ensemble_state(0, model, tx, ensemble_size=3)
+  batches = _short_batches((5, 6))
+  one, m1 = _run_steps(model, tx, state, batches, 1, 3)
+  two, m2 = _run_steps(model, tx, state, batches, 2, 3)
+  assert jax.tree.leaves(one.params)[0].shape[0] == 3
+  moved = max(np.abs(a - b).max() for a, b in zip(_leaves(one.params), _leaves(state.params),
+                                                  strict=True))
+  assert moved > 1e-4
+  _assert_trees_equal(two.params, one.params, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(m2['member_loss_sum'], m1['member_loss_sum'], rtol=1e-5)
+  np.testing.assert_allclose(float(m1['loss']), float(np.mean(m1['member_loss_sum'])) / 8,
+                             rtol=1e-5)
+
+
+def test_ensemble_member_equals_single_run_with_its_seeds():
+  """Member k of a K-member step == a single network from seed k (its init and dropout keys),
+  same batches; dropout on, 2 devices, so the per-member, per-device dropout keys are checked."""
+  model, tx = _short_model(0.3)
+  batches = _short_batches((5, 6, 7))
+  ens, _ = _run_steps(model, tx, training.create_ensemble_state(0, model, tx, ensemble_size=3),
+                      batches, 2, 3)
+  for k in range(3):
+    single = training.create_train_state(jax.random.PRNGKey(k), model, tx)
+    single, _ = _run_steps(model, tx, single, batches, 2, 1)
+    member = jax.tree.map(lambda x, k=k: x[k], ens.params)
+    _assert_trees_equal(member, single.params, rtol=1e-5, atol=1e-7)
+  # Members really differ (else the check above says nothing about per-member keys).
+  diff = max(np.abs(a[0] - a[1]).max() for a in _leaves(ens.params))
+  assert diff > 1e-2
+  assert training.create_ensemble_state(0, model, tx).params.keys() == single.params.keys()
+
+
+def test_ensemble_training_resumes_exactly_and_member0_is_the_single_run(sources, tmp_path):
+  config = _config(max_epochs=2, ensemble_size=2)
+  full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
+  training.train_and_evaluate(_config(max_epochs=1, ensemble_size=2), str(tmp_path / 'split'),
+                              sources=sources)
+  resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
+  _assert_trees_equal(resumed.params, full.params)
+  params, meta = checkpoint.load_params(str(tmp_path / 'full' / 'checkpoints'), best=False)
+  assert meta['ensemble_size'] == 2
+  assert all(x.shape[0] == 2 for x in jax.tree.leaves(params))
+  records = metrics.read_metrics(str(tmp_path / 'full'))
+  for r in records:  # early stopping watches the members' mean dev loss
+    assert r['dev_loss'] == pytest.approx((r['dev_loss_member0'] + r['dev_loss_member1']) / 2)
+    assert r['dev_loss_member0'] != r['dev_loss_member1']
+  training.train_and_evaluate(_config(max_epochs=2), str(tmp_path / 'one'), sources=sources)
+  single, single_meta = checkpoint.load_params(str(tmp_path / 'one' / 'checkpoints'), best=False)
+  assert single_meta['ensemble_size'] == 1 and single_meta['step'] == meta['step']
+  _assert_trees_equal(jax.tree.map(lambda x: x[0], params), single, rtol=1e-5, atol=1e-7)
+  with pytest.raises(training.TrainingError, match='an ensemble of 2'):
+    training.train_and_evaluate(_config(adapt=True, init_from=str(tmp_path / 'full')),
+                                str(tmp_path / 'adapt'), sources=sources)
+
+
 def test_pairwise_pool_same_outputs_and_gradients_as_reduce_window():
   """model.pool='pairwise' (the fast default) vs nn.max_pool: equal forward AND gradients,
   ties (ReLU zeros) included, odd lengths floored."""

@@ -174,3 +174,25 @@ def test_cap_modes_differ_where_real_errors_have_huge_outliers(tiny, real_apstar
   std_med = _mc(apply_fn, params, flux[None], med[None], n=30, first=True)[1]
   std_mean = _mc(apply_fn, params, flux[None], mean[None], n=30, first=False)[1]
   assert np.all(std_mean > std_med)
+
+
+def test_ensemble_map_and_vmap_agree_and_share_the_draws(tiny):
+  model, params, apply_fn = tiny
+  other = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, N_PIX)))['params']
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), params, other)
+  flux, err = _spectra(3)
+  scale = uncertainty.prepare_errors(err)
+  mc = uncertainty.make_mc_fn(apply_fn, num_draws=5, draw_chunk=2)
+  args = (flux, scale, np.arange(3, dtype=np.uint32), jax.random.PRNGKey(4))
+  mapped = [np.asarray(x) for x in uncertainty.make_ensemble_fn(mc)(stacked, *args)]
+  vmapped = [np.asarray(x) for x in uncertainty.make_ensemble_fn(mc, vectorize=True)(stacked,
+                                                                                     *args)]
+  for a, b in zip(mapped, vmapped, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # Two copies of one network: no model spread, and the draws of both copies are the same ones.
+  twins = jax.tree.map(lambda x: jnp.stack([x, x]), params)
+  mean, noise, spread = uncertainty.make_ensemble_fn(mc)(twins, *args)
+  single_mean, single_std = mc(params, *args)
+  np.testing.assert_array_equal(np.asarray(spread), 0.0)
+  np.testing.assert_allclose(mean, single_mean, rtol=1e-6)
+  np.testing.assert_allclose(noise, single_std, rtol=1e-6)
