@@ -139,12 +139,15 @@ def split_batches(data_dir: str, split: str, batch_size: int
 
 def predict_batches(params: Any, model, standardizer: Standardizer,
                     batches: Iterable[Mapping[str, np.ndarray]], *, mc: int = 100,
-                    error_cap: str = 'median', seed: int = 0,
+                    error_cap: str = 'median', seed: int = 0, estimator: str = 'mc',
                     draw_chunk: int = DEFAULT_DRAW_CHUNK, total: int | None = None,
                     stream: int = 0, desc: str = 'stars', devices: Sequence[Any] | None = None
                     ) -> dict[str, np.ndarray]:
   """Streams batches through the MC function; returns per-star arrays of the valid rows.
 
+  ``estimator='linear'`` replaces the ``mc`` draws by first-order propagation of the same capped
+  errors (``uncertainty.make_linear_fn``; pred = the noiseless forward pass); ``mc == 0`` gives
+  noiseless predictions without σ whatever the estimator.
   Returns a dict with 'pred', 'pred_err' (n, 3) native units (σ NaN when mc == 0), 'labels',
   'data_type', 'apogee_id', 'snr', 'ra', 'dec'. Star i (in stream order) draws its noise from
   ``fold_in(fold_in(PRNGKey(seed), stream), i)``, so results do not depend on the batch size;
@@ -153,7 +156,12 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   parallel, params replicated) whenever the batch size is a multiple of their number.
   """
   apply_fn = uncertainty.model_apply_fn(model)
-  if mc > 0:
+  if estimator not in uncertainty.ESTIMATORS:
+    raise EvaluationError(f'--uncertainty must be one of {uncertainty.ESTIMATORS}, '
+                          f'got {estimator!r}')
+  if mc > 0 and estimator == 'linear':
+    fn = uncertainty.make_linear_fn(apply_fn)
+  elif mc > 0:
     fn = uncertainty.make_mc_fn(apply_fn, num_draws=mc, draw_chunk=draw_chunk,
                                 noiseless_first=(error_cap == 'median'))
   elif mc == 0:
@@ -284,13 +292,16 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
              apstar_files: Sequence[str] = (), mc: int = uncertainty.PAPER_NUM_DRAWS,
              error_cap: str = 'median', seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
              draw_chunk: int = DEFAULT_DRAW_CHUNK, make_figures: bool = True,
-             num_threads: int = 4) -> dict[str, Any]:
+             num_threads: int = 4, estimator: str = 'mc') -> dict[str, Any]:
   """Predicts every star, writes the catalogue, metrics and figures; returns what it wrote.
+
+  ``estimator`` ('mc' or 'linear', see ``predict_batches``) is recorded, with the other run
+  settings, in the catalogue header and metrics.json: ``sigma`` is 'mc', 'linear' or 'none'.
 
   Give ``splits`` (with ``data_dir``) for labelled stars of the built data set, or
   ``apstar_files`` for unlabelled apStar spectra (or both). Returns a dict with the output
   paths ('catalog_fits', 'catalog_csv', 'metrics_json' or None, 'figures', 'skipped_csv' or
-  None), 'n_stars', 'n_skipped', 'metrics' and 'seconds'.
+  None), 'n_stars', 'n_skipped', 'sigma', 'metrics' and 'seconds'.
   """
   if not splits and not apstar_files:
     raise EvaluationError('nothing to evaluate: give --split (with --data_dir) or --apstar_dir')
@@ -303,12 +314,13 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
   n_dev = jax.local_device_count()
   if batch_size % n_dev:  # whole batches split evenly over the devices (results do not change)
     batch_size += n_dev - batch_size % n_dev
-  kwargs = dict(mc=mc, error_cap=error_cap, seed=seed, draw_chunk=draw_chunk)
+  kwargs = dict(mc=mc, error_cap=error_cap, seed=seed, draw_chunk=draw_chunk, estimator=estimator)
+  sigma = 'none' if mc == 0 else estimator
   parts, data_sets = [], []
   for split in splits:
     batches, n = split_batches(data_dir, split, batch_size)
-    logging.info('Predicting %d stars of split %r (mc=%d, error_cap=%s).', n, split, mc,
-                 error_cap)
+    logging.info('Predicting %d stars of split %r (σ: %s, mc=%d, error_cap=%s).', n, split,
+                 sigma, mc, error_cap)
     # One noise stream per split: star 0 of dev and of test get different noise, and a split's
     # result does not depend on which other splits run with it.
     part = predict_batches(params, model, standardizer, batches, total=n, desc=split,
@@ -317,8 +329,8 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
     data_sets.append(np.full(len(part['pred']), split))
   skipped: list[tuple[str, str]] = []
   if apstar_files:
-    logging.info('Predicting %d apStar files (mc=%d, error_cap=%s).', len(apstar_files), mc,
-                 error_cap)
+    logging.info('Predicting %d apStar files (σ: %s, mc=%d, error_cap=%s).', len(apstar_files),
+                 sigma, mc, error_cap)
     part = predict_batches(
         params, model, standardizer,
         apstar_batches(apstar_files, batch_size, skipped=skipped, num_threads=num_threads),
@@ -334,9 +346,11 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
   table = catalog.build_catalog(
       apogee_id=merged['apogee_id'], ra=merged['ra'], dec=merged['dec'], pred=merged['pred'],
       pred_err=merged['pred_err'], snr=merged['snr'], labels=merged['labels'],
-      data_set=data_set, data_type=dtype_names)
+      data_set=data_set, data_type=dtype_names, sigma=sigma)
+  # 'mc' counts the draws actually made: none in linear mode.
   run_info = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
-              'mc': int(mc), 'error_cap': error_cap, 'seed': int(seed)}
+              'sigma': sigma, 'mc': int(mc) if sigma == 'mc' else 0, 'error_cap': error_cap,
+              'seed': int(seed)}
   for k, v in run_info.items():
     table.meta[k.upper()[:8]] = '' if v is None else v
   out = {'catalog_fits': os.path.join(output_dir, CATALOG_FITS),
@@ -365,6 +379,7 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
     out['figures'] = figures.make_figures(table, os.path.join(output_dir, FIGURES_DIR),
                                           with_labels=labelled)
   out['n_stars'] = len(table)
+  out['sigma'] = sigma
   out['n_skipped'] = len(skipped)
   out['seconds'] = time.perf_counter() - t0
   out['table'] = table
