@@ -52,6 +52,7 @@ _LINEAR_MODES = flags.DEFINE_list('linear_modes', ['vjp', 'jacrev'],
                                   'make_linear_fn modes timed in the rounds (first: "JAX linear").')
 _JVP_STARS = flags.DEFINE_integer('jvp_stars', 1, 'Stars for the one-off forward-mode timing; '
                                   '0: skip.')
+_RATIO = flags.DEFINE_bool('sigma_ratio', True, 'Compare σ_linear with σ_MC (section 2).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'σ ratio: the best checkpoint of this run.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'σ ratio: this orbax checkpoint.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'σ ratio: tfds data dir of the built data set.')
@@ -279,7 +280,8 @@ def main(argv):
     sec = jvp_seconds_per_star(flux, err, _JVP_STARS.value)
     print(f'JAX linear jvp   : {1 / sec:7.3f} stars/s (forward mode, 8575 tangents per star, '
           f'{_JVP_STARS.value} star(s), timed once after the rounds)')
-  sigma_ratios()
+  if _RATIO.value:
+    sigma_ratios()
   counts = [int(s) for s in _MEM_STARS.value.split(',') if s.strip()]
   for n in counts:
     cmd = [sys.executable, __file__, f'--memory_child={n}', f'--memory_mc={_MEM_MC.value}',
