@@ -78,8 +78,9 @@ def main(argv):
       estimator=FLAGS.uncertainty)
   if out['metrics'] is not None:
     print(evaluation.format_metrics(out['metrics']))
-  print(f'{out["n_stars"]} stars in {out["seconds"]:.1f} s (sigma={out["sigma"]}, mc={FLAGS.mc}, '
-        f'error_cap={FLAGS.error_cap}, seed={FLAGS.seed})')
+  draws = f', mc={FLAGS.mc}, seed={FLAGS.seed}' if out['sigma'] == 'mc' else ''
+  print(f'{out["n_stars"]} stars in {out["seconds"]:.1f} s (sigma={out["sigma"]}{draws}, '
+        f'error_cap={FLAGS.error_cap})')
   print(f'Catalogue: {out["catalog_fits"]}\n           {out["catalog_csv"]}')
   if out['metrics_json']:
     print(f'Metrics:   {out["metrics_json"]}')
