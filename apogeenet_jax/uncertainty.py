@@ -33,12 +33,12 @@ noise (very low S/N, a ReLU or max-pool decision flipped by the noise): use the 
 Reverse mode wins because there are 3 outputs against 8575 inputs: one forward pass and three
 backward passes per star (``mode='vjp'``; the batch is one function call, so each star's pull-back
 is its own row because the rows do not interact in eval mode). Measured on 2 loaded CPU cores,
-paper-size network, batch 16 (benchmarks/mc_benchmark.py, interleaved): 'vjp' 63–65 stars/s and
-'jacrev' 73 (the same passes; either was ahead in a direct comparison at batch 8 and 32), 'jvp'
-(forward mode, 8575 tangents per star) 0.035 stars/s; MC-100 3.3–3.8 stars/s, so linear is
-16–20× MC-100. On the demo's trained network σ_linear / σ_MC-100 has median 1.13–1.17 (p10 ≈ 1.0,
-p90 ≈ 1.3); with the errors scaled down 100× it is 1.00: the excess is the network's
-non-linearity over the real noise, not a bug. Memory: the forward residuals of ``batch`` spectra
+paper-size network, batch 16 (benchmarks/mc_benchmark.py, interleaved): 'vjp' 63–65 stars/s,
+'jvp' (forward mode, 8575 tangents per star) 0.035, MC-100 3.3–3.8, so linear is 16–20× MC-100;
+'jacrev' runs the same passes and is equal within the noise (ahead in fixed-order rounds,
+behind in order-alternated ones). On the demo's trained network σ_linear / σ_MC-100 has median
+1.13–1.17 (p10 ≈ 1.0, p90 ≈ 1.3); with the errors scaled down 100× it is 1.00: the excess is
+the network's non-linearity over the real noise, not a bug. Memory: the forward residuals of ``batch`` spectra
 plus three backward passes at once, i.e. activations for ~4 · batch spectra (MC: batch ·
 draw_chunk).
 """
@@ -157,9 +157,9 @@ def make_linear_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, mode: str
   Args:
     apply_fn: ``apply_fn(params, flux (n, 8575)) -> (n, 3)``; rows must not interact (eval mode).
     mode: how the Jacobian is taken, all equal to float rounding:
-      'vjp' (default, fastest measured): one batched forward pass, then the pull-back of the 3
-        unit cotangents vmapped, i.e. 3 backward passes of the whole batch;
-      'jacrev': ``vmap(jacrev)`` over stars, one star at a time inside the vmap;
+      'vjp' (default): one batched forward pass, which is also the prediction, then the
+        pull-back of the 3 unit cotangents vmapped, i.e. 3 backward passes of the whole batch;
+      'jacrev': ``vmap(jacrev)`` over stars (the same passes, as fast within the noise);
       'jvp': forward mode, one tangent s_i·e_i per pixel in chunks of ``pixel_chunk``
         (8575 tangents per star: kept only to measure against).
     pixel_chunk: tangents per chunk in 'jvp' mode.

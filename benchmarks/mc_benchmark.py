@@ -247,11 +247,13 @@ def main(argv):
       runners['PyTorch'] = torch_runner(flux, err, _MC.value, _THREADS.value)
     except ImportError:
       print('PyTorch not installed: no reference (pip install -e ".[torch]")')
-  # Interleaved rounds: on a shared machine all sides then see the same load.
+  # Interleaved rounds: on a shared machine all sides then see the same load; the order rotates
+  # each round so that no side always runs right after the same other one.
   times = {name: [] for name in runners}
-  for _ in range(_ROUNDS.value):
-    for name, run in runners.items():
-      times[name].append(run())
+  names = list(runners)
+  for r in range(_ROUNDS.value):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      times[name].append(runners[name]())
   rate = {name: n / float(np.median(t)) for name, t in times.items()}
 
   def per_round(num, den):
