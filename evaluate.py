@@ -13,7 +13,7 @@ New, unlabelled apStar files (the common use; unreadable files go to OUT/skipped
 directory (e.g. one from ``python -m apogeenet_jax.convert_torch``). ``--error_cap=median`` (the
 authors' code, default) or ``mean`` (the paper's text); ``--mc=0`` gives noiseless predictions and
 empty σ columns. ``--uncertainty=linear`` replaces the draws by first-order propagation of the
-same capped errors (~16× faster than 100 draws; prediction = the noiseless forward pass).
+same capped errors (12–20× faster than 100 draws; prediction = the noiseless forward pass).
 ``--split`` takes a comma-separated list (``train,dev,test``). OUT receives catalog.fits,
 catalog.csv, metrics.json (labelled runs) and figures/*.png.
 Intentionally short: the logic lives in ``apogeenet_jax.evaluation``.

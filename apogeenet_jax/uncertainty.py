@@ -33,12 +33,12 @@ noise (very low S/N, a ReLU or max-pool decision flipped by the noise): use the 
 Reverse mode wins because there are 3 outputs against 8575 inputs: one forward pass and three
 backward passes per star (``mode='vjp'``; the batch is one function call, so each star's pull-back
 is its own row because the rows do not interact in eval mode). Measured on 2 loaded CPU cores,
-paper-size network, batch 16 (benchmarks/mc_benchmark.py, interleaved): 'vjp' 63–65 stars/s,
-'jvp' (forward mode, 8575 tangents per star) 0.035, MC-100 3.3–3.8, so linear is 16–20× MC-100;
-'jacrev' runs the same passes and is equal within the noise (ahead in fixed-order rounds,
-behind in order-alternated ones). On the demo's trained network σ_linear / σ_MC-100 has median
-1.13–1.17 (p10 ≈ 1.0, p90 ≈ 1.3); with the errors scaled down 100× it is 1.00: the excess is
-the network's non-linearity over the real noise, not a bug. Memory: the forward residuals of ``batch`` spectra
+paper-size network, batch 16 (benchmarks/mc_benchmark.py, interleaved): 'vjp' 62–65 stars/s,
+'jvp' (forward mode, 8575 tangents per star) 0.03, MC-100 3.1–3.8, so linear is 16–20× MC-100;
+'jacrev' runs the same passes and is equal within the noise (ahead or behind by 10–15% from run
+to run). On the demo's trained paper-size network σ_linear / σ_MC-100 has median 1.20–1.21
+(p10 ≈ 1.08, p90 ≈ 1.35–1.40); with the errors scaled down 100× it is 1.00: the excess is the
+network's non-linearity over the real noise, not a bug. Memory: the forward residuals of ``batch`` spectra
 plus three backward passes at once, i.e. activations for ~4 · batch spectra (MC: batch ·
 draw_chunk).
 """
