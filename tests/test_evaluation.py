@@ -138,15 +138,18 @@ def test_compute_metrics_by_hand():
 
 
 @pytest.mark.slow
-def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path):
+@pytest.mark.parametrize('estimator', ['mc', 'linear'])
+def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path, estimator):
   out = tmp_path / 'cli'
   env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'evaluate.py'), f'--checkpoint={tiny_checkpoint}',
        f'--apstar_dir={apstar_dir}', '--mc=3', '--batch_size=2', f'--output_dir={out}',
-       '--nofigures'], capture_output=True, text=True, env=env, timeout=300, check=False)
+       '--nofigures', f'--uncertainty={estimator}'], capture_output=True, text=True, env=env,
+      timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'(sigma={estimator}' in proc.stdout
   assert f'Catalogue: {out}/catalog.fits' in proc.stdout
   assert (out / 'catalog.csv').exists() and (out / 'skipped.csv').exists()
   shutil.rmtree(out)
