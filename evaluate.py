@@ -17,8 +17,10 @@ every later run on that checkpoint applies it, ``--calibration=none`` shows the 
 ``--workdir`` takes the best checkpoint of a training run, ``--checkpoint`` any orbax checkpoint
 directory (e.g. one from ``python -m apogeenet_jax.convert_torch``). ``--error_cap=median`` (the
 authors' code, default) or ``mean`` (the paper's text); ``--mc=0`` gives noiseless predictions and
-empty σ columns. ``--split`` takes a comma-separated list (``train,dev,test``). OUT receives
-catalog.fits, catalog.csv, metrics.json (labelled runs) and figures/*.png.
+empty σ columns. ``--uncertainty=linear`` replaces the draws by first-order propagation of the
+same capped errors (12–20× faster than 100 draws; prediction = the noiseless forward pass).
+``--split`` takes a comma-separated list (``train,dev,test``). OUT receives catalog.fits,
+catalog.csv, metrics.json (labelled runs) and figures/*.png.
 Intentionally short: the logic lives in ``apogeenet_jax.evaluation``.
 """
 
@@ -38,6 +40,9 @@ flags.DEFINE_string('data_dir', None, 'tfds data dir of the built data set (defa
 flags.DEFINE_string('apstar_dir', None, 'Directory searched recursively for apStar files.')
 flags.DEFINE_string('apstar_list', None, 'Text file with one apStar path per line.')
 flags.DEFINE_integer('mc', uncertainty.PAPER_NUM_DRAWS, 'Monte Carlo draws per star; 0: none.')
+flags.DEFINE_enum('uncertainty', 'mc', list(uncertainty.ESTIMATORS),
+                  'mc: --mc noisy draws (paper); linear: first-order propagation of the same '
+                  'capped errors, one forward + 3 backward passes (--mc unused unless 0).')
 flags.DEFINE_enum('error_cap', 'median', list(uncertainty.ERROR_CAP_MODES),
                   'median: authors\' code (5× median, draw 0 noiseless); mean: paper text.')
 flags.DEFINE_integer('seed', 0, 'PRNG seed of the draws: same seed, same catalogue.')
@@ -80,7 +85,8 @@ def main(argv):
   if FLAGS.calibrate:
     record = evaluation.calibrate(
         params=params, meta=meta, data_dir=data_dir, mc=FLAGS.mc, error_cap=FLAGS.error_cap,
-        seed=FLAGS.seed, batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk)
+        seed=FLAGS.seed, batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk,
+        estimator=FLAGS.uncertainty)
     meta['calibration'] = record
     print(f'Calibration on {record["split"]} ({record["n"]["TEFF"]} stars), '
           'σ_cal² = (a σ)² + b²: ' + ', '.join(
@@ -92,11 +98,12 @@ def main(argv):
       params=params, meta=meta, output_dir=output_dir, splits=splits, data_dir=data_dir,
       apstar_files=files, mc=FLAGS.mc, error_cap=FLAGS.error_cap, seed=FLAGS.seed,
       batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk, make_figures=FLAGS.figures,
-      calibration_mode=FLAGS.calibration)
+      calibration_mode=FLAGS.calibration, estimator=FLAGS.uncertainty)
   if out['metrics'] is not None:
     print(evaluation.format_metrics(out['metrics']))
-  print(f'{out["n_stars"]} stars in {out["seconds"]:.1f} s (mc={FLAGS.mc}, '
-        f'error_cap={FLAGS.error_cap}, seed={FLAGS.seed}, σ calibration: '
+  draws = f', mc={FLAGS.mc}, seed={FLAGS.seed}' if out['sigma'] == 'mc' else ''
+  print(f'{out["n_stars"]} stars in {out["seconds"]:.1f} s (sigma={out["sigma"]}{draws}, '
+        f'error_cap={FLAGS.error_cap}, σ calibration: '
         f'{"dev" if out["calibrated"] else "none"})')
   print(f'Catalogue: {out["catalog_fits"]}\n           {out["catalog_csv"]}')
   if out['metrics_json']:

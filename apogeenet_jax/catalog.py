@@ -8,7 +8,10 @@ Columns (units in each column's ``unit``, meaning in its ``description``):
   raw; σ_noise, the spread of the MC noise draws (averaged over members); σ_model, the spread of
   the members' means. Raw total = sqrt(σ_noise² + σ_model²). Labels masked (empty) for
   unlabelled stars, σ masked when no Monte Carlo was run (``--mc=0``), σ_model masked for a
-  single network (no ensemble: model error unmeasured, only the calibration's floor covers it),
+  single network (no ensemble: model error unmeasured, only the calibration's floor covers it).
+  With ``--uncertainty=linear`` the prediction is the noiseless forward pass and σ_noise the
+  first-order propagation of the errors; the header keyword SIGMA ('mc', 'linear', 'none') and the
+  column descriptions say which.
   SNR, DATA_SET ('Train'/'Dev'/'Test' or empty), DATA_TYPE ('Payne'/'MStar'/'YSO' or empty).
 Flags, all defined here and nowhere else:
   FLAG_TEFF_GT_6700        TEFF_PRED > 6700 K: the paper leaves these out of its catalogue
@@ -51,6 +54,14 @@ NOT_AGE_BINNED = -1
 LOW_SNR = 1.0
 PHYSICAL_RANGES = {'LOGG': (-1.0, 6.0), 'TEFF': (2000.0, 10000.0), 'FE_H': (-3.0, 1.5)}
 
+# What produced *_PRED and *_ERR (header keyword SIGMA) → their column descriptions.
+SIGMA_SOURCES = {
+    'mc': ('mean over ensemble members and MC draws',
+           'std of the MC noise draws, averaged over members (empty: no MC run)'),
+    'linear': ('noiseless prediction, mean over ensemble members',
+               'first-order propagation of the flux errors, averaged over members'),
+    'none': ('noiseless prediction, mean over ensemble members', 'not computed (empty)'),
+}
 FLAG_COLUMNS = ('FLAG_TEFF_GT_6700', 'FLAG_LOW_SNR_UNPHYSICAL', 'YSO_CANDIDATE', 'AGE_BIN')
 _SPLIT_NAMES = {'train': 'Train', 'dev': 'Dev', 'test': 'Test'}
 _UNITS = {'dex': u.dex, 'K': u.K}
@@ -111,7 +122,7 @@ def compute_flags(pred: np.ndarray, snr: np.ndarray) -> dict[str, np.ndarray]:
 def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, labels=None,
                   data_set: Sequence[str] | None = None,
                   data_type: Sequence[str] | None = None, pred_err_noise=None,
-                  pred_err_model=None, calibrated: bool = False) -> Table:
+                  pred_err_model=None, calibrated: bool = False, sigma: str = 'mc') -> Table:
   """The Table 4 catalogue plus flags.
 
   Args:
@@ -125,7 +136,12 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
     labels: (n, 3) native units with NaN rows for unlabelled stars, or None (all unlabelled).
     data_set: (n,) 'train'/'dev'/'test' (or the capitalised names, or '' when unlabelled).
     data_type: (n,) 'Payne'/'MStar'/'YSO' or ''.
+    sigma: what produced pred and pred_err, one of SIGMA_SOURCES; in the column descriptions
+      and the header keyword SIGMA.
   """
+  if sigma not in SIGMA_SOURCES:
+    raise CatalogError(f'sigma must be one of {tuple(SIGMA_SOURCES)}, got {sigma!r}')
+  pred_desc, err_desc = SIGMA_SOURCES[sigma]
   n = len(apogee_id)
   pred = np.asarray(pred, dtype=np.float64).reshape(n, len(LABEL_NAMES))
   pred_err = np.asarray(pred_err, dtype=np.float64).reshape(n, len(LABEL_NAMES))
@@ -148,12 +164,9 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   for j, (name, unit) in enumerate(zip(LABEL_NAMES, LABEL_UNITS, strict=True)):
     what = _LABEL_DESC[name]
     for suffix, arr, desc in (('', labels[:, j], f'{what}: reference label (empty: unlabelled)'),
-                              ('_PRED', pred[:, j],
-                               f'{what}: APOGEE Net, mean over ensemble members and MC draws'),
-                              ('_ERR', pred_err[:, j], f'{what}: {total_desc} (empty: no MC run)'),
-                              ('_ERR_NOISE', noise[:, j],
-                               f'{what}: std of the MC noise draws, averaged over members '
-                               '(empty: no MC run)'),
+                              ('_PRED', pred[:, j], f'{what}: APOGEE Net, {pred_desc}'),
+                              ('_ERR', pred_err[:, j], f'{what}: {total_desc} (empty: no σ)'),
+                              ('_ERR_NOISE', noise[:, j], f'{what}: {err_desc}'),
                               ('_ERR_MODEL', model[:, j],
                                f'{what}: std of the ensemble members\' means '
                                '(empty: a single network)')):
@@ -178,6 +191,7 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
     t[name].description = desc
   t.meta['ORIGIN'] = 'apogeenet-jax'
   t.meta['REFERENC'] = 'Olney et al. 2020, AJ 159, 182'
+  t.meta['SIGMA'] = sigma
   return t
 
 

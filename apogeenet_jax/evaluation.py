@@ -150,17 +150,20 @@ def split_batches(data_dir: str, split: str, batch_size: int
 
 def predict_batches(params: Any, model, standardizer: Standardizer,
                     batches: Iterable[Mapping[str, np.ndarray]], *, mc: int = 100,
-                    error_cap: str = 'median', seed: int = 0,
+                    error_cap: str = 'median', seed: int = 0, estimator: str = 'mc',
                     draw_chunk: int = DEFAULT_DRAW_CHUNK, total: int | None = None,
                     stream: int = 0, desc: str = 'stars', devices: Sequence[Any] | None = None,
                     ensemble_size: int = 1) -> dict[str, np.ndarray]:
   """Streams batches through the MC function; returns per-star arrays of the valid rows.
 
+  ``estimator='linear'`` replaces the ``mc`` draws by first-order propagation of the same capped
+  errors (``uncertainty.make_linear_fn``; pred = the noiseless forward pass); ``mc == 0`` gives
+  noiseless predictions without σ whatever the estimator.
   Returns a dict with 'pred' (n, 3) native units, the raw σ (n, 3) native units
-  'pred_err_noise' (MC spread, averaged over members; NaN when mc == 0), 'pred_err_model'
-  (spread of the members' means; NaN for one network) and 'pred_err' (their quadrature sum,
-  σ_model counted 0 for one network), 'labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec'.
-  ``ensemble_size`` K > 1: ``params`` carry a leading member axis (``uncertainty``).
+  'pred_err_noise' (MC or linear spread, averaged over members; NaN when mc == 0),
+  'pred_err_model' (spread of the members' means; NaN for one network) and 'pred_err' (their
+  quadrature sum, σ_model counted 0 for one network), 'labels', 'data_type', 'apogee_id', 'snr',
+  'ra', 'dec'. ``ensemble_size`` K > 1: ``params`` carry a leading member axis (``uncertainty``).
   Star i (in stream order) draws its noise from ``fold_in(fold_in(PRNGKey(seed), stream), i)``,
   so results do not depend on the batch size; ``stream`` separates the noise of different inputs
   (splits, apStar files) under one seed.
@@ -168,7 +171,12 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   parallel, params replicated) whenever the batch size is a multiple of their number.
   """
   apply_fn = uncertainty.model_apply_fn(model)
-  if mc > 0:
+  if estimator not in uncertainty.ESTIMATORS:
+    raise EvaluationError(f'--uncertainty must be one of {uncertainty.ESTIMATORS}, '
+                          f'got {estimator!r}')
+  if mc > 0 and estimator == 'linear':
+    fn = uncertainty.make_linear_fn(apply_fn)
+  elif mc > 0:
     fn = uncertainty.make_mc_fn(apply_fn, num_draws=mc, draw_chunk=draw_chunk,
                                 noiseless_first=(error_cap == 'median'))
   elif mc == 0:
@@ -337,8 +345,12 @@ def _even_batch_size(batch_size: int) -> int:
 def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str,
               mc: int = uncertainty.PAPER_NUM_DRAWS, error_cap: str = 'median', seed: int = 0,
               batch_size: int = DEFAULT_BATCH_SIZE, draw_chunk: int = DEFAULT_DRAW_CHUNK,
-              save: bool = True) -> dict[str, Any]:
+              save: bool = True, estimator: str = 'mc') -> dict[str, Any]:
   """Fits σ_cal² = (a σ)² + b² per label on the dev split (``calibration``); returns the record.
+
+  ``estimator`` is the σ_noise estimator the fit is made for ('mc' or 'linear': the linear σ is
+  ~1.2× the MC's on the demo network, so a fit carries over only to the estimator it was made
+  with; ``evaluate`` warns on a mismatch).
 
   The dev stars are predicted exactly as ``evaluate(splits=['dev'])`` would (same noise stream).
   With ``save`` the record goes to ``meta['checkpoint_dir']/calibration.json``, tied to
@@ -356,11 +368,11 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str,
                          error_cap=error_cap, seed=seed, draw_chunk=draw_chunk, total=n,
                          desc=f'calibrate on {CALIBRATION_SPLIT}',
                          stream=_STREAMS[CALIBRATION_SPLIT],
-                         ensemble_size=checkpoint.ensemble_size(meta))
+                         ensemble_size=checkpoint.ensemble_size(meta), estimator=estimator)
   try:
     record = calibration.fit(part['pred'], part['labels'], part['pred_err'], standardizer.std,
                              step=meta.get('step'), split=CALIBRATION_SPLIT, mc=int(mc),
-                             error_cap=error_cap, seed=int(seed),
+                             error_cap=error_cap, seed=int(seed), estimator=estimator,
                              ensemble_size=checkpoint.ensemble_size(meta))
   except calibration.CalibrationError as e:
     raise EvaluationError(f'{data_dir} {CALIBRATION_SPLIT} split: {e}') from e
@@ -373,11 +385,15 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str,
   return record
 
 
-def _calibration_in_use(meta: Mapping[str, Any], mode: str, mc: int, error_cap: str
-                        ) -> dict[str, Any] | None:
+def _calibration_in_use(meta: Mapping[str, Any], mode: str, mc: int, error_cap: str,
+                        estimator: str = 'mc') -> dict[str, Any] | None:
   if mode not in CALIBRATION_MODES:
     raise EvaluationError(f'--calibration must be one of {CALIBRATION_MODES}, got {mode!r}')
   record = meta.get('calibration') if mode == 'auto' else None
+  if record is not None and record.get('estimator', 'mc') != estimator:
+    logging.warning('The calibration was fitted for the %r σ estimator, this run uses %r: '
+                    'rerun evaluate.py --calibrate --uncertainty=%s for a matching fit.',
+                    record.get('estimator', 'mc'), estimator, estimator)
   if record is not None and (record.get('mc'), record.get('error_cap')) != (mc, error_cap):
     logging.warning('The calibration was fitted with mc=%s error_cap=%s, this run uses mc=%d '
                     'error_cap=%s: the σ it scales differ somewhat.', record.get('mc'),
@@ -390,14 +406,19 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
              apstar_files: Sequence[str] = (), mc: int = uncertainty.PAPER_NUM_DRAWS,
              error_cap: str = 'median', seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
              draw_chunk: int = DEFAULT_DRAW_CHUNK, make_figures: bool = True,
-             num_threads: int = 4, calibration_mode: str = 'auto') -> dict[str, Any]:
+             num_threads: int = 4, calibration_mode: str = 'auto',
+             estimator: str = 'mc') -> dict[str, Any]:
   """Predicts every star, writes the catalogue, metrics and figures; returns what it wrote.
+
+  ``estimator`` ('mc' or 'linear', see ``predict_batches``) is recorded, with the other run
+  settings, in the catalogue header and metrics.json: ``sigma`` is 'mc', 'linear' or 'none'.
 
   Give ``splits`` (with ``data_dir``) for labelled stars of the built data set, or
   ``apstar_files`` for unlabelled apStar spectra (or both). ``calibration_mode='auto'`` scales
   the σ by ``meta['calibration']`` when present (``calibrate``), 'none' keeps the raw σ.
+  ``estimator``: 'mc' (the paper's draws) or 'linear' (first-order propagation).
   Returns a dict with the output paths ('catalog_fits', 'catalog_csv', 'metrics_json' or None,
-  'figures', 'skipped_csv' or None), 'n_stars', 'n_skipped', 'metrics' and 'seconds'.
+  'figures', 'skipped_csv' or None), 'n_stars', 'n_skipped', 'sigma', 'metrics' and 'seconds'.
   """
   if not splits and not apstar_files:
     raise EvaluationError('nothing to evaluate: give --split (with --data_dir) or --apstar_dir')
@@ -406,16 +427,17 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
   t0 = time.perf_counter()
   model = checkpoint.model_from_meta(meta)
   standardizer = checkpoint.standardizer_from_meta(meta)
-  cal = _calibration_in_use(meta, calibration_mode, mc, error_cap)
+  cal = _calibration_in_use(meta, calibration_mode, mc, error_cap, estimator)
   os.makedirs(output_dir, exist_ok=True)
   batch_size = _even_batch_size(batch_size)
   kwargs = dict(mc=mc, error_cap=error_cap, seed=seed, draw_chunk=draw_chunk,
-                ensemble_size=checkpoint.ensemble_size(meta))
+                ensemble_size=checkpoint.ensemble_size(meta), estimator=estimator)
+  sigma_source = 'none' if mc == 0 else estimator
   parts, data_sets = [], []
   for split in splits:
     batches, n = split_batches(data_dir, split, batch_size)
-    logging.info('Predicting %d stars of split %r (mc=%d, error_cap=%s).', n, split, mc,
-                 error_cap)
+    logging.info('Predicting %d stars of split %r (σ: %s, mc=%d, error_cap=%s).', n, split,
+                 sigma_source, mc, error_cap)
     # One noise stream per split: star 0 of dev and of test get different noise, and a split's
     # result does not depend on which other splits run with it.
     part = predict_batches(params, model, standardizer, batches, total=n, desc=split,
@@ -424,8 +446,8 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
     data_sets.append(np.full(len(part['pred']), split))
   skipped: list[tuple[str, str]] = []
   if apstar_files:
-    logging.info('Predicting %d apStar files (mc=%d, error_cap=%s).', len(apstar_files), mc,
-                 error_cap)
+    logging.info('Predicting %d apStar files (σ: %s, mc=%d, error_cap=%s).', len(apstar_files),
+                 sigma_source, mc, error_cap)
     part = predict_batches(
         params, model, standardizer,
         apstar_batches(apstar_files, batch_size, skipped=skipped, num_threads=num_threads),
@@ -443,9 +465,11 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
       apogee_id=merged['apogee_id'], ra=merged['ra'], dec=merged['dec'], pred=merged['pred'],
       pred_err=sigma, pred_err_noise=merged['pred_err_noise'],
       pred_err_model=merged['pred_err_model'], snr=merged['snr'], labels=merged['labels'],
-      data_set=data_set, data_type=dtype_names, calibrated=cal is not None)
+      data_set=data_set, data_type=dtype_names, calibrated=cal is not None, sigma=sigma_source)
+  # 'mc' counts the draws actually made: none in linear mode.
   run_info = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
-              'mc': int(mc), 'error_cap': error_cap, 'seed': int(seed),
+              'sigma': sigma_source, 'mc': int(mc) if sigma_source == 'mc' else 0,
+              'error_cap': error_cap, 'seed': int(seed),
               'ensemble': checkpoint.ensemble_size(meta)}
   for k, v in run_info.items():
     table.meta[k.upper()[:8]] = '' if v is None else v
@@ -479,6 +503,7 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
     out['figures'] = figures.make_figures(table, os.path.join(output_dir, FIGURES_DIR),
                                           with_labels=labelled)
   out['n_stars'] = len(table)
+  out['sigma'] = sigma_source
   out['n_skipped'] = len(skipped)
   out['seconds'] = time.perf_counter() - t0
   out['table'] = table

@@ -1,14 +1,23 @@
-r"""Monte Carlo inference: JAX (``uncertainty.make_mc_fn``) against the paper's PyTorch model.
+r"""Noise uncertainties: JAX MC and first-order ``linear`` against the paper's PyTorch MC loop.
 
   python benchmarks/mc_benchmark.py [--num_stars=32] [--mc=100] [--batch_size=16] \
       [--draw_chunk=25] [--rounds=3] [--torch_threads=2] [--memory_stars=1000,10000] [--memory_mc=2]
+      [--linear_modes=vjp,jacrev] [--jvp_stars=1]
+      [--workdir=workdirs/demo --data_dir=data/demo/tfds --split=test]  # σ ratio, trained model
 
-1. Throughput, same run, same stars, paper-size network (Appendix B), random weights:
-   JAX: the jitted MC of ``evaluation`` (vmap over draws in chunks, lax.map over chunks),
-   error preparation included; PyTorch (Appendix B model, ``torch_threads`` threads): for each
-   star, its ``mc`` draws (flux + N(0,1)·capped error, draw 0 noiseless) as one batch, in a loop,
-   as the authors' inference code does. Prints stars/s and the ratio JAX/PyTorch (goal ≥ 3).
-2. Memory: ``evaluation.predict_batches`` streams ``memory_stars`` synthetic in-memory spectra in
+1. Throughput, same run, same stars, paper-size network (Appendix B), random weights, all
+   estimators interleaved round by round: JAX MC: the jitted MC of ``evaluation`` (vmap over
+   draws in chunks, lax.map over chunks); JAX linear: ``uncertainty.make_linear_fn`` in each of
+   ``linear_modes`` (σ by first-order propagation, no draws); both with error preparation
+   included; PyTorch (Appendix B model, ``torch_threads`` threads): for each star, its ``mc``
+   draws (flux + N(0,1)·capped error, draw 0 noiseless) as one batch, in a loop, as the authors'
+   inference code does. Prints stars/s and the ratios (goals: JAX MC / PyTorch ≥ 3; linear ≥ 5×
+   JAX MC-100 and ≥ 3× PyTorch MC-100). Forward mode (``jvp``: 8575 tangents per star) is timed
+   once on ``jvp_stars`` stars outside the rounds: it is far too slow to interleave.
+2. σ_linear / σ_MC per star and label (median, p10, p90): on a split of the built data set with a
+   trained checkpoint (``--workdir`` or ``--checkpoint``, ``--data_dir``, ``--split``), else on the
+   real apStar files of ``--apstar_dir`` (default ../shared/data/apstar) with the random network.
+3. Memory: ``evaluation.predict_batches`` streams ``memory_stars`` synthetic in-memory spectra in
    a fresh subprocess each (separate high-water marks) and reports the peak RSS; flat means the
    peak does not grow with the star count. ``memory_mc`` draws keep it quick: the per-batch
    memory depends on batch_size × draw_chunk, not on the number of stars.
@@ -49,6 +58,18 @@ _VECTORIZE = flags.DEFINE_bool('ensemble_vectorize', False, 'vmap the members in
 _MODEL = flags.DEFINE_enum('model', 'paper', ['paper', 'small'],
                            'paper: Appendix B; small: channels 8,8,16,16, hidden 64,64 (the demo '
                            'network before issue 8).')
+_LINEAR_MODES = flags.DEFINE_list('linear_modes', ['vjp', 'jacrev'],
+                                  'make_linear_fn modes timed in the rounds (first: "JAX linear").')
+_JVP_STARS = flags.DEFINE_integer('jvp_stars', 1, 'Stars for the one-off forward-mode timing; '
+                                  '0: skip.')
+_RATIO = flags.DEFINE_bool('sigma_ratio', True, 'Compare σ_linear with σ_MC (section 2).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'σ ratio: the best checkpoint of this run.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'σ ratio: this orbax checkpoint.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'σ ratio: tfds data dir of the built data set.')
+_SPLIT = flags.DEFINE_string('split', 'test', 'σ ratio: split of --data_dir.')
+_APSTAR_DIR = flags.DEFINE_string(
+    'apstar_dir', str(pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'apstar'),
+    'σ ratio without a checkpoint: real apStar files, random paper-size network.')
 
 N_PIX = 8575
 
@@ -91,14 +112,17 @@ def _jax_model(ensemble_size=1):
   return model, params
 
 
-def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1):
-  """A compiled, warmed-up ``run() -> seconds`` for MC over all stars."""
+def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1, linear_mode=None):
+  """A compiled, warmed-up ``run() -> seconds`` for MC (or ``linear_mode``) over all stars."""
   import jax
 
   from apogeenet_jax import uncertainty
   model, params = _jax_model(ensemble_size)
-  fn = uncertainty.make_mc_fn(uncertainty.model_apply_fn(model), num_draws=mc,
-                              draw_chunk=draw_chunk)
+  apply_fn = uncertainty.model_apply_fn(model)
+  if linear_mode is None:
+    fn = uncertainty.make_mc_fn(apply_fn, num_draws=mc, draw_chunk=draw_chunk)
+  else:
+    fn = uncertainty.make_linear_fn(apply_fn, mode=linear_mode)
   if ensemble_size > 1:
     fn = uncertainty.make_ensemble_fn(fn, vectorize=_VECTORIZE.value)
   key = jax.random.PRNGKey(0)
@@ -165,6 +189,62 @@ def memory_child(n_stars, mc, batch_size, draw_chunk):
   print(json.dumps({'stars': n_stars, 'peak_rss_mib': peak_kib / 1024, 'seconds': seconds}))
 
 
+def jvp_seconds_per_star(flux, err, n_stars):
+  """Forward mode, timed once (compile excluded): seconds per star."""
+  import jax
+
+  from apogeenet_jax import uncertainty
+  model, params = _jax_model()
+  fn = uncertainty.make_linear_fn(uncertainty.model_apply_fn(model), mode='jvp')
+  flux, scale = flux[:n_stars], uncertainty.prepare_errors(err[:n_stars])
+  jax.block_until_ready(fn(params, flux, scale, None, None))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(params, flux, scale, None, None))
+  return (time.perf_counter() - t0) / n_stars
+
+
+def _ratio_source():
+  """(params, model, standardizer, batches factory, description) for the σ comparison."""
+  from apogeenet_jax import evaluation
+  from apogeenet_jax.normalization import PAPER_STANDARDIZER
+  if _WORKDIR.value or _CHECKPOINT.value:
+    from apogeenet_jax import checkpoint
+    params, meta = evaluation.load_checkpoint(workdir=_WORKDIR.value,
+                                              checkpoint_dir=_CHECKPOINT.value)
+    model = checkpoint.model_from_meta(meta)
+    return (params, model, checkpoint.standardizer_from_meta(meta),
+            lambda: evaluation.split_batches(_DATA_DIR.value, _SPLIT.value, _BATCH.value)[0],
+            f'split {_SPLIT.value!r} of {_DATA_DIR.value}, checkpoint {meta["checkpoint_dir"]}')
+  from apogeenet_jax import apstar
+  files = apstar.find_apstar_files(_APSTAR_DIR.value) if os.path.isdir(_APSTAR_DIR.value) else []
+  if not files:
+    return None
+  model, params = _jax_model()
+  return (params, model, PAPER_STANDARDIZER,
+          lambda: evaluation.apstar_batches(files, _BATCH.value, skipped=[]),
+          f'{len(files)} real apStar files in {_APSTAR_DIR.value}, random paper-size network')
+
+
+def sigma_ratios():
+  """Prints σ_linear / σ_MC per label over the stars of ``_ratio_source``."""
+  from apogeenet_jax import evaluation
+  from apogeenet_jax.constants import LABEL_NAMES
+  source = _ratio_source()
+  if source is None:
+    print(f'σ ratio: no checkpoint given and no apStar files in {_APSTAR_DIR.value}: skipped')
+    return
+  params, model, standardizer, batches, what = source
+  out = {est: evaluation.predict_batches(params, model, standardizer, batches(), mc=_MC.value,
+                                         draw_chunk=_CHUNK.value, estimator=est, desc=est)
+         for est in ('linear', 'mc')}
+  ratio = out['linear']['pred_err'] / out['mc']['pred_err']
+  print(f'σ_linear / σ_MC-{_MC.value} on {what} ({len(ratio)} stars; MC-{_MC.value} σ itself '
+        f'has ~{100 / np.sqrt(2 * _MC.value):.0f}% sampling error):')
+  for j, name in enumerate(LABEL_NAMES):
+    p10, med, p90 = np.percentile(ratio[:, j], [10, 50, 90])
+    print(f'  {name:5s} median {med:.3f}  p10 {p10:.3f}  p90 {p90:.3f}')
+
+
 def main(argv):
   del argv
   if _CHILD.value:
@@ -178,17 +258,26 @@ def main(argv):
   sizes = [int(k) for k in _ENSEMBLES.value.split(',') if k.strip() and int(k) > 1]
   for k in sizes:
     runners[f'JAX K={k}'] = jax_runner(flux, err, _MC.value, _BATCH.value, _CHUNK.value, k)
+  linear_names = [f'linear {m}' for m in _LINEAR_MODES.value]
+  for name, mode in zip(linear_names, _LINEAR_MODES.value, strict=True):
+    runners[name] = jax_runner(flux, err, _MC.value, _BATCH.value, _CHUNK.value, linear_mode=mode)
   if not _SKIP_TORCH.value:
     try:
       runners['PyTorch'] = torch_runner(flux, err, _MC.value, _THREADS.value)
     except ImportError:
       print('PyTorch not installed: no reference (pip install -e ".[torch]")')
-  # Interleaved rounds: on a shared machine both sides then see the same load.
+  # Interleaved rounds: on a shared machine all sides then see the same load; the order rotates
+  # each round so that no side always runs right after the same other one.
   times = {name: [] for name in runners}
-  for _ in range(_ROUNDS.value):
-    for name, run in runners.items():
-      times[name].append(run())
+  names = list(runners)
+  for r in range(_ROUNDS.value):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      times[name].append(runners[name]())
   rate = {name: n / float(np.median(t)) for name, t in times.items()}
+
+  def per_round(num, den):
+    return ', '.join(f'{b / a:.2f}' for a, b in zip(times[num], times[den], strict=True))
+
   print(f'JAX     MC {_MC.value} draws: {rate["JAX"]:7.2f} stars/s ({rate["JAX"] * _MC.value:.0f} '
         f'spectra/s; batch {_BATCH.value}, draw_chunk {_CHUNK.value}; median of '
         f'{_ROUNDS.value} rounds of {n} stars)')
@@ -196,12 +285,28 @@ def main(argv):
     r = rate[f'JAX K={k}']
     print(f'JAX     MC {_MC.value} draws x {k} members: {r:7.2f} stars/s = '
           f'{rate["JAX"] / (k * r):.2f} x the time of {k} single-network runs')
+  for name in linear_names:
+    print(f'JAX {name:13s}: {rate[name]:7.2f} stars/s (batch {_BATCH.value}; one forward + 3 '
+          f'backward passes per star)')
   if 'PyTorch' in rate:
     print(f'PyTorch MC {_MC.value} draws: {rate["PyTorch"]:7.2f} stars/s '
           f'({rate["PyTorch"] * _MC.value:.0f} spectra/s; {_THREADS.value} threads, one batch of '
           f'{_MC.value} per star)')
     print(f'ratio JAX / PyTorch: {rate["JAX"] / rate["PyTorch"]:.2f}x  (goal >= 3x); per round: '
-          + ', '.join(f'{b / a:.2f}' for a, b in zip(times['JAX'], times['PyTorch'], strict=True)))
+          + per_round('JAX', 'PyTorch'))
+  if linear_names:
+    lin = linear_names[0]
+    print(f'linear / JAX MC-{_MC.value}: {rate[lin] / rate["JAX"]:.2f}  (goal >= 5; {lin}; per '
+          f'round: {per_round(lin, "JAX")})')
+    if 'PyTorch' in rate:
+      print(f'linear / PyTorch MC-{_MC.value}: {rate[lin] / rate["PyTorch"]:.2f}  (goal >= 3; per '
+            f'round: {per_round(lin, "PyTorch")})')
+  if _JVP_STARS.value > 0:
+    sec = jvp_seconds_per_star(flux, err, _JVP_STARS.value)
+    print(f'JAX linear jvp   : {1 / sec:7.3f} stars/s (forward mode, 8575 tangents per star, '
+          f'{_JVP_STARS.value} star(s), timed once after the rounds)')
+  if _RATIO.value:
+    sigma_ratios()
   counts = [int(s) for s in _MEM_STARS.value.split(',') if s.strip()]
   for n in counts:
     cmd = [sys.executable, __file__, f'--memory_child={n}', f'--memory_mc={_MEM_MC.value}',

@@ -113,3 +113,10 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
     catalog.write_fits(table[:2], path)
   assert open(path, 'rb').read() == before
   assert os.listdir(tmp_path) == ['catalog.fits']
+
+
+def test_unknown_sigma_source_is_a_clear_error():
+  with pytest.raises(catalog.CatalogError, match=r"sigma must be one of.*'delta'"):
+    catalog.build_catalog(apogee_id=['2M00000000+0000000'], ra=[0.0], dec=[0.0],
+                          pred=[[4.0, 5000.0, 0.0]], pred_err=[[0.1, 50.0, 0.05]], snr=[100.0],
+                          sigma='delta')

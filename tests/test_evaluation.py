@@ -15,6 +15,7 @@ from apogeenet_jax import calibration, catalog, checkpoint, evaluation
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
+from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,15 +146,18 @@ def test_compute_metrics_by_hand():
 
 
 @pytest.mark.slow
-def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path):
+@pytest.mark.parametrize('estimator', ['mc', 'linear'])
+def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path, estimator):
   out = tmp_path / 'cli'
   env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'evaluate.py'), f'--checkpoint={tiny_checkpoint}',
        f'--apstar_dir={apstar_dir}', '--mc=3', '--batch_size=2', f'--output_dir={out}',
-       '--nofigures'], capture_output=True, text=True, env=env, timeout=300, check=False)
+       '--nofigures', f'--uncertainty={estimator}'], capture_output=True, text=True, env=env,
+      timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'(sigma={estimator}' in proc.stdout
   assert f'Catalogue: {out}/catalog.fits' in proc.stdout
   assert (out / 'catalog.csv').exists() and (out / 'skipped.csv').exists()
   shutil.rmtree(out)
@@ -294,3 +298,85 @@ def test_ensemble_checkpoint_is_detected_from_meta(tmp_path, monkeypatch):
                   checkpoint.make_meta(model, PAPER_STANDARDIZER, ensemble_size=2))
   with pytest.raises(checkpoint.CheckpointError, match='ensemble_size 2'):
     evaluation.load_checkpoint(checkpoint_dir=str(tmp_path / 'bad'))
+
+
+# ------------------------------------------------------------------------------------------------
+# --uncertainty=linear: first-order propagation instead of the draws.
+
+
+def _small_error_batches(files, batch_size, factor):
+  """Real apStar batches with every good pixel's error divided by ``factor`` (1e10 kept)."""
+  for batch in evaluation.apstar_batches(files, batch_size, skipped=[]):
+    err = batch['flux_err']
+    batch['flux_err'] = np.where(err < BAD_PIXEL_ERROR, err / factor, err).astype(np.float32)
+    yield batch
+
+
+def test_linear_equals_mc_on_real_spectra_with_errors_scaled_down(real_apstar_files):
+  """With 1000× smaller errors the network is linear over the noise: σ_linear / σ_MC → 1.
+
+  Both go through predict_batches, so the error cap and the 1e10 pixels (which the real files
+  have, with outliers far above the cap) are applied the same way on both paths.
+  """
+  model = APOGEENet(channels=(4, 4), hidden=(16,))
+  params = jax.jit(model.init)(jax.random.PRNGKey(2), jnp.zeros((1, N_PIXELS)))['params']
+  files = [str(p) for p in real_apstar_files]
+  n_draws = 1000
+  run = lambda estimator: evaluation.predict_batches(  # noqa: E731
+      params, model, PAPER_STANDARDIZER, _small_error_batches(files, 4, 1000.0), mc=n_draws,
+      draw_chunk=100, estimator=estimator)
+  linear, mc = run('linear'), run('mc')
+  z = linear['pred_z']
+  # The comparison means something only if the outputs depend on the spectrum.
+  assert np.all(z.std(axis=0) > 0.05 * np.abs(z).max(axis=0)), z
+  np.testing.assert_allclose(mc['pred'], linear['pred'], rtol=1e-4)
+  ratio = linear['pred_err'] / mc['pred_err']
+  # MC sampling error of one σ: 1/√(2·1000) = 2.2%; over the 12 stars per label: ~0.65%.
+  se = 1 / np.sqrt(2 * n_draws)
+  assert np.all(np.abs(ratio - 1) < 5 * se), ratio
+  assert np.all(np.abs(np.median(ratio, axis=0) - 1) < 0.02), np.median(ratio, axis=0)
+
+
+def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
+  if jax.local_device_count() < 2:
+    pytest.skip('needs several (fake) devices')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  model = checkpoint.model_from_meta(meta)
+  std = checkpoint.standardizer_from_meta(meta)
+  n = jax.local_device_count()
+  run = lambda devices: evaluation.predict_batches(  # noqa: E731
+      params, model, std, _fake_split(2 * n - 1, 3, n), estimator='linear', devices=devices)
+  many, one = run(None), run(jax.local_devices()[:1])
+  assert len(many['pred']) == 2 * n - 1 and np.all(many['pred_err'] > 0)
+  # Split over devices XLA picks other convolution blockings: float32 rounding, no more.
+  scale = np.abs(one['pred_z']).max()
+  np.testing.assert_allclose(many['pred_z'], one['pred_z'], rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)
+  # Nothing is random in linear mode: another seed gives the same σ.
+  again = evaluation.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3), seed=5,
+                                     estimator='linear')
+  np.testing.assert_allclose(again['pred_err'], many['pred_err'], rtol=1e-5)
+  with pytest.raises(evaluation.EvaluationError, match='--uncertainty'):
+    evaluation.predict_batches(params, model, std, _fake_split(1, 3, 1), estimator='delta')
+
+
+@pytest.mark.parametrize('estimator, mc, sigma', [('linear', 100, 'linear'), ('mc', 3, 'mc'),
+                                                  ('linear', 0, 'none')])
+def test_catalog_and_metrics_record_the_estimator(tiny_checkpoint, tmp_path, monkeypatch,
+                                                  estimator, mc, sigma):
+  monkeypatch.setattr(evaluation, 'split_batches',
+                      lambda data_dir, split, bs: (_fake_split(5, 0, bs), 5))
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path), splits=['test'],
+                            data_dir='unused', mc=mc, batch_size=4, make_figures=False,
+                            estimator=estimator)
+  run = json.load(open(out['metrics_json']))['run']
+  assert out['sigma'] == run['sigma'] == sigma
+  assert run['mc'] == (mc if sigma == 'mc' else 0)  # draws actually made
+  for path in (out['catalog_fits'], out['catalog_csv']):
+    assert catalog.read_catalog(path).meta['SIGMA'] == sigma, path
+  # ECSV keeps the column descriptions (FITS does not).
+  t = catalog.read_catalog(out['catalog_csv'])
+  assert t['TEFF_ERR_NOISE'].description.endswith(catalog.SIGMA_SOURCES[sigma][1])
+  assert t['TEFF_PRED'].description.endswith(catalog.SIGMA_SOURCES[sigma][0])
+  assert bool(np.all(out['table']['TEFF_ERR'].mask)) == (sigma == 'none')

@@ -1,5 +1,6 @@
 """Monte Carlo uncertainties (uncertainty.py): error preparation and the jitted MC."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,3 +197,119 @@ def test_ensemble_map_and_vmap_agree_and_share_the_draws(tiny):
   np.testing.assert_array_equal(np.asarray(spread), 0.0)
   np.testing.assert_allclose(mean, single_mean, rtol=1e-6)
   np.testing.assert_allclose(noise, single_std, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# First-order propagation (make_linear_fn).
+
+
+class _LinearNet(nn.Module):
+  """APOGEENet's first layers with the ReLU and pooling removed: an affine map of the flux."""
+
+  @nn.compact
+  def __call__(self, flux, train=False):
+    del train
+    x = nn.Conv(3, kernel_size=(3,), padding=((1, 1),), name='conv')(flux[..., None])
+    return nn.Dense(3, name='dense')(x.reshape(x.shape[0], -1))
+
+
+def _linear_net(n_pix=N_PIX):
+  model = _LinearNet()
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, n_pix)))['params']
+  return params, uncertainty.model_apply_fn(model)
+
+
+@pytest.fixture(scope='module')
+def linear_net():
+  return _linear_net()
+
+
+def _analytic_jacobian(params):
+  """∂f_k/∂x_i of _LinearNet in float64 from its weights, no autodiff: (n_pix, 3)."""
+  kernel = np.asarray(params['conv']['kernel'], np.float64)[:, 0, :]  # (3 taps, C)
+  n_chan = kernel.shape[1]
+  dense = np.asarray(params['dense']['kernel'], np.float64).reshape(-1, n_chan, 3)  # (L, C, 3)
+  n_pix = len(dense)
+  jac = np.zeros((n_pix, 3))
+  # Conv output l reads x[l + t - 1] through tap t, so pixel i reaches output l = i + 1 - t.
+  for t in range(3):
+    lo, hi = max(0, t - 1), min(n_pix, n_pix + t - 1)
+    jac[lo:hi] += np.einsum('lck,c->lk', dense[lo + 1 - t:hi + 1 - t], kernel[t])
+  return jac
+
+
+def _linear(apply_fn, params, flux, scale, mode='vjp', **kwargs):
+  fn = uncertainty.make_linear_fn(apply_fn, mode=mode, **kwargs)
+  z, sigma = fn(params, flux, scale, np.arange(len(flux), dtype=np.uint32), jax.random.PRNGKey(0))
+  return np.asarray(z), np.asarray(sigma)
+
+
+def _apstar_like_errors(n, seed):
+  """Errors with what prepare_errors must handle: bad pixels at 1e10 and outliers above the cap."""
+  _, err = _spectra(n, seed=seed)
+  err[:, :250] = BAD_PIXEL_ERROR
+  err[:, 4000:4060] = BAD_PIXEL_ERROR
+  err[:, 6000:6020] = 500.0
+  return err
+
+
+def test_linear_sigma_of_a_linear_network_is_the_analytic_sigma(linear_net):
+  params, apply_fn = linear_net
+  flux, _ = _spectra(3, seed=7)
+  err = _apstar_like_errors(3, seed=7)
+  jac = _analytic_jacobian(params)
+  fns = {m: uncertainty.make_linear_fn(apply_fn, mode=m) for m in ('vjp', 'jacrev')}
+  for cap in uncertainty.ERROR_CAP_MODES:
+    scale = uncertainty.prepare_errors(err, cap)
+    expected = np.sqrt(np.einsum('ik,bi->bk', jac ** 2, scale.astype(np.float64) ** 2))
+    for mode, fn in fns.items():
+      z, sigma = fn(params, flux, scale, None, None)
+      np.testing.assert_allclose(sigma, expected, rtol=1e-5, err_msg=f'{cap} {mode}')
+      np.testing.assert_allclose(z, apply_fn(params, flux), rtol=1e-6, atol=1e-6)
+
+
+def test_forward_mode_gives_the_analytic_sigma_too():
+  """'jvp' (one tangent per pixel) on short spectra; 600 pixels leave a ragged last chunk."""
+  n_pix = 600
+  params, apply_fn = _linear_net(n_pix)
+  flux, err = (a[:, :n_pix] for a in _spectra(2, seed=10))
+  err[:, :20] = BAD_PIXEL_ERROR
+  scale = uncertainty.prepare_errors(err)
+  expected = np.sqrt(np.einsum('ik,bi->bk', _analytic_jacobian(params) ** 2,
+                               scale.astype(np.float64) ** 2))
+  z, sigma = _linear(apply_fn, params, flux, scale, mode='jvp', pixel_chunk=128)
+  np.testing.assert_allclose(sigma, expected, rtol=1e-5)
+  np.testing.assert_allclose(z, apply_fn(params, flux), rtol=1e-6, atol=1e-6)
+
+
+def test_mc_of_a_linear_network_agrees_with_linear_within_sampling_error(linear_net):
+  params, apply_fn = linear_net
+  flux, _ = _spectra(4, seed=8)
+  scale = uncertainty.prepare_errors(_apstar_like_errors(4, seed=8))
+  n = 400
+  _, sigma_lin = _linear(apply_fn, params, flux, scale)
+  _, sigma_mc = _mc(apply_fn, params, flux, scale, n=n, chunk=100, first=False)
+  ratio = sigma_mc / sigma_lin
+  # The sample σ of n Gaussian draws has relative standard error 1/√(2n) = 3.5% for n = 400;
+  # the 4 stars draw independent noise, their 3 labels share it.
+  se = 1 / np.sqrt(2 * n)
+  assert np.all(np.abs(ratio - 1) < 4 * se), ratio
+  assert abs(ratio.mean() - 1) < 3 * se / np.sqrt(len(flux)), ratio
+
+
+def test_linear_is_batch_and_padding_independent(tiny):
+  _, params, apply_fn = tiny
+  flux, err = _spectra(4, seed=9)
+  scale = uncertainty.prepare_errors(err)
+  z_all, sigma_all = _linear(apply_fn, params, flux, scale)
+  assert np.all(sigma_all > 0)
+  for i in range(4):
+    # Star i alone, padded with another star's copy: its pull-back must not pick up the other row.
+    pair = np.stack([flux[i], flux[(i + 1) % 4]])
+    z, sigma = _linear(apply_fn, params, pair, np.stack([scale[i], scale[(i + 1) % 4]]))
+    np.testing.assert_allclose(sigma[0], sigma_all[i], rtol=1e-5)
+    np.testing.assert_allclose(z[0], z_all[i], rtol=1e-5, atol=1e-6)
+  _, sigma_rev = _linear(apply_fn, params, flux, scale, mode='jacrev')
+  np.testing.assert_allclose(sigma_rev, sigma_all, rtol=1e-5)
+  with pytest.raises(uncertainty.UncertaintyError, match='linear mode'):
+    uncertainty.make_linear_fn(apply_fn, mode='jacfwd')
