@@ -32,6 +32,8 @@ OPTIONAL_COLUMNS = ('SPLIT', 'FILE')
 SKIP_REPORT_COLUMNS = ('file', 'apogee_id', 'reason')
 # ASPCAP and friends write -9999 for "no value"; such a label must never reach training.
 _SENTINEL = -9999.0
+# Excel's "CSV UTF-8" starts with a byte-order mark, which astropy would glue to the first name.
+_UTF8_BOM = b'\xef\xbb\xbf'
 
 
 class LabelCatalogError(ValueError):
@@ -109,8 +111,12 @@ def read_catalog(path: str | os.PathLike) -> list[LabelledStar]:
   path = pathlib.Path(path)
   try:
     if path.suffix.lower() in ('.csv', '.ecsv'):
-      table = Table.read(path, format='ascii.ecsv' if path.suffix.lower() == '.ecsv'
-                         else 'ascii.csv')
+      text_format = 'ascii.ecsv' if path.suffix.lower() == '.ecsv' else 'ascii.csv'
+      with open(path, 'rb') as f:
+        has_bom = f.read(len(_UTF8_BOM)) == _UTF8_BOM
+      # Text given to Table.read is parsed as the table itself, not as a file name.
+      table = (Table.read(path.read_text(encoding='utf-8-sig'), format=text_format) if has_bom
+               else Table.read(path, format=text_format))
     else:
       table = Table.read(path)
   except FileNotFoundError:
@@ -186,6 +192,7 @@ def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
       in sorted path order is used), one Problem each, for the skip report.
   """
   root = pathlib.Path(manual_dir).resolve()
+  roots = (root, pathlib.Path(os.path.abspath(manual_dir)))
   files_by_id = collections.defaultdict(list)
   for path in apstar.find_apstar_files(root):
     files_by_id[apstar.apogee_id_from_filename(path)].append(path)
@@ -193,8 +200,11 @@ def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
   matched, problems, used = [], [], set()
   for star in stars:
     if star.file:
-      path = pathlib.Path(star.file)
-      path = path if path.is_absolute() else root / path
+      path = _inside(root, star.file, roots)
+      if path is None:
+        problems.append(Problem(star.file, star.apogee_id, f'FILE is outside the manual_dir '
+                                f'{root}; refused (give a path relative to it)'))
+        continue
       if not path.is_file():
         problems.append(Problem(star.file, star.apogee_id, 'FILE given in the catalogue does '
                                 'not exist'))
@@ -219,6 +229,19 @@ def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
         problems.append(Problem(relative_path(path, root), star_id,
                                 'no catalogue row for this file'))
   return matched, problems
+
+
+def _inside(root: pathlib.Path, file: str, roots: tuple[pathlib.Path, ...]
+            ) -> pathlib.Path | None:
+  """root / file, or None when the catalogue's FILE leads out of root (absolute path, '..').
+
+  The catalogue is data, not configuration: its FILE must not reach /etc/passwd or another
+  survey. The check is lexical, so symlinks the owner placed inside manual_dir (data on another
+  disk) keep working while a '..' or an absolute path written in the catalogue cannot escape.
+  """
+  path = pathlib.Path(os.path.normpath(root / file))  # An absolute file replaces root here.
+  # roots: manual_dir as given and resolved, for absolute FILEs written either way.
+  return path if any(path == r or r in path.parents for r in roots) else None
 
 
 def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:

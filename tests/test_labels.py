@@ -136,3 +136,39 @@ def test_skip_report_round_trip(tmp_path):
   assert labels.read_problems(tmp_path / 'skipped.csv') == problems
   labels.write_problems([], tmp_path / 'empty.csv')
   assert (tmp_path / 'empty.csv').read_text().strip() == 'file,apogee_id,reason'
+
+
+def test_file_outside_manual_dir_is_refused(tmp_path):
+  # Issue 13 item 5: the catalogue is data; its FILE must not reach files outside manual_dir.
+  manual = tmp_path / 'manual'
+  (manual / 'sub').mkdir(parents=True)
+  (manual / 'sub' / 'inside.fits').write_bytes(b'')
+  (tmp_path / 'outside.fits').write_bytes(b'')
+  # A symlinked folder inside manual_dir is the owner's choice (data on another disk): allowed.
+  (tmp_path / 'elsewhere').mkdir()
+  (tmp_path / 'elsewhere' / 'linked.fits').write_bytes(b'')
+  (manual / 'disk2').symlink_to(tmp_path / 'elsewhere')
+  files = ['../outside.fits', str(tmp_path / 'outside.fits'), 'sub/../sub/inside.fits']
+  _table(FILE=files).write(manual / 'labels.ecsv')
+  stars = labels.read_catalog(manual / 'labels.ecsv')
+  matched, problems = labels.match_files(stars, manual)
+  assert [s.apogee_id for s, _ in matched] == ['2M03-3']
+  refused = {p.apogee_id: p for p in problems}
+  assert set(refused) == {'2M01+1', '2M02+2'}
+  for star_id, file in (('2M01+1', '../outside.fits'), ('2M02+2', str(tmp_path / 'outside.fits'))):
+    assert refused[star_id].file == file
+    assert 'outside the manual_dir' in refused[star_id].reason
+  absolute_inside = _table(ids=('2M04+4',), FILE=[str(manual / 'disk2' / 'linked.fits')])
+  absolute_inside['DATA_TYPE'] = ['Payne']
+  absolute_inside.write(manual / 'labels.ecsv', overwrite=True)
+  matched, problems = labels.match_files(labels.read_catalog(manual / 'labels.ecsv'), manual)
+  assert [s.apogee_id for s, _ in matched] == ['2M04+4'] and not [
+      p for p in problems if p.apogee_id == '2M04+4']
+
+
+def test_bom_in_csv_catalogue_is_accepted(tmp_path):
+  # Issue 13 item 6: Excel writes "UTF-8 with BOM"; the BOM glued to the first column name.
+  _table().write(tmp_path / 'plain.csv')
+  (tmp_path / 'labels.csv').write_bytes(b'\xef\xbb\xbf' + (tmp_path / 'plain.csv').read_bytes())
+  stars = labels.read_catalog(tmp_path / 'labels.csv')
+  assert [s.apogee_id for s in stars] == ['2M01+1', '2M02+2', '2M03-3']
