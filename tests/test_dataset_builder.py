@@ -152,3 +152,27 @@ def test_tfrecord_is_selectable(tmp_path):
   assert list(builder.data_path.glob('apogee-train.tfrecord-*'))
   ds = tfds.load('apogee', split='train', data_dir=str(tmp_path))
   assert len(list(ds)) == 3
+
+
+def test_rebuild_with_changed_inputs_stops_unless_overwrite(tmp_path):
+  # Issue 13 item 7: a rebuild must never quietly reuse a data set built from other inputs.
+  manual, data = tmp_path / 'manual', tmp_path / 'tfds'
+  synthetic.write_survey(manual, num_stars=6, seed=0, show_progress=False)
+  first = _build(manual, data)
+  n_first = sum(s.num_examples for s in first.info.splits.values())
+  assert n_first == 6
+  assert first.info.metadata['input_fingerprint']
+  _build(manual, data)  # Same inputs: reused, no error.
+  table = Table.read(manual / 'labels.fits')
+  table[:4].write(manual / 'labels.fits', overwrite=True)
+  with pytest.raises(apogee_dataset_builder.StaleDatasetError,
+                     match=r'apogee/1\.0\.0.*other inputs.*--overwrite'):
+    _build(manual, data)
+  rebuilt = _build(manual, data, overwrite=True)
+  assert sum(s.num_examples for s in rebuilt.info.splits.values()) == 4
+  _build(manual, data)  # The rebuilt set matches its inputs again.
+  # A changed apStar file (size and mtime) counts as changed input, too.
+  star = manual / table['FILE'][0]
+  star.write_bytes(star.read_bytes() + b'\0' * 2880)
+  with pytest.raises(apogee_dataset_builder.StaleDatasetError):
+    _build(manual, data)

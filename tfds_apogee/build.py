@@ -1,11 +1,15 @@
 r"""Builds the `apogee` TFDS data set without TensorFlow (array_record by default).
 
   python -m tfds_apogee.build --manual_dir=M --data_dir=D \
-      [--file_format=array_record|tfrecord] [--split_seed=0] [--num_workers=N]
+      [--file_format=array_record|tfrecord] [--split_seed=0] [--num_workers=N] [--overwrite]
 
 Calls the same Builder.download_and_prepare as `tfds build tfds_apogee/apogee` (which needs
 TensorFlow), then logs where the data set went and how many files or rows were skipped; the list
 is in <data set dir>/skipped.csv. tfrecord writing needs TensorFlow installed.
+
+A data set already in data_dir is reused only if it was built from the same inputs (catalogue
+bytes, split seed, size and mtime of each apStar file used); otherwise the build stops with
+StaleDatasetError, and --overwrite deletes the old data set and builds it again.
 """
 
 import os
@@ -17,19 +21,30 @@ from tfds_apogee.apogee import apogee_dataset_builder
 
 
 def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
-          split_seed: int = 0, num_workers: int = 1) -> tfds.core.DatasetBuilder:
-  """Builds (or reuses) the data set and returns its builder."""
+          split_seed: int = 0, num_workers: int = 1, overwrite: bool = False
+          ) -> tfds.core.DatasetBuilder:
+  """Builds (or reuses, when its inputs are unchanged) the data set and returns its builder.
+
+  overwrite: delete a data set already in data_dir and build it again.
+  """
   builder = apogee_dataset_builder.Builder(data_dir=data_dir, split_seed=split_seed,
                                            num_workers=num_workers, file_format=file_format)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir,
+          download_mode=(tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+                         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)))
   return builder
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers)
+  try:
+    builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers,
+                    overwrite=f.overwrite)
+  except apogee_dataset_builder.StaleDatasetError as e:
+    raise app.UsageError(str(e)) from None
   report = os.path.join(builder.data_dir, apogee_dataset_builder.SKIP_REPORT)
   n_skipped = 0
   if os.path.exists(report):
@@ -50,6 +65,8 @@ def run():
                     ['array_record', 'tfrecord'], 'Record file format (tfrecord needs TensorFlow).')
   flags.DEFINE_integer('split_seed', 0, 'Seed of the hashed train/dev/test split.')
   flags.DEFINE_integer('num_workers', os.cpu_count() or 1, 'Processes reading apStar files.')
+  flags.DEFINE_bool('overwrite', False, 'Delete a data set already in data_dir and rebuild it '
+                    '(needed when the catalogue or the apStar files changed since it was built).')
   flags.mark_flags_as_required(['manual_dir', 'data_dir'])
   app.run(main)
 

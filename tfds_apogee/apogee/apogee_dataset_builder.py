@@ -12,7 +12,10 @@ reason goes to `skipped.csv` in the data set version directory, and the count is
 """
 
 import concurrent.futures
+import hashlib
+import json
 import multiprocessing
+import os
 import pathlib
 from typing import ClassVar
 
@@ -45,6 +48,26 @@ _CITATION = """
   doi = {10.3847/1538-3881/ab7a97}
 }
 """
+
+
+class StaleDatasetError(RuntimeError):
+  """A data set exists in data_dir but was built from other inputs than manual_dir holds now."""
+
+
+def input_fingerprint(catalog: pathlib.Path, matched: list[tuple[labels.LabelledStar, str]],
+                      root: pathlib.Path, split_seed: int) -> str:
+  """sha256 of what a build reads: catalogue bytes, split seed, each used file's size and mtime.
+
+  Sizes and mtimes, not contents: hashing a survey's 650k files would cost as much as the build.
+  """
+  h = hashlib.sha256()
+  h.update(catalog.read_bytes())
+  files = []
+  for _, path in matched:
+    stat = os.stat(path)
+    files.append((labels.relative_path(path, root), stat.st_size, stat.st_mtime_ns))
+  h.update(json.dumps({'split_seed': split_seed, 'files': files}).encode())
+  return h.hexdigest()
 
 
 def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, str | None]:
@@ -150,7 +173,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # not, so it is this data set's default unless the caller asked for a format.
     if file_format is None and self._explicit_file_format is None:
       file_format = DEFAULT_FILE_FORMAT
+    config = kwargs.get('download_config')
+    if (config is not None and config.manual_dir and self.data_path.exists()
+        and not config.download_mode.overwrite_dataset):
+      self._check_inputs_unchanged(pathlib.Path(config.manual_dir))
     return super().download_and_prepare(file_format=file_format, **kwargs)
+
+  def _check_inputs_unchanged(self, manual_dir: pathlib.Path) -> None:
+    """TFDS reuses any data set it finds; refuse one whose inputs have changed since."""
+    catalog = labels.find_catalog(manual_dir)
+    matched, _ = labels.match_files(labels.read_catalog(catalog), manual_dir)
+    now = input_fingerprint(catalog, matched, manual_dir.resolve(), self._split_seed)
+    built = self.info.metadata.get('input_fingerprint') if self.info.metadata else None
+    if now != built:
+      why = ('has no record of its inputs' if built is None else
+             'was built from other inputs (label catalogue, apStar files or split seed) than')
+      raise StaleDatasetError(
+          f'{self.data_path}: this data set {why} {manual_dir} now holds. Rebuild it with '
+          f'--overwrite (python -m tfds_apogee.build ... --overwrite), which deletes it, or '
+          f'give another --data_dir.')
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     self._problems = []
@@ -182,6 +223,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                             star.data_type), split))
     self.info.metadata['split_seed'] = self._split_seed
     self.info.metadata['catalog'] = catalog.name
+    self.info.metadata['input_fingerprint'] = input_fingerprint(catalog, matched, root,
+                                                                self._split_seed)
     self.info.metadata['label_names'] = list(constants.LABEL_NAMES)
     self.info.metadata['label_units'] = list(constants.LABEL_UNITS)
     empty = [s for s, t in tasks.items() if not t]
