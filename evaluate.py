@@ -29,7 +29,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apogeenet_jax import apstar, evaluation, uncertainty
+from apogeenet_jax import evaluation, uncertainty
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training run: its best checkpoint is used.')
@@ -69,13 +69,8 @@ def main(argv):
     raise app.UsageError('--output_dir is required with --checkpoint.')
   data_dir = FLAGS.data_dir or (FLAGS.config.data_dir if FLAGS.config else None)
   splits = [s.strip() for s in FLAGS.split.split(',') if s.strip()] if FLAGS.split else []
-  files = []
-  if FLAGS.apstar_dir:
-    files += apstar.find_apstar_files(FLAGS.apstar_dir)
-  if FLAGS.apstar_list:
-    with open(FLAGS.apstar_list) as f:
-      files += [line.strip() for line in f if line.strip() and not line.startswith('#')]
-  if not splits and not files and not FLAGS.calibrate:
+  files, skipped = evaluation.apstar_inputs(FLAGS.apstar_dir, FLAGS.apstar_list)
+  if not splits and not files and not skipped and not FLAGS.calibrate:
     raise app.UsageError('Nothing to evaluate: give --split or --apstar_dir/--apstar_list '
                          '(an --apstar_dir without apStar-*.fits files counts as nothing), '
                          'or --calibrate.')
@@ -98,7 +93,7 @@ def main(argv):
       params=params, meta=meta, output_dir=output_dir, splits=splits, data_dir=data_dir,
       apstar_files=files, mc=FLAGS.mc, error_cap=FLAGS.error_cap, seed=FLAGS.seed,
       batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk, make_figures=FLAGS.figures,
-      calibration_mode=FLAGS.calibration, estimator=FLAGS.uncertainty)
+      calibration_mode=FLAGS.calibration, estimator=FLAGS.uncertainty, skipped_files=skipped)
   if out['metrics'] is not None:
     print(evaluation.format_metrics(out['metrics']))
   draws = f', mc={FLAGS.mc}, seed={FLAGS.seed}' if out['sigma'] == 'mc' else ''

@@ -75,16 +75,44 @@ class ApStarSpectrum:
 
 
 def find_apstar_files(directory: str | os.PathLike) -> list[str]:
-  """All apStar-*/asStar-* .fits[.gz] files below `directory` (recursive), sorted."""
+  """All apStar-*/asStar-* .fits[.gz] files below `directory` (recursive), sorted, each once."""
+  return scan_apstar_files(directory)[0]
+
+
+def scan_apstar_files(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
+  """(apStar files, near misses) below `directory`: each real file once, symlink loops cut.
+
+  Directory symlinks are followed (surveys are often assembled from links to other disks), but
+  a directory or file whose real path was already seen is not visited again: a link back to a
+  parent would otherwise repeat its stars or never end. Near misses are files named like an
+  apStar file (apstar…/asstar…, any case) that APSTAR_FILENAME does not match, e.g.
+  `apStar-2M01.fits` or `apstar-r8-2M01.fits.bz2`: the caller reports them instead of dropping
+  them silently.
+  """
   root = pathlib.Path(directory)
   if not root.is_dir():
     raise ApStarError(f'{root}: not a directory')
-  found = []
-  for dirpath, _, filenames in os.walk(root, followlinks=True):
-    for name in filenames:
+  found, near_misses = [], []
+  seen_dirs, seen_files = set(), set()
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen_dirs:
+      dirnames[:] = []
+      continue
+    seen_dirs.add(real)
+    # Sorted and pruned in place: the first path to a real directory wins, deterministically.
+    dirnames[:] = sorted(d for d in dirnames
+                         if os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
       if APSTAR_FILENAME.match(name):
-        found.append(os.path.join(dirpath, name))
-  return sorted(found)
+        real_file = os.path.realpath(path)
+        if real_file not in seen_files:
+          seen_files.add(real_file)
+          found.append(path)
+      elif name.lower().startswith(('apstar', 'asstar')):
+        near_misses.append(path)
+  return sorted(found), sorted(near_misses)
 
 
 def apogee_id_from_filename(path: str | os.PathLike) -> str | None:

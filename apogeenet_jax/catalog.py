@@ -12,7 +12,8 @@ Columns (units in each column's ``unit``, meaning in its ``description``):
   With ``--uncertainty=linear`` the prediction is the noiseless forward pass and σ_noise the
   first-order propagation of the errors; the header keyword SIGMA ('mc', 'linear', 'none') and the
   column descriptions say which.
-  SNR, DATA_SET ('Train'/'Dev'/'Test' or empty), DATA_TYPE ('Payne'/'MStar'/'YSO' or empty).
+  SNR, DATA_SET ('Train'/'Dev'/'Test' or empty), DATA_TYPE ('Payne'/'MStar'/'YSO' or empty),
+  FILE (the apStar file: one star observed in several files appears once per file).
 Flags, all defined here and nowhere else:
   FLAG_TEFF_GT_6700        TEFF_PRED > 6700 K: the paper leaves these out of its catalogue
                            (edge effect near the 8000 K grid limit, §3.6).
@@ -122,7 +123,8 @@ def compute_flags(pred: np.ndarray, snr: np.ndarray) -> dict[str, np.ndarray]:
 def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, labels=None,
                   data_set: Sequence[str] | None = None,
                   data_type: Sequence[str] | None = None, pred_err_noise=None,
-                  pred_err_model=None, calibrated: bool = False, sigma: str = 'mc') -> Table:
+                  pred_err_model=None, calibrated: bool = False, sigma: str = 'mc',
+                  file: Sequence[str] | None = None) -> Table:
   """The Table 4 catalogue plus flags.
 
   Args:
@@ -138,6 +140,8 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
     data_type: (n,) 'Payne'/'MStar'/'YSO' or ''.
     sigma: what produced pred and pred_err, one of SIGMA_SOURCES; in the column descriptions
       and the header keyword SIGMA.
+    file: (n,) the apStar file of each row (as given, or relative to the data set's manual_dir),
+      so one star observed in several files can be told apart; '' where unknown.
   """
   if sigma not in SIGMA_SOURCES:
     raise CatalogError(f'sigma must be one of {tuple(SIGMA_SOURCES)}, got {sigma!r}')
@@ -181,6 +185,8 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   t['DATA_TYPE'] = np.asarray(
       [str(s) for s in (data_type if data_type is not None else [''] * n)], dtype='U5')
   t['DATA_TYPE'].description = 'label source Payne/MStar/YSO; empty: unlabelled'
+  t['FILE'] = np.asarray([str(s) for s in (file if file is not None else [''] * n)], dtype=str)
+  t['FILE'].description = 'apStar file of the spectrum (data set: relative to its manual_dir)'
   flags = compute_flags(pred, snr)
   for name, desc in (
       ('FLAG_TEFF_GT_6700', f'TEFF_PRED > {TEFF_CATALOG_MAX:g} K: outside the published catalogue'),

@@ -107,7 +107,7 @@ def apstar_batches(paths: Sequence[str], batch_size: int, *, skipped: list[tuple
     except apstar.ApStarError as e:
       return path, None, str(e)
     return path, {'flux': s.flux, 'flux_err': s.flux_err, 'apogee_id': s.apogee_id,
-                  'snr': s.snr, 'ra': s.ra, 'dec': s.dec}, ''
+                  'snr': s.snr, 'ra': s.ra, 'dec': s.dec, 'file': path}, ''
 
   rows = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
@@ -135,6 +135,35 @@ def _collect(result, rows: list, batch_size: int, skipped: list):
   if len(rows) == batch_size:
     yield _pad_batch(rows, batch_size)
     rows.clear()
+
+
+def apstar_inputs(apstar_dir: str | None = None, apstar_list: str | None = None
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
+  """(apStar files to read, (path, reason) of files left out) from a folder and/or a list file.
+
+  Each real file is read once, however many links or list lines lead to it; files named like
+  apStar files that the file name pattern does not match are left out with a reason, not
+  silently ignored.
+  """
+  candidates, skipped = [], []
+  if apstar_dir:
+    found, near_misses = apstar.scan_apstar_files(apstar_dir)
+    candidates += found
+    skipped += [(p, f'{p}: named like an apStar file but not apStar-<reduction>-<APOGEE_ID>'
+                 '.fits[.gz] (nor asStar-…); rename it or give it in --apstar_list')
+                for p in near_misses]
+  if apstar_list:
+    with open(apstar_list) as f:
+      candidates += [line.strip() for line in f if line.strip() and not line.startswith('#')]
+  files, first = [], {}
+  for path in candidates:
+    real = os.path.realpath(path)
+    if real in first:
+      skipped.append((path, f'{path}: the same file as {first[real]}, read once'))
+      continue
+    first[real] = path
+    files.append(path)
+  return files, skipped
 
 
 def split_batches(data_dir: str, split: str, batch_size: int
@@ -194,7 +223,7 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   params = jax.device_put(params, NamedSharding(mesh, P()))
   row_sharding = NamedSharding(mesh, P(DATA_AXIS))
   single = NamedSharding(mesh, P())
-  keep = {k: [] for k in ('labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec')}
+  keep = {k: [] for k in ('labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec', 'file')}
   means, noises, models = [], [], []
   start = 0
   pending = None  # one batch in flight: the host prepares batch k+1 while the device runs k
@@ -223,13 +252,15 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
         finish(pending)
       pending = (*out, valid)
       for k in keep:
-        keep[k].append(np.asarray(batch[k])[valid])
+        column = batch[k] if k in batch else np.full(len(valid), '')  # 'file' is optional
+        keep[k].append(np.asarray(column)[valid])
       start += int(valid.sum())
       bar.update(int(valid.sum()))
     if pending is not None:
       finish(pending)
   n_labels = len(LABEL_NAMES)
-  empty = {'labels': np.zeros((0, n_labels)), 'apogee_id': np.zeros((0,), str)}
+  empty = {'labels': np.zeros((0, n_labels)), 'apogee_id': np.zeros((0,), str),
+           'file': np.zeros((0,), str)}
   result = {k: (np.concatenate(v) if v else empty.get(k, np.zeros((0,)))) for k, v in keep.items()}
   cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, n_labels))  # noqa: E731
   mean_z = cat(means)
@@ -407,20 +438,23 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
              error_cap: str = 'median', seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
              draw_chunk: int = DEFAULT_DRAW_CHUNK, make_figures: bool = True,
              num_threads: int = 4, calibration_mode: str = 'auto',
-             estimator: str = 'mc') -> dict[str, Any]:
+             estimator: str = 'mc', skipped_files: Sequence[tuple[str, str]] = ()
+             ) -> dict[str, Any]:
   """Predicts every star, writes the catalogue, metrics and figures; returns what it wrote.
 
   ``estimator`` ('mc' or 'linear', see ``predict_batches``) is recorded, with the other run
   settings, in the catalogue header and metrics.json: ``sigma`` is 'mc', 'linear' or 'none'.
 
   Give ``splits`` (with ``data_dir``) for labelled stars of the built data set, or
-  ``apstar_files`` for unlabelled apStar spectra (or both). ``calibration_mode='auto'`` scales
-  the σ by ``meta['calibration']`` when present (``calibrate``), 'none' keeps the raw σ.
-  ``estimator``: 'mc' (the paper's draws) or 'linear' (first-order propagation).
+  ``apstar_files`` for unlabelled apStar spectra (or both); ``skipped_files`` (path, reason),
+  e.g. from ``apstar_inputs``, go into skipped.csv with the unreadable ones.
+  ``calibration_mode='auto'`` scales the σ by ``meta['calibration']`` when present
+  (``calibrate``), 'none' keeps the raw σ. ``estimator``: 'mc' (the paper's draws) or 'linear'
+  (first-order propagation).
   Returns a dict with the output paths ('catalog_fits', 'catalog_csv', 'metrics_json' or None,
   'figures', 'skipped_csv' or None), 'n_stars', 'n_skipped', 'sigma', 'metrics' and 'seconds'.
   """
-  if not splits and not apstar_files:
+  if not splits and not apstar_files and not skipped_files:
     raise EvaluationError('nothing to evaluate: give --split (with --data_dir) or --apstar_dir')
   if splits and not data_dir:
     raise EvaluationError('--split needs --data_dir (the tfds data dir of the built data set)')
@@ -444,7 +478,7 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
                            stream=_STREAMS[split], **kwargs)
     parts.append(part)
     data_sets.append(np.full(len(part['pred']), split))
-  skipped: list[tuple[str, str]] = []
+  skipped: list[tuple[str, str]] = list(skipped_files)
   if apstar_files:
     logging.info('Predicting %d apStar files (σ: %s, mc=%d, error_cap=%s).', len(apstar_files),
                  sigma_source, mc, error_cap)
@@ -454,10 +488,19 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
         total=len(apstar_files), desc='apStar', stream=_STREAMS['apstar'], **kwargs)
     parts.append(part)
     data_sets.append(np.full(len(part['pred']), ''))
+  skipped_csv = None
+  if apstar_files or skipped_files:
+    # Written before anything can fail: when no file at all is readable, this says why.
+    skipped_csv = os.path.join(output_dir, SKIPPED_CSV)
+    with catalog.atomic_path(skipped_csv) as tmp, open(tmp, 'w', newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(['path', 'reason'])
+      writer.writerows(skipped)
+  if not parts or sum(len(p['pred']) for p in parts) == 0:
+    raise EvaluationError(f'no star could be read ({len(skipped)} files skipped, listed in '
+                          f'{skipped_csv})')
   merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   data_set = np.concatenate(data_sets)
-  if len(merged['pred']) == 0:
-    raise EvaluationError(f'no star could be read ({len(skipped)} files skipped)')
   dtype_names = np.asarray([DATA_TYPES[i] if 0 <= i < len(DATA_TYPES) else ''
                             for i in merged['data_type'].astype(int)], dtype=str)
   sigma = calibration.apply(merged['pred_err'], cal)
@@ -465,7 +508,8 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
       apogee_id=merged['apogee_id'], ra=merged['ra'], dec=merged['dec'], pred=merged['pred'],
       pred_err=sigma, pred_err_noise=merged['pred_err_noise'],
       pred_err_model=merged['pred_err_model'], snr=merged['snr'], labels=merged['labels'],
-      data_set=data_set, data_type=dtype_names, calibrated=cal is not None, sigma=sigma_source)
+      data_set=data_set, data_type=dtype_names, calibrated=cal is not None, sigma=sigma_source,
+      file=merged['file'])
   # 'mc' counts the draws actually made: none in linear mode.
   run_info = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
               'sigma': sigma_source, 'mc': int(mc) if sigma_source == 'mc' else 0,
@@ -478,15 +522,9 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
                               if k in cal} if cal is not None else None)
   out = {'catalog_fits': os.path.join(output_dir, CATALOG_FITS),
          'catalog_csv': os.path.join(output_dir, CATALOG_CSV),
-         'metrics_json': None, 'skipped_csv': None, 'figures': [], 'metrics': None}
+         'metrics_json': None, 'skipped_csv': skipped_csv, 'figures': [], 'metrics': None}
   catalog.write_fits(table, out['catalog_fits'])
   catalog.write_csv(table, out['catalog_csv'])
-  if apstar_files:
-    out['skipped_csv'] = os.path.join(output_dir, SKIPPED_CSV)
-    with open(out['skipped_csv'], 'w', newline='') as f:
-      writer = csv.writer(f)
-      writer.writerow(['path', 'reason'])
-      writer.writerows(skipped)
   labelled = bool(splits)
   if labelled:
     metrics = {'run': run_info, 'splits': {}}

@@ -11,6 +11,7 @@ Every batch is a dict of NumPy arrays:
   'labels'    (B, 3)    float32  (log g [dex], Teff [K], [Fe/H] [dex]), native units
   'data_type' (B,)      int32    index into ``constants.DATA_TYPES``
   'apogee_id' (B,)      str
+  'file'      (B,)      str      the apStar file ('' when the source has none)
   'snr', 'ra', 'dec' (B,) float32
   'mask'      (B,)      bool     True for real rows; eval batches pad the last batch with False.
 """
@@ -143,6 +144,7 @@ def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
       'labels': _labels(record),
       'data_type': _data_type_index(record['data_type']),
       'apogee_id': _as_str(record.get('apogee_id', '')),
+      'file': _as_str(record.get('file', '')),
   }
   for key, dtype in _SCALAR_KEYS.items():
     example[key] = dtype(record.get(key, np.nan))
@@ -158,6 +160,7 @@ def collate(examples: Sequence[Mapping[str, Any]], mask: np.ndarray | None = Non
       'labels': np.stack([e['labels'] for e in examples]).astype(np.float32),
       'data_type': np.asarray([e['data_type'] for e in examples], np.int32),
       'apogee_id': np.asarray([e['apogee_id'] for e in examples], dtype=str),
+      'file': np.asarray([e.get('file', '') for e in examples], dtype=str),
   }
   for key, dtype in _SCALAR_KEYS.items():
     batch[key] = np.asarray([e[key] for e in examples], dtype)

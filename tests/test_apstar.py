@@ -1,5 +1,6 @@
 """apogeenet_jax.apstar on the real SDSS files and on broken copies of them."""
 
+import os
 import shutil
 
 import numpy as np
@@ -69,6 +70,33 @@ def test_find_apstar_files(tmp_path, real_apstar_files):
   found = [p.replace(str(tmp_path) + '/', '') for p in apstar.find_apstar_files(tmp_path)]
   assert found == [f'apo25m/F1/{real_apstar_files[0].name}',
                    'asStar-r8-2M00000000+0000000.fits.gz']
+
+
+def test_symlink_loops_visit_each_real_file_once(tmp_path):
+  # Issue 13 item 4: one loop gave 41 copies of one star, two loops never ended.
+  (tmp_path / 'apo25m' / 'F1').mkdir(parents=True)
+  (tmp_path / 'apo25m' / 'F1' / 'apStar-r8-2M01+1.fits').write_bytes(b'')
+  (tmp_path / 'apo25m' / 'F1' / 'loop').symlink_to(tmp_path)
+  (tmp_path / 'apo25m' / 'back').symlink_to(tmp_path / 'apo25m')
+  (tmp_path / 'alias').symlink_to(tmp_path / 'apo25m' / 'F1')
+  (tmp_path / 'apStar-r8-2M02+2.fits').write_bytes(b'')
+  (tmp_path / 'apStar-r8-2M02+2-link.fits').symlink_to(tmp_path / 'apStar-r8-2M02+2.fits')
+  found, near = apstar.scan_apstar_files(tmp_path)
+  assert sorted(os.path.realpath(p) for p in found) == sorted(
+      str((tmp_path / p).resolve()) for p in ('apo25m/F1/apStar-r8-2M01+1.fits',
+                                              'apStar-r8-2M02+2.fits'))
+  assert near == []
+  assert apstar.find_apstar_files(tmp_path) == found
+
+
+def test_names_like_apstar_that_do_not_match_are_near_misses(tmp_path):
+  for name in ('apStar-2M01+1.fits', 'APSTAR-r8-2M01+1.fits', 'asStar-r8-2M02+2.fits.bz2',
+               'apStar-r8-2M03+3.fits', 'apVisit-r8-1-2-3.fits'):
+    (tmp_path / name).write_bytes(b'')
+  found, near = apstar.scan_apstar_files(tmp_path)
+  assert [os.path.basename(p) for p in found] == ['apStar-r8-2M03+3.fits']
+  assert [os.path.basename(p) for p in near] == ['APSTAR-r8-2M01+1.fits', 'apStar-2M01+1.fits',
+                                                 'asStar-r8-2M02+2.fits.bz2']
 
 
 def test_id_from_filename_keeps_minus_sign():

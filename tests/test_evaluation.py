@@ -1,5 +1,6 @@
 """End-to-end evaluation (evaluation.py, evaluate.py) on a tiny checkpoint and real apStar files."""
 
+import csv
 import json
 import os
 import shutil
@@ -380,3 +381,44 @@ def test_catalog_and_metrics_record_the_estimator(tiny_checkpoint, tmp_path, mon
   assert t['TEFF_ERR_NOISE'].description.endswith(catalog.SIGMA_SOURCES[sigma][1])
   assert t['TEFF_PRED'].description.endswith(catalog.SIGMA_SOURCES[sigma][0])
   assert bool(np.all(out['table']['TEFF_ERR'].mask)) == (sigma == 'none')
+def test_apstar_dir_with_links_loops_and_near_misses(tiny_checkpoint, real_apstar_files,
+                                                     tmp_path):
+  # Issue 13 item 4: each real file once, the run ends, odd names reported, FILE column.
+  d = tmp_path / 'survey'
+  (d / 'F1').mkdir(parents=True)
+  for path in real_apstar_files[:2]:
+    shutil.copy(path, d / 'F1' / path.name)
+  (d / 'F1' / 'loop').symlink_to(d)
+  (d / 'F1' / 'again').symlink_to(d)
+  (d / 'alias').symlink_to(d / 'F1')
+  near = d / 'apStar-2M01+1.fits'
+  near.write_bytes(b'')
+  listed = tmp_path / 'list.txt'
+  listed.write_text(f'{d / "alias" / real_apstar_files[0].name}\n')
+  files, skipped = evaluation.apstar_inputs(str(d), str(listed))
+  assert sorted(os.path.basename(f) for f in files) == sorted(p.name for p in real_apstar_files[:2])
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'out'),
+                            apstar_files=files, skipped_files=skipped, mc=0, batch_size=2,
+                            make_figures=False)
+  assert out['n_stars'] == 2
+  t = catalog.read_catalog(out['catalog_csv'])
+  assert sorted(t['FILE']) == sorted(files)
+  reasons = dict(csv.reader(open(out['skipped_csv'])))
+  assert 'not apStar-<reduction>-<APOGEE_ID>' in reasons[str(near)]
+  assert 'the same file as' in reasons[str(d / 'alias' / real_apstar_files[0].name)]
+
+
+def test_all_bad_folder_still_writes_skipped_csv(tiny_checkpoint, tmp_path):
+  d = tmp_path / 'bad'
+  d.mkdir()
+  (d / 'apStar-r6-2M00000000+0000000.fits').write_bytes(b'')
+  (d / 'apstar_r6_2M1.fits').write_bytes(b'')
+  files, skipped = evaluation.apstar_inputs(str(d))
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out_dir = tmp_path / 'o'
+  with pytest.raises(evaluation.EvaluationError, match=r'no star could be read.*skipped\.csv'):
+    evaluation.evaluate(params=params, meta=meta, output_dir=str(out_dir), apstar_files=files,
+                        skipped_files=skipped, mc=0)
+  rows = list(csv.reader(open(out_dir / 'skipped.csv')))
+  assert rows[0] == ['path', 'reason'] and len(rows) == 3
