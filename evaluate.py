@@ -57,6 +57,18 @@ flags.DEFINE_bool('calibrate', False, 'Fit σ_cal² = (a σ)² + b² per label o
 flags.DEFINE_enum('calibration', 'auto', list(evaluation.CALIBRATION_MODES),
                   "auto: apply the checkpoint's calibration when it has one; none: raw σ.")
 config_flags.DEFINE_config_file('config', None, 'Optional training config: supplies data_dir.')
+# Checked when the flags are parsed, before the checkpoint is loaded or a folder is made.
+flags.register_validator('batch_size', lambda v: v >= 1, '--batch_size must be >= 1')
+flags.register_validator('draw_chunk', lambda v: v >= 1, '--draw_chunk must be >= 1')
+flags.register_validator('mc', lambda v: v >= 0, '--mc must be >= 0 (0: no Monte Carlo)')
+
+
+@flags.validator('output_dir')
+def _check_output_dir(value):
+  problem = value and evaluation.output_dir_problem(value)
+  if problem:
+    raise flags.ValidationError(problem)
+  return True
 
 
 def main(argv):
@@ -67,6 +79,8 @@ def main(argv):
   output_dir = FLAGS.output_dir or (os.path.join(FLAGS.workdir, 'eval') if FLAGS.workdir else None)
   if output_dir is None:
     raise app.UsageError('--output_dir is required with --checkpoint.')
+  if problem := evaluation.output_dir_problem(output_dir):  # The WORKDIR/eval default.
+    raise app.UsageError(f'--output_dir: {problem}')
   data_dir = FLAGS.data_dir or (FLAGS.config.data_dir if FLAGS.config else None)
   splits = [s.strip() for s in FLAGS.split.split(',') if s.strip()] if FLAGS.split else []
   files, skipped = evaluation.apstar_inputs(FLAGS.apstar_dir, FLAGS.apstar_list)

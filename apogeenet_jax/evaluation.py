@@ -66,6 +66,24 @@ class EvaluationError(RuntimeError):
   """Evaluation cannot run: bad arguments, no checkpoint, no spectra."""
 
 
+def output_dir_problem(path: str) -> str | None:
+  """Why ``path`` cannot receive the outputs (an existing file, an unwritable place), or None.
+
+  Checked before any work: otherwise a raw FileExistsError would come after minutes of MC.
+  """
+  if os.path.exists(path) and not os.path.isdir(path):
+    return f'{path} exists and is not a directory'
+  # The nearest existing ancestor is where the folder would be created.
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return f'{path} cannot be created: {existing} is a file'
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return f'{path} is not writable (no write permission on {existing})'
+  return None
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints.
 
@@ -458,6 +476,13 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
     raise EvaluationError('nothing to evaluate: give --split (with --data_dir) or --apstar_dir')
   if splits and not data_dir:
     raise EvaluationError('--split needs --data_dir (the tfds data dir of the built data set)')
+  for name, value, least in (('batch_size', batch_size, 1), ('mc', mc, 0),
+                             ('draw_chunk', draw_chunk, 1)):
+    if value < least:
+      raise EvaluationError(f'--{name} must be >= {least}, got {value}')
+  problem = output_dir_problem(output_dir)
+  if problem:
+    raise EvaluationError(f'--output_dir: {problem}')
   t0 = time.perf_counter()
   model = checkpoint.model_from_meta(meta)
   standardizer = checkpoint.standardizer_from_meta(meta)

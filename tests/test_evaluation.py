@@ -422,3 +422,43 @@ def test_all_bad_folder_still_writes_skipped_csv(tiny_checkpoint, tmp_path):
                         skipped_files=skipped, mc=0)
   rows = list(csv.reader(open(out_dir / 'skipped.csv')))
   assert rows[0] == ['path', 'reason'] and len(rows) == 3
+
+
+def _parse_evaluate_flags(argv):
+  """Parses argv with evaluate.py's own flags and validators (imported once, in-process)."""
+  from absl import flags
+  evaluate = pytest.importorskip('evaluate')
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(['evaluate.py', *argv])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return evaluate
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--batch_size=0', 'batch_size must be >= 1'), ('--batch_size=-3', 'batch_size must be >= 1'),
+    ('--mc=-1', 'mc must be >= 0'), ('--draw_chunk=0', 'draw_chunk must be >= 1')])
+def test_bad_numbers_are_refused_when_flags_are_parsed(flag, message):
+  # Issue 13 item 8: refused before any work, one line each, not ZeroDivisionError or grain's.
+  from absl import flags
+  with pytest.raises(flags.IllegalFlagValueError, match=message):
+    _parse_evaluate_flags([flag])
+
+
+def test_bad_output_dir_is_refused_when_flags_are_parsed(tmp_path, monkeypatch):
+  from absl import flags
+  a_file = tmp_path / 'file'
+  a_file.write_text('x')
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  real_access = os.access
+  # chmod does not stop root, who runs some CI: pretend the permission bits say no.
+  monkeypatch.setattr(os, 'access', lambda p, mode: p != str(locked) and real_access(p, mode))
+  for path, message in {str(a_file): 'exists and is not a directory',
+                        str(a_file / 'below'): 'is a file',
+                        str(locked / 'out'): 'not writable'}.items():
+    with pytest.raises(flags.IllegalFlagValueError, match=message):
+      _parse_evaluate_flags([f'--output_dir={path}'])
+  _parse_evaluate_flags([f'--output_dir={tmp_path / "new" / "out"}', '--mc=0'])  # fine
+  assert not (tmp_path / 'new').exists()
