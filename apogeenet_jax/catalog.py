@@ -32,6 +32,7 @@ read it with ``Table.read(path, format='ascii.ecsv')`` or ``pandas.read_csv(path
 
 import contextlib
 import os
+import stat
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -201,6 +202,14 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   return t
 
 
+def _umask() -> int:
+  # Reading the umask means setting it for an instant; every file writer here creates its files
+  # from the main thread, so no other file is created in between.
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
   """Yields a temporary path beside ``path``; moves it over ``path`` only if the body succeeds.
@@ -215,6 +224,13 @@ def atomic_path(path: str):
   os.close(fd)
   try:
     yield tmp
+    # mkstemp's file is private (0600); the result must get the mode any file the user writes
+    # gets (the umask's, or the mode of the file it replaces), so collaborators can read it.
+    try:
+      mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+      mode = 0o666 & ~_umask()
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

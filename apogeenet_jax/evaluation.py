@@ -381,6 +381,27 @@ def _write_json_atomic(obj: Any, path: str) -> None:
     json.dump(obj, f, indent=2, allow_nan=True)
 
 
+def _remove_stale_outputs(output_dir: str, out: Mapping[str, Any]) -> None:
+  """Deletes outputs an earlier run (of another mode) left that this run did not rewrite.
+
+  A skipped.csv from an apStar run beside a split run's catalogue, or last week's figures,
+  would describe another run than the catalogue beside them. Runs after the new outputs are
+  written, so a failed run leaves the previous run's outputs whole.
+  """
+  written = {os.path.abspath(p) for p in (out['catalog_fits'], out['catalog_csv'],
+                                          out['metrics_json'], out['skipped_csv'],
+                                          *out['figures']) if p}
+  figures_dir = os.path.join(output_dir, FIGURES_DIR)
+  ours = [os.path.join(output_dir, name) for name in (CATALOG_FITS, CATALOG_CSV, METRICS_JSON,
+                                                      SKIPPED_CSV)]
+  if os.path.isdir(figures_dir):
+    ours += [os.path.join(figures_dir, n) for n in os.listdir(figures_dir) if n.endswith('.png')]
+  for path in ours:
+    if os.path.isfile(path) and os.path.abspath(path) not in written:
+      logging.info('Removing %s: left by an earlier run, not written by this one.', path)
+      os.remove(path)
+
+
 # ------------------------------------------------------------------------------------------------
 # The whole job.
 
@@ -565,6 +586,7 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
   if make_figures:
     out['figures'] = figures.make_figures(table, os.path.join(output_dir, FIGURES_DIR),
                                           with_labels=labelled)
+  _remove_stale_outputs(output_dir, out)
   out['n_stars'] = len(table)
   out['sigma'] = sigma_source
   out['n_skipped'] = len(skipped)

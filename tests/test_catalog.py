@@ -1,6 +1,7 @@
 """The output catalogue (catalog.py): flags on hand-picked points, round trips, atomic writes."""
 
 import os
+import stat
 
 import astropy.units as u
 import numpy as np
@@ -120,3 +121,18 @@ def test_unknown_sigma_source_is_a_clear_error():
     catalog.build_catalog(apogee_id=['2M00000000+0000000'], ra=[0.0], dec=[0.0],
                           pred=[[4.0, 5000.0, 0.0]], pred_err=[[0.1, 50.0, 0.05]], snr=[100.0],
                           sigma='delta')
+
+
+def test_outputs_get_the_umask_mode_not_0600(tmp_path):
+  # Issue 13 item 9: mkstemp's private mode leaked into catalog.*, metrics.json and figures.
+  old = os.umask(0o027)
+  try:
+    catalog.write_csv(_table(), str(tmp_path / 'catalog.csv'))
+    assert stat.S_IMODE(os.stat(tmp_path / 'catalog.csv').st_mode) == 0o640
+    os.chmod(tmp_path / 'catalog.csv', 0o604)  # A mode the user chose survives a rewrite.
+    catalog.write_fits(_table(), str(tmp_path / 'catalog.fits'))
+    catalog.write_csv(_table(), str(tmp_path / 'catalog.csv'))
+    assert stat.S_IMODE(os.stat(tmp_path / 'catalog.csv').st_mode) == 0o604
+    assert stat.S_IMODE(os.stat(tmp_path / 'catalog.fits').st_mode) == 0o640
+  finally:
+    os.umask(old)

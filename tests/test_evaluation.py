@@ -462,3 +462,25 @@ def test_bad_output_dir_is_refused_when_flags_are_parsed(tmp_path, monkeypatch):
       _parse_evaluate_flags([f'--output_dir={path}'])
   _parse_evaluate_flags([f'--output_dir={tmp_path / "new" / "out"}', '--mc=0'])  # fine
   assert not (tmp_path / 'new').exists()
+
+
+def test_outputs_of_an_earlier_run_of_another_mode_are_removed(tiny_checkpoint, apstar_dir,
+                                                               tmp_path, monkeypatch):
+  # Issue 13 item 9: the output folder describes one run, not the union of several.
+  monkeypatch.setattr(evaluation, 'split_batches',
+                      lambda data_dir, split, bs: (_fake_split(5, 0, bs), 5))
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out_dir = tmp_path / 'out'
+  common = dict(params=params, meta=meta, output_dir=str(out_dir), mc=0, batch_size=4)
+  evaluation.evaluate(apstar_files=_files(apstar_dir), make_figures=False, **common)
+  assert (out_dir / 'skipped.csv').exists()
+  (out_dir / 'figures').mkdir()
+  (out_dir / 'figures' / 'kiel.png').write_bytes(b'last week')
+  (out_dir / 'notes.txt').write_text('mine')
+  labelled = evaluation.evaluate(splits=['test'], data_dir='unused', make_figures=False, **common)
+  assert sorted(os.listdir(out_dir)) == ['catalog.csv', 'catalog.fits', 'figures', 'metrics.json',
+                                         'notes.txt']
+  assert os.listdir(out_dir / 'figures') == []
+  assert labelled['skipped_csv'] is None
+  evaluation.evaluate(apstar_files=_files(apstar_dir), make_figures=False, **common)
+  assert not (out_dir / 'metrics.json').exists() and (out_dir / 'skipped.csv').exists()
