@@ -12,11 +12,13 @@ A ``calibration.json`` beside the steps (``calibration``) is read into ``meta['c
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from apogeenet_jax import calibration
 from apogeenet_jax.constants import LABEL_NAMES
@@ -38,8 +40,14 @@ META_ITEM = 'meta'
 BEST_METRIC = 'dev_loss'
 
 
+# A damaged step makes orbax and tensorstore raise many types: ValueError (OUT_OF_RANGE, bad
+# JSON), KeyError (a deleted item), FileNotFoundError, and a bare Exception for a truncated
+# array data file. All of them mean "this step cannot be restored".
+_RESTORE_ERRORS = (Exception,)
+
+
 class CheckpointError(RuntimeError):
-  """A checkpoint directory is missing, empty or incomplete."""
+  """A checkpoint directory is missing, empty, incomplete or damaged."""
 
 
 def model_config(model: APOGEENet) -> dict[str, Any]:
@@ -107,6 +115,58 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   return out[STATE_ITEM], dict(out[META_ITEM])
 
 
+def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  """The folder of ``step`` (orbax names it by the bare step number)."""
+  return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any, *,
+                   set_aside: bool = True) -> tuple[int, Any, dict[str, Any]] | None:
+  """(step, state, meta) of the newest step that restores; None when there is no step.
+
+  A step that fails to restore (a disk filled up or a copy was cut short) is logged with the
+  reason and skipped. Once an older step restores, the broken newer ones are moved to
+  ``<directory>.corrupt/`` when ``set_aside`` (pass it on one process only): orbax would
+  otherwise refuse to save those step numbers again, and the evidence is kept, not deleted.
+
+  Raises:
+    CheckpointError: steps exist but none restores; names each step folder and its error.
+  """
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, meta = restore_state(manager, step, abstract_state)
+    except _RESTORE_ERRORS as e:
+      reason = _reason(e)
+      absl_logging.warning('Checkpoint step %d (%s) cannot be restored, skipped: %s', step,
+                           step_dir(manager, step), reason)
+      failures.append((step, reason))
+      continue
+    if failures and set_aside:
+      aside = os.fspath(manager.directory).rstrip(os.sep) + '.corrupt'
+      os.makedirs(aside, exist_ok=True)
+      for bad, _ in failures:
+        target = os.path.join(aside, f'{bad}-{time.strftime("%Y%m%dT%H%M%S")}')
+        os.replace(step_dir(manager, bad), target)
+        absl_logging.warning('Moved the broken step %d to %s.', bad, target)
+      manager.reload()
+    if failures:
+      absl_logging.warning('Resuming from step %d, the newest checkpoint that restores.', step)
+    return step, state, meta
+  if not failures:
+    return None
+  listing = '; '.join(f'{step_dir(manager, s)}: {r}' for s, r in failures)
+  raise CheckpointError(
+      f'{manager.directory}: no step restores ({listing}). Restore the folder from a backup, or '
+      f'start afresh in a new workdir (or move {manager.directory} away).')
+
+
+def _reason(e: BaseException) -> str:
+  """One line: tensorstore's messages run over many lines of JSON spec."""
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0][:200] if lines else ""}'
+
+
 def load_params(directory: str, *, step: int | None = None, best: bool = True
                 ) -> tuple[Any, dict[str, Any]]:
   """Params and meta from any checkpoint directory of this package.
@@ -125,8 +185,9 @@ def load_params(directory: str, *, step: int | None = None, best: bool = True
   try:
     out = manager.restore(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardRestore(), META_ITEM: ocp.args.JsonRestore()}))
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    raise CheckpointError(f'{directory}: step {step} cannot be restored: {e}') from e
+  except _RESTORE_ERRORS as e:
+    raise CheckpointError(f'{directory}: step {step} cannot be restored (step folder '
+                          f'{os.path.join(directory, str(step))}): {_reason(e)}') from e
   state, meta = out[STATE_ITEM], dict(out[META_ITEM])
   params = state['params'] if isinstance(state, Mapping) else getattr(state, 'params', None)
   if params is None:

@@ -58,6 +58,27 @@ class MetricWriter:
           self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
 
+  def discard_after(self, step: int | None) -> int:
+    """Drops the records of steps after ``step`` (all when None): the run resumes from ``step``.
+
+    Rows are written before their checkpoint, so a kill between the two leaves a row whose
+    epoch the resumed run does again; dropping it keeps every epoch exactly once. Returns the
+    number of records dropped.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    records = read_metrics(os.path.dirname(self.path))
+    keep = [r for r in records if step is not None and int(r['step']) <= step]
+    if len(keep) == len(records):
+      return 0
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in keep)
+    os.replace(tmp, self.path)
+    logging.info('%s: dropped %d record(s) after step %s, the step this run resumes from.',
+                 self.path, len(records) - len(keep), step)
+    return len(records) - len(keep)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

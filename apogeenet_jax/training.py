@@ -652,7 +652,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   counts = {t: int(np.sum(train_meta['data_type'] == i)) for i, t in enumerate(DATA_TYPES)}
   logging.info('Training spectra per data type: %s; dev: %d', counts, len(dev_source))
 
-  manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
+  # Two latest (plus the best): a damaged newest step still leaves one to resume from.
+  manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR), keep_latest=2)
   init_meta = init_params = None
   ensemble_size = int(config.get('ensemble_size', 1))
   if config.adapt:
@@ -675,9 +676,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = replicate(state, mesh)
   abstract_state = _abstract(state, mesh)
 
-  latest = manager.latest_step()
+  restored = checkpoint.restore_newest(manager, abstract_state, set_aside=is_main)
+  latest = restored[0] if restored else None
   if latest is not None:
-    state, saved_meta = checkpoint.restore_state(manager, latest, abstract_state)
+    _, state, saved_meta = restored
     standardizer = checkpoint.standardizer_from_meta(saved_meta)
     logging.info('Resumed %s at step %d (epoch %d, round %d).', workdir, latest,
                  int(state.epoch), int(state.adapt_round))
@@ -694,6 +696,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                'train_counts': counts, 'num_dev': len(dev_source)},
       init_from=config.init_from if config.adapt else '')
   writer = MetricWriter(workdir, enabled=is_main)
+  writer.discard_after(latest)  # Rows of epochs after the checkpoint are done again.
   train_step, eval_step = _compiled_steps(model, _optimizer_key(config), mesh, ensemble_size)
   dev_indices = np.arange(len(dev_source))[process_index::process_count]
   # Every process must run the same number of eval steps: pad to the largest shard.
@@ -725,8 +728,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = replicate(state.replace(best_dev_loss=jnp.float32(loss0),
                                     best_adapt_loss=jnp.float32(loss0),
                                     adapt_round=jnp.int32(1)), mesh)
-    save(state, loss0)
     writer.write_scalars(0, {**dev, 'epoch': 0, 'adapt_round': 0})
+    save(state, loss0)
     logging.info('Initial MStar+YSO dev loss %.5f', loss0)
 
   flag = _StopFlag()
@@ -785,15 +788,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
       state, improved = update_early_stopping(state, dev[stop_loss_key], config.min_delta)
       state = replicate(state, mesh)
-      # "Best" for orbax (and so for evaluate.py) is the checkpoint early stopping chose: an
-      # epoch that did not improve by min_delta is never best.
-      save(state, dev[stop_loss_key] if improved else float('inf'))
       scalars = {'epoch': epoch + 1, 'adapt_round': int(state.adapt_round),
                  'epoch_seconds': time.perf_counter() - t0,
                  'train_spectra_per_s': float(sums['spectra_per_s']) if sums else 0.0,
                  **(summarize(sums, 'train') if sums else {}), **dev,
                  'best_dev_loss': float(state.best_dev_loss)}
+      # The row first, then the checkpoint: a kill in between costs a redone epoch (its row is
+      # dropped on resume), never a lost row.
       writer.write_scalars(int(state.step), scalars)
+      # "Best" for orbax (and so for evaluate.py) is the checkpoint early stopping chose: an
+      # epoch that did not improve by min_delta is never best.
+      save(state, dev[stop_loss_key] if improved else float('inf'))
       logging.info(
           'epoch %d%s: train %.5f dev %.5f (Payne %.4f MStar %.4f YSO %.4f)%s, %.0f spectra/s',
           epoch + 1, f' round {int(state.adapt_round)}' if config.adapt else '',

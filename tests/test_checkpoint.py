@@ -1,5 +1,7 @@
 """Orbax checkpoints carry params plus the meta needed to predict."""
 
+import shutil
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -54,3 +56,74 @@ def test_missing_directory_is_a_clear_error(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint steps'):
     checkpoint.load_params(str(tmp_path / 'empty'))
+
+
+def _truncate_data_files(step_dir):
+  # The largest file holds the array chunks; tensorstore then raises a bare Exception.
+  path = max(step_dir.glob('state/**/d/*'), key=lambda p: p.stat().st_size)
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _truncate_metadata(step_dir):
+  path = step_dir / 'state' / '_METADATA'
+  path.write_bytes(path.read_bytes()[:40])
+
+
+# Issue 13 item 1: each of these gave a raw orbax/tensorstore error when resuming.
+CORRUPTIONS = {
+    'truncated OCDBT data file': _truncate_data_files,
+    'deleted state item': lambda d: shutil.rmtree(d / 'state'),
+    'truncated state/_METADATA': _truncate_metadata,
+    'deleted meta/metadata': lambda d: (d / 'meta' / 'metadata').unlink(),
+}
+
+
+def _three_steps(directory):
+  manager = checkpoint.make_manager(str(directory), keep_latest=2)
+  states = {}
+  model, _ = _state(0)
+  for step, dev_loss in [(1, 0.3), (2, 0.4), (3, 0.5)]:  # best = 1, latest two = 2, 3
+    # Random, so incompressible: the chunk data file is large, as a real model's is.
+    weights = np.random.default_rng(step).normal(size=100_000).astype(np.float32)
+    states[step] = {'params': {'w': jnp.asarray(weights)}, 'step': jnp.asarray(step)}
+    checkpoint.save(manager, step, states[step], checkpoint.make_meta(model, PAPER_STANDARDIZER),
+                    {'dev_loss': dev_loss})
+  assert sorted(manager.all_steps()) == [1, 2, 3]
+  return manager, states
+
+
+@pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
+def test_corrupt_latest_step_falls_back_to_the_newest_good_one(tmp_path, corruption, caplog):
+  manager, states = _three_steps(tmp_path / 'ckpt')
+  CORRUPTIONS[corruption](tmp_path / 'ckpt' / '3')
+  manager = checkpoint.make_manager(str(tmp_path / 'ckpt'), keep_latest=2)
+  with caplog.at_level('WARNING'):
+    step, restored, _ = checkpoint.restore_newest(manager, states[3])
+  assert step == 2
+  jax.tree.map(np.testing.assert_array_equal, restored, states[2])
+  assert any('step 3' in r.getMessage() and 'skipped' in r.getMessage() for r in caplog.records)
+  # Set aside, out of orbax's sight: the resumed run can save step 3 again.
+  assert sorted(manager.all_steps()) == [1, 2]
+  assert [p.name[:2] for p in (tmp_path / 'ckpt.corrupt').iterdir()] == ['3-']
+  model, _ = _state(3)
+  checkpoint.save(manager, 3, states[3], checkpoint.make_meta(model, PAPER_STANDARDIZER),
+                  {'dev_loss': 0.5})
+  assert 3 in manager.all_steps()
+
+
+def test_no_step_restores_is_one_clear_error(tmp_path):
+  manager, states = _three_steps(tmp_path / 'ckpt')
+  for step in (1, 2, 3):
+    _truncate_data_files(tmp_path / 'ckpt' / str(step))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'ckpt: no step restores \(.*ckpt/3: Exception.*new workdir'):
+    checkpoint.restore_newest(manager, states[3])
+  assert sorted(manager.all_steps()) == [1, 2, 3]  # Nothing moved when nothing restores.
+
+
+@pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
+def test_load_params_wraps_every_corruption(tmp_path, corruption):
+  _three_steps(tmp_path / 'ckpt')
+  CORRUPTIONS[corruption](tmp_path / 'ckpt' / '1')  # the best step, which evaluation loads
+  with pytest.raises(checkpoint.CheckpointError, match=r'ckpt.*step 1 cannot be restored'):
+    checkpoint.load_params(str(tmp_path / 'ckpt'))

@@ -355,6 +355,57 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(sources, tmp_path):
   _assert_trees_equal(resumed.params, full.params)
 
 
+def _epochs(workdir):
+  return [r['epoch'] for r in metrics.read_metrics(str(workdir))]
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_resumes_exactly(sources, tmp_path, caplog):
+  # Issue 13 item 1: a damaged newest step gave a raw tensorstore error; now the run resumes
+  # from the step before it and ends where an undisturbed run ends.
+  full = training.train_and_evaluate(_config(max_epochs=3), str(tmp_path / 'full'),
+                                     sources=sources)
+  training.train_and_evaluate(_config(max_epochs=2), str(tmp_path / 'split'), sources=sources)
+  step_dir = tmp_path / 'split' / 'checkpoints' / '8'  # epoch 2 of 4 steps each
+  data = max(step_dir.glob('state/**/d/*'), key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  with caplog.at_level('WARNING'):
+    resumed = training.train_and_evaluate(_config(max_epochs=3), str(tmp_path / 'split'),
+                                          sources=sources)
+  assert any('step 8' in r.getMessage() and 'skipped' in r.getMessage() for r in caplog.records)
+  _assert_trees_equal(resumed.params, full.params)
+  assert _epochs(tmp_path / 'split') == [1, 2, 3]
+
+
+class _Killed(BaseException):
+  """Stands in for kill -9: nothing in training catches it."""
+
+
+@pytest.mark.parametrize('after', ['checkpoint', 'metrics row'])
+def test_kill_between_checkpoint_and_metrics_keeps_every_epoch_once(sources, tmp_path,
+                                                                    monkeypatch, after):
+  # Issue 13 item 3: a kill right after the epoch-2 checkpoint lost epoch 2's row for good.
+  workdir = str(tmp_path / 'run')
+  real_save, real_write = checkpoint.save, metrics.MetricWriter.write_scalars
+
+  def save(manager, step, *args, **kwargs):
+    real_save(manager, step, *args, **kwargs)
+    if after == 'checkpoint' and step == 8:
+      raise _Killed
+
+  def write_scalars(self, step, scalars):
+    real_write(self, step, scalars)
+    if after == 'metrics row' and step == 8:
+      raise _Killed
+
+  monkeypatch.setattr(checkpoint, 'save', save)
+  monkeypatch.setattr(metrics.MetricWriter, 'write_scalars', write_scalars)
+  with pytest.raises(_Killed):
+    training.train_and_evaluate(_config(max_epochs=3), workdir, sources=sources)
+  monkeypatch.undo()
+  training.train_and_evaluate(_config(max_epochs=3), workdir, sources=sources)
+  assert _epochs(workdir) == [1, 2, 3]
+
+
 _MULTIPROCESS_WORKER = """
 import os, sys
 os.environ['JAX_PLATFORMS'] = 'cpu'
