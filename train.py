@@ -3,7 +3,8 @@ r"""Train APOGEE Net (paper §3.3–3.4).
     python train.py --config=configs/default.py --workdir=workdirs/default \
         [--config.data_dir=data/tfds] [--config.batch_size=256 …]
 
-Rerunning the same command on an existing workdir resumes from its latest checkpoint.
+Rerunning the same command on an existing workdir resumes from its latest checkpoint (the
+newest one that restores); a second run on a workdir in use stops at once, naming the holder.
 Multi-host (one process per host, each with its own devices and data shard):
 
     python train.py --config=configs/default.py --workdir=gs://…/run --config.multihost=True
@@ -17,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apogeenet_jax import training
+from apogeenet_jax import checkpoint, training, workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard logs.')
@@ -34,7 +35,11 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  training.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    training.train_and_evaluate(config, FLAGS.workdir)
+  except (workdir_lock.WorkdirLockedError, checkpoint.CheckpointError) as e:
+    # Problems of the workdir, not bugs: one line that says what to do, not a traceback.
+    raise SystemExit(f'FATAL {e}') from None
 
 
 if __name__ == '__main__':

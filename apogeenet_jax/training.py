@@ -42,7 +42,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apogeenet_jax import checkpoint, input_pipeline
+from apogeenet_jax import checkpoint, input_pipeline, workdir_lock
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.metrics import MetricWriter
 from apogeenet_jax.model import APOGEENet
@@ -626,16 +626,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: see configs/default.py.
-    workdir: WORKDIR/checkpoints (orbax: latest + best), WORKDIR/metrics.jsonl,
-      WORKDIR/tensorboard/. An existing workdir is resumed from its latest checkpoint.
+    workdir: WORKDIR/checkpoints (orbax: latest two + best), WORKDIR/metrics.jsonl,
+      WORKDIR/tensorboard/. An existing workdir is resumed from its newest checkpoint that
+      restores. One run at a time: the run holds WORKDIR/.lock (``workdir_lock``).
     sources: optional {'train': …, 'dev': …} random-access sources (tests); default
       ``open_split(config.data_dir, …)``.
 
   Returns:
     The final TrainState with the best parameters (lowest early-stopping dev loss) restored.
+
+  Raises:
+    workdir_lock.WorkdirLockedError: another run is using ``workdir``.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, sources=sources)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                        sources: Mapping[str, Sequence] | None = None) -> TrainState:
+  """The run itself, on an absolute, existing, locked ``workdir``: see ``train_and_evaluate``."""
   is_main = jax.process_index() == 0
   process_count, process_index = jax.process_count(), jax.process_index()
   mesh = make_mesh(config.get('num_devices', 0))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apogeenet_jax import checkpoint, metrics, training
+from apogeenet_jax import checkpoint, metrics, training, workdir_lock
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
 from configs import default as default_config
@@ -374,6 +374,14 @@ def test_corrupt_latest_checkpoint_falls_back_and_resumes_exactly(sources, tmp_p
   assert any('step 8' in r.getMessage() and 'skipped' in r.getMessage() for r in caplog.records)
   _assert_trees_equal(resumed.params, full.params)
   assert _epochs(tmp_path / 'split') == [1, 2, 3]
+
+
+def test_second_run_on_a_workdir_in_use_stops_at_once(sources, tmp_path):
+  # Issue 13 item 2: two runs on one workdir wrote every epoch twice or died inside orbax.
+  with workdir_lock.hold(tmp_path / 'run'):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f'pid {os.getpid()} '):
+      training.train_and_evaluate(_config(max_epochs=1), str(tmp_path / 'run'), sources=sources)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()  # Stopped before any work.
 
 
 class _Killed(BaseException):
