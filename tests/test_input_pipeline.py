@@ -146,6 +146,8 @@ def test_open_split_reads_built_records(built_dir):
   assert np.all(np.isfinite(batch['flux']))
   assert np.all(batch['flux_err'][:, 0] == BAD_PIXEL_ERROR)  # array ends are bad pixels
   assert all(i.startswith('2M99') for i in batch['apogee_id'])
+  # The apStar file relative to the manual_dir, for the catalogue's FILE column.
+  assert all(f.startswith('synthetic/') and f.endswith('.fits') for f in batch['file'])
   assert set(batch['data_type']) <= {0, 1, 2}
   # Coordinates reach the catalogue exactly: float32 would move them by up to ~0.05 arcsec.
   for key in ('ra', 'dec'):
