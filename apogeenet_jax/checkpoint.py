@@ -142,15 +142,18 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any, *,
                            step_dir(manager, step), reason)
       failures.append((step, reason))
       continue
-    if failures and set_aside:
-      aside = os.fspath(manager.directory).rstrip(os.sep) + '.corrupt'
-      os.makedirs(aside, exist_ok=True)
-      for bad, _ in failures:
-        target = os.path.join(aside, f'{bad}-{time.strftime("%Y%m%dT%H%M%S")}')
-        os.replace(step_dir(manager, bad), target)
-        absl_logging.warning('Moved the broken step %d to %s.', bad, target)
-      manager.reload()
     if failures:
+      if set_aside:
+        aside = os.fspath(manager.directory).rstrip(os.sep) + '.corrupt'
+        os.makedirs(aside, exist_ok=True)
+        for bad, _ in failures:
+          target = os.path.join(aside, f'{bad}-{time.strftime("%Y%m%dT%H%M%S")}')
+          os.replace(step_dir(manager, bad), target)
+          absl_logging.warning('Moved the broken step %d to %s.', bad, target)
+      # Every process must forget the moved steps, or a later save of that step number would
+      # be skipped on some processes and entered on others.
+      ocp.multihost.sync_global_processes('apogeenet_set_aside_broken_steps')
+      manager.reload()
       absl_logging.warning('Resuming from step %d, the newest checkpoint that restores.', step)
     return step, state, meta
   if not failures:
