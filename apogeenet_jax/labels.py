@@ -188,13 +188,15 @@ def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
 
   Returns:
     matched: (star, absolute file path) in catalogue order.
-    problems: rows without a file, files without a row, and extra files for one ID (the first
-      in sorted path order is used), one Problem each, for the skip report.
+    problems: rows without a file, files without a row, extra files for one ID (the first
+      in sorted path order is used), FILE paths that leave manual_dir, and files named like
+      apStar files that the name pattern does not match, one Problem each, for the skip report.
   """
   root = pathlib.Path(manual_dir).resolve()
   roots = (root, pathlib.Path(os.path.abspath(manual_dir)))
   files_by_id = collections.defaultdict(list)
-  for path in apstar.find_apstar_files(root):
+  found, near_misses = apstar.scan_apstar_files(root)
+  for path in found:
     files_by_id[apstar.apogee_id_from_filename(path)].append(path)
 
   matched, problems, used = [], [], set()
@@ -228,6 +230,12 @@ def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
       if path not in used:
         problems.append(Problem(relative_path(path, root), star_id,
                                 'no catalogue row for this file'))
+  for path in near_misses:
+    if path not in used:
+      problems.append(Problem(relative_path(path, root), '',
+                              'named like an apStar file but not apStar-<reduction>-<APOGEE_ID>'
+                              '.fits[.gz] (nor asStar-…): not used; rename it or give it in '
+                              'the FILE column'))
   return matched, problems
 
 

@@ -172,3 +172,14 @@ def test_bom_in_csv_catalogue_is_accepted(tmp_path):
   (tmp_path / 'labels.csv').write_bytes(b'\xef\xbb\xbf' + (tmp_path / 'plain.csv').read_bytes())
   stars = labels.read_catalog(tmp_path / 'labels.csv')
   assert [s.apogee_id for s in stars] == ['2M01+1', '2M02+2', '2M03-3']
+
+
+def test_near_miss_names_are_reported_unless_given_in_file(tmp_path):
+  # Issue 13 item 4, for the build: a misnamed apStar file is listed, not silently ignored.
+  for name in ('apStar-2M01+1.fits', 'apstar-r8-2M02+2.fits', 'apStar-r8-2M03-3.fits'):
+    (tmp_path / name).write_bytes(b'')
+  _table(FILE=['', 'apstar-r8-2M02+2.fits', '']).write(tmp_path / 'labels.ecsv')
+  matched, problems = labels.match_files(labels.read_catalog(tmp_path / 'labels.ecsv'), tmp_path)
+  assert sorted(s.apogee_id for s, _ in matched) == ['2M02+2', '2M03-3']
+  near = [p for p in problems if 'named like an apStar file' in p.reason]
+  assert [p.file for p in near] == ['apStar-2M01+1.fits']
