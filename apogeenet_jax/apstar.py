@@ -94,24 +94,32 @@ def scan_apstar_files(directory: str | os.PathLike) -> tuple[list[str], list[str
     raise ApStarError(f'{root}: not a directory')
   found, near_misses = [], []
   seen_dirs, seen_files = set(), set()
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    real = os.path.realpath(dirpath)
-    if real in seen_dirs:
-      dirnames[:] = []
+  stack = [os.fspath(root)]
+  while stack:  # Depth first, children sorted: the first path to a real directory wins.
+    dirpath = stack.pop()
+    real_dir = os.path.realpath(dirpath)
+    if real_dir in seen_dirs:
       continue
-    seen_dirs.add(real)
-    # Sorted and pruned in place: the first path to a real directory wins, deterministically.
-    dirnames[:] = sorted(d for d in dirnames
-                         if os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
-    for name in sorted(filenames):
-      path = os.path.join(dirpath, name)
-      if APSTAR_FILENAME.match(name):
-        real_file = os.path.realpath(path)
-        if real_file not in seen_files:
-          seen_files.add(real_file)
-          found.append(path)
-      elif name.lower().startswith(('apstar', 'asstar')):
-        near_misses.append(path)
+    seen_dirs.add(real_dir)
+    try:
+      entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
+    except OSError:  # Unreadable folder: skipped, as os.walk does.
+      continue
+    subdirs = []
+    for entry in entries:
+      if entry.is_dir():  # Follows symlinks.
+        subdirs.append(entry.path)
+      elif APSTAR_FILENAME.match(entry.name):
+        # scandir knows the link status without a system call: realpath only for links, so a
+        # survey-sized tree costs one realpath per folder, not per file.
+        real = (os.path.realpath(entry.path) if entry.is_symlink()
+                else os.path.join(real_dir, entry.name))
+        if real not in seen_files:
+          seen_files.add(real)
+          found.append(entry.path)
+      elif entry.name.lower().startswith(('apstar', 'asstar')):
+        near_misses.append(entry.path)
+    stack.extend(reversed(subdirs))
   return sorted(found), sorted(near_misses)
 
 
