@@ -65,7 +65,8 @@ def input_fingerprint(catalog: pathlib.Path, matched: list[tuple[labels.Labelled
   files = []
   for _, path in matched:
     stat = os.stat(path)
-    files.append((labels.relative_path(path, root), stat.st_size, stat.st_mtime_ns))
+    # relpath, not labels.relative_path: string work only, no resolve() per file.
+    files.append((os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns))
   h.update(json.dumps({'split_seed': split_seed, 'files': files}).encode())
   return h.hexdigest()
 
