@@ -359,6 +359,7 @@ def _epochs(workdir):
   return [r['epoch'] for r in metrics.read_metrics(str(workdir))]
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # tensorstore
 def test_corrupt_latest_checkpoint_falls_back_and_resumes_exactly(sources, tmp_path, caplog):
   # Issue 13 item 1: a damaged newest step gave a raw tensorstore error; now the run resumes
   # from the step before it and ends where an undisturbed run ends.
