@@ -26,16 +26,19 @@ start=$SECONDS
 step() { echo; echo "=== [$((SECONDS - start)) s] $*"; }
 
 step "1/4 synthetic survey: $NUM_STARS stars → $DATA/raw"
+BUILD_FLAGS=()
 if [[ -f "$DATA/raw/labels.fits" ]]; then
-  echo "exists, skipped (delete $DATA/raw to regenerate)"
+  echo "exists, skipped (delete $DATA/raw and $WORKDIR to regenerate and retrain)"
 else
+  # A new survey replaces any data set built from an old one (the build refuses stale inputs).
+  BUILD_FLAGS=(--overwrite)
   rm -rf "$DATA/raw.partial"
   "$PYTHON" -m apogeenet_jax.synthetic --output_dir="$DATA/raw.partial" --num_stars="$NUM_STARS"
   mv "$DATA/raw.partial" "$DATA/raw"
 fi
 
 step "2/4 TFDS build (TensorFlow-free; 'tfds build tfds_apogee/apogee' is the TF alternative)"
-"$PYTHON" -m tfds_apogee.build --manual_dir="$DATA/raw" --data_dir="$DATA/tfds"
+"$PYTHON" -m tfds_apogee.build --manual_dir="$DATA/raw" --data_dir="$DATA/tfds" "${BUILD_FLAGS[@]}"
 
 step "3/4 training: train.py --config=configs/demo.py --workdir=$WORKDIR"
 "$PYTHON" train.py --config=configs/demo.py --config.data_dir="$DATA/tfds" --workdir="$WORKDIR"
