@@ -29,7 +29,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apogeenet_jax import evaluation, uncertainty
+from apogeenet_jax import checkpoint, evaluation, uncertainty
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training run: its best checkpoint is used.')
@@ -88,7 +88,12 @@ def main(argv):
     raise app.UsageError('Nothing to evaluate: give --split or --apstar_dir/--apstar_list '
                          '(an --apstar_dir without apStar-*.fits files counts as nothing), '
                          'or --calibrate.')
-  params, meta = evaluation.load_checkpoint(workdir=FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint)
+  try:
+    params, meta = evaluation.load_checkpoint(workdir=FLAGS.workdir,
+                                              checkpoint_dir=FLAGS.checkpoint)
+  except checkpoint.CheckpointError as e:
+    # A problem of the checkpoint, not a bug: one line that says what is wrong, no traceback.
+    raise SystemExit(f'FATAL {e}') from None
   logging.info('Checkpoint %s, step %s, ensemble of %d.', meta['checkpoint_dir'],
                meta.get('step'), meta.get('ensemble_size', 1))
   if FLAGS.calibrate:

@@ -164,6 +164,20 @@ def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path, estimator):
   shutil.rmtree(out)
 
 
+def test_entry_point_bad_checkpoint_is_one_line_not_a_traceback(apstar_dir, tmp_path):
+  empty = tmp_path / 'empty_ckpt'
+  empty.mkdir()
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'evaluate.py'), f'--checkpoint={empty}',
+       f'--apstar_dir={apstar_dir}', f'--output_dir={tmp_path / "o"}'],
+      capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert proc.returncode != 0
+  assert f'FATAL {empty}: holds no checkpoint steps' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
 def test_all_files_unreadable_is_a_clear_error(tiny_checkpoint, tmp_path):
   bad = tmp_path / 'apStar-r6-2M00000000+0000000.fits'
   bad.write_bytes(b'')
