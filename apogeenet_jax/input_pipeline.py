@@ -17,7 +17,7 @@ Every batch is a dict of NumPy arrays:
 """
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -193,20 +193,45 @@ def num_train_batches(num_examples: int, batch_size: int, shard_count: int = 1) 
   return (num_examples // shard_count) // batch_size
 
 
-def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8
+def epoch_batch_indices(indices: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                        shard_index: int = 0, shard_count: int = 1, start_batch: int = 0
+                        ) -> np.ndarray:
+  """(batches, batch_size) source indices of this process's batches ``start_batch`` … of ``epoch``.
+
+  The one definition of an epoch's batches: the streamed and the in-memory paths both read it,
+  so they see the same batches in the same order (drop_remainder).
+  """
+  perm = epoch_permutation(indices, seed=seed, epoch=epoch, shard_index=shard_index,
+                           shard_count=shard_count)
+  n_batches = len(perm) // batch_size
+  return perm[:n_batches * batch_size].reshape(n_batches, batch_size)[start_batch:]
+
+
+def read_all(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8
+             ) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(index, decoded example) for every record of ``source`` once, in no particular order."""
+  ds = grain.MapDataset.source(np.arange(len(source))).map(
+      lambda i: (int(i), decode_example(source[int(i)])))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
+                                                   prefetch_buffer_size=64)))
+
+
+def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8,
+                  visit: Callable[[int, dict[str, Any]], None] | None = None
                   ) -> dict[str, np.ndarray]:
   """Labels (n, 3), data_type (n,) and apogee_id (n,) of a whole split, in source order.
 
-  Used to fit the Standardizer and to draw the adaptation subsets. Reads every record once.
+  Used to fit the Standardizer and to draw the adaptation subsets. Reads every record once;
+  ``visit(index, example)`` sees each decoded example on the way (``memory_data`` keeps the flux
+  from this same pass).
   """
   n = len(source)
   labels = np.zeros((n, len(LABEL_NAMES)), np.float32)
   data_type = np.zeros(n, np.int32)
   ids = []
-  ds = grain.MapDataset.source(np.arange(n)).map(
-      lambda i: (int(i), decode_example(source[int(i)])))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
-  for i, ex in ds:
+  for i, ex in read_all(source, num_threads=num_threads):
+    if visit is not None:
+      visit(i, ex)
     labels[i] = ex['labels']
     data_type[i] = ex['data_type']
     ids.append((i, ex['apogee_id']))
@@ -259,10 +284,9 @@ def train_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *, seed:
   """
   if indices is None:
     indices = np.arange(len(source))
-  perm = epoch_permutation(indices, seed=seed, epoch=epoch, shard_index=shard_index,
-                           shard_count=shard_count)
-  n_batches = len(perm) // batch_size
-  perm = perm[start_batch * batch_size:n_batches * batch_size]
+  perm = epoch_batch_indices(indices, batch_size, seed=seed, epoch=epoch,
+                             shard_index=shard_index, shard_count=shard_count,
+                             start_batch=start_batch).reshape(-1)
   if len(perm) == 0:
     return iter(())
   ds = grain.MapDataset.source(perm).map(lambda i: decode_example(source[int(i)]))

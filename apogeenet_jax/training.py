@@ -21,13 +21,14 @@ latest checkpoint and ends with the same parameters as an uninterrupted run.
 """
 
 import functools
+import itertools
 import json
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -42,8 +43,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apogeenet_jax import checkpoint, input_pipeline, workdir_lock
-from apogeenet_jax.constants import DATA_TYPES
+from apogeenet_jax import checkpoint, input_pipeline, memory_data, workdir_lock
+from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.metrics import MetricWriter
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
@@ -56,6 +57,8 @@ ADAPT_TYPES = ('MStar', 'YSO')
 PAYNE = DATA_TYPES.index('Payne')
 # Keys of a batch that go to the devices (strings and catalogue columns stay on the host).
 DEVICE_KEYS = ('flux', 'targets', 'data_type', 'mask')
+# A split resident on the devices: flux rows in one block per device, the small arrays on all.
+RESIDENT_SPECS = {'flux': P(DATA_AXIS), 'targets': P(), 'data_type': P()}
 
 
 class TrainingError(RuntimeError):
@@ -300,6 +303,55 @@ def device_batch(batch: Mapping[str, np.ndarray], standardizer: Standardizer, me
   return shard_batch(batch, mesh)
 
 
+def put_chunk(chunk: Mapping[str, np.ndarray], standardizer: Standardizer, mesh: Mesh
+              ) -> dict[str, jax.Array]:
+  """k stacked host batches (k, B_local, …) → standardised, sharded over 'data' on axis 1."""
+  chunk = dict(chunk)
+  chunk['targets'] = standardizer.transform(chunk['labels'])
+  if 'mask' not in chunk:
+    chunk['mask'] = np.ones(chunk['labels'].shape[:2], bool)
+  sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(chunk[k]))
+          for k in DEVICE_KEYS}
+
+
+def _flux_blocks(num_spectra: int, mesh: Mesh) -> tuple[tuple[int, int], NamedSharding]:
+  """Global flux shape of a resident split (rows padded to a multiple of the device count) and
+  its sharding: device i of the mesh holds rows [i·block, (i+1)·block)."""
+  n_dev = mesh.shape[DATA_AXIS]
+  return (-(-num_spectra // n_dev) * n_dev, N_PIXELS), NamedSharding(mesh, P(DATA_AXIS))
+
+
+def resident_rows(num_spectra: int, mesh: Mesh) -> np.ndarray:
+  """The split rows whose flux this process's devices hold: all it needs to load."""
+  shape, sharding = _flux_blocks(num_spectra, mesh)
+  rows = [np.arange(idx[0].start or 0, min(idx[0].stop or shape[0], num_spectra))
+          for idx in sharding.addressable_devices_indices_map(shape).values()]
+  return np.unique(np.concatenate(rows))
+
+
+def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mesh: Mesh
+                ) -> dict[str, jax.Array]:
+  """A split in memory → device-resident arrays (``RESIDENT_SPECS``): flux in its storage dtype,
+  one block of rows per device; standardised targets (n, 3) and data types on every device."""
+  shape, sharding = _flux_blocks(len(arrays), mesh)
+  n = len(arrays)
+
+  def block(index):
+    start, stop = index[0].start or 0, index[0].stop or shape[0]
+    held = np.arange(start, min(stop, n))
+    first = arrays.positions(held[:1])[0] if len(held) else 0
+    rows = arrays.flux[first:first + len(held)]  # A view: rows are held in ascending order.
+    if len(held) == stop - start:
+      return rows
+    return np.concatenate([rows, np.zeros((stop - start - len(held), N_PIXELS), rows.dtype)])
+
+  flux = jax.make_array_from_callback(shape, sharding, block)
+  return {'flux': flux,
+          **replicate({'targets': standardizer.transform(arrays.labels),
+                       'data_type': np.asarray(arrays.data_type, np.int32)}, mesh)}
+
+
 # ------------------------------------------------------------------------------------------------
 # The steps (pure, jitted once each).
 
@@ -322,10 +374,9 @@ def _member_mean(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return out
 
 
-def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh,
-                    ensemble_size: int = 1
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics).
+def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemble_size: int = 1
+                      ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The per-device SGD step, to run under ``shard_map`` over the 'data' axis.
 
   ``ensemble_size`` K > 1: the state's params, opt_state and rng carry a leading member axis;
   every member takes its step on the same batch (vmap inside the per-device function); the
@@ -368,9 +419,77 @@ def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Me
                               epoch_step=state.epoch_step + 1)
     return new_state, metrics
 
-  step = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                       out_specs=(P(), P()))
+  return local_step
+
+
+def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh,
+                    ensemble_size: int = 1
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics); for
+  ``ensemble_size`` see ``_local_train_step``."""
+  step = jax.shard_map(_local_train_step(model, tx, ensemble_size), mesh=mesh,
+                       in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0)
+
+
+def _gather_resident(data: Mapping[str, jax.Array], idx: jax.Array, n_dev: int
+                     ) -> dict[str, jax.Array]:
+  """This device's slice of the global batch ``idx`` (B,) from a split placed by ``place_split``.
+
+  Runs under ``shard_map``. Each device holds one block of flux rows, so it gathers the rows of
+  the global batch that fall in its block (zeros elsewhere) and a reduce-scatter hands every
+  device the sum for its own slice: exactly its rows, as every other device contributed zeros.
+  The traffic is one global batch of flux per step (4.4 MB at batch 128), whatever the split
+  size, and each process only ever holds its own block.
+  """
+  local_batch = idx.shape[0] // n_dev
+  device = lax.axis_index(DATA_AXIS)
+  mine = lax.dynamic_slice_in_dim(idx, device * local_batch, local_batch)
+  flux = data['flux']
+  if n_dev == 1:
+    flux = jnp.take(flux, mine, axis=0)
+  else:
+    block = flux.shape[0]
+    local = idx - device * block
+    owned = (local >= 0) & (local < block)
+    rows = jnp.take(flux, jnp.where(owned, local, 0), axis=0)
+    flux = jnp.where(owned[:, None], rows, jnp.zeros((), rows.dtype))
+    flux = lax.psum_scatter(flux, DATA_AXIS, scatter_dimension=0, tiled=True)
+  return {'flux': flux.astype(jnp.float32), 'targets': jnp.take(data['targets'], mine, axis=0),
+          'data_type': jnp.take(data['data_type'], mine, axis=0),
+          'mask': jnp.ones(local_batch, bool)}
+
+
+def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh, *,
+                     resident: bool = False, ensemble_size: int = 1
+                     ) -> Callable[[TrainState, Any], tuple]:
+  """k SGD steps in one jitted ``lax.scan``: (state, xs) → (state, metrics summed over the k
+  steps, (k,) loss of each step).
+
+  ``resident=False``: xs is k stacked global batches, {'flux': (k, B, 8575), 'targets' (k, B, 3),
+  'data_type', 'mask'} sharded over the 'data' axis on dimension 1 (``put_chunk``).
+  ``resident=True``: xs = (split, idx): a split placed on the devices by ``place_split`` and
+  idx (k, B) int32 global rows, replicated; each step gathers its batch on the device.
+  k comes from the input's shape (a shorter last chunk compiles once more). One scan step is the
+  same computation as ``make_train_step`` (``ensemble_size`` likewise); fusing k of them saves
+  k − 1 host round trips.
+  """
+  local_step = _local_train_step(model, tx, ensemble_size)
+  n_dev = mesh.shape[DATA_AXIS]
+
+  def run(state, xs):
+    if resident:
+      split, seq = xs
+      batch_of = functools.partial(_gather_resident, split, n_dev=n_dev)
+    else:
+      seq, batch_of = xs, lambda batch: batch
+    state, per_step = lax.scan(lambda st, x: local_step(st, batch_of(x)), state, seq)
+    losses = per_step.pop('loss')
+    return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), per_step), losses
+
+  xs_spec = ((RESIDENT_SPECS, P()) if resident else P(None, DATA_AXIS))
+  return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), xs_spec),
+                               out_specs=(P(), P(), P())), donate_argnums=0)
 
 
 def make_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1
@@ -452,51 +571,101 @@ def adaptation_indices(data_type: np.ndarray, *, fraction: float, seed: int, ada
   return np.sort(np.concatenate([others, chosen]).astype(np.int64))
 
 
-def _check_finite(loss: Any, step: int) -> None:
-  loss = float(loss)
-  if not np.isfinite(loss):
+def _check_finite(losses: Any, first_step: int) -> float:
+  """Raises at the first non-finite loss of a call that began after ``first_step`` steps;
+  returns the call's last loss."""
+  losses = np.asarray(losses).reshape(-1)
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if len(bad):
     raise TrainingError(
-        f'non-finite training loss {loss} at step {step}: stopping (lower the learning rate, '
-        f'check the inputs for huge fluxes, or resume from the last good checkpoint)')
+        f'non-finite training loss {losses[bad[0]]} at step {first_step + bad[0] + 1}: stopping '
+        f'(lower the learning rate, check the inputs for huge fluxes, or resume from the last '
+        f'good checkpoint)')
+  return float(losses[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Epoch inputs: (xs, k) pairs for ``make_train_steps``, k ≤ steps_per_call steps per call.
+
+
+def stream_inputs(batches: Iterable[Mapping[str, np.ndarray]], standardizer: Standardizer,
+                  mesh: Mesh, steps_per_call: int = 1) -> Iterator[tuple[dict, int]]:
+  """Host batches (``input_pipeline.train_batches``) stacked k at a time and sharded."""
+  batches = iter(batches)
+  while chunk := list(itertools.islice(batches, steps_per_call)):
+    stacked = {k: np.stack([b[k] for b in chunk]) for k in ('flux', 'labels', 'data_type', 'mask')
+               if k in chunk[0]}
+    yield put_chunk(stacked, standardizer, mesh), len(chunk)
+
+
+def memory_inputs(arrays: memory_data.SplitArrays, batch_indices: np.ndarray,
+                  standardizer: Standardizer, mesh: Mesh, steps_per_call: int = 1
+                  ) -> Iterator[tuple[dict, int]]:
+  """k batches at a time gathered from host memory; ``batch_indices`` (batches, B_local)."""
+  for start in range(0, len(batch_indices), steps_per_call):
+    rows = batch_indices[start:start + steps_per_call]
+    yield put_chunk(arrays.gather(rows), standardizer, mesh), len(rows)
+
+
+def resident_inputs(split: Mapping[str, jax.Array], batch_indices: np.ndarray, mesh: Mesh,
+                    steps_per_call: int = 1) -> Iterator[tuple[tuple, int]]:
+  """k global batches of row indices at a time; the flux never leaves the devices.
+  ``batch_indices`` (batches, B_global) from ``global_batch_indices``."""
+  for start in range(0, len(batch_indices), steps_per_call):
+    rows = np.asarray(batch_indices[start:start + steps_per_call], np.int32)
+    yield (split, replicate(rows, mesh)), len(rows)
+
+
+def global_batch_indices(indices: np.ndarray, local_batch: int, *, seed: int, epoch: int,
+                         mesh: Mesh, start_batch: int = 0) -> np.ndarray:
+  """(batches, B_global) rows of the global batches: each process's stream batch side by side in
+  the mesh's process order, which is how ``shard_batch`` assembles the streamed batches."""
+  processes = list(dict.fromkeys(d.process_index for d in mesh.devices.flat))
+  return np.concatenate([
+      input_pipeline.epoch_batch_indices(indices, local_batch, seed=seed, epoch=epoch,
+                                         shard_index=p, shard_count=len(processes),
+                                         start_batch=start_batch)
+      for p in processes], axis=1)
 
 
 # ------------------------------------------------------------------------------------------------
 # Epoch loops.
 
 
-def train_epoch(state: TrainState, train_step: Callable, batches: Iterable[dict],
-                standardizer: Standardizer, mesh: Mesh, *, num_batches: int,
+def train_epoch(state: TrainState, train_steps: Callable, inputs: Iterable[tuple[Any, int]], *,
+                batch_size: int, num_batches: int,
                 stop_requested: Callable[[], bool] = lambda: False,
                 progress: bool = True, log_every_steps: int = 0
                 ) -> tuple[TrainState, dict[str, Any] | None, bool]:
-  """Runs the step over ``batches``; returns (state, summed metrics, interrupted).
+  """Runs ``train_steps`` (``make_train_steps``) on each (xs, k) of ``inputs``.
 
-  The loss is fetched one step late so the host keeps the device queue full; a non-finite loss
-  raises ``TrainingError`` at once.
+  Returns (state, metrics summed over the steps, interrupted). ``batch_size`` is this process's
+  batch. The losses are fetched one call late so the host keeps the device queue full; a
+  non-finite loss raises ``TrainingError`` at most k steps after it occurred. ``stop_requested``
+  is checked after every call, so an interrupt stops at a step boundary.
   """
   sums, pending = None, None
   last_loss = float('nan')
   interrupted = False
   start = time.perf_counter()
   seen = 0
-  # Host-side copies of the counters: reading state.step would wait for the step just queued.
+  # Host-side copies of the counters: reading state.step would wait for the steps just queued.
   step, epoch_step, epoch = int(state.step), int(state.epoch_step), int(state.epoch) + 1
   bar = tqdm.tqdm(total=num_batches, initial=epoch_step, unit='batch', leave=False,
                   disable=not (progress and sys.stderr.isatty()))
-  for batch in batches:
-    n = len(batch['labels'])
-    state, metrics = train_step(state, device_batch(batch, standardizer, mesh))
-    step, epoch_step = step + 1, epoch_step + 1
-    if pending is not None:  # The previous step's loss: ready by now, or nearly.
-      last_loss = float(pending[0])
-      _check_finite(*pending)
-    pending = (metrics['loss'], step)
+  for xs, k in inputs:
+    state, metrics, losses = train_steps(state, xs)
+    if pending is not None:  # The previous call's losses: ready by now, or nearly.
+      last_loss = _check_finite(*pending)
+    pending = (losses, step)
+    step, epoch_step = step + k, epoch_step + k
     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    seen += n
+    seen += k * batch_size
     rate = seen * jax.process_count() / max(time.perf_counter() - start, 1e-9)
-    bar.update(1)
+    bar.update(k)
     bar.set_postfix(loss=f'{last_loss:.4f}', spectra_per_s=f'{rate:.0f}', refresh=False)
-    if log_every_steps and bar.disable and epoch_step % log_every_steps == 0:
+    if (log_every_steps and bar.disable
+        and epoch_step // log_every_steps > (epoch_step - k) // log_every_steps):
       logging.info('step %d (epoch %d, batch %d/%d): loss %.5f, %.0f spectra/s',
                    step, epoch, epoch_step, num_batches, last_loss, rate)
     if stop_requested():
@@ -579,6 +748,14 @@ def _compiled_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh,
           make_eval_step(model, mesh, ensemble_size))
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_train_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh, resident: bool,
+                          ensemble_size: int = 1):
+  """``make_train_steps`` with the optimiser of ``_compiled_steps``, cached the same way."""
+  tx = create_optimizer(ml_collections.ConfigDict(dict(optimizer_key)))
+  return make_train_steps(model, tx, mesh, resident=resident, ensemble_size=ensemble_size)
+
+
 def _abstract(state: TrainState, mesh: Mesh) -> TrainState:
   sharding = NamedSharding(mesh, P())
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
@@ -620,6 +797,87 @@ def _standardizer(config, train_labels: np.ndarray, init_meta: Mapping | None) -
                       f'{config.standardizer!r}')
 
 
+def _device_budget_bytes(config: ml_collections.ConfigDict) -> float:
+  """config.device_memory_budget_gb, or half of what the device reports (the rest is for the
+  model, its activations and XLA); a device that reports nothing (CPU) gets the host budget."""
+  if config.device_memory_budget_gb:
+    return config.device_memory_budget_gb * 1e9
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return 0.5 * stats['bytes_limit']
+  return config.memory_budget_gb * 1e9
+
+
+def choose_input(config: ml_collections.ConfigDict, num_train: int, num_dev: int, mesh: Mesh
+                 ) -> tuple[str, bool]:
+  """('memory' or 'stream', whether the training split sits on the devices) for this run.
+
+  ``input_mode='auto'`` takes memory when the process's share of train + dev fits
+  ``memory_budget_gb``; ``data_on_device='auto'`` puts the training flux on the devices when each
+  device's block fits the device budget. Across processes, memory mode needs the device-resident
+  layout (a process holds only its devices' rows, but its stream batches draw from every row).
+  """
+  mode = config.input_mode
+  if mode not in ('auto', 'memory', 'stream'):
+    raise TrainingError(f"config.input_mode must be 'auto', 'memory' or 'stream', got {mode!r}")
+  on_device_option = str(config.data_on_device).lower()
+  if on_device_option not in ('auto', 'true', 'false'):
+    raise TrainingError(f"config.data_on_device must be 'auto', 'true' or 'false', got "
+                        f'{config.data_on_device!r}')
+  if config.steps_per_call < 1:
+    raise TrainingError(f'config.steps_per_call must be ≥ 1, got {config.steps_per_call}')
+  try:
+    per_spectrum = memory_data.bytes_per_spectrum(config.memory_dtype)
+  except ValueError as e:
+    raise TrainingError(f'config.memory_dtype: {e}') from e
+  if mode == 'stream':
+    return 'stream', False
+  processes = jax.process_count()
+  host_bytes = (num_train + num_dev) * per_spectrum / processes
+  if host_bytes > config.memory_budget_gb * 1e9:
+    if mode == 'auto':
+      logging.info('Streaming: the splits need %.1f GB, over memory_budget_gb=%g.',
+                   host_bytes / 1e9, config.memory_budget_gb)
+      return 'stream', False
+    logging.warning('input_mode=memory: %.1f GB per process, over memory_budget_gb=%g.',
+                    host_bytes / 1e9, config.memory_budget_gb)
+  flux_bytes = N_PIXELS * memory_data.storage_dtype(config.memory_dtype).itemsize
+  device_bytes = -(-num_train // mesh.devices.size) * flux_bytes + num_train * 16
+  on_device = (on_device_option == 'true' or
+               (on_device_option == 'auto' and device_bytes <= _device_budget_bytes(config)))
+  if processes > 1 and not on_device:
+    if mode == 'memory':
+      raise TrainingError('input_mode=memory across processes needs the training split on the '
+                          f'devices ({device_bytes / 1e9:.1f} GB per device): raise '
+                          'device_memory_budget_gb, set data_on_device=true, or stream')
+    return 'stream', False
+  logging.info('Input: memory (%s), training flux %s (%.2f GB per device).', config.memory_dtype,
+               'on the devices' if on_device else 'in host RAM', device_bytes / 1e9)
+  return 'memory', on_device
+
+
+def _epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
+                  standardizer: Standardizer, mesh: Mesh, *, local_batch: int, epoch: int,
+                  indices: np.ndarray, start_batch: int) -> Iterator[tuple[Any, int]]:
+  """One epoch's (xs, k) from ``data``: {'source'} streamed, {'arrays'} in host memory or
+  {'resident'} on the devices. All three yield the batches of ``epoch_batch_indices``."""
+  k = config.steps_per_call
+  if 'resident' in data:
+    rows = global_batch_indices(indices, local_batch, seed=config.seed, epoch=epoch, mesh=mesh,
+                                start_batch=start_batch)
+    return resident_inputs(data['resident'], rows, mesh, k)
+  shard = {'shard_index': jax.process_index(), 'shard_count': jax.process_count()}
+  if 'arrays' in data:
+    rows = input_pipeline.epoch_batch_indices(indices, local_batch, seed=config.seed, epoch=epoch,
+                                              start_batch=start_batch, **shard)
+    return memory_inputs(data['arrays'], rows, standardizer, mesh, k)
+  batches = input_pipeline.train_batches(
+      data['source'], local_batch, seed=config.seed, epoch=epoch, indices=indices,
+      start_batch=start_batch, num_threads=config.num_threads,
+      prefetch_batches=config.prefetch_batches, **shard)
+  return stream_inputs(batches, standardizer, mesh, k)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        sources: Mapping[str, Sequence] | None = None) -> TrainState:
   """Trains (and, with ``config.adapt``, adapts) until early stopping; returns the best state.
@@ -658,8 +916,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   local_eval_batch = eval_batch // process_count
 
   train_source, dev_source = _sources(config, sources)
-  logging.info('Reading labels of %d training spectra …', len(train_source))
-  train_meta = input_pipeline.read_metadata(train_source, num_threads=config.num_threads)
+  mode, on_device = choose_input(config, len(train_source), len(dev_source), mesh)
+  dev_indices = np.arange(len(dev_source))[process_index::process_count]
+  train_data, dev_arrays = {'source': train_source}, None
+  if mode == 'memory':
+    logging.info('Loading %d training and %d dev spectra into memory …', len(train_source),
+                 len(dev_source))
+    load = functools.partial(memory_data.load_split, dtype=config.memory_dtype,
+                             num_threads=config.num_threads)
+    train_data['arrays'] = load(train_source, name='train', rows=(
+        resident_rows(len(train_source), mesh) if on_device else None))
+    train_meta = train_data['arrays'].metadata()
+    dev_arrays = load(dev_source, rows=dev_indices, name='dev')
+  else:
+    logging.info('Reading labels of %d training spectra …', len(train_source))
+    train_meta = input_pipeline.read_metadata(train_source, num_threads=config.num_threads)
   counts = {t: int(np.sum(train_meta['data_type'] == i)) for i, t in enumerate(DATA_TYPES)}
   logging.info('Training spectra per data type: %s; dev: %d', counts, len(dev_source))
 
@@ -708,17 +979,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       init_from=config.init_from if config.adapt else '')
   writer = MetricWriter(workdir, enabled=is_main)
   writer.discard_after(latest)  # Rows of epochs after the checkpoint are done again.
-  train_step, eval_step = _compiled_steps(model, _optimizer_key(config), mesh, ensemble_size)
-  dev_indices = np.arange(len(dev_source))[process_index::process_count]
+  _, eval_step = _compiled_steps(model, _optimizer_key(config), mesh, ensemble_size)
+  train_steps = _compiled_train_steps(model, _optimizer_key(config), mesh, on_device,
+                                      ensemble_size)
+  if on_device:  # The host copy of the flux goes once the devices hold theirs.
+    train_data = {'resident': place_split(train_data.pop('arrays'), standardizer, mesh)}
   # Every process must run the same number of eval steps: pad to the largest shard.
   largest_shard = -(-len(dev_source) // process_count)
   dev_batches_per_process = -(-largest_shard // local_eval_batch)
 
   def evaluate(params) -> dict[str, float]:
-    batches = input_pipeline.eval_batches(
-        dev_source, local_eval_batch, indices=dev_indices,
-        num_batches=(dev_batches_per_process if process_count > 1 else None),
-        num_threads=config.num_threads)
+    num_batches = dev_batches_per_process if process_count > 1 else None
+    if dev_arrays is not None:
+      batches = memory_data.eval_batches(dev_arrays, local_eval_batch, indices=dev_indices,
+                                         num_batches=num_batches)
+    else:
+      batches = input_pipeline.eval_batches(
+          dev_source, local_eval_batch, indices=dev_indices, num_batches=num_batches,
+          num_threads=config.num_threads)
     return evaluate_split(params, eval_step, batches, standardizer, mesh, 'dev')
 
   stop_loss_key = 'dev_adapt_loss' if config.adapt else 'dev_loss'
@@ -781,14 +1059,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if num_batches == 0:
         raise TrainingError(f'{len(indices)} training spectra make no batch of '
                             f'{config.batch_size}')
-      batches = input_pipeline.train_batches(
-          train_source, local_batch, seed=config.seed, epoch=epoch, indices=indices,
-          shard_index=process_index, shard_count=process_count,
-          start_batch=int(state.epoch_step), num_threads=config.num_threads,
-          prefetch_batches=config.prefetch_batches)
+      inputs = _epoch_inputs(config, train_data, standardizer, mesh, local_batch=local_batch,
+                             epoch=epoch, indices=indices, start_batch=int(state.epoch_step))
       t0 = time.perf_counter()
       state, sums, interrupted = train_epoch(
-          state, train_step, batches, standardizer, mesh, num_batches=num_batches,
+          state, train_steps, inputs, batch_size=local_batch, num_batches=num_batches,
           stop_requested=flag, progress=is_main, log_every_steps=config.log_every_steps)
       if interrupted:
         save(state)
@@ -837,17 +1112,26 @@ __all__ = [
   'TrainState',
   'TrainingError',
   'adaptation_indices',
+  'choose_input',
   'create_ensemble_state',
   'create_model',
   'create_optimizer',
   'create_train_state',
   'evaluate_split',
+  'global_batch_indices',
   'init_opt_state',
   'make_eval_step',
   'make_mesh',
   'make_train_step',
+  'make_train_steps',
+  'memory_inputs',
+  'place_split',
+  'put_chunk',
   'replicate',
+  'resident_inputs',
+  'resident_rows',
   'should_stop_early',
+  'stream_inputs',
   'summarize',
   'train_and_evaluate',
   'train_epoch',

@@ -31,6 +31,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset_name = 'apogee'
   config.num_threads = 4  # grain reader threads per process
   config.prefetch_batches = 2  # batches prepared ahead of the device
+  # Input path (README "Training on GPUs/TPUs"): 'memory' reads each split once into arrays and
+  # gathers batches from them; 'stream' decodes every epoch through grain (data larger than RAM);
+  # 'auto' takes memory when train + dev fit memory_budget_gb (host RAM per process).
+  config.input_mode = 'auto'
+  config.memory_budget_gb = 16.0  # 3.43 GB per 100k spectra in float32, 1.72 GB in 16 bits
+  config.memory_dtype = 'float32'  # or 'bfloat16' (≤ 0.2% rounding), 'float16' (|flux| ≤ 65504)
+  # Memory mode: 'auto' keeps the training flux on the devices (one block of rows per device,
+  # batches gathered inside the jitted step) when a device's block fits the device budget;
+  # 'true' / 'false' force it. Budget per device in GB; 0 = half of what the device reports.
+  config.data_on_device = 'auto'
+  config.device_memory_budget_gb = 0.0
+  # Training steps fused into one jitted lax.scan: fewer host round trips on GPU/TPU, where a
+  # step takes milliseconds. Interrupts, the non-finite-loss stop and logging act per call.
+  config.steps_per_call = 1
   # Optimisation (§3.3).
   config.batch_size = 128  # GLOBAL batch, split over all devices of all processes
   config.eval_batch_size = 256

@@ -341,7 +341,8 @@ class _SignalOnRead(list):
 
 
 def test_sigint_mid_epoch_saves_and_resumes_exactly(sources, tmp_path):
-  config = _config(max_epochs=2)
+  # The stream reads the source during the epoch, which is where the signal comes from.
+  config = _config(max_epochs=2, input_mode='stream')
   full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
   # read_metadata reads the 32 training spectra once; then epoch 1 starts reading.
   flaky = _SignalOnRead(sources['train'], trigger=len(sources['train']) + 12)

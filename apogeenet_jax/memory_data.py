@@ -1,0 +1,154 @@
+"""Spectra held in memory: a split loaded once as preprocessed arrays (the 'memory' input mode).
+
+The grain pipeline (``input_pipeline``) decodes and preprocesses every spectrum again each epoch,
+at ~700–770 spectra/s per process (``benchmarks/data_benchmark.py``), which leaves an accelerator
+waiting. The data are small: 8575 float32 pixels are 34.3 kB per spectrum, 3.43 GB per 100k
+spectra, and half that in a 16-bit storage dtype. So this module reads a split ONCE, through the
+same ``decode_example`` and ``preprocess_flux`` as the stream, into
+
+  flux       (n_held, 8575) storage dtype  preprocessed flux of the rows this process holds,
+                                            1e-17 erg/s/cm²/Å
+  rows       (n_held,) int64  source index of each held flux row, ascending
+  labels     (n, 3)  float32  (log g, Teff, [Fe/H]) in native units, every row of the split
+  data_type  (n,)    int32    index into ``constants.DATA_TYPES``, every row
+  apogee_id  (n,)    str
+
+Labels and data types of the whole split are kept because the Standardizer and the adaptation
+subsets need them (16 bytes a spectrum); only flux is restricted to the rows a process holds.
+Batches are gathered with the indices of ``input_pipeline.epoch_batch_indices``: the same batches,
+in the same order, as the stream.
+
+Storage dtype: 'float32' is exact. 'bfloat16' keeps 8 significant bits: relative rounding
+≤ 2⁻⁹ = 0.2% at any flux, below the ~1% noise of an S/N-100 spectrum. 'float16' keeps 11 bits
+(≤ 2⁻¹² = 0.024%) but holds |flux| ≤ 65504 only; a larger flux is an error. The rounding a load
+actually incurred is measured and returned (``SplitArrays.rounding``).
+NumPy only (``ml_dtypes`` provides bfloat16): ``training`` places the arrays on devices.
+"""
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from absl import logging
+
+from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS
+from apogeenet_jax.input_pipeline import InputPipelineError, read_metadata
+from apogeenet_jax.preprocessing import preprocess_flux
+
+STORAGE_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
+                  'float16': np.dtype(np.float16)}
+# Labels (3 float32) + data type (int32) per spectrum; on a device the standardised targets
+# (3 float32) replace the labels.
+_PER_SPECTRUM_EXTRA_BYTES = 4 * len(LABEL_NAMES) + 4
+
+
+def storage_dtype(name: str) -> np.dtype:
+  if name not in STORAGE_DTYPES:
+    raise ValueError(f'storage dtype {name!r}: expected one of {sorted(STORAGE_DTYPES)}')
+  return STORAGE_DTYPES[name]
+
+
+def bytes_per_spectrum(dtype: str = 'float32') -> int:
+  """Memory one held spectrum costs: flux in the storage dtype plus labels and data type."""
+  return N_PIXELS * storage_dtype(dtype).itemsize + _PER_SPECTRUM_EXTRA_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitArrays:
+  """One split in memory; see the module docstring for the fields."""
+
+  flux: np.ndarray
+  rows: np.ndarray
+  labels: np.ndarray
+  data_type: np.ndarray
+  apogee_id: np.ndarray
+  # Relative rounding of the storage dtype over the non-zero pixels: {'max': …, 'rms': …}.
+  rounding: Mapping[str, float]
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def metadata(self) -> dict[str, np.ndarray]:
+    """What ``input_pipeline.read_metadata`` returns for the split."""
+    return {'labels': self.labels, 'data_type': self.data_type, 'apogee_id': self.apogee_id}
+
+  def positions(self, indices: np.ndarray) -> np.ndarray:
+    """Source indices → positions in ``flux``; an index this process does not hold is an error."""
+    indices = np.asarray(indices, np.int64)
+    if len(self.rows) == len(self.labels):  # All rows held: position = index.
+      return indices
+    pos = np.searchsorted(self.rows, indices)
+    if np.any(pos >= len(self.rows)) or np.any(self.rows[np.minimum(pos, len(self.rows) - 1)]
+                                               != indices):
+      raise InputPipelineError('asked for spectra this process does not hold in memory')
+    return pos
+
+  def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch (any leading shape) of source ``indices``: float32 flux, labels, data_type."""
+    indices = np.asarray(indices, np.int64)
+    return {'flux': self.flux[self.positions(indices)].astype(np.float32, copy=False),
+            'labels': self.labels[indices], 'data_type': self.data_type[indices]}
+
+
+def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None = None,
+               dtype: str = 'float32', num_threads: int = 8, name: str = 'split') -> SplitArrays:
+  """Reads every record of ``source`` once; keeps the preprocessed flux of ``rows`` (default all).
+
+  ``name`` only labels errors and log lines (e.g. the split and data dir).
+  """
+  n = len(source)
+  rows = np.arange(n) if rows is None else np.unique(np.asarray(rows, np.int64))
+  if len(rows) and (rows[0] < 0 or rows[-1] >= n):
+    raise ValueError(f'{name}: rows outside [0, {n})')
+  store = storage_dtype(dtype)
+  flux = np.empty((len(rows), N_PIXELS), store)
+  position = np.full(n, -1, np.int64)
+  position[rows] = np.arange(len(rows))
+  err_max, err_sq, err_count = 0.0, 0.0, 0
+
+  def keep(i: int, example: dict[str, Any]) -> None:
+    nonlocal err_max, err_sq, err_count
+    if position[i] < 0:
+      return
+    f = preprocess_flux(example['flux'])
+    q = f.astype(store)
+    if store != np.float32:
+      if not np.all(np.isfinite(q)):
+        raise InputPipelineError(
+            f'{name}: record {i} ({example["apogee_id"]}) has flux up to {np.abs(f).max():.4g}, '
+            f'beyond the range of {dtype}; use memory_dtype bfloat16 or float32')
+      good = f != 0
+      rel = np.abs(q[good].astype(np.float32) - f[good]) / np.abs(f[good])
+      if rel.size:
+        err_max = max(err_max, float(rel.max()))
+        err_sq += float(np.sum(np.square(rel, dtype=np.float64)))
+        err_count += rel.size
+    flux[position[i]] = q
+
+  meta = read_metadata(source, num_threads=num_threads, visit=keep)
+  rounding = {'max': err_max, 'rms': float(np.sqrt(err_sq / err_count)) if err_count else 0.0}
+  logging.info('%s: %d of %d spectra in memory as %s (%.2f GB); relative rounding max %.2g, '
+               'rms %.2g.', name, len(rows), n, dtype, flux.nbytes / 1e9, rounding['max'],
+               rounding['rms'])
+  return SplitArrays(flux=flux, rows=rows, rounding=rounding, **meta)
+
+
+def eval_batches(arrays: SplitArrays, batch_size: int, *, indices: np.ndarray | None = None,
+                 num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """In-order fixed-size batches with a 'mask', padded like ``input_pipeline.eval_batches``."""
+  indices = np.arange(len(arrays)) if indices is None else np.asarray(indices, np.int64)
+  n_needed = -(-len(indices) // batch_size)
+  num_batches = n_needed if num_batches is None else num_batches
+  if num_batches < n_needed:
+    raise ValueError(f'num_batches {num_batches} < {n_needed} needed for {len(indices)} examples')
+  if num_batches and not len(indices):
+    raise InputPipelineError('cannot pad an empty index set (no example to copy shapes from)')
+  total = num_batches * batch_size
+  pad = indices[0] if len(indices) else 0  # Any held row: masked out of every metric.
+  padded = np.concatenate([indices, np.full(total - len(indices), pad, np.int64)])
+  valid = np.arange(total) < len(indices)
+  for b in range(num_batches):
+    sl = slice(b * batch_size, (b + 1) * batch_size)
+    yield {**arrays.gather(padded[sl]), 'mask': valid[sl]}
