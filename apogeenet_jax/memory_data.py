@@ -19,8 +19,8 @@ Batches are gathered with the indices of ``input_pipeline.epoch_batch_indices``:
 in the same order, as the stream.
 
 Storage dtype: 'float32' is exact. 'bfloat16' keeps 8 significant bits: relative rounding
-≤ 2⁻⁹ = 0.2% at any flux, below the ~1% noise of an S/N-100 spectrum. 'float16' keeps 11 bits
-(≤ 2⁻¹² = 0.024%) but holds |flux| ≤ 65504 only; a larger flux is an error. The rounding a load
+≤ 2⁻⁸ = 0.39% (rms ~0.11%) at any flux, below the ~1% noise of an S/N-100 spectrum. 'float16'
+keeps 11 bits (≤ 2⁻¹¹ = 0.049%) but holds |flux| ≤ 65504 only; a larger flux is an error. The rounding a load
 actually incurred is measured and returned (``SplitArrays.rounding``).
 NumPy only (``ml_dtypes`` provides bfloat16): ``training`` places the arrays on devices.
 """

@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'auto' takes memory when train + dev fit memory_budget_gb (host RAM per process).
   config.input_mode = 'auto'
   config.memory_budget_gb = 16.0  # 3.43 GB per 100k spectra in float32, 1.72 GB in 16 bits
-  config.memory_dtype = 'float32'  # or 'bfloat16' (≤ 0.2% rounding), 'float16' (|flux| ≤ 65504)
+  config.memory_dtype = 'float32'  # or 'bfloat16' (≤ 0.39% rounding), 'float16' (|flux| ≤ 65504)
   # Memory mode: 'auto' keeps the training flux on the devices (one block of rows per device,
   # batches gathered inside the jitted step) when a device's block fits the device budget;
   # 'true' / 'false' force it. Budget per device in GB; 0 = half of what the device reports.

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apogeenet_jax import checkpoint, metrics, training, workdir_lock
+from apogeenet_jax import checkpoint, memory_data, metrics, training, workdir_lock
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
 from configs import default as default_config
@@ -604,3 +604,118 @@ def test_short_run_of_paper_network_learns_under_default_recipe(recipe, tmp_path
     assert best < 0.5 * records[0]['dev_loss'] and best < 0.5, [r['dev_loss'] for r in records]
   else:
     assert best > 0.8, [r['dev_loss'] for r in records]
+
+
+# ------------------------------------------------------------------------------------------------
+# Input modes (memory / stream) and steps fused per call.
+
+
+@pytest.mark.parametrize('on_device', ['false', 'true'])
+def test_memory_and_stream_end_with_the_same_parameters(sources, tmp_path, on_device):
+  """Same batches in the same order: memory (host or device-resident) == stream after 2 epochs."""
+  stream = training.train_and_evaluate(_config(max_epochs=2, input_mode='stream'),
+                                       str(tmp_path / 'stream'), sources=sources)
+  memory = training.train_and_evaluate(
+      _config(max_epochs=2, input_mode='memory', data_on_device=on_device),
+      str(tmp_path / 'memory'), sources=sources)
+  assert int(memory.step) == int(stream.step) == 8
+  _assert_trees_equal(memory.params, stream.params, rtol=1e-5, atol=1e-7)
+  records = [metrics.read_metrics(str(tmp_path / m)) for m in ('stream', 'memory')]
+  for a, b in zip(*records, strict=True):
+    np.testing.assert_allclose([a['train_loss'], a['dev_loss']], [b['train_loss'], b['dev_loss']],
+                               rtol=1e-5)
+
+
+def test_steps_per_call_4_equals_1(sources, tmp_path):
+  """3 epochs of 4 steps as one scan of 4 steps per epoch, or 3 + 1 (a shorter last call), end
+  with the parameters and train losses of one step per call."""
+  one = training.train_and_evaluate(_config(max_epochs=3), str(tmp_path / 'k1'), sources=sources)
+  for k in (4, 3):
+    fused = training.train_and_evaluate(_config(max_epochs=3, steps_per_call=k),
+                                        str(tmp_path / f'k{k}'), sources=sources)
+    assert int(fused.step) == int(one.step) == 12
+    _assert_trees_equal(fused.params, one.params, rtol=1e-5, atol=1e-7)
+    a, b = (metrics.read_metrics(str(tmp_path / d)) for d in ('k1', f'k{k}'))
+    np.testing.assert_allclose([r['train_loss'] for r in b], [r['train_loss'] for r in a],
+                               rtol=1e-5)
+
+
+def test_nonfinite_loss_stops_within_a_call(tmp_path):
+  bad = fake_source(16, 0)
+  for e in bad:
+    e['flux'] = np.full(N_PIXELS, 3e38, np.float32)
+  with pytest.raises(training.TrainingError, match=r'non-finite training loss .* at step 1:'):
+    training.train_and_evaluate(_config(steps_per_call=4, max_epochs=1), str(tmp_path),
+                                sources={'train': bad, 'dev': bad[:4]})
+
+
+@pytest.mark.parametrize('steps_per_call', [1, 2])
+def test_sigint_mid_epoch_in_memory_mode_resumes_exactly(sources, tmp_path, monkeypatch,
+                                                         steps_per_call):
+  """Memory mode reads nothing during an epoch, so the signal comes from the 2nd step call."""
+  config = _config(max_epochs=2, input_mode='memory', steps_per_call=steps_per_call)
+  full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
+  real = training._compiled_train_steps
+
+  def signalling(*args):
+    steps, calls = real(*args), []
+
+    def run(state, xs):
+      calls.append(1)
+      if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+      return steps(state, xs)
+
+    return run
+
+  monkeypatch.setattr(training, '_compiled_train_steps', signalling)
+  stopped = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
+  assert int(stopped.epoch) == 0 and int(stopped.epoch_step) == 2 * steps_per_call
+  assert checkpoint.make_manager(str(tmp_path / 'split' / 'checkpoints')).latest_step() == int(
+      stopped.step)
+  monkeypatch.setattr(training, '_compiled_train_steps', real)
+  resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
+  assert int(resumed.step) == int(full.step)
+  _assert_trees_equal(resumed.params, full.params)
+
+
+def test_choose_input_budgets(sources):
+  mesh = training.make_mesh(2)
+  row = memory_data.bytes_per_spectrum('float32')
+  choose = lambda **kw: training.choose_input(_config(**kw), 1000, 100, mesh)  # noqa: E731
+  assert choose() == ('memory', True)
+  assert choose(data_on_device='false') == ('memory', False)
+  assert choose(memory_budget_gb=1100 * row / 1e9 * 0.99) == ('stream', False)
+  assert choose(memory_budget_gb=1100 * row / 1e9 * 1.01)[0] == 'memory'
+  # Each of 2 devices holds 500 rows of flux plus all targets and data types.
+  device_need = (500 * N_PIXELS * 4 + 1000 * 16) / 1e9
+  assert choose(device_memory_budget_gb=device_need * 0.99) == ('memory', False)
+  assert choose(device_memory_budget_gb=device_need * 1.01) == ('memory', True)
+  assert choose(input_mode='stream') == ('stream', False)
+  for bad in ({'input_mode': 'ram'}, {'data_on_device': 'maybe'}, {'steps_per_call': 0},
+              {'memory_dtype': 'int8'}):
+    with pytest.raises(training.TrainingError):
+      choose(**bad)
+
+
+@pytest.mark.parametrize('n_devices', [1, 4])
+def test_resident_gather_matches_host_batches(n_devices):
+  """The in-step gather hands each device exactly its rows of the global batch (1 and 4 devices,
+  a split that does not divide evenly into the device blocks)."""
+  if len(jax.devices()) < n_devices:
+    pytest.skip(f'needs {n_devices} devices')
+  mesh = training.make_mesh(n_devices)
+  arrays = memory_data.load_split(fake_source(22, 2), num_threads=2)
+  std = Standardizer.fit(arrays.labels)
+  split = training.place_split(arrays, std, mesh)
+  rows = training.global_batch_indices(np.arange(22), 8, seed=0, epoch=3, mesh=mesh)
+  gather = jax.jit(jax.shard_map(
+      lambda s, i: training._gather_resident(s, i, n_devices), mesh=mesh,
+      in_specs=(training.RESIDENT_SPECS, jax.sharding.PartitionSpec()),
+      out_specs=jax.sharding.PartitionSpec(training.DATA_AXIS)))
+  for batch_rows in rows:
+    got = jax.device_get(gather(split, jnp.asarray(batch_rows, jnp.int32)))
+    want = arrays.gather(batch_rows)
+    np.testing.assert_array_equal(got['flux'], want['flux'])
+    np.testing.assert_array_equal(got['targets'], std.transform(want['labels']))
+    np.testing.assert_array_equal(got['data_type'], want['data_type'])
