@@ -856,6 +856,28 @@ def choose_input(config: ml_collections.ConfigDict, num_train: int, num_dev: int
   return 'memory', on_device
 
 
+def _read_splits(config: ml_collections.ConfigDict, train_source: Sequence, dev_source: Sequence,
+                 mesh: Mesh, *, memory: bool, on_device: bool, dev_indices: np.ndarray
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray], Any]:
+  """(training data for ``_epoch_inputs``, training metadata, dev split in memory or None).
+
+  One pass over each split either way: the stream reads only the labels now; memory mode keeps
+  the flux of the rows this process needs (its devices' blocks, or all) and its dev shard.
+  """
+  if not memory:
+    logging.info('Reading labels of %d training spectra …', len(train_source))
+    meta = input_pipeline.read_metadata(train_source, num_threads=config.num_threads)
+    return {'source': train_source}, meta, None
+  logging.info('Loading %d training and %d dev spectra into memory …', len(train_source),
+               len(dev_source))
+  load = functools.partial(memory_data.load_split, dtype=config.memory_dtype,
+                           num_threads=config.num_threads)
+  arrays = load(train_source, name='train',
+                rows=resident_rows(len(train_source), mesh) if on_device else None)
+  return ({'arrays': arrays}, arrays.metadata(),
+          load(dev_source, rows=dev_indices, name='dev'))
+
+
 def _epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
                   standardizer: Standardizer, mesh: Mesh, *, local_batch: int, epoch: int,
                   indices: np.ndarray, start_batch: int) -> Iterator[tuple[Any, int]]:
@@ -918,19 +940,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_source, dev_source = _sources(config, sources)
   mode, on_device = choose_input(config, len(train_source), len(dev_source), mesh)
   dev_indices = np.arange(len(dev_source))[process_index::process_count]
-  train_data, dev_arrays = {'source': train_source}, None
-  if mode == 'memory':
-    logging.info('Loading %d training and %d dev spectra into memory …', len(train_source),
-                 len(dev_source))
-    load = functools.partial(memory_data.load_split, dtype=config.memory_dtype,
-                             num_threads=config.num_threads)
-    train_data['arrays'] = load(train_source, name='train', rows=(
-        resident_rows(len(train_source), mesh) if on_device else None))
-    train_meta = train_data['arrays'].metadata()
-    dev_arrays = load(dev_source, rows=dev_indices, name='dev')
-  else:
-    logging.info('Reading labels of %d training spectra …', len(train_source))
-    train_meta = input_pipeline.read_metadata(train_source, num_threads=config.num_threads)
+  train_data, train_meta, dev_arrays = _read_splits(config, train_source, dev_source, mesh,
+                                                    memory=mode == 'memory', on_device=on_device,
+                                                    dev_indices=dev_indices)
   counts = {t: int(np.sum(train_meta['data_type'] == i)) for i, t in enumerate(DATA_TYPES)}
   logging.info('Training spectra per data type: %s; dev: %d', counts, len(dev_source))
 
