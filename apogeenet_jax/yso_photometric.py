@@ -9,7 +9,7 @@ Auriga does; targets (log age, mass, A_V, log Teff, log g) are standardised with
 set's μ, σ.
 
 Training runs through the spectral model's machinery (``training``): the same jitted
-data-parallel step (``make_train_step``/``make_eval_step`` on a 'data' mesh), ``train_epoch``,
+data-parallel step (``make_train_steps``/``make_eval_step`` on a 'data' mesh), ``train_epoch``,
 ``evaluate_split``, early stopping on the dev loss and orbax checkpoints (``checkpoint``). Only
 the epoch orchestration below is separate, because ``training.train_and_evaluate`` reads
 apStar spectra through the TFDS input pipeline. The checkpoint meta names the targets, their
@@ -147,7 +147,7 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
                                  f'{mesh.devices.size} devices')
   state = training.replicate(
       training.create_train_state(jax.random.PRNGKey(config.seed), model, tx, init='flax'), mesh)
-  train_step = training.make_train_step(model, tx, mesh)
+  train_steps = training.make_train_steps(model, tx, mesh)
   eval_step = training.make_eval_step(model, mesh)
   manager = checkpoint.make_manager(checkpoints)
   meta = _meta(model, standardizer, config, num_train=len(x_train), num_dev=len(x_dev))
@@ -156,8 +156,9 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
     raise training.TrainingError(f'{len(x_train)} stars make no batch of {config.batch_size}')
   for epoch in range(config.max_epochs):
     batches = _batches(x_train, y_train, config.batch_size, seed=config.seed * 100_003 + epoch)
-    state, _, _ = training.train_epoch(state, train_step, batches, standardizer, mesh,
-                                       num_batches=num_batches, progress=False)
+    state, _, _ = training.train_epoch(
+        state, train_steps, training.stream_inputs(batches, standardizer, mesh),
+        batch_size=config.batch_size, num_batches=num_batches, progress=False)
     dev = training.evaluate_split(
         state.params, eval_step, _batches(x_dev, y_dev, config.eval_batch_size,
                                           pad_to=mesh.devices.size), standardizer, mesh, 'dev')
