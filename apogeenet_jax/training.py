@@ -1016,7 +1016,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def save(state, metrics=None):
     step = int(state.step)
     if step in manager.all_steps():
-      return
+      if metrics is None:
+        return
+      # An interrupt after the epoch's last step saved this step before the dev evaluation;
+      # the epoch's end replaces it, else its dev loss would never count for "best".
+      manager.delete(step)
     checkpoint.save(manager, step, state, meta,
                     None if metrics is None else {checkpoint.BEST_METRIC: metrics})
 

@@ -645,8 +645,11 @@ def test_nonfinite_loss_stops_within_a_call(tmp_path):
   for e in bad:
     e['flux'] = np.full(N_PIXELS, 3e38, np.float32)
   with pytest.raises(training.TrainingError, match=r'non-finite training loss .* at step 1:'):
-    training.train_and_evaluate(_config(steps_per_call=4, max_epochs=1), str(tmp_path),
-                                sources={'train': bad, 'dev': bad[:4]})
+    # Unscaled flux into PyTorch-default weights, read out by a non-zero last layer: the first
+    # loss overflows.
+    config = _config(steps_per_call=4, max_epochs=1, input_scale=1.0, init='torch',
+                     zero_last_layer=False)
+    training.train_and_evaluate(config, str(tmp_path), sources={'train': bad, 'dev': bad[:4]})
 
 
 @pytest.mark.parametrize('steps_per_call', [1, 2])
