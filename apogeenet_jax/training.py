@@ -872,10 +872,11 @@ def _read_splits(config: ml_collections.ConfigDict, train_source: Sequence, dev_
                len(dev_source))
   load = functools.partial(memory_data.load_split, dtype=config.memory_dtype,
                            num_threads=config.num_threads)
-  arrays = load(train_source, name='train',
+  where = f' of {config.data_dir}' if config.data_dir else ''
+  arrays = load(train_source, name=f'train split{where}',
                 rows=resident_rows(len(train_source), mesh) if on_device else None)
   return ({'arrays': arrays}, arrays.metadata(),
-          load(dev_source, rows=dev_indices, name='dev'))
+          load(dev_source, rows=dev_indices, name=f'dev split{where}'))
 
 
 def _epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
