@@ -172,7 +172,8 @@ def _table(title: str, results: dict[str, list[float]], ref: str) -> None:
   ref_rate = statistics.median(results[ref])
   for name, rates in results.items():
     rate = statistics.median(rates)
-    print(f'  {name:<42} {rate:10,.0f}   {rate / ref_rate:6.1f}×')
+    figure = f'{rate:10,.0f}' if rate >= 100 else f'{rate:10.3g}'
+    print(f'  {name:<42} {figure}   {rate / ref_rate:6.1f}×')
 
 
 def main(argv):
