@@ -476,6 +476,7 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
   """
   local_step = _local_train_step(model, tx, ensemble_size)
   n_dev = mesh.shape[DATA_AXIS]
+  unroll = mesh.devices.flat[0].platform == 'cpu'
 
   def run(state, xs):
     if resident:
@@ -483,7 +484,16 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
       batch_of = functools.partial(_gather_resident, split, n_dev=n_dev)
     else:
       seq, batch_of = xs, lambda batch: batch
-    state, per_step = lax.scan(lambda st, x: local_step(st, batch_of(x)), state, seq)
+    # XLA:CPU runs the convolutions inside a while loop ~15x slower than straight-line code
+    # (paper model, batch 128: 4.3 s vs 0.27-0.37 s per step, measured), so on a CPU the k steps
+    # are unrolled, and one step is never wrapped in a loop.
+    k = jax.tree.leaves(seq)[0].shape[0]
+    if k == 1:
+      state, metrics = local_step(state, batch_of(jax.tree.map(lambda a: a[0], seq)))
+      per_step = jax.tree.map(lambda m: m[None], metrics)
+    else:
+      state, per_step = lax.scan(lambda st, x: local_step(st, batch_of(x)), state, seq,
+                                 unroll=unroll)
     losses = per_step.pop('loss')
     return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), per_step), losses
 
