@@ -7,7 +7,7 @@ r"""The paper's network on the embedded SYNTHETIC survey, end to end in minutes 
 The default recipe (configs/default.py) and the full Appendix-B network — channels
 8,8,16,16,16,16,32,32,32,32,64,64, hidden 512,512 — with an epoch cap sized to a CPU demo.
 Measured (2,500 stars, 2 CPU cores): test MSE 0.021, scatter 0.16 dex / 94 K / 0.033 dex; best
-dev MSE 0.017 at step 196; about 290 s of CPU time for the whole demo (README "Results").
+dev MSE 0.017 at step 196; the whole demo 159 s on 2 quiet cores (README "Results").
 Leaves the best checkpoint in workdirs/demo/checkpoints for ``evaluate.py --workdir=workdirs/demo``.
 """
 
