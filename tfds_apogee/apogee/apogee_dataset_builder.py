@@ -64,7 +64,7 @@ def input_fingerprint(catalog: pathlib.Path, matched: list[tuple[labels.Labelled
   h.update(catalog.read_bytes())
   files = []
   for _, path in matched:
-    stat = os.stat(path)
+    stat = pathlib.Path(path).stat()  # not os.stat: builder code stays filesystem-agnostic
     # relpath, not labels.relative_path: string work only, no resolve() per file.
     files.append((os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns))
   h.update(json.dumps({'split_seed': split_seed, 'files': files}).encode())
