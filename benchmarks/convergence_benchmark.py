@@ -15,9 +15,7 @@ Figures, never assertions.
 """
 
 import importlib
-import os
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -29,6 +27,7 @@ sys.path.insert(0, str(ROOT))  # configs/ at the top
 
 from apogeenet_jax import checkpoint, evaluation, input_pipeline, training  # noqa: E402
 from apogeenet_jax.metrics import read_metrics  # noqa: E402
+from benchmarks.common import cpu_model  # noqa: E402
 
 flags.DEFINE_integer('num_stars', 18000, 'Synthetic survey size (≈72% of it trains).')
 flags.DEFINE_list('recipes', ['default', 'paper'], 'Config modules under configs/; '
@@ -41,16 +40,6 @@ flags.DEFINE_integer('seed', 0, 'Survey seed and training seed.')
 FLAGS = flags.FLAGS
 
 THRESHOLDS = (0.5, 0.2, 0.1)
-
-
-def cpu_model() -> str:
-  try:
-    for line in open('/proc/cpuinfo'):
-      if line.startswith('model name'):
-        return f'{line.split(":", 1)[1].strip()} ×{os.cpu_count()}'
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def build_survey(root: pathlib.Path, num_stars: int, seed: int) -> pathlib.Path:

@@ -23,7 +23,6 @@ import functools
 import itertools
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/
 
 from apogeenet_jax import input_pipeline, memory_data, synthetic, training
 from apogeenet_jax.normalization import Standardizer
+from benchmarks.common import cpu_model
 from configs import default
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'A built tfds data dir; else a synthetic one.')
@@ -49,15 +49,6 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Rounds; figures are medians over 
 _EPOCHS = flags.DEFINE_integer('epochs', 2, 'Epochs per timed tiny-model / no-model run.')
 _PAPER_STEPS = flags.DEFINE_integer('paper_steps', 4, 'Timed steps of the paper model per path.')
 _THREADS = flags.DEFINE_integer('num_threads', 4, 'grain reader threads (config default 4).')
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    return f'{names[0]} ({len(names)} logical cores)'
-  except (OSError, IndexError):
-    return platform.processor() or 'unknown CPU'
 
 
 def _build(tmp: str) -> str:
@@ -180,7 +171,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   print(f'JAX {jax.__version__} on {jax.devices()[0].platform} '
-        f'({jax.devices()[0].device_kind}); CPU: {_cpu_model()}')
+        f'({jax.devices()[0].device_kind}); CPU: {cpu_model()}')
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = _DATA_DIR.value or _build(tmp)
     source = input_pipeline.open_split(data_dir, 'train')

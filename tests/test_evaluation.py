@@ -146,17 +146,21 @@ def test_compute_metrics_by_hand():
   assert 'YSO' not in m
 
 
+def _run_evaluate_cli(*flags: str) -> subprocess.CompletedProcess:
+  """evaluate.py in a subprocess (one real CPU device), as a user runs it."""
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), *flags],
+                        capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('estimator', ['mc', 'linear'])
 def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path, estimator):
   out = tmp_path / 'cli'
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'evaluate.py'), f'--checkpoint={tiny_checkpoint}',
-       f'--apstar_dir={apstar_dir}', '--mc=3', '--batch_size=2', f'--output_dir={out}',
-       '--nofigures', f'--uncertainty={estimator}'], capture_output=True, text=True, env=env,
-      timeout=300, check=False)
+  proc = _run_evaluate_cli(f'--checkpoint={tiny_checkpoint}', f'--apstar_dir={apstar_dir}',
+                           '--mc=3', '--batch_size=2', f'--output_dir={out}', '--nofigures',
+                           f'--uncertainty={estimator}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'(sigma={estimator}' in proc.stdout
   assert f'Catalogue: {out}/catalog.fits' in proc.stdout
@@ -167,12 +171,8 @@ def test_entry_point_runs(tiny_checkpoint, apstar_dir, tmp_path, estimator):
 def test_entry_point_bad_checkpoint_is_one_line_not_a_traceback(apstar_dir, tmp_path):
   empty = tmp_path / 'empty_ckpt'
   empty.mkdir()
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'evaluate.py'), f'--checkpoint={empty}',
-       f'--apstar_dir={apstar_dir}', f'--output_dir={tmp_path / "o"}'],
-      capture_output=True, text=True, env=env, timeout=300, check=False)
+  proc = _run_evaluate_cli(f'--checkpoint={empty}', f'--apstar_dir={apstar_dir}',
+                           f'--output_dir={tmp_path / "o"}')
   assert proc.returncode != 0
   assert f'FATAL {empty}: holds no checkpoint steps' in proc.stderr
   assert 'Traceback' not in proc.stderr
