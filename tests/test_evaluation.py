@@ -189,8 +189,8 @@ def test_all_files_unreadable_is_a_clear_error(tiny_checkpoint, tmp_path):
     evaluation.load_checkpoint(workdir=str(tmp_path / 'nowhere'))
 
 
-def test_sharded_over_fake_devices_equals_one_device(tiny_checkpoint):
-  """conftest gives 4 CPU devices: a batch of 4 is split over them, the result must not change."""
+def _all_devices_and_one(tiny_checkpoint, **kwargs):
+  """predict_batches of 2n − 1 stars in batches of n over all n (fake) devices and over one."""
   if jax.local_device_count() < 2:
     pytest.skip('needs several (fake) devices')
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
@@ -198,8 +198,13 @@ def test_sharded_over_fake_devices_equals_one_device(tiny_checkpoint):
   std = checkpoint.standardizer_from_meta(meta)
   n = jax.local_device_count()
   run = lambda devices: evaluation.predict_batches(  # noqa: E731
-      params, model, std, _fake_split(2 * n - 1, 3, n), mc=8, draw_chunk=4, devices=devices)
-  many, one = run(None), run(jax.local_devices()[:1])
+      params, model, std, _fake_split(2 * n - 1, 3, n), devices=devices, **kwargs)
+  return run(None), run(jax.local_devices()[:1]), (params, model, std, n)
+
+
+def test_sharded_over_fake_devices_equals_one_device(tiny_checkpoint):
+  """conftest gives 4 CPU devices: a batch of 4 is split over them, the result must not change."""
+  many, one, (_, _, _, n) = _all_devices_and_one(tiny_checkpoint, mc=8, draw_chunk=4)
   assert len(many['pred']) == 2 * n - 1
   np.testing.assert_allclose(many['pred'], one['pred'], rtol=1e-5)
   np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)
@@ -353,15 +358,7 @@ def test_linear_equals_mc_on_real_spectra_with_errors_scaled_down(real_apstar_fi
 
 
 def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
-  if jax.local_device_count() < 2:
-    pytest.skip('needs several (fake) devices')
-  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
-  model = checkpoint.model_from_meta(meta)
-  std = checkpoint.standardizer_from_meta(meta)
-  n = jax.local_device_count()
-  run = lambda devices: evaluation.predict_batches(  # noqa: E731
-      params, model, std, _fake_split(2 * n - 1, 3, n), estimator='linear', devices=devices)
-  many, one = run(None), run(jax.local_devices()[:1])
+  many, one, (params, model, std, n) = _all_devices_and_one(tiny_checkpoint, estimator='linear')
   assert len(many['pred']) == 2 * n - 1 and np.all(many['pred_err'] > 0)
   # Split over devices XLA picks other convolution blockings: float32 rounding, no more.
   scale = np.abs(one['pred_z']).max()
