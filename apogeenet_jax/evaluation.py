@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
@@ -38,8 +38,7 @@ from apogeenet_jax import (
 )
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
-
-DATA_AXIS = 'data'
+from apogeenet_jax.sharding import DATA_AXIS, make_mesh
 
 CATALOG_FITS = 'catalog.fits'
 CATALOG_CSV = 'catalog.csv'
@@ -237,7 +236,7 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
                           f'got {error_cap!r}')
   key = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
   devices = list(jax.local_devices() if devices is None else devices)
-  mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+  mesh = make_mesh(devices=devices)
   params = jax.device_put(params, NamedSharding(mesh, P()))
   row_sharding = NamedSharding(mesh, P(DATA_AXIS))
   single = NamedSharding(mesh, P())

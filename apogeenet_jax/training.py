@@ -48,8 +48,8 @@ from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.metrics import MetricWriter
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
+from apogeenet_jax.sharding import DATA_AXIS, make_mesh
 
-DATA_AXIS = 'data'
 CHECKPOINT_DIR = 'checkpoints'
 # The data types whose dev loss drives adaptation (§3.4: "until MStar and YSO dev performance
 # stops improving").
@@ -250,20 +250,6 @@ def _init_fn(model: APOGEENet, init: str = 'torch', zero_last_layer: bool = Fals
     return params
 
   return jax.jit(fn)
-
-
-def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None
-              ) -> Mesh:
-  """A 1-D ('data',) mesh over the first ``num_devices`` devices (all when None or 0).
-
-  Across hosts ``jax.devices()`` lists every process's devices, so the mesh spans them all.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  if num_devices:
-    if num_devices > len(devices):
-      raise TrainingError(f'num_devices={num_devices} but only {len(devices)} devices exist')
-    devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -1148,7 +1134,6 @@ __all__ = [
   'global_batch_indices',
   'init_opt_state',
   'make_eval_step',
-  'make_mesh',
   'make_train_step',
   'make_train_steps',
   'memory_inputs',

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ at the top
 
-from apogeenet_jax import input_pipeline, memory_data, synthetic, training
+from apogeenet_jax import input_pipeline, memory_data, sharding, synthetic, training
 from apogeenet_jax.normalization import Standardizer
 from benchmarks.common import cpu_model
 from configs import default
@@ -95,12 +95,12 @@ class Paths:
 def _resident_consumer(mesh):
   """What the train step does with device-resident data, minus the model: gather each step's
   batch and reduce it (so nothing is optimised away)."""
-  n_dev = mesh.shape[training.DATA_AXIS]
+  n_dev = mesh.shape[sharding.DATA_AXIS]
 
   def run(split, idx):
     def body(total, rows):
       batch = training._gather_resident(split, rows, n_dev)
-      return total + lax.psum(jnp.sum(batch['flux']), training.DATA_AXIS), None
+      return total + lax.psum(jnp.sum(batch['flux']), sharding.DATA_AXIS), None
     return lax.scan(body, jnp.float32(0), idx)[0]
 
   return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(training.RESIDENT_SPECS, P()),
@@ -175,7 +175,7 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = _DATA_DIR.value or _build(tmp)
     source = input_pipeline.open_split(data_dir, 'train')
-    mesh = training.make_mesh(1)
+    mesh = sharding.make_mesh(1)
     paths = Paths(source, mesh, _BATCH.value)
     n = len(source)
     rounding = memory_data.load_split(source, dtype='bfloat16', num_threads=_THREADS.value).rounding

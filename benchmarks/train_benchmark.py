@@ -24,7 +24,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ at the top
 
-from apogeenet_jax import training
+from apogeenet_jax import sharding, training
 from apogeenet_jax.constants import N_PIXELS
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
 from configs import paper
@@ -67,7 +67,7 @@ def jax_step_fn(batch: dict, ensemble_size: int = 1):
   config.model.pool = FLAGS.pool
   model = training.create_model(config)
   tx = training.create_optimizer(config)
-  mesh = training.make_mesh(FLAGS.num_devices)
+  mesh = sharding.make_mesh(FLAGS.num_devices)
   state = training.replicate(
       training.create_ensemble_state(0, model, tx, ensemble_size=ensemble_size), mesh)
   step = training.make_train_step(model, tx, mesh, ensemble_size)

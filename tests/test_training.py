@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apogeenet_jax import checkpoint, memory_data, metrics, training, workdir_lock
+from apogeenet_jax import checkpoint, memory_data, metrics, sharding, training, workdir_lock
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
 from configs import default as default_config
@@ -83,7 +83,7 @@ def test_step_same_params_on_1_2_4_devices(n_devices):
   std = Standardizer.fit(np.stack([e['labels'] for b in batches for e in b]))
 
   def run(n):
-    mesh = training.make_mesh(n)
+    mesh = sharding.make_mesh(n)
     state = training.replicate(
         training.create_train_state(jax.random.PRNGKey(0), model, tx), mesh)
     step = training.make_train_step(model, tx, mesh)
@@ -126,7 +126,7 @@ def _short_model(dropout_rate):
 
 
 def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
-  mesh = training.make_mesh(n_devices)
+  mesh = sharding.make_mesh(n_devices)
   std = Standardizer.fit(np.concatenate([b['labels'] for b in batches]))
   step = training.make_train_step(model, tx, mesh, ensemble_size)
   state = training.replicate(jax.device_get(state), mesh)  # a copy: the step donates its input
@@ -223,7 +223,7 @@ def test_step_metrics_per_data_type_and_mask():
   """Padded rows count nowhere; per-type sums add up to the total."""
   config = _config()
   model = training.create_model(config)
-  mesh = training.make_mesh(2)
+  mesh = sharding.make_mesh(2)
   params = training.replicate(
       training.create_train_state(jax.random.PRNGKey(0), model,
                                   training.create_optimizer(config)).params, mesh)
@@ -683,7 +683,7 @@ def test_sigint_mid_epoch_in_memory_mode_resumes_exactly(sources, tmp_path, monk
 
 
 def test_choose_input_budgets(sources):
-  mesh = training.make_mesh(2)
+  mesh = sharding.make_mesh(2)
   row = memory_data.bytes_per_spectrum('float32')
   choose = lambda **kw: training.choose_input(_config(**kw), 1000, 100, mesh)  # noqa: E731
   assert choose() == ('memory', True)
@@ -707,7 +707,7 @@ def test_resident_gather_matches_host_batches(n_devices):
   a split that does not divide evenly into the device blocks)."""
   if len(jax.devices()) < n_devices:
     pytest.skip(f'needs {n_devices} devices')
-  mesh = training.make_mesh(n_devices)
+  mesh = sharding.make_mesh(n_devices)
   arrays = memory_data.load_split(fake_source(22, 2), num_threads=2)
   std = Standardizer.fit(arrays.labels)
   split = training.place_split(arrays, std, mesh)
@@ -715,7 +715,7 @@ def test_resident_gather_matches_host_batches(n_devices):
   gather = jax.jit(jax.shard_map(
       lambda s, i: training._gather_resident(s, i, n_devices), mesh=mesh,
       in_specs=(training.RESIDENT_SPECS, jax.sharding.PartitionSpec()),
-      out_specs=jax.sharding.PartitionSpec(training.DATA_AXIS)))
+      out_specs=jax.sharding.PartitionSpec(sharding.DATA_AXIS)))
   for batch_rows in rows:
     got = jax.device_get(gather(split, jnp.asarray(batch_rows, jnp.int32)))
     want = arrays.gather(batch_rows)

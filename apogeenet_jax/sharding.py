@@ -1,0 +1,33 @@
+"""The one data-parallel mesh of training and evaluation: a 1-D mesh whose axis is DATA_AXIS.
+
+Training (``training.make_train_step``) and evaluation (``evaluation.predict``) both shard the
+batch over this axis, and the loss / predictions reduce over it by name, so the name lives here
+once.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+DATA_AXIS = 'data'
+
+
+class MeshError(ValueError):
+  """The requested devices cannot form the mesh."""
+
+
+def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
+  """A 1-D (DATA_AXIS,) mesh over the first ``num_devices`` of ``devices`` (all when None or 0).
+
+  ``devices`` defaults to ``jax.devices()``, which across hosts lists every process's devices,
+  so the default mesh spans them all.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if num_devices:
+    if num_devices > len(devices):
+      raise MeshError(f'num_devices={num_devices} but only {len(devices)} devices exist')
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
