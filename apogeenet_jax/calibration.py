@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from apogeenet_jax.catalog import atomic_path
 from apogeenet_jax.constants import LABEL_NAMES
+from apogeenet_jax.file_io import atomic_path
 
 CALIBRATION_FILE = 'calibration.json'
 # Fewer dev stars with finite σ than this and a, b are not fitted: two parameters from a handful

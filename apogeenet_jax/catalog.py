@@ -30,10 +30,6 @@ The CSV is ECSV (comma-separated, with a commented YAML header carrying units an
 read it with ``Table.read(path, format='ascii.ecsv')`` or ``pandas.read_csv(path, comment='#')``.
 """
 
-import contextlib
-import os
-import stat
-import tempfile
 import warnings
 from collections.abc import Sequence
 
@@ -42,6 +38,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import MaskedColumn, Table
 
+from apogeenet_jax import file_io
 from apogeenet_jax.constants import LABEL_NAMES, LABEL_UNITS
 
 # §3.6: stars hotter than this are left out of the published catalogue.
@@ -202,41 +199,6 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   return t
 
 
-def _umask() -> int:
-  # Reading the umask means setting it for an instant; every file writer here creates its files
-  # from the main thread, so no other file is created in between.
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-  """Yields a temporary path beside ``path``; moves it over ``path`` only if the body succeeds.
-
-  Every output file (catalogue, metrics, figures) is written through this: a crash never leaves
-  half a file where a good one stood.
-  """
-  directory = os.path.dirname(os.path.abspath(path)) or '.'
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
-  os.close(fd)
-  try:
-    yield tmp
-    # mkstemp's file is private (0600); the result must get the mode any file the user writes
-    # gets (the umask's, or the mode of the file it replaces), so collaborators can read it.
-    try:
-      mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-      mode = 0o666 & ~_umask()
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def write_fits(table: Table, path: str) -> None:
   """Writes ``table`` to FITS atomically, keeping 'dex' units (TUNIT) and descriptions (TCOMM)."""
   hdu = fits.table_to_hdu(_without_dex(table))
@@ -247,7 +209,7 @@ def write_fits(table: Table, path: str) -> None:
       # FITS headers are ASCII; long comments continue on CONTINUE cards.
       hdu.header[f'TCOMM{i}'] = col.description.encode('ascii', 'replace').decode()
   try:
-    with atomic_path(path) as tmp:
+    with file_io.atomic_path(path) as tmp:
       fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp, overwrite=True)
   except OSError as e:
     raise CatalogError(f'{path}: cannot write the FITS catalogue: {e}') from e
@@ -256,7 +218,7 @@ def write_fits(table: Table, path: str) -> None:
 def write_csv(table: Table, path: str) -> None:
   """Writes ``table`` as comma-separated ECSV atomically (units and descriptions in the header)."""
   try:
-    with atomic_path(path) as tmp:
+    with file_io.atomic_path(path) as tmp:
       table.write(tmp, format='ascii.ecsv', delimiter=',', overwrite=True)
   except OSError as e:
     raise CatalogError(f'{path}: cannot write the CSV catalogue: {e}') from e

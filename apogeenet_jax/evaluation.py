@@ -33,6 +33,7 @@ from apogeenet_jax import (
   catalog,
   checkpoint,
   figures,
+  file_io,
   input_pipeline,
   uncertainty,
 )
@@ -376,7 +377,7 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
 
 
 def _write_json_atomic(obj: Any, path: str) -> None:
-  with catalog.atomic_path(path) as tmp, open(tmp, 'w') as f:
+  with file_io.atomic_path(path) as tmp, open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, allow_nan=True)
 
 
@@ -537,7 +538,7 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
   if apstar_files or skipped_files:
     # Written before anything can fail: when no file at all is readable, this says why.
     skipped_csv = os.path.join(output_dir, SKIPPED_CSV)
-    with catalog.atomic_path(skipped_csv) as tmp, open(tmp, 'w', newline='') as f:
+    with file_io.atomic_path(skipped_csv) as tmp, open(tmp, 'w', newline='') as f:
       writer = csv.writer(f)
       writer.writerow(['path', 'reason'])
       writer.writerows(skipped)

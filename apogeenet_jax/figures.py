@@ -19,8 +19,9 @@ from astropy.table import Table
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 from apogeenet_jax import calibration
-from apogeenet_jax.catalog import YSO_TRIANGLE, atomic_path
+from apogeenet_jax.catalog import YSO_TRIANGLE
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS
+from apogeenet_jax.file_io import atomic_path
 
 _AXIS_NAME = {'LOGG': r'$\log g$', 'TEFF': r'$T_\mathrm{eff}$', 'FE_H': '[Fe/H]'}
 _COLOURS = {'Payne': 'tab:blue', 'MStar': 'tab:orange', 'YSO': 'tab:green', '': 'tab:gray'}

@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from apogeenet_jax import checkpoint, input_pipeline, memory_data, workdir_lock
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
-from apogeenet_jax.metrics import MetricWriter
+from apogeenet_jax.metric_writer import MetricWriter
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.sharding import DATA_AXIS, make_mesh

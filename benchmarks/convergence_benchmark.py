@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # configs/ at the top
 
 from apogeenet_jax import checkpoint, evaluation, input_pipeline, training  # noqa: E402
-from apogeenet_jax.metrics import read_metrics  # noqa: E402
+from apogeenet_jax.metric_writer import read_metrics  # noqa: E402
 from benchmarks.common import cpu_model  # noqa: E402
 
 flags.DEFINE_integer('num_stars', 18000, 'Synthetic survey size (≈72% of it trains).')

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apogeenet_jax import checkpoint, memory_data, metrics, sharding, training, workdir_lock
+from apogeenet_jax import checkpoint, memory_data, metric_writer, sharding, training, workdir_lock
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
 from configs import default as default_config
@@ -182,7 +182,7 @@ def test_ensemble_training_resumes_exactly_and_member0_is_the_single_run(sources
   params, meta = checkpoint.load_params(str(tmp_path / 'full' / 'checkpoints'), best=False)
   assert meta['ensemble_size'] == 2
   assert all(x.shape[0] == 2 for x in jax.tree.leaves(params))
-  records = metrics.read_metrics(str(tmp_path / 'full'))
+  records = metric_writer.read_metrics(str(tmp_path / 'full'))
   for r in records:  # early stopping watches the members' mean dev loss
     assert r['dev_loss'] == pytest.approx((r['dev_loss_member0'] + r['dev_loss_member1']) / 2)
     assert r['dev_loss_member0'] != r['dev_loss_member1']
@@ -290,7 +290,7 @@ def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path
   monkeypatch.setattr(training, 'evaluate_split', scripted)
   config = _config(max_epochs=20, patience=5)
   state = training.train_and_evaluate(config, str(tmp_path), sources=sources)
-  records = metrics.read_metrics(str(tmp_path))
+  records = metric_writer.read_metrics(str(tmp_path))
   assert [r['epoch'] for r in records] == list(range(1, 8))
   assert int(state.epoch) == 7
   steps_per_epoch = len(sources['train']) // config.batch_size
@@ -322,7 +322,7 @@ def test_resume_after_epoch_matches_uninterrupted(sources, tmp_path):
   assert int(resumed.epoch) == int(full.epoch) == 3
   _assert_trees_equal(resumed.params, full.params)
   for name in ('full', 'split'):
-    assert len(metrics.read_metrics(str(tmp_path / name))) == 3
+    assert len(metric_writer.read_metrics(str(tmp_path / name))) == 3
 
 
 class _SignalOnRead(list):
@@ -357,7 +357,7 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(sources, tmp_path):
 
 
 def _epochs(workdir):
-  return [r['epoch'] for r in metrics.read_metrics(str(workdir))]
+  return [r['epoch'] for r in metric_writer.read_metrics(str(workdir))]
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # tensorstore
@@ -395,7 +395,7 @@ def test_kill_between_checkpoint_and_metrics_keeps_every_epoch_once(sources, tmp
                                                                     monkeypatch, after):
   # Issue 13 item 3: a kill right after the epoch-2 checkpoint lost epoch 2's row for good.
   workdir = str(tmp_path / 'run')
-  real_save, real_write = checkpoint.save, metrics.MetricWriter.write_scalars
+  real_save, real_write = checkpoint.save, metric_writer.MetricWriter.write_scalars
 
   def save(manager, step, *args, **kwargs):
     real_save(manager, step, *args, **kwargs)
@@ -408,7 +408,7 @@ def test_kill_between_checkpoint_and_metrics_keeps_every_epoch_once(sources, tmp
       raise _Killed
 
   monkeypatch.setattr(checkpoint, 'save', save)
-  monkeypatch.setattr(metrics.MetricWriter, 'write_scalars', write_scalars)
+  monkeypatch.setattr(metric_writer.MetricWriter, 'write_scalars', write_scalars)
   with pytest.raises(_Killed):
     training.train_and_evaluate(_config(max_epochs=3), workdir, sources=sources)
   monkeypatch.undo()
@@ -492,7 +492,7 @@ def test_adaptation_run_starts_from_best_and_stops(sources, tmp_path):
   config = _config(adapt=True, init_from=str(base), patience=1, adapt_patience=2, min_delta=10.0,
                    max_adapt_rounds=2, max_epochs=10, payne_fraction=0.5)
   state = training.train_and_evaluate(config, str(tmp_path / 'adapt'), sources=sources)
-  records = metrics.read_metrics(str(tmp_path / 'adapt'))
+  records = metric_writer.read_metrics(str(tmp_path / 'adapt'))
   assert records[0]['adapt_round'] == 0 and 'dev_adapt_loss' in records[0]
   assert int(state.adapt_round) == 2
   assert [r['adapt_round'] for r in records[1:]] == sorted(r['adapt_round'] for r in records[1:])
@@ -525,7 +525,7 @@ def test_demo_config_trains_the_paper_network(tmp_path):
   config.data_dir = str(tfds_dir)
   config.max_epochs = 2
   training.train_and_evaluate(config, str(tmp_path / 'wd'))
-  records = metrics.read_metrics(str(tmp_path / 'wd'))
+  records = metric_writer.read_metrics(str(tmp_path / 'wd'))
   assert [r['epoch'] for r in records] == [1, 2]
   assert all(np.isfinite(r['dev_loss']) for r in records)
   assert (tmp_path / 'wd' / 'tensorboard').is_dir()
@@ -598,7 +598,7 @@ def test_short_run_of_paper_network_learns_under_default_recipe(recipe, tmp_path
   if recipe == 'default':
     config.warmup_steps = 8  # the default's warm-up, scaled to this 64-step run
   training.train_and_evaluate(config, str(tmp_path), sources=srcs)
-  records = metrics.read_metrics(str(tmp_path))
+  records = metric_writer.read_metrics(str(tmp_path))
   best = min(r['dev_loss'] for r in records)
   if recipe == 'default':
     assert best < 0.5 * records[0]['dev_loss'] and best < 0.5, [r['dev_loss'] for r in records]
@@ -620,7 +620,7 @@ def test_memory_and_stream_end_with_the_same_parameters(sources, tmp_path, on_de
       str(tmp_path / 'memory'), sources=sources)
   assert int(memory.step) == int(stream.step) == 8
   _assert_trees_equal(memory.params, stream.params, rtol=1e-5, atol=1e-7)
-  records = [metrics.read_metrics(str(tmp_path / m)) for m in ('stream', 'memory')]
+  records = [metric_writer.read_metrics(str(tmp_path / m)) for m in ('stream', 'memory')]
   for a, b in zip(*records, strict=True):
     np.testing.assert_allclose([a['train_loss'], a['dev_loss']], [b['train_loss'], b['dev_loss']],
                                rtol=1e-5)
@@ -635,7 +635,7 @@ def test_steps_per_call_4_equals_1(sources, tmp_path):
                                         str(tmp_path / f'k{k}'), sources=sources)
     assert int(fused.step) == int(one.step) == 12
     _assert_trees_equal(fused.params, one.params, rtol=1e-5, atol=1e-7)
-    a, b = (metrics.read_metrics(str(tmp_path / d)) for d in ('k1', f'k{k}'))
+    a, b = (metric_writer.read_metrics(str(tmp_path / d)) for d in ('k1', f'k{k}'))
     np.testing.assert_allclose([r['train_loss'] for r in b], [r['train_loss'] for r in a],
                                rtol=1e-5)
 

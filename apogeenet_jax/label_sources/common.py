@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 from astropy.table import Table
 
-from apogeenet_jax import catalog
+from apogeenet_jax import file_io
 
 # Surveys (ASPCAP, the Payne repackaging) write -9999 for "no value" (payne_dr14_columns.txt).
 MISSING_VALUE = -9999.0
@@ -129,7 +129,7 @@ def label_table(apogee_id: Sequence[str], logg, teff, fe_h, data_type: str,
 
 def write_cut_report(report: Sequence[Cut], path: str | os.PathLike) -> None:
   """CSV `source,cut,removed,remaining`, one line per cut in the order applied."""
-  with catalog.atomic_path(os.fspath(path)) as tmp, open(tmp, 'w', newline='') as f:
+  with file_io.atomic_path(os.fspath(path)) as tmp, open(tmp, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(CUT_REPORT_COLUMNS)
     for c in report:
