@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from apogeenet_jax.constants import LABEL_NAMES
 from apogeenet_jax.file_io import atomic_path
@@ -149,31 +150,31 @@ def coverage_curve(residual: np.ndarray, sigma: np.ndarray, nominal: Sequence[fl
 # The sidecar file.
 
 
-def path_in(checkpoint_dir: str) -> str:
-  return os.path.join(checkpoint_dir, CALIBRATION_FILE)
+def path_in(checkpoint_dir: str | os.PathLike) -> epath.Path:
+  """Where the calibration of a checkpoint directory lives (local or gs://, via etils.epath)."""
+  return epath.Path(checkpoint_dir) / CALIBRATION_FILE
 
 
-def save(checkpoint_dir: str, record: Mapping[str, Any]) -> str:
+def save(checkpoint_dir: str | os.PathLike, record: Mapping[str, Any]) -> str:
   """Writes ``record`` (from ``fit``, with a 'step') atomically into the checkpoint directory."""
   if 'step' not in record:
     raise CalibrationError('a calibration record needs the checkpoint step it was fitted for')
   path = path_in(checkpoint_dir)
   try:
-    with atomic_path(path) as tmp, open(tmp, 'w') as f:
-      json.dump(dict(record), f, indent=2)
+    with atomic_path(path) as tmp:
+      epath.Path(tmp).write_text(json.dumps(dict(record), indent=2))
   except OSError as e:
     raise CalibrationError(f'{path}: cannot write the calibration: {e}') from e
-  return path
+  return str(path)
 
 
-def load(checkpoint_dir: str) -> dict[str, Any] | None:
+def load(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
   """The stored record, or None when the directory has none."""
   path = path_in(checkpoint_dir)
-  if not os.path.exists(path):
+  if not path.exists():
     return None
   try:
-    with open(path) as f:
-      record = json.load(f)
+    record = json.loads(path.read_text())
     for key in ('a', 'b', 'step'):
       if key not in record:
         raise CalibrationError(f'{path}: no {key!r} entry')
