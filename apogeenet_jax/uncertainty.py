@@ -186,8 +186,8 @@ def make_ensemble_fn(member_fn: Callable, *, vectorize: bool = False) -> Callabl
 
 
 def make_linear_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, mode: str = 'vjp',
-                   pixel_chunk: int = 256) -> Callable:
-  """σ by first-order propagation: same signature as ``make_mc_fn``'s result, no draws.
+                   num_draws: int = 0, pixel_chunk: int = 256) -> Callable:
+  """σ by first-order propagation: same signature as ``make_mc_fn``'s result.
 
   Args:
     apply_fn: ``apply_fn(params, flux (n, 8575)) -> (n, 3)``; rows must not interact (eval mode).
@@ -197,26 +197,41 @@ def make_linear_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, mode: str
       'jacrev': ``vmap(jacrev)`` over stars (the same passes, as fast within the noise);
       'jvp': forward mode, one tangent s_i·e_i per pixel in chunks of ``pixel_chunk``
         (8575 tangents per star: kept only to measure against).
+    num_draws: 0 (default): the delta method, the Jacobian J(x) at the spectrum itself.
+      M ≥ 2: the noise-averaged Jacobian E[J] (statistical linearisation), from the Jacobians at
+      x + ε_d·s for the MC's own noise draws d = 1…M (``draw_key``), estimated without bias:
+      σ_k² = Σ_i s_i² (ḡ_ki² − v_ki / M), ḡ and v the mean and sample variance over the draws.
+      For Gaussian noise Stein's lemma gives Cov(f(x+ε), ε) = E[J]·diag(s²), so this σ² is the
+      part of the MC variance that is linear in the noise: a lower bound on it, where the delta
+      method has no bound (``benchmarks/sigma_linearity.py`` measures both). 'vjp' only; costs M
+      times the delta method plus the noiseless forward pass.
     pixel_chunk: tangents per chunk in 'jvp' mode.
 
   The returned function takes flux (B, 8575), noise_scale (B, 8575) from ``prepare_errors``
-  (0 where no noise), and star_index and key (ignored: nothing is random); it returns the
-  noiseless prediction and σ_k = √(Σ_i (∂f_k/∂x_i · s_i)²), each (B, 3) standardised.
+  (0 where no noise), star_index (B,) and key (used only when ``num_draws`` ≥ 2, exactly as the
+  MC uses them); it returns the noiseless prediction and σ, each (B, 3) standardised.
   """
   if mode not in LINEAR_MODES:
     raise UncertaintyError(f'linear mode {mode!r} is not one of {LINEAR_MODES}')
+  if num_draws == 1 or num_draws < 0:
+    raise UncertaintyError(f'linear num_draws must be 0 (Jacobian at the spectrum) or >= 2 '
+                           f'(noise-averaged Jacobian; its unbiased estimate needs two), got '
+                           f'{num_draws}')
+  if num_draws and mode != 'vjp':
+    raise UncertaintyError(f"linear num_draws={num_draws} needs mode 'vjp', got {mode!r}")
 
   def linear(params, flux, noise_scale, star_index, key):
-    del star_index, key
-
     def f(x):
       return apply_fn(params, x)
 
-    if mode == 'vjp':
-      z, pull_back = jax.vjp(f, flux)
-      units = jnp.eye(z.shape[-1], dtype=z.dtype)
-      # Cotangent e_k on every row: row b of the pull-back is ∂f_k(x_b)/∂x_b alone.
-      (grads,) = jax.vmap(lambda e: pull_back(jnp.broadcast_to(e, z.shape)))(units)  # (3, B, P)
+    if num_draws:
+      z = f(flux)
+      grads = _noisy_jacobian_rows(f, flux, noise_scale, star_index, key, num_draws)
+      mean, var = grads.mean(axis=0), grads.var(axis=0, ddof=1)  # (3, B, P) each
+      ej2 = jnp.sum((jnp.square(mean) - var / num_draws) * jnp.square(noise_scale), axis=-1).T
+      var = jnp.maximum(ej2, 0.0)
+    elif mode == 'vjp':
+      z, grads = _jacobian_rows(f, flux)
       var = jnp.sum(jnp.square(grads * noise_scale), axis=-1).T
     elif mode == 'jacrev':
       z = f(flux)
@@ -227,6 +242,27 @@ def make_linear_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, mode: str
     return z, jnp.sqrt(var)
 
   return jax.jit(linear)
+
+
+def _jacobian_rows(f, flux):
+  """(f(flux) (B, 3), the rows ∂f_k(x_b)/∂x_b (3, B, P)): one forward, 3 backward passes."""
+  z, pull_back = jax.vjp(f, flux)
+  units = jnp.eye(z.shape[-1], dtype=z.dtype)
+  # Cotangent e_k on every row: row b of the pull-back is ∂f_k(x_b)/∂x_b alone.
+  (grads,) = jax.vmap(lambda e: pull_back(jnp.broadcast_to(e, z.shape)))(units)
+  return z, grads
+
+
+def _noisy_jacobian_rows(f, flux, noise_scale, star_index, key, num_draws):
+  """(M, 3, B, P): the Jacobian rows at the MC's noisy copies d = 1…M (one copy at a time)."""
+  n_pix = flux.shape[1]
+
+  def at_draw(d):
+    eps = jax.vmap(lambda i: jax.random.normal(draw_key(key, i, d), (n_pix,), flux.dtype))(
+        star_index)
+    return _jacobian_rows(f, flux + eps * noise_scale)[1]
+
+  return jax.lax.map(at_draw, jnp.arange(1, num_draws + 1, dtype=jnp.uint32))
 
 
 def _jvp_variance(f, flux, noise_scale, pixel_chunk):
