@@ -18,13 +18,14 @@ import collections
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 import pathlib
 
 import numpy as np
 from astropy.table import Table
 
-from apogeenet_jax import apstar, constants
+from apogeenet_jax import apstar, constants, file_io
 
 CATALOG_NAMES = ('labels.fits', 'labels.ecsv', 'labels.csv')
 REQUIRED_COLUMNS = ('APOGEE_ID', *constants.LABEL_NAMES, 'DATA_TYPE')
@@ -260,16 +261,19 @@ def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
-def write_problems(problems: list[Problem], path: str | os.PathLike) -> None:
-  """Writes the skip report: CSV with header `file,apogee_id,reason`, one line per problem."""
-  with open(path, 'w', newline='') as f:
+def write_problems(problems: list[Problem], path: file_io.PathLike) -> None:
+  """Writes the skip report: CSV with header `file,apogee_id,reason`, one line per problem.
+
+  Through ``file_io.atomic_path`` (local or gs://…): a crash never leaves half a report.
+  """
+  with file_io.atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(SKIP_REPORT_COLUMNS)
     for p in problems:
       writer.writerow((p.file, p.apogee_id, p.reason))
 
 
-def read_problems(path: str | os.PathLike) -> list[Problem]:
-  """Reads a skip report written by write_problems."""
-  with open(path, newline='') as f:
-    return [Problem(r['file'], r['apogee_id'], r['reason']) for r in csv.DictReader(f)]
+def read_problems(path: file_io.PathLike) -> list[Problem]:
+  """Reads a skip report written by write_problems (local or gs://…)."""
+  rows = csv.DictReader(io.StringIO(file_io.as_path(path).read_text(), newline=''))
+  return [Problem(r['file'], r['apogee_id'], r['reason']) for r in rows]

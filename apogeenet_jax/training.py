@@ -23,7 +23,6 @@ latest checkpoint and ends with the same parameters as an uninterrupted run.
 import functools
 import itertools
 import json
-import os
 import signal
 import sys
 import threading
@@ -39,18 +38,18 @@ import numpy as np
 import optax
 import tqdm
 from absl import logging
+from etils import epath
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apogeenet_jax import checkpoint, input_pipeline, memory_data, workdir_lock
+from apogeenet_jax import checkpoint, file_io, input_pipeline, memory_data, workdir_lock
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.metric_writer import MetricWriter
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.sharding import DATA_AXIS, make_mesh
 
-CHECKPOINT_DIR = 'checkpoints'
 # The data types whose dev loss drives adaptation (§3.4: "until MStar and YSO dev performance
 # stops improving").
 ADAPT_TYPES = ('MStar', 'YSO')
@@ -897,14 +896,14 @@ def _epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
   return stream_inputs(batches, standardizer, mesh, k)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: file_io.PathLike, *,
                        sources: Mapping[str, Sequence] | None = None) -> TrainState:
   """Trains (and, with ``config.adapt``, adapts) until early stopping; returns the best state.
 
   Args:
     config: see configs/default.py.
-    workdir: WORKDIR/checkpoints (orbax: latest two + best), WORKDIR/metrics.jsonl,
-      WORKDIR/tensorboard/. An existing workdir is resumed from its newest checkpoint that
+    workdir: a local path or a URL (gs://…): WORKDIR/checkpoints (orbax: latest two + best),
+      WORKDIR/metrics.jsonl, WORKDIR/tensorboard/. An existing workdir is resumed from its newest checkpoint that
       restores. One run at a time: the run holds WORKDIR/.lock (``workdir_lock``).
     sources: optional {'train': …, 'dev': …} random-access sources (tests); default
       ``open_split(config.data_dir, …)``.
@@ -915,13 +914,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Raises:
     workdir_lock.WorkdirLockedError: another run is using ``workdir``.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = file_io.as_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
     return _train_and_evaluate(config, workdir, sources=sources)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, *,
                         sources: Mapping[str, Sequence] | None = None) -> TrainState:
   """The run itself, on an absolute, existing, locked ``workdir``: see ``train_and_evaluate``."""
   is_main = jax.process_index() == 0
@@ -944,7 +943,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('Training spectra per data type: %s; dev: %d', counts, len(dev_source))
 
   # Two latest (plus the best): a damaged newest step still leaves one to resume from.
-  manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR), keep_latest=2)
+  manager = checkpoint.make_manager(checkpoint.workdir_checkpoints(workdir), keep_latest=2)
   init_meta = init_params = None
   ensemble_size = int(config.get('ensemble_size', 1))
   if config.adapt:
@@ -952,8 +951,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # config's dropout and optimiser.
     if not config.init_from:
       raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
-    init_dir = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)),
-                            CHECKPOINT_DIR)
+    init_dir = checkpoint.workdir_checkpoints(config.init_from)
     init_params, init_meta = checkpoint.load_params(init_dir, best=True)
     if checkpoint.ensemble_size(init_meta) != ensemble_size:
       raise TrainingError(f'{init_dir}: an ensemble of {checkpoint.ensemble_size(init_meta)}, '

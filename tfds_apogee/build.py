@@ -16,16 +16,20 @@ import os
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
+from etils import epath
 
+from apogeenet_jax import labels
 from tfds_apogee.apogee import apogee_dataset_builder
 
 
-def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
+def build(manual_dir: str, data_dir: str | epath.Path, file_format: str = 'array_record',
           split_seed: int = 0, num_workers: int = 1, overwrite: bool = False
           ) -> tfds.core.DatasetBuilder:
   """Builds (or reuses, when its inputs are unchanged) the data set and returns its builder.
 
   overwrite: delete a data set already in data_dir and build it again.
+  data_dir may be a URL (gs://…: TFDS writes through etils.epath); manual_dir is a local folder
+  (the apStar files are read with astropy in reader processes).
   """
   builder = apogee_dataset_builder.Builder(data_dir=data_dir, split_seed=split_seed,
                                            num_workers=num_workers, file_format=file_format)
@@ -45,11 +49,8 @@ def main(argv):
                     overwrite=f.overwrite)
   except apogee_dataset_builder.StaleDatasetError as e:
     raise app.UsageError(str(e)) from None
-  report = os.path.join(builder.data_dir, apogee_dataset_builder.SKIP_REPORT)
-  n_skipped = 0
-  if os.path.exists(report):
-    with open(report) as f:
-      n_skipped = max(sum(1 for _ in f) - 1, 0)
+  report = epath.Path(builder.data_dir) / apogee_dataset_builder.SKIP_REPORT
+  n_skipped = len(labels.read_problems(report)) if report.exists() else 0
   counts = {name: split.num_examples for name, split in builder.info.splits.items()}
   logging.info('apogee data set at %s: %s examples; %d skipped file(s)/row(s), see %s',
                builder.data_dir, counts, n_skipped, report)

@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
 from apogeenet_jax import apstar, constants, labels
@@ -199,7 +200,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self._n_unreadable = 0
     super()._download_and_prepare(dl_manager, download_config)
     # Still inside TFDS's temporary data directory: the report moves with the finished data set.
-    report = pathlib.Path(self.data_dir) / SKIP_REPORT
+    report = epath.Path(self.data_dir) / SKIP_REPORT  # data_dir may be gs://…
     labels.write_problems(self._problems, report)
     # DatasetInfo (metadata.json) is written after this method returns, so the counts land there.
     self.info.metadata['n_problems'] = len(self._problems)
