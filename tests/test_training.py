@@ -5,10 +5,15 @@ conftest gives 4 fake CPU devices.
 """
 
 import functools
+import json
 import os
 import pathlib
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -274,7 +279,7 @@ def test_update_early_stopping_counts():
     flags.append(improved)
   assert flags == [True, True, False, False, True, False]
   assert int(state.evals_without_improvement) == 1
-  assert float(state.best_dev_loss) == pytest.approx(0.4)
+  assert float(state.best_stop_loss) == pytest.approx(0.4)
 
 
 def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path, monkeypatch):
@@ -326,26 +331,31 @@ def test_resume_after_epoch_matches_uninterrupted(sources, tmp_path):
 
 
 class _SignalOnRead(list):
-  """A source that sends SIGINT to this process on its ``trigger``-th read."""
+  """A source that sends ``signum`` to this process on its ``trigger``-th read; reads after it
+  take ``delay`` seconds (time for a preemption notice to travel between processes)."""
 
-  def __init__(self, items, trigger):
+  def __init__(self, items, trigger, signum=signal.SIGINT, delay=0.0):
     super().__init__(items)
     self.reads, self.trigger, self.lock = 0, trigger, threading.Lock()
+    self.signum, self.delay = signum, delay
 
   def __getitem__(self, i):
     with self.lock:
       self.reads += 1
       if self.reads == self.trigger:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), self.signum)
+      if self.reads > self.trigger:
+        time.sleep(self.delay)
     return super().__getitem__(i)
 
 
-def test_sigint_mid_epoch_saves_and_resumes_exactly(sources, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_epoch_saves_and_resumes_exactly(sources, tmp_path, signum):
   # The stream reads the source during the epoch, which is where the signal comes from.
   config = _config(max_epochs=2, input_mode='stream')
   full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
   # read_metadata reads the 32 training spectra once; then epoch 1 starts reading.
-  flaky = _SignalOnRead(sources['train'], trigger=len(sources['train']) + 12)
+  flaky = _SignalOnRead(sources['train'], trigger=len(sources['train']) + 12, signum=signum)
   stopped = training.train_and_evaluate(config, str(tmp_path / 'split'),
                                         sources={'train': flaky, 'dev': sources['dev']})
   assert int(stopped.epoch) == 0 and 0 < int(stopped.epoch_step) < 4
@@ -438,29 +448,95 @@ if pid == 0:
 """
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_two_devices(sources, tmp_path):
-  """jax.distributed with 2 CPU processes (1 device each, each reading its own data shard)
-  ends with the parameters of one process driving 2 devices."""
-  import socket
-  import subprocess
-  import sys
+def _start_processes(worker: str, *args: str) -> list:
+  """Starts ``worker`` as processes 0 and 1 of a 2-process jax.distributed job on a free port."""
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = str(sock.getsockname()[1])
   root = pathlib.Path(__file__).resolve().parents[1]
-  out = tmp_path / 'params.npz'
-  procs = [subprocess.Popen([sys.executable, '-c', _MULTIPROCESS_WORKER, str(i), port,
-                             str(tmp_path / 'multi'), str(out)], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
+  return [subprocess.Popen([sys.executable, '-c', worker, str(i), port, *map(str, args)],
+                           cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def _wait(procs: list, timeout: float = 300) -> list[str]:
+  """The processes' output once both exit 0; kills both and fails if they hang (a process
+  waiting in a collective for one that stopped never returns)."""
+  try:
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    logs = [p.communicate()[0] for p in procs]
+    pytest.fail(f'the processes hung for {timeout} s:\n' + logs[0][-2000:] + logs[1][-2000:])
   assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+  return logs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_two_devices(sources, tmp_path):
+  """jax.distributed with 2 CPU processes (1 device each, each reading its own data shard)
+  ends with the parameters of one process driving 2 devices."""
+  out = tmp_path / 'params.npz'
+  _wait(_start_processes(_MULTIPROCESS_WORKER, tmp_path / 'multi', out))
   single = training.train_and_evaluate(_config(max_epochs=2, num_devices=2),
                                        str(tmp_path / 'single'), sources=sources)
   multi = np.load(out)
   for i, leaf in enumerate(_leaves(single.params)):
     np.testing.assert_allclose(multi[f'arr_{i}'], leaf, rtol=1e-4, atol=1e-6)
+
+
+_PREEMPTION_WORKER = """
+import json, os, signal, sys
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ.pop('XLA_FLAGS', None)
+import jax
+import numpy as np
+pid, port, workdir, out, trigger = sys.argv[1:6]
+pid = int(pid)
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                           process_id=pid)
+sys.path[:0] = ['.', 'tests']
+from test_training import _SignalOnRead, _config, fake_source
+from apogeenet_jax import training
+train = fake_source(32, 0)
+if pid == 1 and int(trigger) > 0:  # SIGTERM to process 1 only, in the middle of an epoch.
+  train = _SignalOnRead(train, int(trigger), signal.SIGTERM, delay=0.05)
+state = training.train_and_evaluate(
+    _config(max_epochs=4, input_mode='stream'), workdir,
+    sources={'train': train, 'dev': fake_source(12, 1)})
+with open(f'{out}.{pid}.json', 'w') as f:
+  json.dump({'step': int(state.step), 'epoch': int(state.epoch),
+             'epoch_step': int(state.epoch_step)}, f)
+if pid == 0:
+  np.savez(f'{out}.npz', *[np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)])
+"""
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+  """Issue 11 part 2: SIGTERM reaches process 1 only; orbax's reached_preemption (JAX's
+  preemption service) stops both processes at the same step, one checkpoint is saved there, and
+  both resume from it to the parameters of an uninterrupted 2-process run."""
+  # 32 spectra: 4 steps of 2 × 4 per epoch. Process 1 reads its 32 labels first (read_metadata),
+  # then epoch 1: the 6th read is in step 2.
+  full = _start_processes(_PREEMPTION_WORKER, tmp_path / 'full', tmp_path / 'full', 0)
+  split = _start_processes(_PREEMPTION_WORKER, tmp_path / 'split', tmp_path / 'stop', 32 + 6)
+  _wait(full, timeout=150)
+  _wait(split, timeout=150)
+  stopped = [json.loads((tmp_path / f'stop.{p}.json').read_text()) for p in (0, 1)]
+  assert stopped[0] == stopped[1], stopped  # Same step, same epoch, on both processes.
+  step = stopped[0]['step']
+  assert stopped[0]['epoch_step'] > 0 and step < 16, stopped  # Mid-epoch, before the end.
+  manager = checkpoint.make_manager(tmp_path / 'split' / 'checkpoints', create=False)
+  assert manager.latest_step() == step
+  _wait(_start_processes(_PREEMPTION_WORKER, tmp_path / 'split', tmp_path / 'resumed', 0),
+        timeout=150)
+  resumed = [json.loads((tmp_path / f'resumed.{p}.json').read_text()) for p in (0, 1)]
+  assert resumed[0] == resumed[1] == json.loads((tmp_path / 'full.0.json').read_text())
+  want, got = np.load(tmp_path / 'full.npz'), np.load(tmp_path / 'resumed.npz')
+  assert len(want.files) == len(got.files) > 0
+  for name in want.files:
+    np.testing.assert_array_equal(got[name], want[name])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,7 +579,7 @@ def test_adaptation_run_starts_from_best_and_stops(sources, tmp_path):
   _, base_meta = checkpoint.load_params(str(base / 'checkpoints'))
   _, meta = checkpoint.load_params(str(tmp_path / 'adapt' / 'checkpoints'))
   assert meta['normalization'] == base_meta['normalization']
-  assert float(state.best_dev_loss) <= records[0]['dev_adapt_loss']
+  assert float(state.best_stop_loss) <= records[0]['dev_adapt_loss']
 
 
 # ------------------------------------------------------------------------------------------------
