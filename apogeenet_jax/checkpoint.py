@@ -91,9 +91,9 @@ def workdir_checkpoints(workdir: file_io.PathLike) -> epath.Path:
   return file_io.as_path(workdir) / CHECKPOINT_DIR
 
 
-def make_manager(directory: file_io.PathLike, *, keep_latest: int = 1, keep_best: int = 1,
-                 create: bool = True) -> ocp.CheckpointManager:
-  """A manager that keeps the latest ``keep_latest`` and the best ``keep_best`` steps.
+def make_manager(directory: file_io.PathLike, *, keep_latest: int = 1, create: bool = True
+                 ) -> ocp.CheckpointManager:
+  """A manager that keeps the latest ``keep_latest`` steps and the best one.
 
   "Best" is the lowest ``metrics['dev_loss']`` passed to ``save``; steps saved without metrics
   (converted weights) count as latest only.
@@ -101,7 +101,7 @@ def make_manager(directory: file_io.PathLike, *, keep_latest: int = 1, keep_best
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(keep_latest),
       ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True,
-                                    n=keep_best, keep_checkpoints_without_metrics=False),
+                                    n=1, keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode='min',
@@ -184,7 +184,7 @@ def _reason(e: BaseException) -> str:
 
 def load_params(directory: file_io.PathLike, *, step: int | None = None, best: bool = True
                 ) -> tuple[Any, dict[str, Any]]:
-  """Params and meta from any checkpoint directory of this package.
+  """Params and meta from any checkpoint directory of this package (local or gs://…).
 
   Takes the best step (lowest dev loss) when ``best`` and one exists, else the latest, unless
   ``step`` names one. Only the ``params`` subtree is returned; optimiser state is ignored.
@@ -204,28 +204,44 @@ def load_params(directory: file_io.PathLike, *, step: int | None = None, best: b
   except _RESTORE_ERRORS as e:
     raise CheckpointError(f'{directory}: step {step} cannot be restored (step folder '
                           f'{directory / str(step)}): {_reason(e)}') from e
-  state, meta = out[STATE_ITEM], dict(out[META_ITEM])
-  params = state['params'] if isinstance(state, Mapping) else getattr(state, 'params', None)
-  if params is None:
-    raise CheckpointError(f'{directory}: step {step} has no params in its state')
-  if 'params' in params and len(params) == 1:  # a linen variables dict {'params': {...}}
-    params = params['params']
+  where = f'{directory}: step {step}'
+  meta = _checked_meta(dict(out[META_ITEM]), where)
+  meta['step'] = int(step)
+  params = _checked_params(out[STATE_ITEM], ensemble_size(meta), where)
+  _attach_calibration(meta, directory, step)
+  return params, meta
+
+
+def _checked_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
   for key in ('normalization', 'model'):
     if key not in meta:
-      raise CheckpointError(f'{directory}: step {step} meta lacks {key!r}')
-  meta['step'] = int(step)
-  k = ensemble_size(meta)
+      raise CheckpointError(f'{where} meta lacks {key!r}')
+  return meta
+
+
+def _checked_params(state: Any, k: int, where: str) -> Any:
+  """The params of a restored ``state`` item; for K > 1 every leaf must lead with K members."""
+  params = state['params'] if isinstance(state, Mapping) else getattr(state, 'params', None)
+  if params is None:
+    raise CheckpointError(f'{where} has no params in its state')
+  if 'params' in params and len(params) == 1:  # a linen variables dict {'params': {...}}
+    params = params['params']
   leading = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(params)}
   if k > 1 and leading != {k}:
-    raise CheckpointError(f'{directory}: step {step} meta says ensemble_size {k} but the params '
-                          f'have leading axes {sorted(map(str, leading))}')
+    raise CheckpointError(f'{where} meta says ensemble_size {k} but the params have leading '
+                          f'axes {sorted(map(str, leading))}')
+  return params
+
+
+def _attach_calibration(meta: dict[str, Any], directory: epath.Path, step: int) -> None:
+  """meta['calibration'] = the directory's calibration.json when it was fitted for ``step``."""
   record = calibration.load(os.fspath(directory))
-  if record is not None:
-    if int(record['step']) == int(step):
-      meta['calibration'] = record
-    else:
-      logging.getLogger('absl').warning(
-          '%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
-          'evaluate.py --calibrate again).', calibration.path_in(os.fspath(directory)),
-          record['step'], step)
-  return params, meta
+  if record is None:
+    return
+  if int(record['step']) == int(step):
+    meta['calibration'] = record
+  else:
+    logging.getLogger('absl').warning(
+        '%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
+        'evaluate.py --calibrate again).', calibration.path_in(os.fspath(directory)),
+        record['step'], step)

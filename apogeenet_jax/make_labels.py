@@ -22,7 +22,7 @@ how far each relation can be trusted:
     paper's distributions and limits; architecture widths, optimiser and extinction law are
     ours (the paper gives none). A trained network in --yso_workdir is reused.
   Merge (``label_sources.merge``): one row per APOGEE_ID, precedence YSO > MStar > Payne, with
-    PROVENANCE and ALSO_IN columns; validated with ``apogeenet_jax.labels.read_catalog``.
+    PROVENANCE and ALSO_IN columns; validated with ``apogeenet_jax.labels.read_label_catalog``.
 Outputs: --output (FITS), and beside it labels_report.csv (rows each cut removed) and
 labels_summary.json (counts, the MStar log g cross-check, the YSO network's synthetic test).
 """

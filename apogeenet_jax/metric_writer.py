@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
-from tensorboardX import SummaryWriter
 
 from apogeenet_jax import file_io
 
@@ -46,7 +45,10 @@ class MetricWriter:
       return
     workdir.mkdir(parents=True, exist_ok=True)
     if tensorboard:
-      # tensorboardX takes gs:// and s3:// log dirs itself (google-cloud-storage, boto3).
+      # Imported here: tensorboardX imports torch whenever torch is installed (1-2 s), which
+      # no module of this package may do at import. It takes gs:// and s3:// log dirs itself
+      # (google-cloud-storage, boto3).
+      from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

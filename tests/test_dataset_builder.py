@@ -44,7 +44,7 @@ def test_dummy_data_build_and_read_back(tmp_path):
   assert builder.info.file_format.value == 'array_record'  # The TF-free default.
   counts = {name: s.num_examples for name, s in builder.info.splits.items()}
   assert counts == {'train': 3, 'dev': 1, 'test': 1}
-  catalog = {s.apogee_id: s for s in labels.read_catalog(DUMMY_DIR / 'labels.ecsv')}
+  catalog = {s.apogee_id: s for s in labels.read_label_catalog(DUMMY_DIR / 'labels.ecsv')}
   seen = set()
   for split in constants.SPLITS:
     for record in _records(tmp_path, split):

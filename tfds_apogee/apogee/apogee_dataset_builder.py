@@ -184,7 +184,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _check_inputs_unchanged(self, manual_dir: pathlib.Path) -> None:
     """TFDS reuses any data set it finds; refuse one whose inputs have changed since."""
     catalog = labels.find_catalog(manual_dir)
-    matched, _ = labels.match_files(labels.read_catalog(catalog), manual_dir)
+    matched, _ = labels.match_files(labels.read_label_catalog(catalog), manual_dir)
     now = input_fingerprint(catalog, matched, manual_dir.resolve(), self._split_seed)
     built = self.info.metadata.get('input_fingerprint') if self.info.metadata else None
     if now != built:
@@ -211,7 +211,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
     catalog = labels.find_catalog(manual_dir)
-    stars = labels.read_catalog(catalog)
+    stars = labels.read_label_catalog(catalog)
     matched, problems = labels.match_files(stars, manual_dir)
     self._problems.extend(problems)
     logging.info('apogee: catalogue %s: %d rows, %d matched to files, %d problem(s) in matching',
