@@ -71,6 +71,14 @@ def test_dummy_data_build_and_read_back(tmp_path):
   assert builder.info.metadata['split_seed'] == 0
   assert builder.info.metadata['n_problems'] == 2
   assert builder.info.metadata['n_unreadable_files'] == 1
+  # Description and citation come from the builder's README.md and CITATIONS.bib, and the
+  # data set on disk carries them.
+  folder = apogee_dataset_builder.Builder._get_pkg_dir_path()
+  reloaded = tfds.builder('apogee', data_dir=str(tmp_path)).info
+  for info in (builder.info, reloaded):
+    assert info.description == (folder / 'README.md').read_text().strip()
+    assert info.citation == (folder / 'CITATIONS.bib').read_text().strip()
+    assert 'Abolfathi2018' in info.citation  # Only in CITATIONS.bib, never inline.
 
 
 def test_real_files_round_trip_bit_for_bit(tmp_path, real_apstar_files):

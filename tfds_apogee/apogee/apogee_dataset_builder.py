@@ -34,23 +34,6 @@ _WINDOW_PER_WORKER = 256
 
 _EXACT = tfds.features.Encoding.BYTES
 
-_DESCRIPTION = """
-SDSS-IV APOGEE combined spectra (apStar, 8575-pixel log-linear grid, 1.51-1.70 μm, raw flux in
-1e-17 erg/s/cm²/Å) with (log g, Teff, [Fe/H]) labels from a user catalogue, as used by APOGEE Net
-(Olney et al. 2020). Labels in native units in the order LOGG (dex), TEFF (K), FE_H (dex).
-"""
-
-_CITATION = """
-@article{Olney2020,
-  author = {Olney, Richard and Kounkel, Marina and Schillinger, Chad and others},
-  title = {{APOGEE Net: Improving the Derived Spectral Parameters for Young Stars through Deep
-           Learning}},
-  journal = {The Astronomical Journal}, volume = {159}, pages = {182}, year = {2020},
-  doi = {10.3847/1538-3881/ab7a97}
-}
-"""
-
-
 class StaleDatasetError(RuntimeError):
   """A data set exists in data_dir but was built from other inputs than manual_dir holds now."""
 
@@ -140,9 +123,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     n = constants.N_PIXELS
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=_DESCRIPTION,
+    # Description and citation: README.md and CITATIONS.bib beside this module.
+    return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             'flux': tfds.features.Tensor(shape=(n,), dtype=np.float32,
                                          doc='raw combined flux, 1e-17 erg/s/cm^2/Angstrom'),
@@ -166,7 +148,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         }),
         supervised_keys=('flux', 'labels'),
         homepage='https://www.sdss4.org/dr14/irspec/',
-        citation=_CITATION,
         metadata=tfds.core.MetadataDict(),
     )
 
