@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from apogeenet_jax import checkpoint, memory_data, metric_writer, sharding, training, workdir_lock
@@ -305,6 +306,12 @@ def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path
   latest, _ = checkpoint.load_params(str(tmp_path / 'checkpoints'), best=False)
   assert any(np.abs(a - b).max() > 0 for a, b in zip(_leaves(latest), _leaves(best_params), strict=True))
   assert meta['normalization']['label_names'] == ['LOGG', 'TEFF', 'FE_H']
+  assert float(state.best_stop_loss) == 0.5
+  # On disk the best loss keeps its first name, so older checkpoints still resume.
+  raw = checkpoint.make_manager(tmp_path / 'checkpoints', create=False).restore(
+      meta['step'], args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                            meta=ocp.args.JsonRestore()))
+  assert float(raw['state']['best_dev_loss']) == 0.5 and 'best_stop_loss' not in raw['state']
 
 
 def test_nonfinite_loss_stops_at_once(tmp_path):
@@ -610,7 +617,12 @@ def test_demo_config_trains_the_paper_network(tmp_path):
   assert meta['model']['hidden'] == list(PAPER_HIDDEN)
   # The median flux of the synthetic survey (continuum 10²–10^2.6): far from the paper's 1.0.
   assert 30 < meta['model']['input_scale'] < 1000
-  assert jax.tree.leaves(params)
+  # Appendix B's layers and shapes: 12 convolutions, fc1 reading 64 channels × 133 pixels.
+  assert sorted(params) == sorted([f'conv{i}' for i in range(1, 13)] + ['fc1', 'fc2', 'fc3'])
+  assert params['conv1']['kernel'].shape == (3, 1, PAPER_CHANNELS[0])
+  assert params['fc1']['kernel'].shape == (PAPER_CHANNELS[-1] * 133, PAPER_HIDDEN[0])
+  assert params['fc3']['kernel'].shape == (PAPER_HIDDEN[-1], 3)
+  assert all(np.all(np.isfinite(x)) for x in _leaves(params))
 
 
 # ------------------------------------------------------------------------------------------------
