@@ -520,14 +520,16 @@ if pid == 0:
 """
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
   """Issue 11 part 2: SIGTERM reaches process 1 only; orbax's reached_preemption (JAX's
   preemption service) stops both processes at the same step, one checkpoint is saved there, and
   both resume from it to the parameters of an uninterrupted 2-process run."""
   # 32 spectra: 4 steps of 2 × 4 per epoch. Process 1 reads its 32 labels first (read_metadata),
-  # then epoch 1: the 6th read is in step 2.
+  # then 16 spectra per epoch: the 6th read of epoch 2 is in its second step (or, as the stream
+  # reads ahead, its first).
   full = _start_processes(_PREEMPTION_WORKER, tmp_path / 'full', tmp_path / 'full', 0)
-  split = _start_processes(_PREEMPTION_WORKER, tmp_path / 'split', tmp_path / 'stop', 32 + 6)
+  split = _start_processes(_PREEMPTION_WORKER, tmp_path / 'split', tmp_path / 'stop', 32 + 16 + 6)
   _wait(full, timeout=150)
   _wait(split, timeout=150)
   stopped = [json.loads((tmp_path / f'stop.{p}.json').read_text()) for p in (0, 1)]
