@@ -235,7 +235,7 @@ def _checked_params(state: Any, k: int, where: str) -> Any:
 
 def _attach_calibration(meta: dict[str, Any], directory: epath.Path, step: int) -> None:
   """meta['calibration'] = the directory's calibration.json when it was fitted for ``step``."""
-  record = calibration.load(os.fspath(directory))
+  record = calibration.load(directory)
   if record is None:
     return
   if int(record['step']) == int(step):
@@ -243,5 +243,5 @@ def _attach_calibration(meta: dict[str, Any], directory: epath.Path, step: int) 
   else:
     logging.getLogger('absl').warning(
         '%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
-        'evaluate.py --calibrate again).', calibration.path_in(os.fspath(directory)),
+        'evaluate.py --calibrate again).', calibration.path_in(directory),
         record['step'], step)
