@@ -16,8 +16,13 @@ member is ever stopped, frozen or restored on its own (nothing one member does c
 slice of the stacked arrays). K = 1 keeps unstacked arrays and today's exact computation.
 
 Everything a resume needs lives in one pytree, ``TrainState``, saved by orbax every epoch
-(and on SIGTERM/SIGINT) in WORKDIR/checkpoints; a run on an existing workdir resumes from the
-latest checkpoint and ends with the same parameters as an uninterrupted run.
+(and on SIGTERM/SIGINT, at a step boundary that every process agrees on: ``StopRequest``) in
+WORKDIR/checkpoints; a run on an existing workdir (local or gs://…) resumes from the latest
+checkpoint and ends with the same parameters as an uninterrupted run.
+
+The loop, ``train_and_evaluate``, only orchestrates: ``_setup`` (data, model, restore),
+``_train_one_epoch`` (steps, dev evaluation, metrics row, checkpoint) and
+``_next_adaptation_round`` (§3.4: restart from the best checkpoint with a fresh Payne subset).
 """
 
 import contextlib
