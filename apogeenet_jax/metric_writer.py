@@ -3,7 +3,9 @@
 tensorboardX writes event files without TensorFlow (clu.metric_writers would import it). NumPy and
 the standard library only, plus ``etils.epath``: the workdir may be local or on object storage
 (gs://…). Object stores cannot append, so there each record rewrites the (small) file in one
-upload through ``file_io.atomic_path``; locally the record is appended.
+upload through ``file_io.atomic_path``; locally the record is appended. TensorBoard's event file
+on object storage goes the same way (``_EpathEventFile``), instead of tensorboardX's own gs://
+writer, which would need google-cloud-storage and bypass etils.epath.
 """
 
 import json
@@ -19,6 +21,36 @@ from apogeenet_jax import file_io
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+
+
+class _EpathEventFile:
+  """A tensorboardX event file on object storage: kept in memory, and written whole through
+  ``file_io.atomic_path`` (one upload) at every flush, as objects cannot be appended to.
+  tensorboardX calls it from its one writer thread."""
+
+  def __init__(self, path: str):
+    self._path = file_io.as_path(path)
+    self._data = bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    with file_io.atomic_path(self._path) as tmp, open(tmp, 'wb') as f:
+      f.write(self._data)
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer factory interface (``record_writer.register_writer_factory``)."""
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # Object stores need no folders before their objects.
 
 
 def _jsonable(v: Any) -> Any:
@@ -46,10 +78,12 @@ class MetricWriter:
     workdir.mkdir(parents=True, exist_ok=True)
     if tensorboard:
       # Imported here: tensorboardX imports torch whenever torch is installed (1-2 s), which
-      # no module of this package may do at import. It takes gs:// and s3:// log dirs itself
-      # (google-cloud-storage, boto3).
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR))
+      # no module of this package may do at import.
+      from tensorboardX import SummaryWriter, record_writer
+      logdir = os.fspath(workdir / TENSORBOARD_DIR)
+      if file_io.is_remote(logdir):
+        record_writer.register_writer_factory(logdir.split(':')[0], _EpathEventFiles())
+      self._tb = SummaryWriter(logdir)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:

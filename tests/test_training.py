@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import fake_gcs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -371,6 +372,26 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(sources, tmp_path, signum):
   resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
   assert int(resumed.step) == int(full.step)
   _assert_trees_equal(resumed.params, full.params)
+
+
+def test_workdir_on_gs_trains_and_resumes_exactly(sources, tmp_path):
+  """Issue 11 part 1: a gs:// workdir (the in-process fake of tests/fake_gcs.py: etils.epath
+  through fsspec, orbax's arrays through TensorStore's GCS driver over HTTP) holds the
+  checkpoints, metrics.jsonl and the TensorBoard events, and resumes like a local one."""
+  full = training.train_and_evaluate(_config(max_epochs=3), tmp_path / 'local', sources=sources)
+  with fake_gcs.installed() as fs:
+    workdir = 'gs://bucket/run'
+    training.train_and_evaluate(_config(max_epochs=2), workdir, sources=sources)
+    resumed = training.train_and_evaluate(_config(max_epochs=3), workdir, sources=sources)
+    assert _epochs(workdir) == [1, 2, 3]
+    params, meta = checkpoint.load_params(f'{workdir}/checkpoints', best=False)
+    events = [k for k in fs.store if k.startswith('bucket/run/tensorboard/events.out.')]
+    assert len(events) == 2 and all(fs.store[k].getvalue() for k in events)  # one per run
+  assert not (tmp_path / 'gs:').exists() and not pathlib.Path('gs:').exists()
+  assert meta['step'] == int(full.step) == 12
+  _assert_trees_equal(resumed.params, full.params)  # the best step's
+  _assert_trees_equal(params, checkpoint.load_params(tmp_path / 'local' / 'checkpoints',
+                                                     best=False)[0])  # the latest step's
 
 
 def _epochs(workdir):
