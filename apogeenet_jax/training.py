@@ -1267,6 +1267,7 @@ def _restore_best(run: _Run, state: TrainState) -> TrainState:
 
 
 __all__ = [
+  'StopRequest',
   'TrainState',
   'TrainingError',
   'adaptation_indices',

@@ -514,6 +514,38 @@ def test_two_processes_match_one_process_two_devices(sources, tmp_path):
     np.testing.assert_allclose(multi[f'arr_{i}'], leaf, rtol=1e-4, atol=1e-6)
 
 
+def test_stop_request_across_processes_leaves_sigterm_to_jax(monkeypatch):
+  """Several processes: the answer is orbax's reached_preemption, SIGTERM keeps JAX's notifier,
+  and SIGINT becomes a SIGTERM to this process (so the other processes hear of it)."""
+
+  class Manager:
+    def __init__(self):
+      self.asked = []
+
+    def reached_preemption(self, step):
+      self.asked.append(step)
+      return step == 3
+
+  killed = []
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(training.os, 'kill', lambda pid, sig: killed.append((pid, sig)))
+  manager = Manager()
+  sigterm_before = signal.getsignal(signal.SIGTERM)
+  with training.StopRequest(manager).installed() as stop:
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
+    assert [stop(step) for step in (1, 2, 3)] == [False, False, True]
+    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+  assert manager.asked == [1, 2, 3]
+  assert killed == [(os.getpid(), signal.SIGTERM)]
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)  # One process: a flag, both signals.
+  with training.StopRequest(manager).installed() as stop:
+    assert signal.getsignal(signal.SIGTERM) == stop.handler
+    assert not stop(4)
+    stop.handler(signal.SIGTERM, None)
+    assert stop(5) and manager.asked == [1, 2, 3]
+  assert signal.getsignal(signal.SIGTERM) is sigterm_before
+
+
 _PREEMPTION_WORKER = """
 import json, os, signal, sys
 os.environ['JAX_PLATFORMS'] = 'cpu'
