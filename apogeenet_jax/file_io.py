@@ -85,7 +85,7 @@ def _remote_atomic_path(path: epath.Path) -> Iterator[str]:
   with tempfile.TemporaryDirectory(prefix='apogeenet-upload-') as local_dir:
     tmp = os.path.join(local_dir, path.name)
     yield tmp
-    path.parent.mkdir(parents=True, exist_ok=True)  # A no-op on buckets; needed by other stores.
+    # No mkdir: object stores have no folders (and gcsfs would try to create a missing bucket).
     with open(tmp, 'rb') as src:
       dst = path.open('wb')
       try:
