@@ -22,14 +22,15 @@ from apogeenet_jax import labels
 from tfds_apogee.apogee import apogee_dataset_builder
 
 
-def build(manual_dir: str, data_dir: str | epath.Path, file_format: str = 'array_record',
+def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
           split_seed: int = 0, num_workers: int = 1, overwrite: bool = False
           ) -> tfds.core.DatasetBuilder:
   """Builds (or reuses, when its inputs are unchanged) the data set and returns its builder.
 
   overwrite: delete a data set already in data_dir and build it again.
-  data_dir may be a URL (gs://…: TFDS writes through etils.epath); manual_dir is a local folder
-  (the apStar files are read with astropy in reader processes).
+  Both are local folders (or mounted buckets): astropy reads the apStar files in reader
+  processes, and array_record writes local files only; the skip report is read through
+  etils.epath like the rest of TFDS's files.
   """
   builder = apogee_dataset_builder.Builder(data_dir=data_dir, split_seed=split_seed,
                                            num_workers=num_workers, file_format=file_format)
