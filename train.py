@@ -11,6 +11,9 @@ Multi-host (one process per host, each with its own devices and data shard):
 
 on every host; ``jax.distributed.initialize()`` reads the coordinator from the cluster environment
 (Cloud TPU, SLURM, Open MPI) or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+SIGTERM (a preemption notice) to any one host stops every host at the same step, where they save
+one checkpoint together; rerunning the command resumes from it. Paths may be gs://… with the
+``gcs`` extra.
 Intentionally short: the logic lives in ``apogeenet_jax.training``.
 """
 
@@ -21,7 +24,8 @@ from ml_collections import config_flags
 from apogeenet_jax import checkpoint, training, workdir_lock
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard logs.')
+flags.DEFINE_string('workdir', None, 'Directory (local or gs://…) for checkpoints, metrics and '
+                    'TensorBoard logs.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])

@@ -20,10 +20,8 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
 from apogeenet_jax import constants
+from apogeenet_jax.constants import BAD_PIXEL_ERROR
 
-# apStar marks the array ends and chip gaps with flux exactly 0 and error exactly 1e10
-# (../shared/data/README.md); 1e10 is exactly representable in float32.
-BAD_PIXEL_ERROR = 1.0e10
 # The common grid must match to well below one pixel over 8575 pixels.
 _GRID_TOLERANCE = 1e-9
 # `apStar-<reduction>-<APOGEE ID>.fits[.gz]`, `asStar-…` for the southern (LCO) telescope.

@@ -7,6 +7,9 @@ Layout: an orbax ``CheckpointManager`` directory; each step holds two items,
              ``ensemble_size`` K (params of K > 1 carry a leading member axis of length K),
 so that a checkpoint alone — from training or from ``convert_torch`` — is enough to predict.
 A ``calibration.json`` beside the steps (``calibration``) is read into ``meta['calibration']``.
+A training run keeps its steps in WORKDIR/checkpoints (``CHECKPOINT_DIR``, ``workdir_checkpoints``).
+Directories are ``etils.epath`` paths: local, or object storage such as ``gs://…`` (orbax writes
+the arrays there through TensorStore's GCS driver).
 """
 
 import dataclasses
@@ -19,8 +22,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from etils import epath
 
-from apogeenet_jax import calibration
+from apogeenet_jax import calibration, file_io
 from apogeenet_jax.constants import LABEL_NAMES
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import Standardizer
@@ -35,6 +39,8 @@ class _QuietOrbaxInfo(logging.Filter):
 
 logging.getLogger('absl').addFilter(_QuietOrbaxInfo())
 
+# The folder of a workdir that holds the orbax steps: defined here only.
+CHECKPOINT_DIR = 'checkpoints'
 STATE_ITEM = 'state'
 META_ITEM = 'meta'
 BEST_METRIC = 'dev_loss'
@@ -80,9 +86,14 @@ def standardizer_from_meta(meta: Mapping[str, Any]) -> Standardizer:
   return Standardizer.from_dict(meta['normalization'])
 
 
-def make_manager(directory: str, *, keep_latest: int = 1, keep_best: int = 1,
-                 create: bool = True) -> ocp.CheckpointManager:
-  """A manager that keeps the latest ``keep_latest`` and the best ``keep_best`` steps.
+def workdir_checkpoints(workdir: file_io.PathLike) -> epath.Path:
+  """WORKDIR/checkpoints, absolute (orbax refuses relative directories)."""
+  return file_io.as_path(workdir) / CHECKPOINT_DIR
+
+
+def make_manager(directory: file_io.PathLike, *, keep_latest: int = 1, create: bool = True
+                 ) -> ocp.CheckpointManager:
+  """A manager that keeps the latest ``keep_latest`` steps and the best one.
 
   "Best" is the lowest ``metrics['dev_loss']`` passed to ``save``; steps saved without metrics
   (converted weights) count as latest only.
@@ -90,12 +101,12 @@ def make_manager(directory: str, *, keep_latest: int = 1, keep_best: int = 1,
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(keep_latest),
       ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True,
-                                    n=keep_best, keep_checkpoints_without_metrics=False),
+                                    n=1, keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode='min',
       create=create, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(file_io.as_path(directory), options=options,
                                item_names=(STATE_ITEM, META_ITEM))
 
 
@@ -115,9 +126,9 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   return out[STATE_ITEM], dict(out[META_ITEM])
 
 
-def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+def step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
   """The folder of ``step`` (orbax names it by the bare step number)."""
-  return os.path.join(os.fspath(manager.directory), str(step))
+  return epath.Path(manager.directory) / str(step)
 
 
 def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any, *,
@@ -144,11 +155,12 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any, *,
       continue
     if failures:
       if set_aside:
-        aside = os.fspath(manager.directory).rstrip(os.sep) + '.corrupt'
-        os.makedirs(aside, exist_ok=True)
+        directory = epath.Path(manager.directory)
+        aside = directory.parent / f'{directory.name}.corrupt'
+        aside.mkdir(parents=True, exist_ok=True)
         for bad, _ in failures:
-          target = os.path.join(aside, f'{bad}-{time.strftime("%Y%m%dT%H%M%S")}')
-          os.replace(step_dir(manager, bad), target)
+          target = aside / f'{bad}-{time.strftime("%Y%m%dT%H%M%S")}'
+          step_dir(manager, bad).rename(target)
           absl_logging.warning('Moved the broken step %d to %s.', bad, target)
       # Every process must forget the moved steps, or a later save of that step number would
       # be skipped on some processes and entered on others.
@@ -170,14 +182,15 @@ def _reason(e: BaseException) -> str:
   return f'{type(e).__name__}: {lines[0][:200] if lines else ""}'
 
 
-def load_params(directory: str, *, step: int | None = None, best: bool = True
+def load_params(directory: file_io.PathLike, *, step: int | None = None, best: bool = True
                 ) -> tuple[Any, dict[str, Any]]:
-  """Params and meta from any checkpoint directory of this package.
+  """Params and meta from any checkpoint directory of this package (local or gs://…).
 
   Takes the best step (lowest dev loss) when ``best`` and one exists, else the latest, unless
   ``step`` names one. Only the ``params`` subtree is returned; optimiser state is ignored.
   """
-  if not os.path.isdir(directory):
+  directory = file_io.as_path(directory)
+  if not directory.is_dir():
     raise CheckpointError(f'{directory}: no such checkpoint directory')
   manager = make_manager(directory, create=False)
   if step is None:
@@ -190,28 +203,45 @@ def load_params(directory: str, *, step: int | None = None, best: bool = True
         STATE_ITEM: ocp.args.StandardRestore(), META_ITEM: ocp.args.JsonRestore()}))
   except _RESTORE_ERRORS as e:
     raise CheckpointError(f'{directory}: step {step} cannot be restored (step folder '
-                          f'{os.path.join(directory, str(step))}): {_reason(e)}') from e
-  state, meta = out[STATE_ITEM], dict(out[META_ITEM])
-  params = state['params'] if isinstance(state, Mapping) else getattr(state, 'params', None)
-  if params is None:
-    raise CheckpointError(f'{directory}: step {step} has no params in its state')
-  if 'params' in params and len(params) == 1:  # a linen variables dict {'params': {...}}
-    params = params['params']
+                          f'{directory / str(step)}): {_reason(e)}') from e
+  where = f'{directory}: step {step}'
+  meta = _checked_meta(dict(out[META_ITEM]), where)
+  meta['step'] = int(step)
+  params = _checked_params(out[STATE_ITEM], ensemble_size(meta), where)
+  _attach_calibration(meta, directory, step)
+  return params, meta
+
+
+def _checked_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
   for key in ('normalization', 'model'):
     if key not in meta:
-      raise CheckpointError(f'{directory}: step {step} meta lacks {key!r}')
-  meta['step'] = int(step)
-  k = ensemble_size(meta)
+      raise CheckpointError(f'{where} meta lacks {key!r}')
+  return meta
+
+
+def _checked_params(state: Any, k: int, where: str) -> Any:
+  """The params of a restored ``state`` item; for K > 1 every leaf must lead with K members."""
+  params = state['params'] if isinstance(state, Mapping) else getattr(state, 'params', None)
+  if params is None:
+    raise CheckpointError(f'{where} has no params in its state')
+  if 'params' in params and len(params) == 1:  # a linen variables dict {'params': {...}}
+    params = params['params']
   leading = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(params)}
   if k > 1 and leading != {k}:
-    raise CheckpointError(f'{directory}: step {step} meta says ensemble_size {k} but the params '
-                          f'have leading axes {sorted(map(str, leading))}')
+    raise CheckpointError(f'{where} meta says ensemble_size {k} but the params have leading '
+                          f'axes {sorted(map(str, leading))}')
+  return params
+
+
+def _attach_calibration(meta: dict[str, Any], directory: epath.Path, step: int) -> None:
+  """meta['calibration'] = the directory's calibration.json when it was fitted for ``step``."""
   record = calibration.load(directory)
-  if record is not None:
-    if int(record['step']) == int(step):
-      meta['calibration'] = record
-    else:
-      logging.getLogger('absl').warning(
-          '%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
-          'evaluate.py --calibrate again).', calibration.path_in(directory), record['step'], step)
-  return params, meta
+  if record is None:
+    return
+  if int(record['step']) == int(step):
+    meta['calibration'] = record
+  else:
+    logging.getLogger('absl').warning(
+        '%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
+        'evaluate.py --calibrate again).', calibration.path_in(directory),
+        record['step'], step)

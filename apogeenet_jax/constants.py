@@ -13,6 +13,11 @@ LOG10_WAVE_STEP = 6e-6
 LABEL_NAMES = ('LOGG', 'TEFF', 'FE_H')
 LABEL_UNITS = ('dex', 'K', 'dex')
 
+# PAPER.md §7 / ../shared/data/README.md: apStar marks the array ends and chip gaps with flux
+# exactly 0 and error exactly 1e10 (exactly representable in float32); preprocessing gives every
+# non-finite or negative error this value, so Monte Carlo draws leave those pixels alone.
+BAD_PIXEL_ERROR = 1.0e10
+
 # §2.2–2.4: the three label sources ("data types").
 DATA_TYPES = ('Payne', 'MStar', 'YSO')
 

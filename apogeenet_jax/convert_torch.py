@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from apogeenet_jax import checkpoint
+from apogeenet_jax import checkpoint, file_io
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 
@@ -106,11 +106,12 @@ def load_state_dict(path: str) -> Mapping[str, Any]:
   return obj
 
 
-def convert(state_dict_path: str, output_dir: str,
+def convert(state_dict_path: str, output_dir: file_io.PathLike,
             standardizer: Standardizer = PAPER_STANDARDIZER) -> str:
-  """Converts ``state_dict_path`` into a checkpoint directory; returns its absolute path."""
-  output_dir = os.path.abspath(output_dir)
-  if os.path.isdir(output_dir) and os.listdir(output_dir):
+  """Converts ``state_dict_path`` into a checkpoint directory (local or gs://…); returns its
+  absolute path."""
+  output_dir = file_io.as_path(output_dir)
+  if output_dir.is_dir() and any(output_dir.iterdir()):
     raise FileExistsError(f'{output_dir}: exists and is not empty; choose a new --output')
   model = APOGEENet()
   try:
@@ -122,7 +123,7 @@ def convert(state_dict_path: str, output_dir: str,
   manager = checkpoint.make_manager(output_dir)
   checkpoint.save(manager, 0, {'params': params}, meta)
   manager.close()
-  return output_dir
+  return os.fspath(output_dir)
 
 
 _STATE_DICT = flags.DEFINE_string('state_dict', None, 'PyTorch APOGEE Net state_dict (.pt).')

@@ -93,7 +93,7 @@ def load_checkpoint(*, workdir: str | None = None, checkpoint_dir: str | None = 
   """Params and meta: the best step of a training ``workdir`` or any ``checkpoint_dir``."""
   if (workdir is None) == (checkpoint_dir is None):
     raise EvaluationError('give exactly one of --workdir (a training run) or --checkpoint')
-  directory = (os.path.join(workdir, 'checkpoints') if workdir is not None else checkpoint_dir)
+  directory = (os.path.join(workdir, checkpoint.CHECKPOINT_DIR) if workdir is not None else checkpoint_dir)
   params, meta = checkpoint.load_params(directory)
   meta['checkpoint_dir'] = os.path.abspath(directory)
   return params, meta

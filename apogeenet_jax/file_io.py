@@ -1,9 +1,37 @@
-"""File-writing helpers shared by every output: the catalogue, metrics.json, figures, reports."""
+"""File-writing helpers shared by every output: the catalogue, metrics, figures, reports.
+
+Paths are ``str | os.PathLike | etils.epath.Path``: a local path, or a URL such as
+``gs://bucket/run`` that ``etils.epath`` opens through fsspec (``pip install
+'apogeenet-jax[gcs]'`` gives gcsfs for ``gs://``; orbax reads and writes checkpoints there
+through TensorStore's own GCS driver).
+"""
 
 import contextlib
 import os
+import re
+import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
+
+from etils import epath
+
+PathLike = str | os.PathLike
+# 'gs://…', 's3://…', 'memory://…': anything with a scheme is object storage, not a local path.
+_URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for a URL (gs://, s3://, …), False for a local path."""
+  return bool(_URL.match(os.fspath(path)))
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """``path`` as an ``epath.Path``; a local one with ~ expanded and made absolute (orbax refuses
+  relative directories), a URL unchanged."""
+  if is_remote(path):
+    return epath.Path(path)
+  return epath.Path(os.fspath(path)).expanduser().absolute()
 
 
 def _umask() -> int:
@@ -15,13 +43,24 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
-  """Yields a temporary path beside ``path``; moves it over ``path`` only if the body succeeds.
+def atomic_path(path: PathLike) -> Iterator[str]:
+  """Yields a LOCAL temporary file name to write; ``path`` gets its contents only if the body
+  succeeds, so a crash never leaves half a file where a good one stood.
 
-  Every output file (catalogue, metrics, figures) is written through this: a crash never leaves
-  half a file where a good one stood.
+  Locally: the temporary file sits beside ``path`` and ``os.replace`` moves it over ``path``
+  (atomic on POSIX: a reader sees the old file or the new one).
+  On object storage (gs://, s3://): objects have no rename, but one object upload is atomic —
+  the object appears (or replaces the old one) when the upload completes, never partly written.
+  The body writes a local temporary file, and after it succeeds that file is uploaded to
+  ``path`` in one upload; a failed body uploads nothing, and an upload that fails midway is
+  discarded (the old object stays). A reader may see the old or the new object, never a mix.
   """
-  directory = os.path.dirname(os.path.abspath(path)) or '.'
+  if is_remote(path):
+    with _remote_atomic_path(epath.Path(path)) as tmp:
+      yield tmp
+    return
+  path = os.fspath(as_path(path))
+  directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
                              suffix='.tmp')
@@ -39,3 +78,25 @@ def atomic_path(path: str):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _remote_atomic_path(path: epath.Path) -> Iterator[str]:
+  with tempfile.TemporaryDirectory(prefix='apogeenet-upload-') as local_dir:
+    tmp = os.path.join(local_dir, path.name)
+    yield tmp
+    # No mkdir: object stores have no folders (and gcsfs would try to create a missing bucket).
+    with open(tmp, 'rb') as src:
+      dst = path.open('wb')
+      try:
+        shutil.copyfileobj(src, dst)
+      except BaseException:
+        # fsspec's files commit on close, even after an error: cancel the upload instead.
+        discard = getattr(dst, 'discard', None)
+        if discard is not None:
+          discard()
+          # fsspec files also commit in __del__ unless marked closed.
+          with contextlib.suppress(AttributeError):
+            dst.closed = True
+        raise
+      dst.close()

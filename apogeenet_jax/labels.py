@@ -18,17 +18,17 @@ import collections
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 import pathlib
 
 import numpy as np
 from astropy.table import Table
 
-from apogeenet_jax import apstar, constants
+from apogeenet_jax import apstar, constants, file_io
 
 CATALOG_NAMES = ('labels.fits', 'labels.ecsv', 'labels.csv')
 REQUIRED_COLUMNS = ('APOGEE_ID', *constants.LABEL_NAMES, 'DATA_TYPE')
-OPTIONAL_COLUMNS = ('SPLIT', 'FILE')
 SKIP_REPORT_COLUMNS = ('file', 'apogee_id', 'reason')
 # ASPCAP and friends write -9999 for "no value"; such a label must never reach training.
 _SENTINEL = -9999.0
@@ -101,29 +101,17 @@ def _column_strings(table: Table, name: str) -> list[str]:
   return values
 
 
-def read_catalog(path: str | os.PathLike) -> list[LabelledStar]:
-  """Reads and validates a label catalogue.
+def read_label_catalog(path: str | os.PathLike) -> list[LabelledStar]:
+  """Reads and validates the INPUT label catalogue (the builder's labels.{fits,ecsv,csv}).
+
+  Not ``catalog.read_catalog``, which reads the catalogue of predictions that evaluate.py writes.
 
   Raises:
     LabelCatalogError: unreadable, missing columns, duplicate IDs, non-finite or -9999 labels,
       unknown DATA_TYPE or SPLIT.
   """
   path = pathlib.Path(path)
-  try:
-    if path.suffix.lower() in ('.csv', '.ecsv'):
-      text_format = 'ascii.ecsv' if path.suffix.lower() == '.ecsv' else 'ascii.csv'
-      with open(path, 'rb') as f:
-        has_bom = f.read(len(_UTF8_BOM)) == _UTF8_BOM
-      # Text given to Table.read is parsed as the table itself, not as a file name.
-      table = (Table.read(path.read_text(encoding='utf-8-sig'), format=text_format) if has_bom
-               else Table.read(path, format=text_format))
-    else:
-      table = Table.read(path)
-  except FileNotFoundError:
-    raise LabelCatalogError(f'{path}: no such file') from None
-  except Exception as e:  # astropy raises many types for malformed tables.
-    raise LabelCatalogError(f'{path}: cannot read table ({type(e).__name__}: {e})') from e
-
+  table = _read_table(path)
   # Accept lower-case column names ('apogee_id', 'teff', …) but use the survey's upper case.
   by_upper = {name.upper(): name for name in table.colnames}
   missing = [c for c in REQUIRED_COLUMNS if c not in by_upper]
@@ -131,8 +119,36 @@ def read_catalog(path: str | os.PathLike) -> list[LabelledStar]:
     raise LabelCatalogError(f'{path}: missing column(s) {missing}; required {REQUIRED_COLUMNS}')
   if len(table) == 0:
     raise LabelCatalogError(f'{path}: the catalogue has no rows')
+  ids = _read_ids(path, table, by_upper['APOGEE_ID'])
+  labels = _read_labels(path, table, by_upper, ids)
+  data_types = _read_data_types(path, _column_strings(table, by_upper['DATA_TYPE']), ids)
+  splits = _read_split_column(path, table, by_upper, ids)
+  files = _column_strings(table, by_upper['FILE']) if 'FILE' in by_upper else [''] * len(table)
+  return [
+      LabelledStar(apogee_id=i, labels=labels[k].astype(np.float32), data_type=t,
+                   split=s or None, file=f or None)
+      for k, (i, t, s, f) in enumerate(zip(ids, data_types, splits, files, strict=True))
+  ]
 
-  ids = _column_strings(table, by_upper['APOGEE_ID'])
+
+def _read_table(path: pathlib.Path) -> Table:
+  try:
+    if path.suffix.lower() in ('.csv', '.ecsv'):
+      text_format = 'ascii.ecsv' if path.suffix.lower() == '.ecsv' else 'ascii.csv'
+      with open(path, 'rb') as f:
+        has_bom = f.read(len(_UTF8_BOM)) == _UTF8_BOM
+      # Text given to Table.read is parsed as the table itself, not as a file name.
+      return (Table.read(path.read_text(encoding='utf-8-sig'), format=text_format) if has_bom
+              else Table.read(path, format=text_format))
+    return Table.read(path)
+  except FileNotFoundError:
+    raise LabelCatalogError(f'{path}: no such file') from None
+  except Exception as e:  # astropy raises many types for malformed tables.
+    raise LabelCatalogError(f'{path}: cannot read table ({type(e).__name__}: {e})') from e
+
+
+def _read_ids(path: pathlib.Path, table: Table, column: str) -> list[str]:
+  ids = _column_strings(table, column)
   empty = [i for i, s in enumerate(ids) if not s]
   if empty:
     raise LabelCatalogError(f'{path}: empty APOGEE_ID in row(s) {empty[:10]}')
@@ -140,7 +156,12 @@ def read_catalog(path: str | os.PathLike) -> list[LabelledStar]:
   if duplicates:
     raise LabelCatalogError(f'{path}: duplicate APOGEE_ID(s) {sorted(duplicates)[:10]} '
                             f'({len(duplicates)} in all)')
+  return ids
 
+
+def _read_labels(path: pathlib.Path, table: Table, by_upper: dict[str, str], ids: list[str]
+                 ) -> np.ndarray:
+  """(rows, 3) float64 in LABEL_NAMES order; no row may lack a value or hold -9999."""
   labels = np.empty((len(table), len(constants.LABEL_NAMES)), np.float64)
   for j, name in enumerate(constants.LABEL_NAMES):
     column = table[by_upper[name]]
@@ -155,31 +176,31 @@ def read_catalog(path: str | os.PathLike) -> list[LabelledStar]:
           f'{path}: {len(rows)} non-finite, empty or -9999 {name} value(s), e.g. '
           f'{[ids[i] for i in rows[:5]]}; remove those rows')
     labels[:, j] = values
+  return labels
 
+
+def _read_data_types(path: pathlib.Path, values: list[str], ids: list[str]) -> list[str]:
   canonical_type = {t.lower(): t for t in constants.DATA_TYPES}
   data_types = []
-  for star_id, t in zip(ids, _column_strings(table, by_upper['DATA_TYPE']), strict=True):
+  for star_id, t in zip(ids, values, strict=True):
     if t.lower() not in canonical_type:
       raise LabelCatalogError(f'{path}: APOGEE_ID {star_id}: DATA_TYPE {t!r} is not one of '
                               f'{constants.DATA_TYPES}')
     data_types.append(canonical_type[t.lower()])
+  return data_types
 
-  splits = [''] * len(table)
-  if 'SPLIT' in by_upper:
-    splits = [s.lower() for s in _column_strings(table, by_upper['SPLIT'])]
-    for star_id, s in zip(ids, splits, strict=True):
-      if s and s not in constants.SPLITS:
-        raise LabelCatalogError(f'{path}: APOGEE_ID {star_id}: SPLIT {s!r} is not one of '
-                                f'{constants.SPLITS} (or empty)')
-  files = [''] * len(table)
-  if 'FILE' in by_upper:
-    files = _column_strings(table, by_upper['FILE'])
 
-  return [
-      LabelledStar(apogee_id=i, labels=labels[k].astype(np.float32), data_type=t,
-                   split=s or None, file=f or None)
-      for k, (i, t, s, f) in enumerate(zip(ids, data_types, splits, files, strict=True))
-  ]
+def _read_split_column(path: pathlib.Path, table: Table, by_upper: dict[str, str],
+                       ids: list[str]) -> list[str]:
+  """The SPLIT column in lower case ('' = assign_split decides); all '' when absent."""
+  if 'SPLIT' not in by_upper:
+    return [''] * len(table)
+  splits = [s.lower() for s in _column_strings(table, by_upper['SPLIT'])]
+  for star_id, s in zip(ids, splits, strict=True):
+    if s and s not in constants.SPLITS:
+      raise LabelCatalogError(f'{path}: APOGEE_ID {star_id}: SPLIT {s!r} is not one of '
+                              f'{constants.SPLITS} (or empty)')
+  return splits
 
 
 def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
@@ -260,16 +281,19 @@ def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
-def write_problems(problems: list[Problem], path: str | os.PathLike) -> None:
-  """Writes the skip report: CSV with header `file,apogee_id,reason`, one line per problem."""
-  with open(path, 'w', newline='') as f:
+def write_problems(problems: list[Problem], path: file_io.PathLike) -> None:
+  """Writes the skip report: CSV with header `file,apogee_id,reason`, one line per problem.
+
+  Through ``file_io.atomic_path`` (local or gs://…): a crash never leaves half a report.
+  """
+  with file_io.atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(SKIP_REPORT_COLUMNS)
     for p in problems:
       writer.writerow((p.file, p.apogee_id, p.reason))
 
 
-def read_problems(path: str | os.PathLike) -> list[Problem]:
-  """Reads a skip report written by write_problems."""
-  with open(path, newline='') as f:
-    return [Problem(r['file'], r['apogee_id'], r['reason']) for r in csv.DictReader(f)]
+def read_problems(path: file_io.PathLike) -> list[Problem]:
+  """Reads a skip report written by write_problems (local or gs://…)."""
+  rows = csv.DictReader(io.StringIO(file_io.as_path(path).read_text(), newline=''))
+  return [Problem(r['file'], r['apogee_id'], r['reason']) for r in rows]

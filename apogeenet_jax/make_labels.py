@@ -22,7 +22,7 @@ how far each relation can be trusted:
     paper's distributions and limits; architecture widths, optimiser and extinction law are
     ours (the paper gives none). A trained network in --yso_workdir is reused.
   Merge (``label_sources.merge``): one row per APOGEE_ID, precedence YSO > MStar > Payne, with
-    PROVENANCE and ALSO_IN columns; validated with ``apogeenet_jax.labels.read_catalog``.
+    PROVENANCE and ALSO_IN columns; validated with ``apogeenet_jax.labels.read_label_catalog``.
 Outputs: --output (FITS), and beside it labels_report.csv (rows each cut removed) and
 labels_summary.json (counts, the MStar log g cross-check, the YSO network's synthetic test).
 """
@@ -67,11 +67,11 @@ class LabelRequest:
 
 def _yso_network(request: LabelRequest) -> dict[str, Any]:
   """Reuses the trained network in yso_workdir, else trains one on the user's isochrones."""
-  from apogeenet_jax import training, yso_photometric  # JAX only when needed.
+  from apogeenet_jax import checkpoint, yso_photometric  # JAX only when needed.
 
   if not request.yso_workdir:
     raise ValueError('--yso_members needs --yso_workdir (where the YSO network lives)')
-  if os.path.isdir(os.path.join(request.yso_workdir, training.CHECKPOINT_DIR)):
+  if os.path.isdir(os.path.join(request.yso_workdir, checkpoint.CHECKPOINT_DIR)):
     # A broken or foreign checkpoint raises CheckpointError here rather than being overwritten.
     _, meta = yso_photometric.load(request.yso_workdir)
     logging.info('Using the YSO network in %s (step %d).', request.yso_workdir, meta['step'])

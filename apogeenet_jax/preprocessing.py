@@ -8,8 +8,7 @@ NumPy only: runs in input-pipeline workers without touching an accelerator.
 
 import numpy as np
 
-# apStar marks bad pixels (array ends, chip gaps) with flux 0 and error exactly 1e10.
-BAD_PIXEL_ERROR = 1.0e10
+from apogeenet_jax.constants import BAD_PIXEL_ERROR
 
 
 def preprocess_flux(flux: np.ndarray) -> np.ndarray:

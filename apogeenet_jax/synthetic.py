@@ -193,7 +193,7 @@ def simulate_rows(star: SyntheticStar, rng: np.random.Generator):
   flux = np.array(rows_flux, np.float32)
   error = np.array(rows_err, np.float32)
   flux[:, bad] = 0.0
-  error[:, bad] = apstar.BAD_PIXEL_ERROR
+  error[:, bad] = constants.BAD_PIXEL_ERROR
   good = ~bad
   snr = float(np.median(flux[0, good] / error[0, good]))
   return flux, error, np.repeat(mask[None], len(flux), axis=0), snr

@@ -16,10 +16,17 @@ member is ever stopped, frozen or restored on its own (nothing one member does c
 slice of the stacked arrays). K = 1 keeps unstacked arrays and today's exact computation.
 
 Everything a resume needs lives in one pytree, ``TrainState``, saved by orbax every epoch
-(and on SIGTERM/SIGINT) in WORKDIR/checkpoints; a run on an existing workdir resumes from the
-latest checkpoint and ends with the same parameters as an uninterrupted run.
+(and on SIGTERM/SIGINT, at a step boundary that every process agrees on: ``StopRequest``) in
+WORKDIR/checkpoints; a run on an existing workdir (local or gs://…) resumes from the latest
+checkpoint and ends with the same parameters as an uninterrupted run.
+
+The loop, ``train_and_evaluate``, only orchestrates: ``_setup`` (data, model, restore),
+``_train_one_epoch`` (steps, dev evaluation, metrics row, checkpoint) and
+``_next_adaptation_round`` (§3.4: restart from the best checkpoint with a fresh Payne subset).
 """
 
+import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -39,18 +46,18 @@ import numpy as np
 import optax
 import tqdm
 from absl import logging
+from etils import epath
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apogeenet_jax import checkpoint, input_pipeline, memory_data, workdir_lock
+from apogeenet_jax import checkpoint, file_io, input_pipeline, memory_data, workdir_lock
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.metric_writer import MetricWriter
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.sharding import DATA_AXIS, make_mesh
 
-CHECKPOINT_DIR = 'checkpoints'
 # The data types whose dev loss drives adaptation (§3.4: "until MStar and YSO dev performance
 # stops improving").
 ADAPT_TYPES = ('MStar', 'YSO')
@@ -75,7 +82,9 @@ class TrainState:
   epoch: jax.Array  # completed epochs, all rounds
   epoch_step: jax.Array  # batches done in the current epoch (non-zero only after an interrupt)
   rng: jax.Array  # raw uint32 PRNG key; dropout keys are folded from it and the step
-  best_dev_loss: jax.Array  # lowest early-stopping dev loss so far
+  # The lowest early-stopping loss so far: dev_loss, or during adaptation the MStar+YSO
+  # dev_adapt_loss (saved under its first name, best_dev_loss: ``_SAVED_NAMES``).
+  best_stop_loss: jax.Array
   evals_without_improvement: jax.Array
   adapt_round: jax.Array  # 0 while training on everything; 1, 2, … during adaptation (§3.4)
   best_adapt_loss: jax.Array  # best MStar+YSO dev loss when the current round began
@@ -151,7 +160,7 @@ def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTrans
   params = _init_fn(model, init, zero_last_layer)(init_rng)
   return TrainState(
       params=params, opt_state=tx.init(params), step=jnp.int32(0), epoch=jnp.int32(0),
-      epoch_step=jnp.int32(0), rng=state_rng, best_dev_loss=jnp.float32(jnp.inf),
+      epoch_step=jnp.int32(0), rng=state_rng, best_stop_loss=jnp.float32(jnp.inf),
       evals_without_improvement=jnp.int32(0), adapt_round=jnp.int32(0),
       best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
 
@@ -534,20 +543,20 @@ def summarize(sums: Mapping[str, Any], prefix: str) -> dict[str, float]:
   return out
 
 
-def update_early_stopping(state: TrainState, dev_loss: float, min_delta: float = 0.0
+def update_early_stopping(state: TrainState, stop_loss: float, min_delta: float = 0.0
                           ) -> tuple[TrainState, bool]:
   """Records one dev evaluation (§3.3): improved resets the counter, else it counts up."""
-  best = float(state.best_dev_loss)
-  improved = bool(dev_loss < best - min_delta)
+  best = float(state.best_stop_loss)
+  improved = bool(stop_loss < best - min_delta)
   if improved:
-    return state.replace(best_dev_loss=jnp.float32(dev_loss),
+    return state.replace(best_stop_loss=jnp.float32(stop_loss),
                          evals_without_improvement=jnp.int32(0)), True
   return state.replace(
       evals_without_improvement=jnp.int32(int(state.evals_without_improvement) + 1)), False
 
 
 def should_stop_early(state: TrainState, patience: int) -> bool:
-  """True once ``patience`` evaluations in a row have not improved the best dev loss."""
+  """True once ``patience`` evaluations in a row have not improved ``best_stop_loss``."""
   return int(state.evals_without_improvement) >= patience
 
 
@@ -630,7 +639,7 @@ def global_batch_indices(indices: np.ndarray, local_batch: int, *, seed: int, ep
 
 def train_epoch(state: TrainState, train_steps: Callable, inputs: Iterable[tuple[Any, int]], *,
                 batch_size: int, num_batches: int,
-                stop_requested: Callable[[], bool] = lambda: False,
+                stop_requested: Callable[[int], bool] = lambda step: False,
                 progress: bool = True, log_every_steps: int = 0
                 ) -> tuple[TrainState, dict[str, Any] | None, bool]:
   """Runs ``train_steps`` (``make_train_steps``) on each (xs, k) of ``inputs``.
@@ -638,7 +647,8 @@ def train_epoch(state: TrainState, train_steps: Callable, inputs: Iterable[tuple
   Returns (state, metrics summed over the steps, interrupted). ``batch_size`` is this process's
   batch. The losses are fetched one call late so the host keeps the device queue full; a
   non-finite loss raises ``TrainingError`` at most k steps after it occurred. ``stop_requested``
-  is checked after every call, so an interrupt stops at a step boundary.
+  (``StopRequest``) is asked after every call with the step reached, so an interrupt stops at a
+  step boundary.
   """
   sums, pending = None, None
   last_loss = float('nan')
@@ -664,7 +674,7 @@ def train_epoch(state: TrainState, train_steps: Callable, inputs: Iterable[tuple
         and epoch_step // log_every_steps > (epoch_step - k) // log_every_steps):
       logging.info('step %d (epoch %d, batch %d/%d): loss %.5f, %.0f spectra/s',
                    step, epoch, epoch_step, num_batches, last_loss, rate)
-    if stop_requested():
+    if stop_requested(step):
       interrupted = True
       break
   bar.close()
@@ -692,31 +702,56 @@ def evaluate_split(params: Any, eval_step: Callable, batches: Iterable[dict],
 # Signals.
 
 
-class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop checks it after every step, saves and returns."""
+class StopRequest:
+  """Whether to stop at this step boundary, the same answer on every process.
 
-  def __init__(self):
+  One process: SIGTERM or SIGINT sets a flag (a second signal raises KeyboardInterrupt: the user
+  insists). Several processes (``jax.distributed``): a signal reaches one process, and a process
+  that stopped on its own would leave the others waiting in the next collective, so the stop is
+  agreed through orbax's ``CheckpointManager.reached_preemption(step)``. It is JAX's preemption
+  service: ``jax.distributed.initialize`` installs a SIGTERM notifier that tells the coordination
+  service, which picks one step (after every process's latest) at which every process's check
+  returns True. This object therefore leaves SIGTERM to JAX and turns SIGINT into a SIGTERM to
+  its own process. The check must run the same number of times on every process: once per call
+  of the train steps.
+  """
+
+  def __init__(self, manager: Any = None):
+    self.manager = manager
+    self.coordinated = manager is not None and jax.process_count() > 1
     self.signum = None
 
-  def __call__(self) -> bool:
+  def __call__(self, step: int) -> bool:
+    if self.coordinated:
+      return self.manager.reached_preemption(step)
     return self.signum is not None
 
   def handler(self, signum, frame):
     del frame
+    if self.coordinated:
+      logging.warning('Received signal %d: passing it to JAX\'s preemption service as SIGTERM.',
+                      signum)
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
     if self.signum is not None:  # A second signal: the user insists.
       raise KeyboardInterrupt
     self.signum = signum
     logging.warning('Received signal %d: saving a checkpoint after this step, then exiting.',
                     signum)
 
-
-def _install_handlers(flag: _StopFlag) -> dict[int, Any]:
-  if threading.current_thread() is not threading.main_thread():
-    return {}
-  old = {}
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    old[sig] = signal.signal(sig, flag.handler)
-  return old
+  @contextlib.contextmanager
+  def installed(self) -> Iterator['StopRequest']:
+    """Installs the handlers for the body (main thread only) and restores the old ones."""
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    signals = (signal.SIGINT,) if self.coordinated else (signal.SIGTERM, signal.SIGINT)
+    old = {sig: signal.signal(sig, self.handler) for sig in signals}
+    try:
+      yield self
+    finally:
+      for sig, handler in old.items():
+        signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -897,108 +932,193 @@ def _epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
   return stream_inputs(batches, standardizer, mesh, k)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: file_io.PathLike, *,
                        sources: Mapping[str, Sequence] | None = None) -> TrainState:
   """Trains (and, with ``config.adapt``, adapts) until early stopping; returns the best state.
 
   Args:
     config: see configs/default.py.
-    workdir: WORKDIR/checkpoints (orbax: latest two + best), WORKDIR/metrics.jsonl,
-      WORKDIR/tensorboard/. An existing workdir is resumed from its newest checkpoint that
-      restores. One run at a time: the run holds WORKDIR/.lock (``workdir_lock``).
+    workdir: a local path or a URL (gs://…): WORKDIR/checkpoints (orbax: latest two + best),
+      WORKDIR/metrics.jsonl, WORKDIR/tensorboard/. An existing workdir is resumed from its newest
+      checkpoint that restores. One run at a time: the run holds WORKDIR/.lock (``workdir_lock``).
     sources: optional {'train': …, 'dev': …} random-access sources (tests); default
       ``open_split(config.data_dir, …)``.
 
   Returns:
-    The final TrainState with the best parameters (lowest early-stopping dev loss) restored.
+    The final TrainState with the best parameters (lowest early-stopping loss) restored; after an
+    interrupt (``StopRequest``), the state that was saved.
 
   Raises:
     workdir_lock.WorkdirLockedError: another run is using ``workdir``.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = file_io.as_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir, sources=sources)
+    run, state, resumed = _setup(config, workdir, sources)
+    try:
+      if config.adapt and not resumed:
+        state = _start_adaptation(run, state)
+      with StopRequest(run.manager).installed() as stop:
+        while not _finished(run, state):
+          if should_stop_early(state, config.patience):  # The end of an adaptation round.
+            state = _next_adaptation_round(run, state)
+            continue
+          state, interrupted = _train_one_epoch(run, state, stop)
+          if interrupted:
+            return state
+    finally:
+      run.writer.close()
+    return _restore_best(run, state)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                        sources: Mapping[str, Sequence] | None = None) -> TrainState:
-  """The run itself, on an absolute, existing, locked ``workdir``: see ``train_and_evaluate``."""
-  is_main = jax.process_index() == 0
-  process_count, process_index = jax.process_count(), jax.process_index()
-  mesh = make_mesh(config.get('num_devices', 0))
-  n_dev = mesh.devices.size
-  if config.batch_size % n_dev or config.batch_size % process_count:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What stays fixed during one run of ``train_and_evaluate``."""
+
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  mesh: Mesh
+  manager: Any  # orbax CheckpointManager of WORKDIR/checkpoints
+  abstract_state: TrainState
+  meta: dict[str, Any]  # the checkpoint's JSON item
+  standardizer: Standardizer
+  writer: MetricWriter
+  train_data: dict[str, Any]  # {'source'}, {'arrays'} or {'resident'}: see ``_epoch_inputs``
+  train_data_type: np.ndarray  # (n_train,) DATA_TYPES index of each training spectrum
+  local_batch: int  # this process's share of config.batch_size
+  train_steps: Callable
+  evaluate: Callable[[Any], dict[str, float]]  # params → dev metrics (``evaluate_split``)
+
+  @property
+  def stop_loss_key(self) -> str:
+    """The dev metric that early stopping watches: the MStar+YSO loss during adaptation."""
+    return 'dev_adapt_loss' if self.config.adapt else 'dev_loss'
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+
+# On disk the early-stopping best keeps its first name, so checkpoints written before the field
+# was renamed still restore (orbax matches the tree by key).
+_SAVED_NAMES = {'best_stop_loss': 'best_dev_loss'}
+
+
+def _to_saved(state: TrainState) -> dict[str, Any]:
+  return {_SAVED_NAMES.get(f.name, f.name): getattr(state, f.name)
+          for f in dataclasses.fields(state)}
+
+
+def _from_saved(saved: Mapping[str, Any]) -> TrainState:
+  return TrainState(**{f.name: saved[_SAVED_NAMES.get(f.name, f.name)]
+                       for f in dataclasses.fields(TrainState)})
+
+
+def _restore_state(manager: Any, step: int, abstract_state: TrainState) -> TrainState:
+  saved, _ = checkpoint.restore_state(manager, step, _to_saved(abstract_state))
+  return _from_saved(saved)
+
+
+def _batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[int, int]:
+  """(this process's training batch, its evaluation batch); the global evaluation batch is
+  rounded up to a multiple of the device count."""
+  n_dev, processes = mesh.devices.size, jax.process_count()
+  if config.batch_size % n_dev or config.batch_size % processes:
     raise TrainingError(f'batch_size {config.batch_size} is not divisible by {n_dev} devices')
-  local_batch = config.batch_size // process_count
-  eval_batch = -(-config.eval_batch_size // n_dev) * n_dev  # a multiple of the device count
-  local_eval_batch = eval_batch // process_count
+  eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
+  return config.batch_size // processes, eval_batch // processes
 
+
+def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
+                   ) -> tuple[APOGEENet, Any, dict[str, Any] | None]:
+  """(model, params to start from or None, their checkpoint meta or None).
+
+  Adaptation continues the init_from model: its architecture and normalisation, this config's
+  dropout and optimiser.
+  """
+  if not config.adapt:
+    model = create_model(config).clone(input_scale=resolve_input_scale(config, train_source))
+    return model, None, None
+  if not config.init_from:
+    raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
+  init_dir = checkpoint.workdir_checkpoints(config.init_from)
+  init_params, init_meta = checkpoint.load_params(init_dir, best=True)
+  ensemble_size = int(config.get('ensemble_size', 1))
+  if checkpoint.ensemble_size(init_meta) != ensemble_size:
+    raise TrainingError(f'{init_dir}: an ensemble of {checkpoint.ensemble_size(init_meta)}, '
+                        f'but config.ensemble_size is {ensemble_size}')
+  logging.info('Adaptation starts from %s step %d.', init_dir, init_meta['step'])
+  model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.dropout_rate)
+  return model, init_params, init_meta
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
+           sources: Mapping[str, Sequence] | None) -> tuple[_Run, TrainState, bool]:
+  """Reads the data, builds or restores the state; returns (run, state, resumed)."""
+  mesh = make_mesh(config.get('num_devices', 0))
+  local_batch, local_eval_batch = _batch_sizes(config, mesh)
   train_source, dev_source = _sources(config, sources)
   mode, on_device = choose_input(config, len(train_source), len(dev_source), mesh)
-  dev_indices = np.arange(len(dev_source))[process_index::process_count]
+  dev_indices = np.arange(len(dev_source))[jax.process_index()::jax.process_count()]
   train_data, train_meta, dev_arrays = _read_splits(config, train_source, dev_source, mesh,
                                                     memory=mode == 'memory', on_device=on_device,
                                                     dev_indices=dev_indices)
   counts = {t: int(np.sum(train_meta['data_type'] == i)) for i, t in enumerate(DATA_TYPES)}
   logging.info('Training spectra per data type: %s; dev: %d', counts, len(dev_source))
 
-  # Two latest (plus the best): a damaged newest step still leaves one to resume from.
-  manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR), keep_latest=2)
-  init_meta = init_params = None
+  model, init_params, init_meta = _initial_model(config, train_source)
   ensemble_size = int(config.get('ensemble_size', 1))
-  if config.adapt:
-    # Adaptation continues the init_from model: its architecture and normalisation, this
-    # config's dropout and optimiser.
-    if not config.init_from:
-      raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
-    init_dir = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)),
-                            CHECKPOINT_DIR)
-    init_params, init_meta = checkpoint.load_params(init_dir, best=True)
-    if checkpoint.ensemble_size(init_meta) != ensemble_size:
-      raise TrainingError(f'{init_dir}: an ensemble of {checkpoint.ensemble_size(init_meta)}, '
-                          f'but config.ensemble_size is {ensemble_size}')
-    model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.dropout_rate)
-  else:
-    model = create_model(config).clone(input_scale=resolve_input_scale(config, train_source))
   tx = create_optimizer(config)
-  state = create_ensemble_state(config.seed, model, tx, config.init, ensemble_size,
-                                config.get('zero_last_layer', False))
-  state = replicate(state, mesh)
+  state = replicate(create_ensemble_state(config.seed, model, tx, config.init, ensemble_size,
+                                          config.get('zero_last_layer', False)), mesh)
+  if init_params is not None:
+    state = replicate(state.replace(params=init_params, opt_state=init_opt_state(
+        tx, init_params, ensemble_size)), mesh)
   abstract_state = _abstract(state, mesh)
-
-  restored = checkpoint.restore_newest(manager, abstract_state, set_aside=is_main)
-  latest = restored[0] if restored else None
-  if latest is not None:
-    _, state, saved_meta = restored
-    standardizer = checkpoint.standardizer_from_meta(saved_meta)
+  # Two latest (plus the best): a damaged newest step still leaves one to resume from.
+  manager = checkpoint.make_manager(checkpoint.workdir_checkpoints(workdir), keep_latest=2)
+  restored = checkpoint.restore_newest(manager, _to_saved(abstract_state),
+                                       set_aside=jax.process_index() == 0)
+  if restored is not None:
+    latest, saved, saved_meta = restored
+    state, standardizer = _from_saved(saved), checkpoint.standardizer_from_meta(saved_meta)
     logging.info('Resumed %s at step %d (epoch %d, round %d).', workdir, latest,
                  int(state.epoch), int(state.adapt_round))
   else:
-    if config.adapt:
-      state = replicate(state.replace(params=init_params, opt_state=init_opt_state(
-          tx, init_params, ensemble_size)), mesh)
-      logging.info('Adaptation starts from %s step %d.', init_dir, init_meta['step'])
-    standardizer = _standardizer(config, train_meta['labels'], init_meta)
+    latest, standardizer = None, _standardizer(config, train_meta['labels'], init_meta)
 
   meta = checkpoint.make_meta(
       model, standardizer, ensemble_size=ensemble_size, config=_config_json(config),
       dataset={'data_dir': config.data_dir, 'name': config.dataset_name,
                'train_counts': counts, 'num_dev': len(dev_source)},
       init_from=config.init_from if config.adapt else '')
-  writer = MetricWriter(workdir, enabled=is_main)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.discard_after(latest)  # Rows of epochs after the checkpoint are done again.
-  _, eval_step = _compiled_steps(model, _optimizer_key(config), mesh, ensemble_size)
-  train_steps = _compiled_train_steps(model, _optimizer_key(config), mesh, on_device,
-                                      ensemble_size)
+  optimizer_key = _optimizer_key(config)
+  _, eval_step = _compiled_steps(model, optimizer_key, mesh, ensemble_size)
   if on_device:  # The host copy of the flux goes once the devices hold theirs.
     train_data = {'resident': place_split(train_data.pop('arrays'), standardizer, mesh)}
+  evaluate = _dev_evaluator(config, dev_source, dev_arrays, dev_indices, local_eval_batch,
+                            eval_step, standardizer, mesh)
+  run = _Run(config=config, workdir=workdir, mesh=mesh, manager=manager,
+             abstract_state=abstract_state, meta=meta, standardizer=standardizer, writer=writer,
+             train_data=train_data, train_data_type=np.asarray(train_meta['data_type']),
+             local_batch=local_batch, evaluate=evaluate,
+             train_steps=_compiled_train_steps(model, optimizer_key, mesh, on_device,
+                                               ensemble_size))
+  return run, state, restored is not None
+
+
+def _dev_evaluator(config: ml_collections.ConfigDict, dev_source: Sequence, dev_arrays: Any,
+                   dev_indices: np.ndarray, local_eval_batch: int, eval_step: Callable,
+                   standardizer: Standardizer, mesh: Mesh) -> Callable[[Any], dict[str, float]]:
+  """params → dev metrics, from memory (``dev_arrays``) or streamed from ``dev_source``."""
+  process_count = jax.process_count()
   # Every process must run the same number of eval steps: pad to the largest shard.
   largest_shard = -(-len(dev_source) // process_count)
-  dev_batches_per_process = -(-largest_shard // local_eval_batch)
+  num_batches = -(-largest_shard // local_eval_batch) if process_count > 1 else None
 
   def evaluate(params) -> dict[str, float]:
-    num_batches = dev_batches_per_process if process_count > 1 else None
     if dev_arrays is not None:
       batches = memory_data.eval_batches(dev_arrays, local_eval_batch, indices=dev_indices,
                                          num_batches=num_batches)
@@ -1008,120 +1128,146 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           num_threads=config.num_threads)
     return evaluate_split(params, eval_step, batches, standardizer, mesh, 'dev')
 
-  stop_loss_key = 'dev_adapt_loss' if config.adapt else 'dev_loss'
+  return evaluate
 
-  def save(state, metrics=None):
-    step = int(state.step)
-    if step in manager.all_steps():
-      if metrics is None:
-        return
-      # An interrupt after the epoch's last step saved this step before the dev evaluation;
-      # the epoch's end replaces it, else its dev loss would never count for "best".
-      manager.delete(step)
-    checkpoint.save(manager, step, state, meta,
-                    None if metrics is None else {checkpoint.BEST_METRIC: metrics})
 
-  if config.adapt and latest is None:
-    # Round 1 must beat the model it starts from.
-    dev = evaluate(state.params)
-    loss0 = dev[stop_loss_key]
-    if not np.isfinite(loss0):
-      raise TrainingError('adaptation needs MStar or YSO stars in the dev split')
-    state = replicate(state.replace(best_dev_loss=jnp.float32(loss0),
-                                    best_adapt_loss=jnp.float32(loss0),
-                                    adapt_round=jnp.int32(1)), mesh)
-    writer.write_scalars(0, {**dev, 'epoch': 0, 'adapt_round': 0})
-    save(state, loss0)
-    logging.info('Initial MStar+YSO dev loss %.5f', loss0)
+def _save(run: _Run, state: TrainState, stop_loss: float | None = None) -> None:
+  """Saves ``state`` at its step; ``stop_loss`` (None for an interrupt) ranks it for "best"."""
+  step = int(state.step)
+  if step in run.manager.all_steps():
+    if stop_loss is None:
+      return
+    # An interrupt after the epoch's last step saved this step before the dev evaluation;
+    # the epoch's end replaces it, else its dev loss would never count for "best".
+    run.manager.delete(step)
+  checkpoint.save(run.manager, step, _to_saved(state), run.meta,
+                  None if stop_loss is None else {checkpoint.BEST_METRIC: stop_loss})
 
-  flag = _StopFlag()
-  old_handlers = _install_handlers(flag)
-  interrupted = False
-  try:
-    while True:
-      if should_stop_early(state, config.patience):
-        if not config.adapt:
-          logging.info('Early stopping: %d evaluations without improvement.', config.patience)
-          break
-        # End of an adaptation round (§3.4).
-        improved = float(state.best_dev_loss) < float(state.best_adapt_loss)
-        without = 0 if improved else int(state.adapt_rounds_without_improvement) + 1
-        logging.info('Adaptation round %d ended: best MStar+YSO dev loss %.5f (%s).',
-                     int(state.adapt_round), float(state.best_dev_loss),
-                     'improved' if improved else 'no improvement')
-        if without >= config.adapt_patience or int(state.adapt_round) >= config.max_adapt_rounds:
-          break
-        best_state, _ = checkpoint.restore_state(manager, manager.best_step(), abstract_state)
-        state = replicate(state.replace(
-            params=best_state.params, opt_state=best_state.opt_state,
-            evals_without_improvement=jnp.int32(0), adapt_round=state.adapt_round + 1,
-            # A fresh array: the same buffer twice in one donated pytree is an XLA error.
-            best_adapt_loss=jnp.float32(float(state.best_dev_loss)),
-            adapt_rounds_without_improvement=jnp.int32(without)), mesh)
-      if int(state.epoch) >= config.max_epochs:
-        logging.info('Reached max_epochs=%d.', config.max_epochs)
-        break
 
-      epoch = int(state.epoch)
-      if config.adapt:
-        indices = adaptation_indices(train_meta['data_type'], fraction=config.payne_fraction,
-                                     seed=config.seed, adapt_round=int(state.adapt_round))
-      else:
-        indices = np.arange(len(train_source))
-      num_batches = input_pipeline.num_train_batches(len(indices), local_batch, process_count)
-      if num_batches == 0:
-        raise TrainingError(f'{len(indices)} training spectra make no batch of '
-                            f'{config.batch_size}')
-      inputs = _epoch_inputs(config, train_data, standardizer, mesh, local_batch=local_batch,
-                             epoch=epoch, indices=indices, start_batch=int(state.epoch_step))
-      t0 = time.perf_counter()
-      state, sums, interrupted = train_epoch(
-          state, train_steps, inputs, batch_size=local_batch, num_batches=num_batches,
-          stop_requested=flag, progress=is_main, log_every_steps=config.log_every_steps)
-      if interrupted:
-        save(state)
-        logging.warning('Interrupted: saved step %d of epoch %d in %s; rerun the same command '
-                        'to resume.', int(state.step), epoch + 1, workdir)
-        break
-      dev = evaluate(state.params)
-      state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
-      state, improved = update_early_stopping(state, dev[stop_loss_key], config.min_delta)
-      state = replicate(state, mesh)
-      scalars = {'epoch': epoch + 1, 'adapt_round': int(state.adapt_round),
-                 'epoch_seconds': time.perf_counter() - t0,
-                 'train_spectra_per_s': float(sums['spectra_per_s']) if sums else 0.0,
-                 **(summarize(sums, 'train') if sums else {}), **dev,
-                 'best_dev_loss': float(state.best_dev_loss)}
-      # The row first, then the checkpoint: a kill in between costs a redone epoch (its row is
-      # dropped on resume), never a lost row.
-      writer.write_scalars(int(state.step), scalars)
-      # "Best" for orbax (and so for evaluate.py) is the checkpoint early stopping chose: an
-      # epoch that did not improve by min_delta is never best.
-      save(state, dev[stop_loss_key] if improved else float('inf'))
-      logging.info(
-          'epoch %d%s: train %.5f dev %.5f (Payne %.4f MStar %.4f YSO %.4f)%s, %.0f spectra/s',
-          epoch + 1, f' round {int(state.adapt_round)}' if config.adapt else '',
-          scalars.get('train_loss', float('nan')), dev['dev_loss'], dev['dev_loss_Payne'],
-          dev['dev_loss_MStar'], dev['dev_loss_YSO'], ' *' if improved else '',
-          scalars['train_spectra_per_s'])
-  finally:
-    for sig, handler in old_handlers.items():
-      signal.signal(sig, handler)
-    writer.close()
+def _start_adaptation(run: _Run, state: TrainState) -> TrainState:
+  """Round 1 of §3.4 must beat the model it starts from: its MStar+YSO dev loss is the first
+  ``best_stop_loss``, saved as step 0's checkpoint."""
+  dev = run.evaluate(state.params)
+  loss0 = dev[run.stop_loss_key]
+  if not np.isfinite(loss0):
+    raise TrainingError('adaptation needs MStar or YSO stars in the dev split')
+  state = replicate(state.replace(best_stop_loss=jnp.float32(loss0),
+                                  best_adapt_loss=jnp.float32(loss0),
+                                  adapt_round=jnp.int32(1)), run.mesh)
+  run.writer.write_scalars(0, {**dev, 'epoch': 0, 'adapt_round': 0})
+  _save(run, state, loss0)
+  logging.info('Initial MStar+YSO dev loss %.5f', loss0)
+  return state
 
+
+def _finished(run: _Run, state: TrainState) -> bool:
+  """Early stopping without adaptation, the last adaptation round, or max_epochs."""
+  config = run.config
+  if should_stop_early(state, config.patience):
+    if not config.adapt:
+      logging.info('Early stopping: %d evaluations without improvement.', config.patience)
+      return True
+    improved = float(state.best_stop_loss) < float(state.best_adapt_loss)
+    without = 0 if improved else int(state.adapt_rounds_without_improvement) + 1
+    if without >= config.adapt_patience or int(state.adapt_round) >= config.max_adapt_rounds:
+      _log_round_end(state, improved)
+      return True
+    return False
+  if int(state.epoch) >= config.max_epochs:
+    logging.info('Reached max_epochs=%d.', config.max_epochs)
+    return True
+  return False
+
+
+def _log_round_end(state: TrainState, improved: bool) -> None:
+  logging.info('Adaptation round %d ended: best MStar+YSO dev loss %.5f (%s).',
+               int(state.adapt_round), float(state.best_stop_loss),
+               'improved' if improved else 'no improvement')
+
+
+def _next_adaptation_round(run: _Run, state: TrainState) -> TrainState:
+  """The end of an adaptation round that is not the last (§3.4): the next one starts from the
+  best checkpoint, with the early-stopping counter reset."""
+  improved = float(state.best_stop_loss) < float(state.best_adapt_loss)
+  without = 0 if improved else int(state.adapt_rounds_without_improvement) + 1
+  _log_round_end(state, improved)
+  best = _restore_state(run.manager, run.manager.best_step(), run.abstract_state)
+  return replicate(state.replace(
+      params=best.params, opt_state=best.opt_state,
+      evals_without_improvement=jnp.int32(0), adapt_round=state.adapt_round + 1,
+      # A fresh array: the same buffer twice in one donated pytree is an XLA error.
+      best_adapt_loss=jnp.float32(float(state.best_stop_loss)),
+      adapt_rounds_without_improvement=jnp.int32(without)), run.mesh)
+
+
+def _epoch_indices(run: _Run, state: TrainState) -> np.ndarray:
+  """The training rows of this epoch: all, or this adaptation round's (§3.4)."""
+  if not run.config.adapt:
+    return np.arange(len(run.train_data_type))
+  return adaptation_indices(run.train_data_type, fraction=run.config.payne_fraction,
+                            seed=run.config.seed, adapt_round=int(state.adapt_round))
+
+
+def _train_one_epoch(run: _Run, state: TrainState, stop: StopRequest
+                     ) -> tuple[TrainState, bool]:
+  """One epoch (or its rest after a resume), then the dev evaluation, the metrics row and the
+  checkpoint; an interrupt saves at the step reached instead. Returns (state, interrupted)."""
+  config, epoch = run.config, int(state.epoch)
+  indices = _epoch_indices(run, state)
+  num_batches = input_pipeline.num_train_batches(len(indices), run.local_batch,
+                                                 jax.process_count())
+  if num_batches == 0:
+    raise TrainingError(f'{len(indices)} training spectra make no batch of {config.batch_size}')
+  inputs = _epoch_inputs(config, run.train_data, run.standardizer, run.mesh,
+                         local_batch=run.local_batch, epoch=epoch, indices=indices,
+                         start_batch=int(state.epoch_step))
+  t0 = time.perf_counter()
+  state, sums, interrupted = train_epoch(
+      state, run.train_steps, inputs, batch_size=run.local_batch, num_batches=num_batches,
+      stop_requested=stop, progress=run.is_main, log_every_steps=config.log_every_steps)
   if interrupted:
-    return state
-  best = manager.best_step()
+    _save(run, state)
+    logging.warning('Interrupted: saved step %d of epoch %d in %s; rerun the same command to '
+                    'resume.', int(state.step), epoch + 1, run.workdir)
+    return state, True
+  dev = run.evaluate(state.params)
+  state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
+  state, improved = update_early_stopping(state, dev[run.stop_loss_key], config.min_delta)
+  state = replicate(state, run.mesh)
+  scalars = {'epoch': epoch + 1, 'adapt_round': int(state.adapt_round),
+             'epoch_seconds': time.perf_counter() - t0,
+             'train_spectra_per_s': float(sums['spectra_per_s']) if sums else 0.0,
+             **(summarize(sums, 'train') if sums else {}), **dev,
+             'best_stop_loss': float(state.best_stop_loss)}
+  # The row first, then the checkpoint: a kill in between costs a redone epoch (its row is
+  # dropped on resume), never a lost row.
+  run.writer.write_scalars(int(state.step), scalars)
+  # "Best" for orbax (and so for evaluate.py) is the checkpoint early stopping chose: an epoch
+  # that did not improve by min_delta is never best.
+  _save(run, state, dev[run.stop_loss_key] if improved else float('inf'))
+  logging.info(
+      'epoch %d%s: train %.5f dev %.5f (Payne %.4f MStar %.4f YSO %.4f)%s, %.0f spectra/s',
+      epoch + 1, f' round {int(state.adapt_round)}' if config.adapt else '',
+      scalars.get('train_loss', float('nan')), dev['dev_loss'], dev['dev_loss_Payne'],
+      dev['dev_loss_MStar'], dev['dev_loss_YSO'], ' *' if improved else '',
+      scalars['train_spectra_per_s'])
+  return state, False
+
+
+def _restore_best(run: _Run, state: TrainState) -> TrainState:
+  """``state`` with the params of the best checkpoint (lowest early-stopping loss)."""
+  best = run.manager.best_step()
   if best is not None:
-    best_state, _ = checkpoint.restore_state(manager, best, abstract_state)
+    best_state = _restore_state(run.manager, best, run.abstract_state)
     state = state.replace(params=best_state.params)
-    logging.info('Best checkpoint: step %d, %s %.5f.', best, stop_loss_key,
-                 float(best_state.best_dev_loss))
-  manager.close()
+    logging.info('Best checkpoint: step %d, %s %.5f.', best, run.stop_loss_key,
+                 float(best_state.best_stop_loss))
+  run.manager.close()
   return state
 
 
 __all__ = [
+  'StopRequest',
   'TrainState',
   'TrainingError',
   'adaptation_indices',

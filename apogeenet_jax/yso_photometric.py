@@ -130,7 +130,7 @@ def _meta(model: YSOPhotometricNet, standardizer: Standardizer, config, **extra)
 def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[str, float]:
   """Trains on synthetic stars from ``iso`` until early stopping; keeps the best checkpoint in
   WORKDIR/checkpoints. Returns the held-out synthetic test scatter (``evaluate_synthetic``)."""
-  checkpoints = os.path.join(os.path.abspath(workdir), training.CHECKPOINT_DIR)
+  checkpoints = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise training.TrainingError(f'{checkpoints} already holds a network: load it with '
                                  f'yso_photometric.load, or train into another workdir')
@@ -173,7 +173,7 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
     if training.should_stop_early(state, config.patience):
       break
   manager.close()
-  params, meta = checkpoint.load_params(os.path.join(workdir, training.CHECKPOINT_DIR))
+  params, meta = checkpoint.load_params(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
   test_set = isochrones.synthesize(iso, config.num_test, config.seed + 2)
   scores = evaluate_synthetic(params, meta, test_set)
   logging.info('YSO net on %d held-out synthetic stars: %s', len(test_set), scores)
@@ -199,7 +199,7 @@ def _arrays(table: Table) -> tuple[np.ndarray, np.ndarray]:
 
 def load(directory: str) -> tuple[Any, dict[str, Any]]:
   """(params, meta) of the best step in a YSO network workdir (its checkpoints/ folder)."""
-  path = os.path.join(directory, training.CHECKPOINT_DIR)
+  path = os.path.join(directory, checkpoint.CHECKPOINT_DIR)
   if not os.path.isdir(path):
     raise checkpoint.CheckpointError(f'{path}: no YSO network checkpoints (train one first)')
   params, meta = checkpoint.load_params(path)

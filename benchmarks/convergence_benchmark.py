@@ -78,7 +78,7 @@ def run_recipe(recipe: str, data_dir: pathlib.Path, workdir: pathlib.Path,
   out['best_dev'], out['best_step'] = best['dev_loss'], best['step']
   out['ended'] = ('early stop' if len(rows) < config.max_epochs
                   else f'epoch cap {config.max_epochs}')
-  params, meta = checkpoint.load_params(str(workdir / training.CHECKPOINT_DIR))
+  params, meta = checkpoint.load_params(str(workdir / checkpoint.CHECKPOINT_DIR))
   result = evaluation.evaluate(params=params, meta=meta, output_dir=str(workdir / 'eval_test'),
                                splits=['test'], data_dir=str(data_dir), mc=0,
                                make_figures=False)

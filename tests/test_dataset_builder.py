@@ -44,7 +44,7 @@ def test_dummy_data_build_and_read_back(tmp_path):
   assert builder.info.file_format.value == 'array_record'  # The TF-free default.
   counts = {name: s.num_examples for name, s in builder.info.splits.items()}
   assert counts == {'train': 3, 'dev': 1, 'test': 1}
-  catalog = {s.apogee_id: s for s in labels.read_catalog(DUMMY_DIR / 'labels.ecsv')}
+  catalog = {s.apogee_id: s for s in labels.read_label_catalog(DUMMY_DIR / 'labels.ecsv')}
   seen = set()
   for split in constants.SPLITS:
     for record in _records(tmp_path, split):
@@ -71,6 +71,14 @@ def test_dummy_data_build_and_read_back(tmp_path):
   assert builder.info.metadata['split_seed'] == 0
   assert builder.info.metadata['n_problems'] == 2
   assert builder.info.metadata['n_unreadable_files'] == 1
+  # Description and citation come from the builder's README.md and CITATIONS.bib, and the
+  # data set on disk carries them.
+  folder = apogee_dataset_builder.Builder._get_pkg_dir_path()
+  reloaded = tfds.builder('apogee', data_dir=str(tmp_path)).info
+  for info in (builder.info, reloaded):
+    assert info.description == (folder / 'README.md').read_text().strip()
+    assert info.citation == (folder / 'CITATIONS.bib').read_text().strip()
+    assert 'Abolfathi2018' in info.citation  # Only in CITATIONS.bib, never inline.
 
 
 def test_real_files_round_trip_bit_for_bit(tmp_path, real_apstar_files):

@@ -20,7 +20,7 @@ def _table(ids=('2M01+1', '2M02+2', '2M03-3'), **extra):
 @pytest.mark.parametrize('name', ['labels.fits', 'labels.csv', 'labels.ecsv'])
 def test_reads_every_format(tmp_path, name):
   _table(SPLIT=['', 'dev', 'test']).write(tmp_path / name)
-  stars = labels.read_catalog(labels.find_catalog(tmp_path))
+  stars = labels.read_label_catalog(labels.find_catalog(tmp_path))
   assert [s.apogee_id for s in stars] == ['2M01+1', '2M02+2', '2M03-3']
   assert [s.data_type for s in stars] == ['Payne', 'MStar', 'YSO']  # Case normalised.
   assert [s.split for s in stars] == [None, 'dev', 'test']
@@ -32,13 +32,13 @@ def test_lower_case_columns(tmp_path):
   t = _table()
   t.rename_columns(t.colnames, [c.lower() for c in t.colnames])
   t.write(tmp_path / 'labels.csv')
-  assert len(labels.read_catalog(tmp_path / 'labels.csv')) == 3
+  assert len(labels.read_label_catalog(tmp_path / 'labels.csv')) == 3
 
 
 def test_duplicate_id_raises(tmp_path):
   _table(ids=('2M01+1', '2M02+2', '2M01+1')).write(tmp_path / 'labels.fits')
   with pytest.raises(labels.LabelCatalogError, match=r'duplicate APOGEE_ID.*2M01\+1') as e:
-    labels.read_catalog(tmp_path / 'labels.fits')
+    labels.read_label_catalog(tmp_path / 'labels.fits')
   assert str(e.value).startswith(str(tmp_path / 'labels.fits'))
 
 
@@ -47,7 +47,7 @@ def test_missing_column_raises(tmp_path):
   del t['FE_H']
   t.write(tmp_path / 'labels.csv')
   with pytest.raises(labels.LabelCatalogError, match=r"missing column\(s\) \['FE_H'\]"):
-    labels.read_catalog(tmp_path / 'labels.csv')
+    labels.read_label_catalog(tmp_path / 'labels.csv')
 
 
 @pytest.mark.parametrize('bad', [np.nan, np.inf, -9999.0])
@@ -56,23 +56,23 @@ def test_non_finite_or_sentinel_label_raises(tmp_path, bad):
   t['TEFF'][1] = bad
   t.write(tmp_path / 'labels.fits')
   with pytest.raises(labels.LabelCatalogError, match=r'TEFF.*2M02\+2'):
-    labels.read_catalog(tmp_path / 'labels.fits')
+    labels.read_label_catalog(tmp_path / 'labels.fits')
 
 
 def test_empty_csv_cell_raises(tmp_path):
   (tmp_path / 'labels.csv').write_text(
       'APOGEE_ID,LOGG,TEFF,FE_H,DATA_TYPE\n2M01+1,2.5,4700,,Payne\n')
   with pytest.raises(labels.LabelCatalogError, match='FE_H'):
-    labels.read_catalog(tmp_path / 'labels.csv')
+    labels.read_label_catalog(tmp_path / 'labels.csv')
 
 
 def test_unknown_data_type_and_split_raise(tmp_path):
   _table(DATA_TYPE=['Payne', 'Giant', 'YSO']).write(tmp_path / 'a.csv')
   with pytest.raises(labels.LabelCatalogError, match="DATA_TYPE 'Giant'"):
-    labels.read_catalog(tmp_path / 'a.csv')
+    labels.read_label_catalog(tmp_path / 'a.csv')
   _table(SPLIT=['train', 'val', 'test']).write(tmp_path / 'b.csv')
   with pytest.raises(labels.LabelCatalogError, match="SPLIT 'val'"):
-    labels.read_catalog(tmp_path / 'b.csv')
+    labels.read_label_catalog(tmp_path / 'b.csv')
 
 
 def test_unreadable_or_absent_catalogue_raises(tmp_path):
@@ -80,7 +80,7 @@ def test_unreadable_or_absent_catalogue_raises(tmp_path):
     labels.find_catalog(tmp_path)
   (tmp_path / 'labels.fits').write_text('not fits')
   with pytest.raises(labels.LabelCatalogError, match='cannot read'):
-    labels.read_catalog(tmp_path / 'labels.fits')
+    labels.read_label_catalog(tmp_path / 'labels.fits')
   (tmp_path / 'labels.csv').write_text('x')
   with pytest.raises(labels.LabelCatalogError, match='several'):
     labels.find_catalog(tmp_path)
@@ -110,7 +110,7 @@ def test_match_files_by_id_and_by_file_column(tmp_path):
               'apo25m/F1/apStar-r8-2M09+9.fits'):
     (tmp_path / rel).write_bytes(b'')
   _table(FILE=['', 'apo25m/F1/renamed.fits', '']).write(tmp_path / 'labels.ecsv')
-  stars = labels.read_catalog(tmp_path / 'labels.ecsv')
+  stars = labels.read_label_catalog(tmp_path / 'labels.ecsv')
   matched, problems = labels.match_files(stars, tmp_path)
   got = {s.apogee_id: labels.relative_path(p, tmp_path) for s, p in matched}
   assert got == {'2M01+1': 'apo25m/F1/apStar-r8-2M01+1.fits',
@@ -124,7 +124,7 @@ def test_match_files_by_id_and_by_file_column(tmp_path):
 
 def test_row_without_file_is_a_problem(tmp_path):
   _table(FILE=['', 'nowhere.fits', '']).write(tmp_path / 'labels.ecsv')
-  matched, problems = labels.match_files(labels.read_catalog(tmp_path / 'labels.ecsv'), tmp_path)
+  matched, problems = labels.match_files(labels.read_label_catalog(tmp_path / 'labels.ecsv'), tmp_path)
   assert matched == []
   assert sorted(p.apogee_id for p in problems) == ['2M01+1', '2M02+2', '2M03-3']
   assert any('does not exist' in p.reason for p in problems)
@@ -150,7 +150,7 @@ def test_file_outside_manual_dir_is_refused(tmp_path):
   (manual / 'disk2').symlink_to(tmp_path / 'elsewhere')
   files = ['../outside.fits', str(tmp_path / 'outside.fits'), 'sub/../sub/inside.fits']
   _table(FILE=files).write(manual / 'labels.ecsv')
-  stars = labels.read_catalog(manual / 'labels.ecsv')
+  stars = labels.read_label_catalog(manual / 'labels.ecsv')
   matched, problems = labels.match_files(stars, manual)
   assert [s.apogee_id for s, _ in matched] == ['2M03-3']
   refused = {p.apogee_id: p for p in problems}
@@ -161,7 +161,7 @@ def test_file_outside_manual_dir_is_refused(tmp_path):
   absolute_inside = _table(ids=('2M04+4',), FILE=[str(manual / 'disk2' / 'linked.fits')])
   absolute_inside['DATA_TYPE'] = ['Payne']
   absolute_inside.write(manual / 'labels.ecsv', overwrite=True)
-  matched, problems = labels.match_files(labels.read_catalog(manual / 'labels.ecsv'), manual)
+  matched, problems = labels.match_files(labels.read_label_catalog(manual / 'labels.ecsv'), manual)
   assert [s.apogee_id for s, _ in matched] == ['2M04+4'] and not [
       p for p in problems if p.apogee_id == '2M04+4']
 
@@ -170,7 +170,7 @@ def test_bom_in_csv_catalogue_is_accepted(tmp_path):
   # Issue 13 item 6: Excel writes "UTF-8 with BOM"; the BOM glued to the first column name.
   _table().write(tmp_path / 'plain.csv')
   (tmp_path / 'labels.csv').write_bytes(b'\xef\xbb\xbf' + (tmp_path / 'plain.csv').read_bytes())
-  stars = labels.read_catalog(tmp_path / 'labels.csv')
+  stars = labels.read_label_catalog(tmp_path / 'labels.csv')
   assert [s.apogee_id for s in stars] == ['2M01+1', '2M02+2', '2M03-3']
 
 
@@ -179,7 +179,7 @@ def test_near_miss_names_are_reported_unless_given_in_file(tmp_path):
   for name in ('apStar-2M01+1.fits', 'apstar-r8-2M02+2.fits', 'apStar-r8-2M03-3.fits'):
     (tmp_path / name).write_bytes(b'')
   _table(FILE=['', 'apstar-r8-2M02+2.fits', '']).write(tmp_path / 'labels.ecsv')
-  matched, problems = labels.match_files(labels.read_catalog(tmp_path / 'labels.ecsv'), tmp_path)
+  matched, problems = labels.match_files(labels.read_label_catalog(tmp_path / 'labels.ecsv'), tmp_path)
   assert sorted(s.apogee_id for s, _ in matched) == ['2M02+2', '2M03-3']
   near = [p for p in problems if 'named like an apStar file' in p.reason]
   assert [p.file for p in near] == ['apStar-2M01+1.fits']

@@ -75,7 +75,7 @@ def test_make_labels_end_to_end_and_the_builder_accepts_it(tmp_path):
       yso_members=str(tmp_path / 'members.fits'), isochrones=iso_paths,
       yso_workdir=str(tmp_path / 'yso'), yso_config=config)
   _, _, summary = make_labels.make_labels(request)
-  got = {s.apogee_id: s for s in labels.read_catalog(manual / 'labels.fits')}
+  got = {s.apogee_id: s for s in labels.read_label_catalog(manual / 'labels.fits')}
   # ids[3] has [Fe/H] = −9999; the unobserved Payne star is labelled (the builder skips it).
   assert sorted(got) == sorted([ids[0], ids[1], ids[2], ids[4], '2M_not_observed'])
   assert got[ids[0]].data_type == 'Payne'

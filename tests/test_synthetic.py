@@ -19,7 +19,7 @@ def survey(tmp_path_factory):
 
 def test_catalogue_matches_files_and_headers(survey):
   out, catalog = survey
-  stars = labels.read_catalog(catalog)
+  stars = labels.read_label_catalog(catalog)
   matched, problems = labels.match_files(stars, out)
   assert problems == [] and len(matched) == 24
   assert set(collections.Counter(s.data_type for s in stars)) == set(constants.DATA_TYPES)

@@ -5,14 +5,21 @@ conftest gives 4 fake CPU devices.
 """
 
 import functools
+import json
 import os
 import pathlib
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 
+import fake_gcs
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from apogeenet_jax import checkpoint, memory_data, metric_writer, sharding, training, workdir_lock
@@ -274,7 +281,7 @@ def test_update_early_stopping_counts():
     flags.append(improved)
   assert flags == [True, True, False, False, True, False]
   assert int(state.evals_without_improvement) == 1
-  assert float(state.best_dev_loss) == pytest.approx(0.4)
+  assert float(state.best_stop_loss) == pytest.approx(0.4)
 
 
 def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path, monkeypatch):
@@ -300,6 +307,12 @@ def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path
   latest, _ = checkpoint.load_params(str(tmp_path / 'checkpoints'), best=False)
   assert any(np.abs(a - b).max() > 0 for a, b in zip(_leaves(latest), _leaves(best_params), strict=True))
   assert meta['normalization']['label_names'] == ['LOGG', 'TEFF', 'FE_H']
+  assert float(state.best_stop_loss) == 0.5
+  # On disk the best loss keeps its first name, so older checkpoints still resume.
+  raw = checkpoint.make_manager(tmp_path / 'checkpoints', create=False).restore(
+      meta['step'], args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                            meta=ocp.args.JsonRestore()))
+  assert float(raw['state']['best_dev_loss']) == 0.5 and 'best_stop_loss' not in raw['state']
 
 
 def test_nonfinite_loss_stops_at_once(tmp_path):
@@ -326,26 +339,31 @@ def test_resume_after_epoch_matches_uninterrupted(sources, tmp_path):
 
 
 class _SignalOnRead(list):
-  """A source that sends SIGINT to this process on its ``trigger``-th read."""
+  """A source that sends ``signum`` to this process on its ``trigger``-th read; reads after it
+  take ``delay`` seconds (time for a preemption notice to travel between processes)."""
 
-  def __init__(self, items, trigger):
+  def __init__(self, items, trigger, signum=signal.SIGINT, delay=0.0):
     super().__init__(items)
     self.reads, self.trigger, self.lock = 0, trigger, threading.Lock()
+    self.signum, self.delay = signum, delay
 
   def __getitem__(self, i):
     with self.lock:
       self.reads += 1
       if self.reads == self.trigger:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), self.signum)
+      if self.reads > self.trigger:
+        time.sleep(self.delay)
     return super().__getitem__(i)
 
 
-def test_sigint_mid_epoch_saves_and_resumes_exactly(sources, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_epoch_saves_and_resumes_exactly(sources, tmp_path, signum):
   # The stream reads the source during the epoch, which is where the signal comes from.
   config = _config(max_epochs=2, input_mode='stream')
   full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
   # read_metadata reads the 32 training spectra once; then epoch 1 starts reading.
-  flaky = _SignalOnRead(sources['train'], trigger=len(sources['train']) + 12)
+  flaky = _SignalOnRead(sources['train'], trigger=len(sources['train']) + 12, signum=signum)
   stopped = training.train_and_evaluate(config, str(tmp_path / 'split'),
                                         sources={'train': flaky, 'dev': sources['dev']})
   assert int(stopped.epoch) == 0 and 0 < int(stopped.epoch_step) < 4
@@ -354,6 +372,26 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(sources, tmp_path):
   resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
   assert int(resumed.step) == int(full.step)
   _assert_trees_equal(resumed.params, full.params)
+
+
+def test_workdir_on_gs_trains_and_resumes_exactly(sources, tmp_path):
+  """Issue 11 part 1: a gs:// workdir (the in-process fake of tests/fake_gcs.py: etils.epath
+  through fsspec, orbax's arrays through TensorStore's GCS driver over HTTP) holds the
+  checkpoints, metrics.jsonl and the TensorBoard events, and resumes like a local one."""
+  full = training.train_and_evaluate(_config(max_epochs=3), tmp_path / 'local', sources=sources)
+  with fake_gcs.installed() as fs:
+    workdir = 'gs://bucket/run'
+    training.train_and_evaluate(_config(max_epochs=2), workdir, sources=sources)
+    resumed = training.train_and_evaluate(_config(max_epochs=3), workdir, sources=sources)
+    assert _epochs(workdir) == [1, 2, 3]
+    params, meta = checkpoint.load_params(f'{workdir}/checkpoints', best=False)
+    events = [k for k in fs.store if k.startswith('bucket/run/tensorboard/events.out.')]
+    assert len(events) == 2 and all(fs.store[k].getvalue() for k in events)  # one per run
+  assert not (tmp_path / 'gs:').exists() and not pathlib.Path('gs:').exists()
+  assert meta['step'] == int(full.step) == 12
+  _assert_trees_equal(resumed.params, full.params)  # the best step's
+  _assert_trees_equal(params, checkpoint.load_params(tmp_path / 'local' / 'checkpoints',
+                                                     best=False)[0])  # the latest step's
 
 
 def _epochs(workdir):
@@ -438,29 +476,129 @@ if pid == 0:
 """
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_two_devices(sources, tmp_path):
-  """jax.distributed with 2 CPU processes (1 device each, each reading its own data shard)
-  ends with the parameters of one process driving 2 devices."""
-  import socket
-  import subprocess
-  import sys
+def _start_processes(worker: str, *args: str) -> list:
+  """Starts ``worker`` as processes 0 and 1 of a 2-process jax.distributed job on a free port."""
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = str(sock.getsockname()[1])
   root = pathlib.Path(__file__).resolve().parents[1]
-  out = tmp_path / 'params.npz'
-  procs = [subprocess.Popen([sys.executable, '-c', _MULTIPROCESS_WORKER, str(i), port,
-                             str(tmp_path / 'multi'), str(out)], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
+  return [subprocess.Popen([sys.executable, '-c', worker, str(i), port, *map(str, args)],
+                           cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def _wait(procs: list, timeout: float = 300) -> list[str]:
+  """The processes' output once both exit 0; kills both and fails if they hang (a process
+  waiting in a collective for one that stopped never returns)."""
+  try:
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    logs = [p.communicate()[0] for p in procs]
+    pytest.fail(f'the processes hung for {timeout} s:\n' + logs[0][-2000:] + logs[1][-2000:])
   assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+  return logs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_two_devices(sources, tmp_path):
+  """jax.distributed with 2 CPU processes (1 device each, each reading its own data shard)
+  ends with the parameters of one process driving 2 devices."""
+  out = tmp_path / 'params.npz'
+  _wait(_start_processes(_MULTIPROCESS_WORKER, tmp_path / 'multi', out))
   single = training.train_and_evaluate(_config(max_epochs=2, num_devices=2),
                                        str(tmp_path / 'single'), sources=sources)
   multi = np.load(out)
   for i, leaf in enumerate(_leaves(single.params)):
     np.testing.assert_allclose(multi[f'arr_{i}'], leaf, rtol=1e-4, atol=1e-6)
+
+
+def test_stop_request_across_processes_leaves_sigterm_to_jax(monkeypatch):
+  """Several processes: the answer is orbax's reached_preemption, SIGTERM keeps JAX's notifier,
+  and SIGINT becomes a SIGTERM to this process (so the other processes hear of it)."""
+
+  class Manager:
+    def __init__(self):
+      self.asked = []
+
+    def reached_preemption(self, step):
+      self.asked.append(step)
+      return step == 3
+
+  killed = []
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(training.os, 'kill', lambda pid, sig: killed.append((pid, sig)))
+  manager = Manager()
+  sigterm_before = signal.getsignal(signal.SIGTERM)
+  with training.StopRequest(manager).installed() as stop:
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
+    assert [stop(step) for step in (1, 2, 3)] == [False, False, True]
+    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+  assert manager.asked == [1, 2, 3]
+  assert killed == [(os.getpid(), signal.SIGTERM)]
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)  # One process: a flag, both signals.
+  with training.StopRequest(manager).installed() as stop:
+    assert signal.getsignal(signal.SIGTERM) == stop.handler
+    assert not stop(4)
+    stop.handler(signal.SIGTERM, None)
+    assert stop(5) and manager.asked == [1, 2, 3]
+  assert signal.getsignal(signal.SIGTERM) is sigterm_before
+
+
+_PREEMPTION_WORKER = """
+import json, os, signal, sys
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ.pop('XLA_FLAGS', None)
+import jax
+import numpy as np
+pid, port, workdir, out, trigger = sys.argv[1:6]
+pid = int(pid)
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                           process_id=pid)
+sys.path[:0] = ['.', 'tests']
+from test_training import _SignalOnRead, _config, fake_source
+from apogeenet_jax import training
+train = fake_source(32, 0)
+if pid == 1 and int(trigger) > 0:  # SIGTERM to process 1 only, in the middle of an epoch.
+  train = _SignalOnRead(train, int(trigger), signal.SIGTERM, delay=0.05)
+state = training.train_and_evaluate(
+    _config(max_epochs=4, input_mode='stream'), workdir,
+    sources={'train': train, 'dev': fake_source(12, 1)})
+with open(f'{out}.{pid}.json', 'w') as f:
+  json.dump({'step': int(state.step), 'epoch': int(state.epoch),
+             'epoch_step': int(state.epoch_step)}, f)
+if pid == 0:
+  np.savez(f'{out}.npz', *[np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)])
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+  """Issue 11 part 2: SIGTERM reaches process 1 only; orbax's reached_preemption (JAX's
+  preemption service) stops both processes at the same step, one checkpoint is saved there, and
+  both resume from it to the parameters of an uninterrupted 2-process run."""
+  # 32 spectra: 4 steps of 2 × 4 per epoch. Process 1 reads its 32 labels first (read_metadata),
+  # then 16 spectra per epoch: the 6th read of epoch 2 is in its second step (or, as the stream
+  # reads ahead, its first).
+  full = _start_processes(_PREEMPTION_WORKER, tmp_path / 'full', tmp_path / 'full', 0)
+  split = _start_processes(_PREEMPTION_WORKER, tmp_path / 'split', tmp_path / 'stop', 32 + 16 + 6)
+  _wait(full, timeout=150)
+  _wait(split, timeout=150)
+  stopped = [json.loads((tmp_path / f'stop.{p}.json').read_text()) for p in (0, 1)]
+  assert stopped[0] == stopped[1], stopped  # Same step, same epoch, on both processes.
+  step = stopped[0]['step']
+  assert stopped[0]['epoch_step'] > 0 and step < 16, stopped  # Mid-epoch, before the end.
+  manager = checkpoint.make_manager(tmp_path / 'split' / 'checkpoints', create=False)
+  assert manager.latest_step() == step
+  _wait(_start_processes(_PREEMPTION_WORKER, tmp_path / 'split', tmp_path / 'resumed', 0),
+        timeout=150)
+  resumed = [json.loads((tmp_path / f'resumed.{p}.json').read_text()) for p in (0, 1)]
+  assert resumed[0] == resumed[1] == json.loads((tmp_path / 'full.0.json').read_text())
+  want, got = np.load(tmp_path / 'full.npz'), np.load(tmp_path / 'resumed.npz')
+  assert len(want.files) == len(got.files) > 0
+  for name in want.files:
+    np.testing.assert_array_equal(got[name], want[name])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,7 +641,7 @@ def test_adaptation_run_starts_from_best_and_stops(sources, tmp_path):
   _, base_meta = checkpoint.load_params(str(base / 'checkpoints'))
   _, meta = checkpoint.load_params(str(tmp_path / 'adapt' / 'checkpoints'))
   assert meta['normalization'] == base_meta['normalization']
-  assert float(state.best_dev_loss) <= records[0]['dev_adapt_loss']
+  assert float(state.best_stop_loss) <= records[0]['dev_adapt_loss']
 
 
 # ------------------------------------------------------------------------------------------------
@@ -534,7 +672,12 @@ def test_demo_config_trains_the_paper_network(tmp_path):
   assert meta['model']['hidden'] == list(PAPER_HIDDEN)
   # The median flux of the synthetic survey (continuum 10²–10^2.6): far from the paper's 1.0.
   assert 30 < meta['model']['input_scale'] < 1000
-  assert jax.tree.leaves(params)
+  # Appendix B's layers and shapes: 12 convolutions, fc1 reading 64 channels × 133 pixels.
+  assert sorted(params) == sorted([f'conv{i}' for i in range(1, 13)] + ['fc1', 'fc2', 'fc3'])
+  assert params['conv1']['kernel'].shape == (3, 1, PAPER_CHANNELS[0])
+  assert params['fc1']['kernel'].shape == (PAPER_CHANNELS[-1] * 133, PAPER_HIDDEN[0])
+  assert params['fc3']['kernel'].shape == (PAPER_HIDDEN[-1], 3)
+  assert all(np.all(np.isfinite(x)) for x in _leaves(params))
 
 
 # ------------------------------------------------------------------------------------------------

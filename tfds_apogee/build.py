@@ -16,7 +16,9 @@ import os
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
+from etils import epath
 
+from apogeenet_jax import labels
 from tfds_apogee.apogee import apogee_dataset_builder
 
 
@@ -26,6 +28,9 @@ def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
   """Builds (or reuses, when its inputs are unchanged) the data set and returns its builder.
 
   overwrite: delete a data set already in data_dir and build it again.
+  Both are local folders (or mounted buckets): astropy reads the apStar files in reader
+  processes, and array_record writes local files only; the skip report is read through
+  etils.epath like the rest of TFDS's files.
   """
   builder = apogee_dataset_builder.Builder(data_dir=data_dir, split_seed=split_seed,
                                            num_workers=num_workers, file_format=file_format)
@@ -45,11 +50,8 @@ def main(argv):
                     overwrite=f.overwrite)
   except apogee_dataset_builder.StaleDatasetError as e:
     raise app.UsageError(str(e)) from None
-  report = os.path.join(builder.data_dir, apogee_dataset_builder.SKIP_REPORT)
-  n_skipped = 0
-  if os.path.exists(report):
-    with open(report) as f:
-      n_skipped = max(sum(1 for _ in f) - 1, 0)
+  report = epath.Path(builder.data_dir) / apogee_dataset_builder.SKIP_REPORT
+  n_skipped = len(labels.read_problems(report)) if report.exists() else 0
   counts = {name: split.num_examples for name, split in builder.info.splits.items()}
   logging.info('apogee data set at %s: %s examples; %d skipped file(s)/row(s), see %s',
                builder.data_dir, counts, n_skipped, report)

@@ -57,7 +57,7 @@ def merge(tables: Sequence[Table], report: list[common.Cut] | None = None) -> Ta
 
 
 def write_labels(table: Table, path: str | os.PathLike) -> list[labels.LabelledStar]:
-  """Writes the builder's catalogue and validates it with ``labels.read_catalog``."""
+  """Writes the builder's catalogue and validates it with ``labels.read_label_catalog``."""
   table = table.copy()
   for name in (common.PROVENANCE_COLUMN, 'ALSO_IN'):
     if name in table.colnames:  # FITS strings are ASCII; a user's relation name may not be.
@@ -66,4 +66,4 @@ def write_labels(table: Table, path: str | os.PathLike) -> list[labels.LabelledS
       'apogeenet_jax.make_labels: Olney et al. 2020 section 2.2-2.4 label assembly.',
       f'Precedence for stars in several sources: {" > ".join(PRECEDENCE)}.']
   catalog.write_fits(table, os.fspath(path))
-  return labels.read_catalog(path)
+  return labels.read_label_catalog(path)

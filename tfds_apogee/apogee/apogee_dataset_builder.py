@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
 from apogeenet_jax import apstar, constants, labels
@@ -32,23 +33,6 @@ DEFAULT_FILE_FORMAT = 'array_record'
 _WINDOW_PER_WORKER = 256
 
 _EXACT = tfds.features.Encoding.BYTES
-
-_DESCRIPTION = """
-SDSS-IV APOGEE combined spectra (apStar, 8575-pixel log-linear grid, 1.51-1.70 μm, raw flux in
-1e-17 erg/s/cm²/Å) with (log g, Teff, [Fe/H]) labels from a user catalogue, as used by APOGEE Net
-(Olney et al. 2020). Labels in native units in the order LOGG (dex), TEFF (K), FE_H (dex).
-"""
-
-_CITATION = """
-@article{Olney2020,
-  author = {Olney, Richard and Kounkel, Marina and Schillinger, Chad and others},
-  title = {{APOGEE Net: Improving the Derived Spectral Parameters for Young Stars through Deep
-           Learning}},
-  journal = {The Astronomical Journal}, volume = {159}, pages = {182}, year = {2020},
-  doi = {10.3847/1538-3881/ab7a97}
-}
-"""
-
 
 class StaleDatasetError(RuntimeError):
   """A data set exists in data_dir but was built from other inputs than manual_dir holds now."""
@@ -139,9 +123,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     n = constants.N_PIXELS
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=_DESCRIPTION,
+    # Description and citation: README.md and CITATIONS.bib beside this module.
+    return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             'flux': tfds.features.Tensor(shape=(n,), dtype=np.float32,
                                          doc='raw combined flux, 1e-17 erg/s/cm^2/Angstrom'),
@@ -165,7 +148,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         }),
         supervised_keys=('flux', 'labels'),
         homepage='https://www.sdss4.org/dr14/irspec/',
-        citation=_CITATION,
         metadata=tfds.core.MetadataDict(),
     )
 
@@ -183,7 +165,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _check_inputs_unchanged(self, manual_dir: pathlib.Path) -> None:
     """TFDS reuses any data set it finds; refuse one whose inputs have changed since."""
     catalog = labels.find_catalog(manual_dir)
-    matched, _ = labels.match_files(labels.read_catalog(catalog), manual_dir)
+    matched, _ = labels.match_files(labels.read_label_catalog(catalog), manual_dir)
     now = input_fingerprint(catalog, matched, manual_dir.resolve(), self._split_seed)
     built = self.info.metadata.get('input_fingerprint') if self.info.metadata else None
     if now != built:
@@ -199,7 +181,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self._n_unreadable = 0
     super()._download_and_prepare(dl_manager, download_config)
     # Still inside TFDS's temporary data directory: the report moves with the finished data set.
-    report = pathlib.Path(self.data_dir) / SKIP_REPORT
+    report = epath.Path(self.data_dir) / SKIP_REPORT  # data_dir may be gs://…
     labels.write_problems(self._problems, report)
     # DatasetInfo (metadata.json) is written after this method returns, so the counts land there.
     self.info.metadata['n_problems'] = len(self._problems)
@@ -210,7 +192,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
     catalog = labels.find_catalog(manual_dir)
-    stars = labels.read_catalog(catalog)
+    stars = labels.read_label_catalog(catalog)
     matched, problems = labels.match_files(stars, manual_dir)
     self._problems.extend(problems)
     logging.info('apogee: catalogue %s: %d rows, %d matched to files, %d problem(s) in matching',
