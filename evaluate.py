@@ -21,12 +21,24 @@ empty σ columns. ``--uncertainty=linear`` replaces the draws by first-order pro
 same capped errors (12–20× faster than 100 draws; prediction = the noiseless forward pass).
 ``--split`` takes a comma-separated list (``train,dev,test``). OUT receives catalog.fits,
 catalog.csv, metrics.json (labelled runs) and figures/*.png.
+Survey scale, on many hosts under ``jax.distributed`` (one process per host; the coordinator comes
+from the cluster environment or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, as
+for ``train.py``): each process predicts its own contiguous shard, process 0 writes the catalogue:
+
+    python evaluate.py --checkpoint=C --apstar_dir=DIR --output_dir=OUT --multihost
+
+On a batch scheduler without ``jax.distributed``, one job per shard writes OUT/part-K-of-N.npz, then
+one merge writes the catalogue and metrics (equal, bit for bit, to a single run's):
+
+    python evaluate.py --checkpoint=C --apstar_dir=DIR --output_dir=OUT --shard_index=K --num_shards=N
+    python evaluate.py --merge=OUT --output_dir=OUT          # also --merge=DIR1,DIR2,FILE,…
+
 Intentionally short: the logic lives in ``apogeenet_jax.evaluation``.
 """
 
-import os
-
+import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from apogeenet_jax import checkpoint, evaluation, uncertainty
@@ -34,12 +46,15 @@ from apogeenet_jax import checkpoint, evaluation, uncertainty
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training run: its best checkpoint is used.')
 flags.DEFINE_string('checkpoint', None, 'Any orbax checkpoint directory of this package.')
-flags.DEFINE_string('split', None, 'Split(s) of the built data set, comma-separated.')
+flags.DEFINE_list('merge', None, 'Part files of a --num_shards run, or folders holding them: '
+                  'writes their catalogue, metrics and figures to --output_dir.')
+flags.DEFINE_list('split', None, 'Split(s) of the built data set, comma-separated.')
 flags.DEFINE_string('data_dir', None, 'tfds data dir of the built data set (default: the '
                     "--config's data_dir).")
 flags.DEFINE_string('apstar_dir', None, 'Directory searched recursively for apStar files.')
 flags.DEFINE_string('apstar_list', None, 'Text file with one apStar path per line.')
-flags.DEFINE_integer('mc', uncertainty.PAPER_NUM_DRAWS, 'Monte Carlo draws per star; 0: none.')
+flags.DEFINE_integer('mc', uncertainty.PAPER_NUM_DRAWS, 'Monte Carlo draws per star; 0: none.',
+                     lower_bound=0)
 flags.DEFINE_enum('uncertainty', 'mc', list(uncertainty.ESTIMATORS),
                   'mc: --mc noisy draws (paper); linear: first-order propagation of the same '
                   'capped errors, one forward + 3 backward passes (--mc unused unless 0).')
@@ -48,19 +63,28 @@ flags.DEFINE_enum('error_cap', 'median', list(uncertainty.ERROR_CAP_MODES),
 flags.DEFINE_integer('seed', 0, 'PRNG seed of the draws: same seed, same catalogue.')
 flags.DEFINE_string('output_dir', None, 'Where the catalogue, metrics and figures go '
                     '(default: WORKDIR/eval).')
-flags.DEFINE_integer('batch_size', evaluation.DEFAULT_BATCH_SIZE, 'Stars per device batch.')
+flags.DEFINE_integer('batch_size', evaluation.DEFAULT_BATCH_SIZE, 'Stars per device batch.',
+                     lower_bound=1)
 flags.DEFINE_integer('draw_chunk', evaluation.DEFAULT_DRAW_CHUNK,
-                     'Draws evaluated together; device holds batch_size × draw_chunk spectra.')
+                     'Draws evaluated together; device holds batch_size × draw_chunk spectra.',
+                     lower_bound=1)
 flags.DEFINE_bool('figures', True, 'Draw the PNG figures.')
 flags.DEFINE_bool('calibrate', False, 'Fit σ_cal² = (a σ)² + b² per label on the dev split and '
                   'store it with the checkpoint (then evaluate --split, if given).')
 flags.DEFINE_enum('calibration', 'auto', list(evaluation.CALIBRATION_MODES),
                   "auto: apply the checkpoint's calibration when it has one; none: raw σ.")
+flags.DEFINE_bool('multihost', False, 'Run under jax.distributed (also --config.multihost): '
+                  'every process predicts its shard, process 0 writes the catalogue.')
+flags.DEFINE_integer('num_shards', 1, 'Split the stars into this many shards (separate jobs; '
+                     'merge the parts with --merge).', lower_bound=1)
+flags.DEFINE_integer('shard_index', 0, 'The shard this job predicts, 0 … --num_shards − 1.',
+                     lower_bound=0)
 config_flags.DEFINE_config_file('config', None, 'Optional training config: supplies data_dir.')
-# Checked when the flags are parsed, before the checkpoint is loaded or a folder is made.
-flags.register_validator('batch_size', lambda v: v >= 1, '--batch_size must be >= 1')
-flags.register_validator('draw_chunk', lambda v: v >= 1, '--draw_chunk must be >= 1')
-flags.register_validator('mc', lambda v: v >= 0, '--mc must be >= 0 (0: no Monte Carlo)')
+# All checked when the flags are parsed, before the checkpoint is loaded or a folder is made.
+flags.mark_flags_as_mutual_exclusive(['workdir', 'checkpoint', 'merge'], required=True)
+flags.mark_flags_as_mutual_exclusive(['merge', 'split'])
+flags.mark_flags_as_mutual_exclusive(['merge', 'apstar_dir'])
+flags.mark_flags_as_mutual_exclusive(['merge', 'apstar_list'])
 
 
 @flags.validator('output_dir')
@@ -71,18 +95,40 @@ def _check_output_dir(value):
   return True
 
 
+@flags.multi_flags_validator(['output_dir', 'workdir'],
+                             message='--output_dir is required with --checkpoint or --merge.')
+def _output_dir_known(values):
+  return bool(values['output_dir'] or values['workdir'])
+
+
+@flags.multi_flags_validator(['shard_index', 'num_shards', 'multihost', 'calibrate'])
+def _check_shards(values):
+  if values['shard_index'] >= values['num_shards']:
+    raise flags.ValidationError(f'--shard_index={values["shard_index"]} must be below '
+                                f'--num_shards={values["num_shards"]}')
+  if values['num_shards'] > 1 and (values['multihost'] or values['calibrate']):
+    raise flags.ValidationError('--num_shards is for separate jobs: not with --multihost (which '
+                                'shards by process) nor --calibrate (one fit on the whole dev split)')
+  return True
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
-    raise app.UsageError('Give exactly one of --workdir or --checkpoint.')
-  output_dir = FLAGS.output_dir or (os.path.join(FLAGS.workdir, 'eval') if FLAGS.workdir else None)
-  if output_dir is None:
-    raise app.UsageError('--output_dir is required with --checkpoint.')
+  if FLAGS.merge:
+    try:
+      out = evaluation.merge(FLAGS.merge, FLAGS.output_dir, make_figures=FLAGS.figures)
+    except evaluation.EvaluationError as e:
+      raise SystemExit(f'FATAL {e}') from None
+    _report(out)
+    return
+  if FLAGS.multihost or (FLAGS.config and FLAGS.config.get('multihost', False)):
+    jax.distributed.initialize()
+  output_dir = FLAGS.output_dir or str(epath.Path(FLAGS.workdir) / 'eval')
   if problem := evaluation.output_dir_problem(output_dir):  # The WORKDIR/eval default.
     raise app.UsageError(f'--output_dir: {problem}')
   data_dir = FLAGS.data_dir or (FLAGS.config.data_dir if FLAGS.config else None)
-  splits = [s.strip() for s in FLAGS.split.split(',') if s.strip()] if FLAGS.split else []
+  splits = [s.strip() for s in FLAGS.split or () if s.strip()]
   files, skipped = evaluation.apstar_inputs(FLAGS.apstar_dir, FLAGS.apstar_list)
   if not splits and not files and not skipped and not FLAGS.calibrate:
     raise app.UsageError('Nothing to evaluate: give --split or --apstar_dir/--apstar_list '
@@ -96,28 +142,49 @@ def main(argv):
     raise SystemExit(f'FATAL {e}') from None
   logging.info('Checkpoint %s, step %s, ensemble of %d.', meta['checkpoint_dir'],
                meta.get('step'), meta.get('ensemble_size', 1))
+  settings = evaluation.MCSettings(mc=FLAGS.mc, estimator=FLAGS.uncertainty,
+                                   error_cap=FLAGS.error_cap, seed=FLAGS.seed,
+                                   draw_chunk=FLAGS.draw_chunk)
   if FLAGS.calibrate:
-    record = evaluation.calibrate(
-        params=params, meta=meta, data_dir=data_dir, mc=FLAGS.mc, error_cap=FLAGS.error_cap,
-        seed=FLAGS.seed, batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk,
-        estimator=FLAGS.uncertainty)
-    meta['calibration'] = record
-    print(f'Calibration on {record["split"]} ({record["n"]["TEFF"]} stars), '
-          'σ_cal² = (a σ)² + b²: ' + ', '.join(
-              f'{n} a={record["a"][n]:.3g} b={record["b"][n]:.3g}' for n in record['a']))
-    print(f'           stored in {record["path"]}')
+    meta['calibration'] = _calibrate(params, meta, data_dir, settings)
     if not splits and not files:
       return
   out = evaluation.evaluate(
       params=params, meta=meta, output_dir=output_dir, splits=splits, data_dir=data_dir,
-      apstar_files=files, mc=FLAGS.mc, error_cap=FLAGS.error_cap, seed=FLAGS.seed,
-      batch_size=FLAGS.batch_size, draw_chunk=FLAGS.draw_chunk, make_figures=FLAGS.figures,
-      calibration_mode=FLAGS.calibration, estimator=FLAGS.uncertainty, skipped_files=skipped)
+      apstar_files=files, skipped_files=skipped, settings=settings, batch_size=FLAGS.batch_size,
+      make_figures=FLAGS.figures, calibration_mode=FLAGS.calibration,
+      shard=(evaluation.Shard(FLAGS.shard_index, FLAGS.num_shards) if FLAGS.num_shards > 1
+             else None))
+  _report(out)
+
+
+def _calibrate(params, meta, data_dir, settings):
+  # Every process fits the same numbers (same draws); process 0 alone stores them.
+  record = evaluation.calibrate(params=params, meta=meta, data_dir=data_dir, settings=settings,
+                                batch_size=FLAGS.batch_size, save=jax.process_index() == 0)
+  if jax.process_index() == 0:
+    print(f'Calibration on {record["split"]} ({record["n"]["TEFF"]} stars), '
+          'σ_cal² = (a σ)² + b²: ' + ', '.join(
+              f'{n} a={record["a"][n]:.3g} b={record["b"][n]:.3g}' for n in record['a']))
+    print(f'           stored in {record["path"]}')
+  return record
+
+
+def _report(out):
+  if out['part']:
+    print(f'Part:      {out["part"]} ({out["n_stars"]} stars, {out["n_skipped"]} skipped, '
+          f'{out["seconds"]:.1f} s); when every part is done: '
+          f'python evaluate.py --merge={epath.Path(out["part"]).parent} --output_dir=OUT')
+    return
+  if out['catalog_fits'] is None:  # Another process than 0 of a jax.distributed run.
+    logging.info('Predicted %d stars; process 0 writes the catalogue.', out['n_stars'])
+    return
   if out['metrics'] is not None:
     print(evaluation.format_metrics(out['metrics']))
-  draws = f', mc={FLAGS.mc}, seed={FLAGS.seed}' if out['sigma'] == 'mc' else ''
+  run = out['table'].meta  # The run's settings, as the catalogue header records them.
+  draws = f', mc={run["MC"]}, seed={run["SEED"]}' if out['sigma'] == 'mc' else ''
   print(f'{out["n_stars"]} stars in {out["seconds"]:.1f} s (sigma={out["sigma"]}{draws}, '
-        f'error_cap={FLAGS.error_cap}, σ calibration: '
+        f'error_cap={run["ERROR_CA"]}, σ calibration: '
         f'{"dev" if out["calibrated"] else "none"})')
   print(f'Catalogue: {out["catalog_fits"]}\n           {out["catalog_csv"]}')
   if out['metrics_json']:

@@ -39,7 +39,7 @@ from astropy.io import fits
 from astropy.table import MaskedColumn, Table
 
 from apogeenet_jax import file_io
-from apogeenet_jax.constants import LABEL_NAMES, LABEL_UNITS
+from apogeenet_jax.constants import LABEL_NAMES, LABEL_UNITS, SPLITS
 
 # §3.6: stars hotter than this are left out of the published catalogue.
 TEFF_CATALOG_MAX = 6700.0
@@ -62,7 +62,8 @@ SIGMA_SOURCES = {
     'none': ('noiseless prediction, mean over ensemble members', 'not computed (empty)'),
 }
 FLAG_COLUMNS = ('FLAG_TEFF_GT_6700', 'FLAG_LOW_SNR_UNPHYSICAL', 'YSO_CANDIDATE', 'AGE_BIN')
-_SPLIT_NAMES = {'train': 'Train', 'dev': 'Dev', 'test': 'Test'}
+# DATA_SET column: the split's name capitalised ('train' → 'Train').
+DATA_SET_NAMES = {s: s.capitalize() for s in SPLITS}
 _UNITS = {'dex': u.dex, 'K': u.K}
 _LABEL_DESC = {'LOGG': 'surface gravity log g', 'TEFF': 'effective temperature',
                'FE_H': 'metallicity [Fe/H]'}
@@ -177,7 +178,7 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   t['SNR'] = MaskedColumn(np.asarray(snr, dtype=np.float64), description='S/N of the spectrum')
   t['SNR'].mask = ~np.isfinite(t['SNR'].data.data)
   t['DATA_SET'] = np.asarray(
-      [_SPLIT_NAMES.get(str(s), str(s)) for s in (data_set if data_set is not None else [''] * n)],
+      [DATA_SET_NAMES.get(str(s), str(s)) for s in (data_set if data_set is not None else [''] * n)],
       dtype='U5')
   t['DATA_SET'].description = 'Train/Dev/Test split of the labelled set; empty: unlabelled'
   t['DATA_TYPE'] = np.asarray(
@@ -190,7 +191,8 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
       ('FLAG_TEFF_GT_6700', f'TEFF_PRED > {TEFF_CATALOG_MAX:g} K: outside the published catalogue'),
       ('FLAG_LOW_SNR_UNPHYSICAL', f'SNR < {LOW_SNR:g} and a prediction outside the physical range'),
       ('YSO_CANDIDATE', 'inside the (Teff, log g) YSO triangle of Olney et al. 2020 sec. 4'),
-      ('AGE_BIN', 'YSO log g age bin: 0 ~1 Myr, 1 1-2, 2 2-3, 3 3-5, 4 >=5 Myr; -1 not a YSO')):
+      ('AGE_BIN', 'YSO log g age bin: ' + ', '.join(f'{i} {m}' for i, m in enumerate(AGE_BIN_MEANING))
+       + f'; {NOT_AGE_BINNED} not a YSO')):
     t[name] = flags[name]
     t[name].description = desc
   t.meta['ORIGIN'] = 'apogeenet-jax'

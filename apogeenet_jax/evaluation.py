@@ -1,28 +1,43 @@
 """Inference with Monte Carlo uncertainties → catalogue, metrics (Tables 2–3) and figures.
 
 ``evaluate(...)`` is what ``evaluate.py`` calls and what a notebook or test can call directly:
-it streams spectra (a split of the built TFDS data set, or apStar files) through the jitted MC
-function of ``uncertainty`` batch by batch — device memory is bounded by the batch and draw chunk,
-host memory by a few numbers per star — and writes into ``output_dir``:
+it streams spectra (splits of the built TFDS data set, or apStar files, both read through
+``input_pipeline.eval_batches``) through the jitted MC function of ``uncertainty`` batch by batch —
+device memory is bounded by the batch and draw chunk, host memory by a few numbers per star — and
+writes into ``output_dir``:
 
   catalog.fits, catalog.csv   the catalogue (``catalog``), written atomically
   metrics.json                Table 2 (standardised MSE), Table 3 (scatter) and the coverage
                               of the σ (calibrated and raw), when labelled
   figures/*.png               ``figures``
-  skipped.csv                 apStar files that could not be read, and why (apStar mode)
+  skipped.csv                 apStar files that could not be read, and why (apStar mode), in the
+                              layout of the builder's report (``labels.write_problems``)
+
+Survey scale (``Shard``): each input is cut into contiguous runs of whole batches, one per shard.
+Star i of a stream draws its noise from ``fold_in(fold_in(PRNGKey(seed), stream), i)`` with i its
+position in the input (split or file list), so a shard predicts its stars exactly as one run
+would, provided every shard has the same number of local devices as that run (the per-device
+batch then has the same shape: XLA's float32 rounding depends on it). Under ``jax.distributed``
+each process predicts shard ``process_index`` on its own devices (no collective inside the
+prediction), the parts go to process 0 through ``multihost_utils.process_allgather``, and process 0
+writes the catalogue. Without it (``--shard_index/--num_shards`` on a batch scheduler) each run
+writes its part file (``part-00001-of-00003.npz``) and ``merge`` writes the catalogue from the
+parts. Either way the metrics are those of the whole catalogue, and the files are bit-identical
+to a one-shard run.
 """
 
-import concurrent.futures
-import csv
+import dataclasses
+import io
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -37,7 +52,8 @@ from apogeenet_jax import (
   input_pipeline,
   uncertainty,
 )
-from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS, N_PIXELS
+from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS, N_PIXELS, SPLITS
+from apogeenet_jax.labels import SKIP_REPORT_COLUMNS, Problem, write_problems
 from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.sharding import DATA_AXIS, make_mesh
 
@@ -46,118 +62,141 @@ CATALOG_CSV = 'catalog.csv'
 METRICS_JSON = 'metrics.json'
 SKIPPED_CSV = 'skipped.csv'
 FIGURES_DIR = 'figures'
+PART_NAME = 'part-{index:05d}-of-{count:05d}.npz'
+PART_GLOB = 'part-*-of-*.npz'
+_PART_FORMAT = 1
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_DRAW_CHUNK = 25
 CALIBRATION_MODES = ('auto', 'none')  # auto: apply the checkpoint's calibration when it has one
 CALIBRATION_SPLIT = 'dev'
+# Noise streams: split s uses SPLITS.index(s), apStar files the next one. Star 0 of dev and of
+# test get different noise, and a split's result does not depend on which others run with it.
+APSTAR_STREAM = len(SPLITS)
 
-# Table 2 (standardised MSE, train/dev/test) and Table 3 (test scatter) of the paper, to print
-# beside ours. 'Full' is every data type together.
+# Table 2 (standardised MSE, train/dev/test: SPLITS order) and Table 3 (test scatter) of the
+# paper, to print beside ours. 'Full' is every data type together.
 PAPER_TABLE2 = {'Full': (0.044, 0.049, 0.063), 'MStar': (0.08, 0.098, 0.196),
                 'YSO': (0.153, 0.168, 0.217)}
 PAPER_TABLE3 = {'Full': (0.216, 183.74, 0.0914), 'MStar': (0.346, 273.7, 0.18),
                 'YSO': (0.4, 490.99, 0.0879)}
 
 
-_STREAMS = {'train': 0, 'dev': 1, 'test': 2, 'apstar': 3}
-
-
 class EvaluationError(RuntimeError):
-  """Evaluation cannot run: bad arguments, no checkpoint, no spectra."""
+  """Evaluation cannot run: bad arguments, no checkpoint, no spectra, parts that do not fit."""
 
 
-def output_dir_problem(path: str) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class MCSettings:
+  """How the prediction and its σ_noise are made (§3.5); the same settings, the same numbers.
+
+  mc: noisy draws per star (paper: 100); 0: the noiseless prediction, no σ.
+  estimator: 'mc' (the draws) or 'linear' (first-order propagation of the same capped errors;
+    ``mc`` then only says whether a σ is wanted).
+  error_cap: 'median' (authors' code, draw 0 noiseless) or 'mean' (paper text).
+  seed: PRNG seed of the draws. draw_chunk: draws evaluated together (device memory).
+  """
+  mc: int = uncertainty.PAPER_NUM_DRAWS
+  estimator: str = 'mc'
+  error_cap: str = 'median'
+  seed: int = 0
+  draw_chunk: int = DEFAULT_DRAW_CHUNK
+
+  def __post_init__(self):
+    problems = [f'--{name} must be >= {least}, got {value}'
+                for name, value, least in (('mc', self.mc, 0), ('draw_chunk', self.draw_chunk, 1))
+                if value < least]
+    problems += [f'--{name} must be one of {choices}, got {value!r}'
+                 for name, value, choices in (
+                     ('uncertainty', self.estimator, uncertainty.ESTIMATORS),
+                     ('error_cap', self.error_cap, uncertainty.ERROR_CAP_MODES))
+                 if value not in choices]
+    if problems:
+      raise EvaluationError('; '.join(problems))
+
+  @property
+  def sigma(self) -> str:
+    """What produced the σ columns: 'mc', 'linear' or 'none' (catalog.SIGMA_SOURCES)."""
+    return 'none' if self.mc == 0 else self.estimator
+
+  def make_fn(self, apply_fn, ensemble_size: int = 1):
+    """The jitted ``fn(params, flux, noise_scale, star_index, key)`` of these settings."""
+    if self.mc == 0:
+      fn = uncertainty.make_predict_fn(apply_fn)
+    elif self.estimator == 'linear':
+      fn = uncertainty.make_linear_fn(apply_fn)
+    else:
+      fn = uncertainty.make_mc_fn(apply_fn, num_draws=self.mc, draw_chunk=self.draw_chunk,
+                                  noiseless_first=(self.error_cap == 'median'))
+    return uncertainty.make_ensemble_fn(fn) if ensemble_size > 1 else fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """Shard ``index`` of ``count``: contiguous whole batches of every input (module docstring)."""
+  index: int = 0
+  count: int = 1
+
+  def __post_init__(self):
+    if not 0 <= self.index < self.count:
+      raise EvaluationError(f'--shard_index must be in [0, --num_shards={self.count}), '
+                            f'got {self.index}')
+
+  @property
+  def path_name(self) -> str:
+    return PART_NAME.format(index=self.index, count=self.count)
+
+
+def process_shard() -> Shard:
+  """This process's shard under ``jax.distributed`` (the whole input on one process)."""
+  return Shard(jax.process_index(), jax.process_count())
+
+
+def output_dir_problem(path: str | epath.PathLike) -> str | None:
   """Why ``path`` cannot receive the outputs (an existing file, an unwritable place), or None.
 
   Checked before any work: otherwise a raw FileExistsError would come after minutes of MC.
+  Local folders only: on object storage (gs://) permissions show only when writing.
   """
-  if os.path.exists(path) and not os.path.isdir(path):
+  path = epath.Path(path)
+  if not _is_local(path):
+    return None
+  if path.exists() and not path.is_dir():
     return f'{path} exists and is not a directory'
   # The nearest existing ancestor is where the folder would be created.
-  existing = os.path.abspath(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
+  existing = path.resolve()
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
     return f'{path} cannot be created: {existing} is a file'
-  if not os.access(existing, os.W_OK | os.X_OK):
+  if not os.access(str(existing), os.W_OK | os.X_OK):
     return f'{path} is not writable (no write permission on {existing})'
   return None
 
 
+def _is_local(path: epath.Path) -> bool:
+  return '://' not in str(path)
+
+
 # ------------------------------------------------------------------------------------------------
-# Checkpoints.
+# Checkpoints and inputs.
 
 
-def load_checkpoint(*, workdir: str | None = None, checkpoint_dir: str | None = None
+def load_checkpoint(*, workdir: str | epath.PathLike | None = None,
+                    checkpoint_dir: str | epath.PathLike | None = None
                     ) -> tuple[Any, dict[str, Any]]:
   """Params and meta: the best step of a training ``workdir`` or any ``checkpoint_dir``."""
   if (workdir is None) == (checkpoint_dir is None):
     raise EvaluationError('give exactly one of --workdir (a training run) or --checkpoint')
-  directory = (os.path.join(workdir, checkpoint.CHECKPOINT_DIR) if workdir is not None else checkpoint_dir)
+  directory = file_io.as_path(checkpoint.workdir_checkpoints(workdir) if workdir is not None
+                              else checkpoint_dir)
   params, meta = checkpoint.load_params(directory)
-  meta['checkpoint_dir'] = os.path.abspath(directory)
+  meta['checkpoint_dir'] = str(directory)
   return params, meta
 
 
-# ------------------------------------------------------------------------------------------------
-# Batches: every source yields the ``input_pipeline`` batch dicts (preprocessed flux and errors).
-
-
-def _pad_batch(rows: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, np.ndarray]:
-  """Unlabelled apStar rows → one batch of fixed size, padded with masked copies of row 0."""
-  n = len(rows)
-  examples = [{**r, 'labels': np.full(len(LABEL_NAMES), np.nan, np.float32), 'data_type': -1}
-              for r in (*rows, *[rows[0]] * (batch_size - n))]
-  return input_pipeline.collate(examples, mask=np.arange(batch_size) < n)
-
-
-def apstar_batches(paths: Sequence[str], batch_size: int, *, skipped: list[tuple[str, str]],
-                   num_threads: int = 4, lookahead: int = 64) -> Iterator[dict[str, np.ndarray]]:
-  """Padded batches of apStar spectra read by background threads, in file order.
-
-  Unreadable files are logged, appended to ``skipped`` as (path, reason) and left out.
-  At most ``lookahead`` files are in flight, so memory does not grow with the file count.
-  """
-
-  def read(path):
-    try:
-      s = apstar.read_apstar(path)
-    except apstar.ApStarError as e:
-      return path, None, str(e)
-    return path, {'flux': s.flux, 'flux_err': s.flux_err, 'apogee_id': s.apogee_id,
-                  'snr': s.snr, 'ra': s.ra, 'dec': s.dec, 'file': path}, ''
-
-  rows = []
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-    pending = []
-    it = iter(paths)
-    for path in it:
-      pending.append(pool.submit(read, path))
-      if len(pending) < lookahead:
-        continue
-      while len(pending) >= lookahead:
-        yield from _collect(pending.pop(0).result(), rows, batch_size, skipped)
-    for fut in pending:
-      yield from _collect(fut.result(), rows, batch_size, skipped)
-  if rows:
-    yield _pad_batch(rows, batch_size)
-
-
-def _collect(result, rows: list, batch_size: int, skipped: list):
-  path, row, reason = result
-  if row is None:
-    logging.warning('Skipping %s', reason)
-    skipped.append((path, reason))
-    return
-  rows.append(row)
-  if len(rows) == batch_size:
-    yield _pad_batch(rows, batch_size)
-    rows.clear()
-
-
 def apstar_inputs(apstar_dir: str | None = None, apstar_list: str | None = None
-                  ) -> tuple[list[str], list[tuple[str, str]]]:
-  """(apStar files to read, (path, reason) of files left out) from a folder and/or a list file.
+                  ) -> tuple[list[str], list[Problem]]:
+  """(apStar files to read, files left out and why) from a folder and/or a list file.
 
   Each real file is read once, however many links or list lines lead to it; files named like
   apStar files that the file name pattern does not match are left out with a reason, not
@@ -167,28 +206,41 @@ def apstar_inputs(apstar_dir: str | None = None, apstar_list: str | None = None
   if apstar_dir:
     found, near_misses = apstar.scan_apstar_files(apstar_dir)
     candidates += found
-    skipped += [(p, f'{p}: named like an apStar file but not apStar-<reduction>-<APOGEE_ID>'
-                 '.fits[.gz] (nor asStar-…); rename it or give it in --apstar_list')
-                for p in near_misses]
+    skipped += [_problem(p, f'{p}: named like an apStar file but not apStar-<reduction>-'
+                         '<APOGEE_ID>.fits[.gz] (nor asStar-…); rename it or give it in '
+                         '--apstar_list') for p in near_misses]
   if apstar_list:
-    with open(apstar_list) as f:
-      candidates += [line.strip() for line in f if line.strip() and not line.startswith('#')]
+    lines = epath.Path(apstar_list).read_text().splitlines()
+    candidates += [line.strip() for line in lines if line.strip() and not line.startswith('#')]
   files, first = [], {}
   for path in candidates:
-    real = os.path.realpath(path)
+    real = str(epath.Path(path).resolve())
     if real in first:
-      skipped.append((path, f'{path}: the same file as {first[real]}, read once'))
+      skipped.append(_problem(path, f'{path}: the same file as {first[real]}, read once'))
       continue
     first[real] = path
     files.append(path)
   return files, skipped
 
 
-def split_batches(data_dir: str, split: str, batch_size: int
-                  ) -> tuple[Iterator[dict[str, np.ndarray]], int]:
-  """(batches, number of stars) of one split of the built data set."""
-  source = input_pipeline.open_split(data_dir, split)
-  return input_pipeline.eval_batches(source, batch_size), len(source)
+def _problem(path: str, reason: str) -> Problem:
+  return Problem(file=str(path), apogee_id=apstar.apogee_id_from_filename(path) or '',
+                        reason=reason)
+
+
+def open_split(data_dir: str | epath.PathLike, split: str):
+  """A random-access source over one split of the built data set (``input_pipeline``)."""
+  return input_pipeline.open_split(str(data_dir), split)
+
+
+def _sources(splits: Sequence[str], data_dir, apstar_files: Sequence[str]):
+  """(name, noise stream, random-access source) of every input, in catalogue order."""
+  for split in splits:
+    if split not in SPLITS:
+      raise EvaluationError(f'--split {split!r} is not one of {SPLITS}')
+    yield split, SPLITS.index(split), open_split(data_dir, split)
+  if apstar_files:
+    yield '', APSTAR_STREAM, input_pipeline.ApStarFiles(apstar_files)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,95 +248,99 @@ def split_batches(data_dir: str, split: str, batch_size: int
 
 
 def predict_batches(params: Any, model, standardizer: Standardizer,
-                    batches: Iterable[Mapping[str, np.ndarray]], *, mc: int = 100,
-                    error_cap: str = 'median', seed: int = 0, estimator: str = 'mc',
-                    draw_chunk: int = DEFAULT_DRAW_CHUNK, total: int | None = None,
+                    batches: Iterable[Mapping[str, np.ndarray]],
+                    settings: MCSettings = MCSettings(), *, total: int | None = None,
                     stream: int = 0, desc: str = 'stars', devices: Sequence[Any] | None = None,
                     ensemble_size: int = 1) -> dict[str, np.ndarray]:
-  """Streams batches through the MC function; returns per-star arrays of the valid rows.
+  """Streams batches through the function of ``settings``; returns per-star arrays.
 
-  ``estimator='linear'`` replaces the ``mc`` draws by first-order propagation of the same capped
-  errors (``uncertainty.make_linear_fn``; pred = the noiseless forward pass); ``mc == 0`` gives
-  noiseless predictions without σ whatever the estimator.
   Returns a dict with 'pred' (n, 3) native units, the raw σ (n, 3) native units
   'pred_err_noise' (MC or linear spread, averaged over members; NaN when mc == 0),
   'pred_err_model' (spread of the members' means; NaN for one network) and 'pred_err' (their
-  quadrature sum, σ_model counted 0 for one network), 'labels', 'data_type', 'apogee_id', 'snr',
-  'ra', 'dec'. ``ensemble_size`` K > 1: ``params`` carry a leading member axis (``uncertainty``).
-  Star i (in stream order) draws its noise from ``fold_in(fold_in(PRNGKey(seed), stream), i)``,
-  so results do not depend on the batch size; ``stream`` separates the noise of different inputs
-  (splits, apStar files) under one seed.
+  quadrature sum, σ_model counted 0 for one network), 'pred_z', 'labels', 'data_type',
+  'apogee_id', 'snr', 'ra', 'dec', 'file' of the valid rows, and 'problems' (m, 3) str: file,
+  apogee_id, reason of the rows that could not be read (``input_pipeline.ApStarFiles``).
+  ``ensemble_size`` K > 1: ``params`` carry a leading member axis (``uncertainty``).
+  Star i draws its noise from ``fold_in(fold_in(PRNGKey(seed), stream), i)``, i the batch's
+  'index' (position in the source; without one, the count of valid rows before it), so results
+  depend neither on the batch size nor on the shard; ``stream`` separates the noise of different
+  inputs (splits, apStar files) under one seed.
   With several ``devices`` (default: all local ones) each batch is split over them (data
   parallel, params replicated) whenever the batch size is a multiple of their number.
   """
-  apply_fn = uncertainty.model_apply_fn(model)
-  if estimator not in uncertainty.ESTIMATORS:
-    raise EvaluationError(f'--uncertainty must be one of {uncertainty.ESTIMATORS}, '
-                          f'got {estimator!r}')
-  if mc > 0 and estimator == 'linear':
-    fn = uncertainty.make_linear_fn(apply_fn)
-  elif mc > 0:
-    fn = uncertainty.make_mc_fn(apply_fn, num_draws=mc, draw_chunk=draw_chunk,
-                                noiseless_first=(error_cap == 'median'))
-  elif mc == 0:
-    fn = uncertainty.make_predict_fn(apply_fn)
-  else:
-    raise EvaluationError(f'--mc must be >= 0, got {mc}')
-  if ensemble_size > 1:
-    fn = uncertainty.make_ensemble_fn(fn)
-  if error_cap not in uncertainty.ERROR_CAP_MODES:
-    raise EvaluationError(f'--error_cap must be one of {uncertainty.ERROR_CAP_MODES}, '
-                          f'got {error_cap!r}')
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
+  fn = settings.make_fn(uncertainty.model_apply_fn(model), ensemble_size)
+  key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), stream)
   devices = list(jax.local_devices() if devices is None else devices)
   mesh = make_mesh(devices=devices)
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  row_sharding = NamedSharding(mesh, P(DATA_AXIS))
-  single = NamedSharding(mesh, P())
-  keep = {k: [] for k in ('labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec', 'file')}
-  means, noises, models = [], [], []
+  shardings = (NamedSharding(mesh, P(DATA_AXIS)), NamedSharding(mesh, P()))
+  keep = {k: [] for k in (*_ROW_FIELDS, 'problems')}
+  outputs = []
   start = 0
   pending = None  # one batch in flight: the host prepares batch k+1 while the device runs k
-
-  def finish(p):
-    *out, valid = p
-    mean_z, noise_z = out[0], out[1]
-    means.append(np.asarray(mean_z)[valid])
-    noises.append(np.asarray(noise_z)[valid])
-    models.append(np.asarray(out[2])[valid] if len(out) > 2
-                  else np.full_like(means[-1], np.nan))
-
   with tqdm(total=total, desc=desc, unit='star', mininterval=2.0) as bar:
     for batch in batches:
       valid = np.asarray(batch['mask'], bool)
       flux = np.asarray(batch['flux'], np.float32)
       if flux.shape[1:] != (N_PIXELS,):
         raise EvaluationError(f'flux batch of shape {flux.shape}, expected (B, {N_PIXELS})')
-      scale = (uncertainty.prepare_errors(batch['flux_err'], error_cap) if mc > 0
-               else np.zeros_like(flux))
-      index = np.arange(start, start + len(flux), dtype=np.uint32)
+      scale = (uncertainty.prepare_errors(batch['flux_err'], settings.error_cap)
+               if settings.mc > 0 else np.zeros_like(flux))
+      index = (np.asarray(batch['index']) if 'index' in batch
+               else np.arange(start, start + len(flux))).astype(np.uint32)
       # Rows split over the devices when they divide evenly; otherwise all rows on every device.
-      where = row_sharding if len(flux) % len(devices) == 0 else single
+      where = shardings[0] if len(flux) % len(devices) == 0 else shardings[1]
       out = fn(params, *jax.device_put((flux, scale, index), where), key)
       if pending is not None:
-        finish(pending)
-      pending = (*out, valid)
-      for k in keep:
-        column = batch[k] if k in batch else np.full(len(valid), '')  # 'file' is optional
-        keep[k].append(np.asarray(column)[valid])
+        outputs.append(_fetch(pending))
+      pending = (out, valid)
+      _keep_rows(keep, batch, valid)
       start += int(valid.sum())
       bar.update(int(valid.sum()))
     if pending is not None:
-      finish(pending)
-  n_labels = len(LABEL_NAMES)
-  empty = {'labels': np.zeros((0, n_labels)), 'apogee_id': np.zeros((0,), str),
-           'file': np.zeros((0,), str)}
-  result = {k: (np.concatenate(v) if v else empty.get(k, np.zeros((0,)))) for k, v in keep.items()}
-  cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, n_labels))  # noqa: E731
-  mean_z = cat(means)
+      outputs.append(_fetch(pending))
+  return _per_star(keep, outputs, standardizer)
+
+
+# Per-star fields that travel from the batches to the catalogue unchanged.
+_ROW_FIELDS = ('labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec', 'file')
+_EMPTY = {'labels': np.zeros((0, len(LABEL_NAMES)), np.float32), 'data_type': np.zeros(0, np.int32),
+          'apogee_id': np.zeros(0, str), 'file': np.zeros(0, str), 'snr': np.zeros(0, np.float32),
+          'ra': np.zeros(0, np.float64), 'dec': np.zeros(0, np.float64),
+          'problems': np.zeros((0, len(SKIP_REPORT_COLUMNS)), str)}
+
+
+def _keep_rows(keep: dict[str, list], batch: Mapping[str, np.ndarray], valid: np.ndarray):
+  for k in _ROW_FIELDS:
+    column = batch[k] if k in batch else np.full(len(valid), '')  # 'file' is optional
+    keep[k].append(np.asarray(column)[valid])
+  problem = np.asarray(batch.get('problem', np.full(len(valid), '')), str)
+  bad = problem != ''
+  for row in np.flatnonzero(bad):
+    logging.warning('Skipping %s', problem[row])
+  if bad.any():
+    keep['problems'].append(np.stack([np.asarray(batch['file'])[bad],
+                                      np.asarray(batch['apogee_id'])[bad], problem[bad]], 1))
+
+
+def _fetch(pending) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(mean_z, noise_z, model_z) of the valid rows of one batch's device output."""
+  out, valid = pending
+  mean_z = np.asarray(out[0])[valid]
+  model_z = np.asarray(out[2])[valid] if len(out) > 2 else np.full_like(mean_z, np.nan)
+  return mean_z, np.asarray(out[1])[valid], model_z
+
+
+def _per_star(keep: Mapping[str, list], outputs: Sequence[tuple[np.ndarray, ...]],
+              standardizer: Standardizer) -> dict[str, np.ndarray]:
+  result = {k: (np.concatenate(v) if v else _EMPTY[k]) for k, v in keep.items()}
+  if outputs:
+    mean_z, noise_z, model_z = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
+  else:
+    mean_z = noise_z = model_z = np.zeros((0, len(LABEL_NAMES)), np.float32)
   result['pred'] = standardizer.inverse(mean_z)
-  result['pred_err_noise'] = standardizer.inverse_scale(cat(noises))
-  result['pred_err_model'] = standardizer.inverse_scale(cat(models))
+  result['pred_err_noise'] = standardizer.inverse_scale(noise_z)
+  result['pred_err_model'] = standardizer.inverse_scale(model_z)
   result['pred_err'] = np.sqrt(result['pred_err_noise'] ** 2
                                + np.nan_to_num(result['pred_err_model']) ** 2)
   result['pred_z'] = mean_z.astype(np.float64)
@@ -355,7 +411,7 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     lines.append(f'{"":8s} {"n":>7s} {"MSE(std)":>9s} {"paper":>7s}   '
                  + '   '.join(f'σ {n} [{u}] (paper)' for n, u in zip(LABEL_NAMES, LABEL_UNITS,
                                                                      strict=True)))
-    col = {'train': 0, 'dev': 1, 'test': 2}.get(split)
+    col = SPLITS.index(split) if split in SPLITS else None
     for name, m in groups.items():
       paper = PAPER_TABLE2.get(name)
       paper_mse = f'{paper[col]:7.3f}' if paper and col is not None else f'{"":7s}'
@@ -376,34 +432,32 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _write_json_atomic(obj: Any, path: str) -> None:
-  with file_io.atomic_path(path) as tmp, open(tmp, 'w') as f:
+def _write_json_atomic(obj: Any, path: epath.Path) -> None:
+  with file_io.atomic_path(str(path)) as tmp, open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, allow_nan=True)
 
 
-def _remove_stale_outputs(output_dir: str, out: Mapping[str, Any]) -> None:
+def _remove_stale_outputs(output_dir: epath.Path, out: Mapping[str, Any]) -> None:
   """Deletes outputs an earlier run (of another mode) left that this run did not rewrite.
 
   A skipped.csv from an apStar run beside a split run's catalogue, or last week's figures,
   would describe another run than the catalogue beside them. Runs after the new outputs are
-  written, so a failed run leaves the previous run's outputs whole.
+  written, so a failed run leaves the previous run's outputs whole. Part files stay: a merge
+  may still need them.
   """
-  written = {os.path.abspath(p) for p in (out['catalog_fits'], out['catalog_csv'],
-                                          out['metrics_json'], out['skipped_csv'],
-                                          *out['figures']) if p}
-  figures_dir = os.path.join(output_dir, FIGURES_DIR)
-  ours = [os.path.join(output_dir, name) for name in (CATALOG_FITS, CATALOG_CSV, METRICS_JSON,
-                                                      SKIPPED_CSV)]
-  if os.path.isdir(figures_dir):
-    ours += [os.path.join(figures_dir, n) for n in os.listdir(figures_dir) if n.endswith('.png')]
+  written = {str(p) for p in (out['catalog_fits'], out['catalog_csv'], out['metrics_json'],
+                              out['skipped_csv'], *out['figures']) if p}
+  ours = [output_dir / name for name in (CATALOG_FITS, CATALOG_CSV, METRICS_JSON, SKIPPED_CSV)]
+  if (output_dir / FIGURES_DIR).is_dir():
+    ours += list((output_dir / FIGURES_DIR).glob('*.png'))
   for path in ours:
-    if os.path.isfile(path) and os.path.abspath(path) not in written:
+    if path.is_file() and str(path) not in written:
       logging.info('Removing %s: left by an earlier run, not written by this one.', path)
-      os.remove(path)
+      path.unlink()
 
 
 # ------------------------------------------------------------------------------------------------
-# The whole job.
+# Predicting one shard, and the parts of a sharded run.
 
 
 def _even_batch_size(batch_size: int) -> int:
@@ -412,40 +466,213 @@ def _even_batch_size(batch_size: int) -> int:
   return batch_size + (n_dev - batch_size % n_dev) % n_dev
 
 
-def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str,
-              mc: int = uncertainty.PAPER_NUM_DRAWS, error_cap: str = 'median', seed: int = 0,
-              batch_size: int = DEFAULT_BATCH_SIZE, draw_chunk: int = DEFAULT_DRAW_CHUNK,
-              save: bool = True, estimator: str = 'mc') -> dict[str, Any]:
+def _predict_inputs(params: Any, meta: Mapping[str, Any], settings: MCSettings,
+                    batch_size: int, sources, shard: Shard) -> dict[str, np.ndarray]:
+  """Per-star arrays (``predict_batches``) of this shard of every source, plus 'data_set'."""
+  model = checkpoint.model_from_meta(meta)
+  standardizer = checkpoint.standardizer_from_meta(meta)
+  parts = []
+  for name, stream, source in sources:
+    lo, hi = input_pipeline.shard_range(len(source), batch_size, shard.index, shard.count)
+    logging.info('Predicting stars %d–%d of %d of %s (σ: %s, mc=%d, error_cap=%s).', lo, hi,
+                 len(source), name or 'the apStar files', settings.sigma, settings.mc,
+                 settings.error_cap)
+    part = predict_batches(
+        params, model, standardizer,
+        input_pipeline.eval_batches(source, batch_size, indices=np.arange(lo, hi)), settings,
+        total=hi - lo, desc=name or 'apStar', stream=stream,
+        ensemble_size=checkpoint.ensemble_size(meta))
+    part['data_set'] = np.full(len(part['pred']), name)
+    parts.append(part)
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str, Any] | None,
+                *, splits: Sequence[str], apstar: bool, batch_size: int, shard: Shard
+                ) -> dict[str, Any]:
+  """What the catalogue and metrics need besides the per-star arrays; JSON, equal in all parts."""
+  standardizer = checkpoint.standardizer_from_meta(meta)
+  # 'mc' counts the draws actually made: none in linear mode.
+  run = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
+         'sigma': settings.sigma, 'mc': int(settings.mc) if settings.sigma == 'mc' else 0,
+         'error_cap': settings.error_cap, 'seed': int(settings.seed),
+         'ensemble': checkpoint.ensemble_size(meta)}
+  return {'format': _PART_FORMAT, 'run': run, 'calibration': None if cal is None else dict(cal),
+          'splits': list(splits), 'apstar': bool(apstar), 'batch_size': int(batch_size),
+          'label_mean': standardizer.mean.tolist(), 'label_std': standardizer.std.tolist(),
+          'shard': dataclasses.asdict(shard)}
+
+
+def _part_bytes(part: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> bytes:
+  buffer = io.BytesIO()
+  np.savez(buffer, _header=np.asarray(json.dumps(header)), **part)
+  return buffer.getvalue()
+
+
+def _read_part(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+      header = json.loads(str(z['_header']))
+      part = {k: z[k] for k in z.files if k != '_header'}
+  except (OSError, ValueError, KeyError) as e:
+    raise EvaluationError(f'{where}: not a part file of evaluate.py ({e})') from e
+  if header.get('format') != _PART_FORMAT:
+    raise EvaluationError(f'{where}: part format {header.get("format")}, expected '
+                          f'{_PART_FORMAT}')
+  return part, header
+
+
+def _gather_parts(data: bytes) -> list[bytes] | None:
+  """Every process's part (bytes) on process 0, in process order; None on the others."""
+  from jax.experimental import multihost_utils  # Only multi-process runs need it.
+  mine = np.frombuffer(data, np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int64(len(mine)))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(mine)] = mine
+  everything = np.asarray(multihost_utils.process_allgather(padded))
+  if jax.process_index() != 0:
+    return None
+  return [everything[k, :sizes[k]].tobytes() for k in range(len(sizes))]
+
+
+def _merge_parts(parts: Sequence[tuple[dict[str, np.ndarray], dict[str, Any]]]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The parts of one sharded run, in star order: each input's rows, shard after shard."""
+  header = {k: v for k, v in parts[0][1].items() if k != 'shard'}
+  count = parts[0][1]['shard']['count']
+  by_index = {}
+  for part, h in parts:
+    if {k: v for k, v in h.items() if k != 'shard'} != header or h['shard']['count'] != count:
+      raise EvaluationError('the parts come from different runs (checkpoint, settings, inputs '
+                            f'or shard count differ): {parts[0][1]} vs {h}')
+    by_index[h['shard']['index']] = part
+  if sorted(by_index) != list(range(count)) or len(parts) != count:
+    raise EvaluationError(f'expected parts 0–{count - 1} of {count} once each, got shards '
+                          f'{sorted(h["shard"]["index"] for _, h in parts)}')
+  ordered = [by_index[k] for k in range(count)]
+  inputs = [*header['splits'], *([''] if header['apstar'] else [])]
+  merged = {k: np.concatenate([p[k][p['data_set'] == name] for name in inputs for p in ordered])
+            for k in ordered[0] if k != 'problems'}
+  merged['problems'] = np.concatenate([p['problems'] for p in ordered])
+  return merged, header
+
+
+def _find_parts(paths: Sequence[str | epath.PathLike]) -> list[epath.Path]:
+  found = []
+  for path in map(epath.Path, paths):
+    found += sorted(path.glob(PART_GLOB)) if path.is_dir() else [path]
+  if not found:
+    raise EvaluationError(f'no {PART_GLOB} files in {", ".join(map(str, paths))}')
+  return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing the catalogue, metrics and figures of a whole run.
+
+
+def _write_outputs(merged: Mapping[str, np.ndarray], header: Mapping[str, Any],
+                   output_dir: epath.Path, make_figures: bool) -> dict[str, Any]:
+  """Writes skipped.csv, the catalogue, metrics.json and the figures; returns what it wrote."""
+  output_dir.mkdir(parents=True, exist_ok=True)
+  out = {'catalog_fits': None, 'catalog_csv': None, 'metrics_json': None, 'skipped_csv': None,
+         'figures': [], 'metrics': None, 'part': None, 'n_skipped': len(merged['problems'])}
+  if header['apstar']:
+    # Written before anything can fail: when no file at all is readable, this says why.
+    out['skipped_csv'] = str(output_dir / SKIPPED_CSV)
+    with file_io.atomic_path(out['skipped_csv']) as tmp:
+      write_problems([Problem(*row) for row in merged['problems'].tolist()], tmp)
+  if len(merged['pred']) == 0:
+    raise EvaluationError(f'no star could be read ({out["n_skipped"]} files skipped, listed in '
+                          f'{out["skipped_csv"]})')
+  table = _build_table(merged, header)
+  out['catalog_fits'] = str(output_dir / CATALOG_FITS)
+  out['catalog_csv'] = str(output_dir / CATALOG_CSV)
+  catalog.write_fits(table, out['catalog_fits'])
+  catalog.write_csv(table, out['catalog_csv'])
+  if header['splits']:
+    out['metrics'] = _metrics(merged, header)
+    out['metrics_json'] = str(output_dir / METRICS_JSON)
+    _write_json_atomic(out['metrics'], output_dir / METRICS_JSON)
+  if make_figures:
+    out['figures'] = figures.make_figures(table, str(output_dir / FIGURES_DIR),
+                                          with_labels=bool(header['splits']))
+  _remove_stale_outputs(output_dir, out)
+  out.update(n_stars=len(table), table=table, sigma=header['run']['sigma'],
+             calibrated=header['calibration'] is not None)
+  logging.info('Wrote %d stars to %s.', len(table), output_dir)
+  return out
+
+
+def _build_table(merged: Mapping[str, np.ndarray], header: Mapping[str, Any]):
+  cal = header['calibration']
+  dtype_names = np.asarray([DATA_TYPES[i] if 0 <= i < len(DATA_TYPES) else ''
+                            for i in merged['data_type'].astype(int)], dtype=str)
+  table = catalog.build_catalog(
+      apogee_id=merged['apogee_id'], ra=merged['ra'], dec=merged['dec'], pred=merged['pred'],
+      pred_err=calibration.apply(merged['pred_err'], cal),
+      pred_err_noise=merged['pred_err_noise'], pred_err_model=merged['pred_err_model'],
+      snr=merged['snr'], labels=merged['labels'], data_set=merged['data_set'],
+      data_type=dtype_names, calibrated=cal is not None, sigma=header['run']['sigma'],
+      file=merged['file'])
+  for k, v in header['run'].items():
+    table.meta[k.upper()[:8]] = '' if v is None else v
+  table.meta['CALIB'] = 'dev' if cal is not None else 'none'
+  return table
+
+
+def _metrics(merged: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> dict[str, Any]:
+  """metrics.json: the run, Tables 2–3 and coverage per split, the paper's values."""
+  cal = header['calibration']
+  run = {**header['run'], 'calibration': (
+      {k: cal[k] for k in ('a', 'b', 'n', 'step', 'split', 'mc') if k in cal}
+      if cal is not None else None)}
+  standardizer = Standardizer(mean=np.asarray(header['label_mean']),
+                              std=np.asarray(header['label_std']))
+  sigma = calibration.apply(merged['pred_err'], cal)
+  metrics = {'run': run, 'splits': {}}
+  for split in header['splits']:
+    sel = merged['data_set'] == split
+    metrics['splits'][split] = compute_metrics(
+        merged['pred'][sel], merged['labels'][sel], merged['data_type'][sel], standardizer,
+        sigma=sigma[sel], raw_sigma=merged['pred_err'][sel])
+  metrics['paper'] = {'table2_train_dev_test': PAPER_TABLE2, 'table3_test': PAPER_TABLE3}
+  return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole job.
+
+
+def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.PathLike,
+              settings: MCSettings = MCSettings(), batch_size: int = DEFAULT_BATCH_SIZE,
+              save: bool = True) -> dict[str, Any]:
   """Fits σ_cal² = (a σ)² + b² per label on the dev split (``calibration``); returns the record.
 
-  ``estimator`` is the σ_noise estimator the fit is made for ('mc' or 'linear': the linear σ is
-  ~1.2× the MC's on the demo network, so a fit carries over only to the estimator it was made
-  with; ``evaluate`` warns on a mismatch).
+  ``settings.estimator`` is the σ_noise estimator the fit is made for ('mc' or 'linear': the
+  linear σ is ~1.2× the MC's on the demo network, so a fit carries over only to the estimator it
+  was made with; ``evaluate`` warns on a mismatch).
 
   The dev stars are predicted exactly as ``evaluate(splits=['dev'])`` would (same noise stream).
   With ``save`` the record goes to ``meta['checkpoint_dir']/calibration.json``, tied to
   ``meta['step']``, where every later ``load_checkpoint`` of that step finds it.
   """
-  if mc < 1:
+  if settings.mc < 1:
     raise EvaluationError('--calibrate needs Monte Carlo draws (--mc >= 1): σ_noise is part of '
                           'the fitted total')
   if not data_dir:
     raise EvaluationError('--calibrate needs --data_dir (it fits on the dev split)')
+  split = CALIBRATION_SPLIT
+  part = _predict_inputs(params, meta, settings, _even_batch_size(batch_size),
+                         _sources([split], data_dir, ()), Shard())
   standardizer = checkpoint.standardizer_from_meta(meta)
-  batches, n = split_batches(data_dir, CALIBRATION_SPLIT, _even_batch_size(batch_size))
-  logging.info('Calibrating on %d %s stars (mc=%d).', n, CALIBRATION_SPLIT, mc)
-  part = predict_batches(params, checkpoint.model_from_meta(meta), standardizer, batches, mc=mc,
-                         error_cap=error_cap, seed=seed, draw_chunk=draw_chunk, total=n,
-                         desc=f'calibrate on {CALIBRATION_SPLIT}',
-                         stream=_STREAMS[CALIBRATION_SPLIT],
-                         ensemble_size=checkpoint.ensemble_size(meta), estimator=estimator)
   try:
     record = calibration.fit(part['pred'], part['labels'], part['pred_err'], standardizer.std,
-                             step=meta.get('step'), split=CALIBRATION_SPLIT, mc=int(mc),
-                             error_cap=error_cap, seed=int(seed), estimator=estimator,
+                             step=meta.get('step'), split=split, mc=int(settings.mc),
+                             error_cap=settings.error_cap, seed=int(settings.seed),
+                             estimator=settings.estimator,
                              ensemble_size=checkpoint.ensemble_size(meta))
   except calibration.CalibrationError as e:
-    raise EvaluationError(f'{data_dir} {CALIBRATION_SPLIT} split: {e}') from e
+    raise EvaluationError(f'{data_dir} {split} split: {e}') from e
   logging.info('Calibration a=%s b=%s', record['a'], record['b'])
   if save:
     if not meta.get('checkpoint_dir') or meta.get('step') is None:
@@ -455,143 +682,112 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str,
   return record
 
 
-def _calibration_in_use(meta: Mapping[str, Any], mode: str, mc: int, error_cap: str,
-                        estimator: str = 'mc') -> dict[str, Any] | None:
+def _calibration_in_use(meta: Mapping[str, Any], mode: str, settings: MCSettings
+                        ) -> dict[str, Any] | None:
   if mode not in CALIBRATION_MODES:
     raise EvaluationError(f'--calibration must be one of {CALIBRATION_MODES}, got {mode!r}')
   record = meta.get('calibration') if mode == 'auto' else None
-  if record is not None and record.get('estimator', 'mc') != estimator:
+  if record is None:
+    return None
+  if record.get('estimator', 'mc') != settings.estimator:
     logging.warning('The calibration was fitted for the %r σ estimator, this run uses %r: '
                     'rerun evaluate.py --calibrate --uncertainty=%s for a matching fit.',
-                    record.get('estimator', 'mc'), estimator, estimator)
-  if record is not None and (record.get('mc'), record.get('error_cap')) != (mc, error_cap):
+                    record.get('estimator', 'mc'), settings.estimator, settings.estimator)
+  if (record.get('mc'), record.get('error_cap')) != (settings.mc, settings.error_cap):
     logging.warning('The calibration was fitted with mc=%s error_cap=%s, this run uses mc=%d '
                     'error_cap=%s: the σ it scales differ somewhat.', record.get('mc'),
-                    record.get('error_cap'), mc, error_cap)
+                    record.get('error_cap'), settings.mc, settings.error_cap)
   return record
 
 
-def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str,
-             splits: Sequence[str] = (), data_dir: str | None = None,
-             apstar_files: Sequence[str] = (), mc: int = uncertainty.PAPER_NUM_DRAWS,
-             error_cap: str = 'median', seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-             draw_chunk: int = DEFAULT_DRAW_CHUNK, make_figures: bool = True,
-             num_threads: int = 4, calibration_mode: str = 'auto',
-             estimator: str = 'mc', skipped_files: Sequence[tuple[str, str]] = ()
-             ) -> dict[str, Any]:
-  """Predicts every star, writes the catalogue, metrics and figures; returns what it wrote.
-
-  ``estimator`` ('mc' or 'linear', see ``predict_batches``) is recorded, with the other run
-  settings, in the catalogue header and metrics.json: ``sigma`` is 'mc', 'linear' or 'none'.
-
-  Give ``splits`` (with ``data_dir``) for labelled stars of the built data set, or
-  ``apstar_files`` for unlabelled apStar spectra (or both); ``skipped_files`` (path, reason),
-  e.g. from ``apstar_inputs``, go into skipped.csv with the unreadable ones.
-  ``calibration_mode='auto'`` scales the σ by ``meta['calibration']`` when present
-  (``calibrate``), 'none' keeps the raw σ. ``estimator``: 'mc' (the paper's draws) or 'linear'
-  (first-order propagation).
-  Returns a dict with the output paths ('catalog_fits', 'catalog_csv', 'metrics_json' or None,
-  'figures', 'skipped_csv' or None), 'n_stars', 'n_skipped', 'sigma', 'metrics' and 'seconds'.
-  """
+def _check_request(splits, data_dir, apstar_files, skipped_files, batch_size, output_dir):
   if not splits and not apstar_files and not skipped_files:
     raise EvaluationError('nothing to evaluate: give --split (with --data_dir) or --apstar_dir')
   if splits and not data_dir:
     raise EvaluationError('--split needs --data_dir (the tfds data dir of the built data set)')
-  for name, value, least in (('batch_size', batch_size, 1), ('mc', mc, 0),
-                             ('draw_chunk', draw_chunk, 1)):
-    if value < least:
-      raise EvaluationError(f'--{name} must be >= {least}, got {value}')
-  problem = output_dir_problem(output_dir)
-  if problem:
+  if batch_size < 1:
+    raise EvaluationError(f'--batch_size must be >= 1, got {batch_size}')
+  if problem := output_dir_problem(output_dir):
+    raise EvaluationError(f'--output_dir: {problem}')
+
+
+def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str | epath.PathLike,
+             splits: Sequence[str] = (), data_dir: str | epath.PathLike | None = None,
+             apstar_files: Sequence[str] = (), skipped_files: Sequence[Problem] = (),
+             settings: MCSettings = MCSettings(), batch_size: int = DEFAULT_BATCH_SIZE,
+             make_figures: bool = True, calibration_mode: str = 'auto',
+             shard: Shard | None = None) -> dict[str, Any]:
+  """Predicts every star, writes the catalogue, metrics and figures; returns what it wrote.
+
+  Give ``splits`` (with ``data_dir``) for labelled stars of the built data set, or
+  ``apstar_files`` for unlabelled apStar spectra (or both); ``skipped_files`` (e.g. from
+  ``apstar_inputs``) go into skipped.csv with the unreadable ones. ``settings`` (the σ estimator,
+  draws, seed, ...) are recorded in the catalogue header and metrics.json.
+  ``calibration_mode='auto'`` scales the σ by ``meta['calibration']`` when present
+  (``calibrate``), 'none' keeps the raw σ.
+  ``shard``: None predicts everything, or under ``jax.distributed`` this process's shard, and
+  process 0 writes the whole catalogue; a ``Shard`` of several writes only this shard's part
+  file into ``output_dir`` (``merge`` writes the catalogue from all parts).
+  Returns a dict with the output paths ('catalog_fits', 'catalog_csv', 'metrics_json',
+  'skipped_csv': None when not written; 'figures'; 'part'), 'n_stars', 'n_skipped', 'sigma',
+  'calibrated', 'metrics', 'table' and 'seconds'.
+  """
+  _check_request(splits, data_dir, apstar_files, skipped_files, batch_size, output_dir)
+  distributed = shard is None and jax.process_count() > 1
+  if shard is not None and shard.count > 1 and jax.process_count() > 1:
+    raise EvaluationError('--shard_index/--num_shards are for separate runs, not for a '
+                          'jax.distributed job (it shards by process by itself)')
+  shard = process_shard() if shard is None else shard
+  t0 = time.perf_counter()
+  cal = _calibration_in_use(meta, calibration_mode, settings)
+  batch_size = _even_batch_size(batch_size)
+  header = _run_header(meta, settings, cal, splits=splits,
+                       apstar=bool(apstar_files or skipped_files), batch_size=batch_size,
+                       shard=shard)
+  part = _predict_inputs(params, meta, settings, batch_size,
+                         _sources(splits, data_dir, apstar_files), shard)
+  if shard.index == 0:  # Files left out before reading are reported once, by shard 0.
+    listed = np.asarray([dataclasses.astuple(p) for p in skipped_files], str).reshape(-1, 3)
+    part['problems'] = np.concatenate([listed, part['problems']])
+  output_dir = epath.Path(output_dir)
+  if shard.count == 1:
+    out = _write_outputs(*_merge_parts([(part, header)]), output_dir, make_figures)
+  elif distributed:
+    everything = _gather_parts(_part_bytes(part, header))
+    out = (_not_written(part) if everything is None else _write_outputs(
+        *_merge_parts([_read_part(d, f'process {k}') for k, d in enumerate(everything)]),
+        output_dir, make_figures))
+  else:
+    out = _not_written(part)
+    out['part'] = str(output_dir / shard.path_name)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with file_io.atomic_path(out['part']) as tmp:
+      epath.Path(tmp).write_bytes(_part_bytes(part, header))
+    logging.info('Wrote part %s (%d stars); merge all parts with evaluate.py --merge.',
+                 out['part'], out['n_stars'])
+  out['seconds'] = time.perf_counter() - t0
+  return out
+
+
+def _not_written(part: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """The result of a run that predicted a shard and wrote no catalogue."""
+  return {'catalog_fits': None, 'catalog_csv': None, 'metrics_json': None, 'skipped_csv': None,
+          'figures': [], 'metrics': None, 'part': None, 'table': None, 'calibrated': None,
+          'n_stars': len(part['pred']), 'n_skipped': len(part['problems']), 'sigma': None}
+
+
+def merge(parts: Sequence[str | epath.PathLike], output_dir: str | epath.PathLike, *,
+          make_figures: bool = True) -> dict[str, Any]:
+  """Writes the catalogue, metrics and figures of a sharded run from its part files.
+
+  ``parts``: part files or folders holding them (``PART_GLOB``). The result equals the one-run
+  catalogue bit for bit; the metrics are computed on the merged catalogue.
+  """
+  if problem := output_dir_problem(output_dir):
     raise EvaluationError(f'--output_dir: {problem}')
   t0 = time.perf_counter()
-  model = checkpoint.model_from_meta(meta)
-  standardizer = checkpoint.standardizer_from_meta(meta)
-  cal = _calibration_in_use(meta, calibration_mode, mc, error_cap, estimator)
-  os.makedirs(output_dir, exist_ok=True)
-  batch_size = _even_batch_size(batch_size)
-  kwargs = dict(mc=mc, error_cap=error_cap, seed=seed, draw_chunk=draw_chunk,
-                ensemble_size=checkpoint.ensemble_size(meta), estimator=estimator)
-  sigma_source = 'none' if mc == 0 else estimator
-  parts, data_sets = [], []
-  for split in splits:
-    batches, n = split_batches(data_dir, split, batch_size)
-    logging.info('Predicting %d stars of split %r (σ: %s, mc=%d, error_cap=%s).', n, split,
-                 sigma_source, mc, error_cap)
-    # One noise stream per split: star 0 of dev and of test get different noise, and a split's
-    # result does not depend on which other splits run with it.
-    part = predict_batches(params, model, standardizer, batches, total=n, desc=split,
-                           stream=_STREAMS[split], **kwargs)
-    parts.append(part)
-    data_sets.append(np.full(len(part['pred']), split))
-  skipped: list[tuple[str, str]] = list(skipped_files)
-  if apstar_files:
-    logging.info('Predicting %d apStar files (σ: %s, mc=%d, error_cap=%s).', len(apstar_files),
-                 sigma_source, mc, error_cap)
-    part = predict_batches(
-        params, model, standardizer,
-        apstar_batches(apstar_files, batch_size, skipped=skipped, num_threads=num_threads),
-        total=len(apstar_files), desc='apStar', stream=_STREAMS['apstar'], **kwargs)
-    parts.append(part)
-    data_sets.append(np.full(len(part['pred']), ''))
-  skipped_csv = None
-  if apstar_files or skipped_files:
-    # Written before anything can fail: when no file at all is readable, this says why.
-    skipped_csv = os.path.join(output_dir, SKIPPED_CSV)
-    with file_io.atomic_path(skipped_csv) as tmp, open(tmp, 'w', newline='') as f:
-      writer = csv.writer(f)
-      writer.writerow(['path', 'reason'])
-      writer.writerows(skipped)
-  if not parts or sum(len(p['pred']) for p in parts) == 0:
-    raise EvaluationError(f'no star could be read ({len(skipped)} files skipped, listed in '
-                          f'{skipped_csv})')
-  merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  data_set = np.concatenate(data_sets)
-  dtype_names = np.asarray([DATA_TYPES[i] if 0 <= i < len(DATA_TYPES) else ''
-                            for i in merged['data_type'].astype(int)], dtype=str)
-  sigma = calibration.apply(merged['pred_err'], cal)
-  table = catalog.build_catalog(
-      apogee_id=merged['apogee_id'], ra=merged['ra'], dec=merged['dec'], pred=merged['pred'],
-      pred_err=sigma, pred_err_noise=merged['pred_err_noise'],
-      pred_err_model=merged['pred_err_model'], snr=merged['snr'], labels=merged['labels'],
-      data_set=data_set, data_type=dtype_names, calibrated=cal is not None, sigma=sigma_source,
-      file=merged['file'])
-  # 'mc' counts the draws actually made: none in linear mode.
-  run_info = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
-              'sigma': sigma_source, 'mc': int(mc) if sigma_source == 'mc' else 0,
-              'error_cap': error_cap, 'seed': int(seed),
-              'ensemble': checkpoint.ensemble_size(meta)}
-  for k, v in run_info.items():
-    table.meta[k.upper()[:8]] = '' if v is None else v
-  table.meta['CALIB'] = 'dev' if cal is not None else 'none'
-  run_info['calibration'] = ({k: cal[k] for k in ('a', 'b', 'n', 'step', 'split', 'mc')
-                              if k in cal} if cal is not None else None)
-  out = {'catalog_fits': os.path.join(output_dir, CATALOG_FITS),
-         'catalog_csv': os.path.join(output_dir, CATALOG_CSV),
-         'metrics_json': None, 'skipped_csv': skipped_csv, 'figures': [], 'metrics': None}
-  catalog.write_fits(table, out['catalog_fits'])
-  catalog.write_csv(table, out['catalog_csv'])
-  labelled = bool(splits)
-  if labelled:
-    metrics = {'run': run_info, 'splits': {}}
-    for split in splits:
-      sel = data_set == split
-      metrics['splits'][split] = compute_metrics(
-          merged['pred'][sel], merged['labels'][sel], merged['data_type'][sel], standardizer,
-          sigma=sigma[sel], raw_sigma=merged['pred_err'][sel])
-    metrics['paper'] = {'table2_train_dev_test': PAPER_TABLE2, 'table3_test': PAPER_TABLE3}
-    out['metrics_json'] = os.path.join(output_dir, METRICS_JSON)
-    _write_json_atomic(metrics, out['metrics_json'])
-    out['metrics'] = metrics
-  if make_figures:
-    out['figures'] = figures.make_figures(table, os.path.join(output_dir, FIGURES_DIR),
-                                          with_labels=labelled)
-  _remove_stale_outputs(output_dir, out)
-  out['n_stars'] = len(table)
-  out['sigma'] = sigma_source
-  out['n_skipped'] = len(skipped)
+  paths = _find_parts(parts)
+  out = _write_outputs(*_merge_parts([_read_part(p.read_bytes(), str(p)) for p in paths]),
+                       epath.Path(output_dir), make_figures)
   out['seconds'] = time.perf_counter() - t0
-  out['table'] = table
-  out['calibrated'] = cal is not None
-  logging.info('Wrote %d stars to %s in %.1f s.', len(table), output_dir, out['seconds'])
   return out

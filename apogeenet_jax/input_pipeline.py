@@ -14,6 +14,13 @@ Every batch is a dict of NumPy arrays:
   'file'      (B,)      str      the apStar file ('' when the source has none)
   'snr', 'ra', 'dec' (B,) float32
   'mask'      (B,)      bool     True for real rows; eval batches pad the last batch with False.
+Eval batches (``eval_batches``) also carry
+  'index'     (B,)      int64    each row's position in its source (the per-star PRNG key's index)
+  'problem'   (B,)      str      why a row could not be read ('' when it was; such rows are masked)
+
+Inference on apStar files reads them through the same machinery: ``ApStarFiles`` is a
+random-access source over a file list, like a tfds data source, so ``eval_batches`` serves a
+built split and a folder of new files alike (grain threads, in order, fixed batch shapes).
 """
 
 import os
@@ -24,12 +31,13 @@ import grain
 import numpy as np
 from absl import logging
 
+from apogeenet_jax import apstar
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, N_PIXELS
 from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
 
 DEFAULT_NAME = 'apogee'
-# Alternative per-label feature names a builder may use instead of one 'labels' vector.
-_LABEL_KEYS = {'LOGG': ('logg', 'LOGG'), 'TEFF': ('teff', 'TEFF'), 'FE_H': ('fe_h', 'FE_H', 'feh')}
+# data_type of a record without labels (an apStar file given for inference).
+UNLABELLED = -1
 # Per-star scalars and their dtypes: RA/Dec stay float64 (float32 rounds them by ~0.05″).
 _SCALAR_KEYS = {'snr': np.float32, 'ra': np.float64, 'dec': np.float64}
 
@@ -88,6 +96,33 @@ def open_split(data_dir: str, split: str, name: str = DEFAULT_NAME) -> Sequence[
   return source
 
 
+class ApStarFiles(Sequence[Mapping[str, Any]]):
+  """A random-access source over apStar files ([i] reads file i), for ``eval_batches``.
+
+  Records look like a built split's, without labels. A file that cannot be read gives a record
+  whose 'problem' says why (flux 0, errors infinite): ``eval_batches`` masks that row, and the
+  caller reports it. Reading never raises, so one bad file among 263,000 does not stop a run.
+  """
+
+  def __init__(self, paths: Sequence[str]):
+    self._paths = [str(p) for p in paths]
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    path = self._paths[i]
+    try:
+      s = apstar.read_apstar(path)
+    except apstar.ApStarError as e:
+      return {'flux': np.zeros(N_PIXELS, np.float32),
+              'flux_err': np.full(N_PIXELS, np.inf, np.float32),
+              'apogee_id': apstar.apogee_id_from_filename(path) or '', 'file': path,
+              'problem': str(e)}
+    return {'flux': s.flux, 'flux_err': s.flux_err, 'apogee_id': s.apogee_id, 'snr': s.snr,
+            'ra': s.ra, 'dec': s.dec, 'file': path}
+
+
 # ------------------------------------------------------------------------------------------------
 # One record → one example.
 
@@ -116,17 +151,9 @@ def _data_type_index(x: Any) -> int:
 
 
 def _labels(record: Mapping[str, Any]) -> np.ndarray:
-  if 'labels' in record:
-    labels = np.asarray(record['labels'], np.float32).reshape(-1)
-  else:
-    values = []
-    for label in LABEL_NAMES:
-      key = next((k for k in _LABEL_KEYS[label] if k in record), None)
-      if key is None:
-        raise InputPipelineError(f'record has neither "labels" nor a {label} feature: '
-                                 f'{sorted(record)}')
-      values.append(np.float32(record[key]))
-    labels = np.asarray(values, np.float32)
+  if 'labels' not in record:  # Unlabelled (inference): NaN, ignored by every metric.
+    return np.full(len(LABEL_NAMES), np.nan, np.float32)
+  labels = np.asarray(record['labels'], np.float32).reshape(-1)
   if labels.shape != (len(LABEL_NAMES),):
     raise InputPipelineError(f'labels of shape {labels.shape}, expected ({len(LABEL_NAMES)},)')
   return labels
@@ -142,9 +169,11 @@ def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
       'flux': flux,
       'flux_err': np.full_like(flux, np.inf) if err is None else np.asarray(err),
       'labels': _labels(record),
-      'data_type': _data_type_index(record['data_type']),
+      'data_type': (_data_type_index(record['data_type']) if 'data_type' in record
+                    else UNLABELLED),
       'apogee_id': _as_str(record.get('apogee_id', '')),
       'file': _as_str(record.get('file', '')),
+      'problem': _as_str(record.get('problem', '')),
   }
   for key, dtype in _SCALAR_KEYS.items():
     example[key] = dtype(record.get(key, np.nan))
@@ -186,6 +215,21 @@ def epoch_permutation(indices: np.ndarray, *, seed: int, epoch: int, shard_index
   perm = rng.permutation(np.asarray(indices, np.int64))
   perm = perm[:len(perm) // shard_count * shard_count]
   return perm[shard_index::shard_count]
+
+
+def shard_range(num_examples: int, batch_size: int, shard_index: int, shard_count: int
+                ) -> tuple[int, int]:
+  """[start, stop) of shard ``shard_index`` of ``shard_count``: contiguous whole batches.
+
+  Boundaries fall on multiples of ``batch_size``, so every shard's batches are batches of the
+  one-shard run (same rows, same places): a sharded prediction is bit-identical to one run.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
+  n_batches = -(-num_examples // batch_size)
+  bounds = [min(num_examples, (k * n_batches // shard_count) * batch_size)
+            for k in (shard_index, shard_index + 1)]
+  return bounds[0], bounds[1]
 
 
 def num_train_batches(num_examples: int, batch_size: int, shard_count: int = 1) -> int:
@@ -305,6 +349,8 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
 
   Fixed shapes mean the jitted eval step compiles once. ``num_batches`` pads further with
   all-False batches (multi-process evaluation needs the same batch count on every process).
+  Batches also carry 'index' (source position of each row) and 'problem' (why a row of an
+  ``ApStarFiles`` source could not be read: that row is masked, '' on every other row).
   """
   if indices is None:
     indices = np.arange(len(source))
@@ -323,10 +369,20 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
   padded = np.concatenate([indices, np.full(total - len(indices), indices[0], np.int64)])
   valid = np.arange(total) < len(indices)
   ds = grain.MapDataset.source(np.arange(total)).map(
-      lambda j: (decode_example(source[int(padded[j])]), bool(valid[j])))
+      lambda j: (decode_example(source[int(padded[j])]), bool(valid[j]), int(padded[j])))
   ds = ds.to_iter_dataset(_read_options(num_threads, batch_size * max(1, prefetch_batches)))
-  ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=lambda items: collate([e for e, _ in items], [m for _, m in items]))
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_collate_eval)
   if prefetch_batches > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return iter(ds)
+
+
+def _collate_eval(items: Sequence[tuple[dict[str, Any], bool, int]]) -> dict[str, np.ndarray]:
+  examples = [e for e, _, _ in items]
+  valid = np.asarray([m for _, m, _ in items], bool)
+  # Padding copies a real row: its problem, if any, is reported once, on the real row.
+  problem = np.where(valid, np.asarray([e['problem'] for e in examples], dtype=str), '')
+  batch = collate(examples, valid & (problem == ''))
+  batch['index'] = np.asarray([i for _, _, i in items], np.int64)
+  batch['problem'] = problem
+  return batch
