@@ -214,7 +214,8 @@ def apstar_inputs(apstar_dir: str | None = None, apstar_list: str | None = None
     candidates += [line.strip() for line in lines if line.strip() and not line.startswith('#')]
   files, first = [], {}
   for path in candidates:
-    real = str(epath.Path(path).resolve())
+    # epath's resolve() does not follow links; realpath does (local files only).
+    real = os.path.realpath(path) if _is_local(epath.Path(path)) else str(path)
     if real in first:
       skipped.append(_problem(path, f'{path}: the same file as {first[real]}, read once'))
       continue

@@ -80,7 +80,8 @@ def run_recipe(recipe: str, data_dir: pathlib.Path, workdir: pathlib.Path,
                   else f'epoch cap {config.max_epochs}')
   params, meta = checkpoint.load_params(str(workdir / checkpoint.CHECKPOINT_DIR))
   result = evaluation.evaluate(params=params, meta=meta, output_dir=str(workdir / 'eval_test'),
-                               splits=['test'], data_dir=str(data_dir), mc=0,
+                               splits=['test'], data_dir=str(data_dir),
+                               settings=evaluation.MCSettings(mc=0),
                                make_figures=False)
   full = result['metrics']['splits']['test']['Full']
   out['test_mse'], out['scatter'] = full['mse_standardised'], full['scatter']

@@ -181,7 +181,8 @@ def memory_child(n_stars, mc, batch_size, draw_chunk):
   model, params = _jax_model()
   t0 = time.perf_counter()
   out = evaluation.predict_batches(params, model, PAPER_STANDARDIZER,
-                                   _batches(n_stars, batch_size), mc=mc, draw_chunk=draw_chunk,
+                                   _batches(n_stars, batch_size),
+                                   evaluation.MCSettings(mc=mc, draw_chunk=draw_chunk),
                                    total=n_stars)
   seconds = time.perf_counter() - t0
   assert len(out['pred']) == n_stars
@@ -205,7 +206,7 @@ def jvp_seconds_per_star(flux, err, n_stars):
 
 def _ratio_source():
   """(params, model, standardizer, batches factory, description) for the σ comparison."""
-  from apogeenet_jax import evaluation
+  from apogeenet_jax import evaluation, input_pipeline
   from apogeenet_jax.normalization import PAPER_STANDARDIZER
   if _WORKDIR.value or _CHECKPOINT.value:
     from apogeenet_jax import checkpoint
@@ -213,7 +214,8 @@ def _ratio_source():
                                               checkpoint_dir=_CHECKPOINT.value)
     model = checkpoint.model_from_meta(meta)
     return (params, model, checkpoint.standardizer_from_meta(meta),
-            lambda: evaluation.split_batches(_DATA_DIR.value, _SPLIT.value, _BATCH.value)[0],
+            lambda: input_pipeline.eval_batches(
+                evaluation.open_split(_DATA_DIR.value, _SPLIT.value), _BATCH.value),
             f'split {_SPLIT.value!r} of {_DATA_DIR.value}, checkpoint {meta["checkpoint_dir"]}')
   from apogeenet_jax import apstar
   files = apstar.find_apstar_files(_APSTAR_DIR.value) if os.path.isdir(_APSTAR_DIR.value) else []
@@ -221,7 +223,7 @@ def _ratio_source():
     return None
   model, params = _jax_model()
   return (params, model, PAPER_STANDARDIZER,
-          lambda: evaluation.apstar_batches(files, _BATCH.value, skipped=[]),
+          lambda: input_pipeline.eval_batches(input_pipeline.ApStarFiles(files), _BATCH.value),
           f'{len(files)} real apStar files in {_APSTAR_DIR.value}, random paper-size network')
 
 
@@ -234,8 +236,9 @@ def sigma_ratios():
     print(f'σ ratio: no checkpoint given and no apStar files in {_APSTAR_DIR.value}: skipped')
     return
   params, model, standardizer, batches, what = source
-  out = {est: evaluation.predict_batches(params, model, standardizer, batches(), mc=_MC.value,
-                                         draw_chunk=_CHUNK.value, estimator=est, desc=est)
+  out = {est: evaluation.predict_batches(
+      params, model, standardizer, batches(),
+      evaluation.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est), desc=est)
          for est in ('linear', 'mc')}
   ratio = out['linear']['pred_err'] / out['mc']['pred_err']
   print(f'σ_linear / σ_MC-{_MC.value} on {what} ({len(ratio)} stars; MC-{_MC.value} σ itself '

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apogeenet_jax import calibration, catalog, checkpoint, evaluation
+from apogeenet_jax import calibration, catalog, checkpoint, evaluation, input_pipeline, labels
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
+from apogeenet_jax.evaluation import MCSettings
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR
@@ -50,7 +51,8 @@ def test_evaluate_on_real_apstar_files(tiny_checkpoint, apstar_dir, tmp_path):
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   assert meta['step'] == 3
   out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'out'),
-                            apstar_files=_files(apstar_dir), mc=6, batch_size=2, draw_chunk=3)
+                            apstar_files=_files(apstar_dir), settings=MCSettings(mc=6, draw_chunk=3),
+                            batch_size=2)
   assert out['n_stars'] == 3 and out['n_skipped'] == 1
   assert out['metrics_json'] is None  # unlabelled: no metrics
   skipped = open(out['skipped_csv']).read()
@@ -72,10 +74,10 @@ def test_mc100_fixed_seed_is_reproducible_and_batch_independent(tiny_checkpoint,
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   files = _files(apstar_dir)
   runs = [evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / f'o{i}'),
-                              apstar_files=files, mc=100, seed=7, batch_size=bs,
+                              apstar_files=files, settings=MCSettings(mc=100, seed=7), batch_size=bs,
                               make_figures=False)['table'] for i, bs in enumerate((4, 4, 1))]
   other = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o9'),
-                              apstar_files=files, mc=100, seed=8, batch_size=4,
+                              apstar_files=files, settings=MCSettings(mc=100, seed=8), batch_size=4,
                               make_figures=False)['table']
   for col in ('LOGG_PRED', 'TEFF_ERR', 'FE_H_ERR'):
     np.testing.assert_array_equal(runs[0][col], runs[1][col])
@@ -83,32 +85,34 @@ def test_mc100_fixed_seed_is_reproducible_and_batch_independent(tiny_checkpoint,
   assert not np.allclose(other['TEFF_ERR'], runs[0]['TEFF_ERR'])
 
 
-def _fake_split(n, seed, batch_size):
-  """In-memory batches in the input_pipeline contract, labels from the model's own scale."""
+def _fake_source(n, seed):
+  """Records of a built split (as a tfds data source returns them), labels on the model's scale."""
   rng = np.random.default_rng(seed)
-  rows = []
-  for i in range(n):
-    rows.append({'flux': rng.normal(300, 30, N_PIXELS).astype(np.float32),
-                 'flux_err': rng.uniform(1, 5, N_PIXELS).astype(np.float32),
-                 'labels': np.array([4.0, 3500.0 + 10 * i, -0.1], np.float32),
-                 'data_type': i % len(DATA_TYPES), 'apogee_id': f'2M{i:08d}+0000000',
-                 'snr': 50.0, 'ra': 10.0, 'dec': 20.0})
-  for start in range(0, n, batch_size):
-    chunk = rows[start:start + batch_size]
-    valid = np.arange(batch_size) < len(chunk)
-    chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
-    batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
-    batch['mask'] = valid
-    yield batch
+  return [{'flux': rng.normal(300, 30, N_PIXELS).astype(np.float32),
+           'flux_err': rng.uniform(1, 5, N_PIXELS).astype(np.float32),
+           'labels': np.array([4.0, 3500.0 + 10 * i, -0.1], np.float32),
+           'data_type': i % len(DATA_TYPES), 'apogee_id': f'2M{i:08d}+0000000',
+           'snr': 50.0, 'ra': 10.0, 'dec': 20.0} for i in range(n)]
+
+
+def _fake_split(n, seed, batch_size):
+  """Batches of ``_fake_source`` in the input_pipeline contract (last one padded)."""
+  return input_pipeline.eval_batches(_fake_source(n, seed), batch_size)
+
+
+def _fake_splits(monkeypatch, n, seeds=None):
+  """evaluation.open_split serves ``_fake_source(n, seeds[split])`` instead of a built data set."""
+  monkeypatch.setattr(evaluation, 'open_split',
+                      lambda data_dir, split: _fake_source(n, (seeds or {}).get(split, 0)))
 
 
 def test_evaluate_on_a_labelled_split_writes_metrics_and_figures(tiny_checkpoint, tmp_path,
                                                                  monkeypatch):
-  monkeypatch.setattr(evaluation, 'split_batches',
-                      lambda data_dir, split, bs: (_fake_split(7, 0, bs), 7))
+  _fake_splits(monkeypatch, 7)
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path),
-                            splits=['test'], data_dir='unused', mc=4, batch_size=3)
+                            splits=['test'], data_dir='unused', settings=MCSettings(mc=4),
+                            batch_size=3)
   assert out['n_stars'] == 7  # padding rows dropped
   metrics = json.load(open(out['metrics_json']))
   test = metrics['splits']['test']
@@ -184,7 +188,7 @@ def test_all_files_unreadable_is_a_clear_error(tiny_checkpoint, tmp_path):
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   with pytest.raises(evaluation.EvaluationError, match='no star could be read'):
     evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o'),
-                        apstar_files=[str(bad)], mc=2)
+                        apstar_files=[str(bad)], settings=MCSettings(mc=2))
   with pytest.raises(checkpoint.CheckpointError, match='no such checkpoint'):
     evaluation.load_checkpoint(workdir=str(tmp_path / 'nowhere'))
 
@@ -204,7 +208,8 @@ def _all_devices_and_one(tiny_checkpoint, **kwargs):
 
 def test_sharded_over_fake_devices_equals_one_device(tiny_checkpoint):
   """conftest gives 4 CPU devices: a batch of 4 is split over them, the result must not change."""
-  many, one, (_, _, _, n) = _all_devices_and_one(tiny_checkpoint, mc=8, draw_chunk=4)
+  many, one, (_, _, _, n) = _all_devices_and_one(tiny_checkpoint,
+                                                settings=MCSettings(mc=8, draw_chunk=4))
   assert len(many['pred']) == 2 * n - 1
   np.testing.assert_allclose(many['pred'], one['pred'], rtol=1e-5)
   np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)
@@ -225,7 +230,7 @@ def test_ensemble_combines_members_draws_as_specified(tiny_checkpoint):
   std = checkpoint.standardizer_from_meta(meta)
   members = [params] + [jax.jit(model.init)(jax.random.PRNGKey(k), jnp.zeros((1, N_PIXELS)))[
       'params'] for k in (1, 2)]
-  kw = dict(mc=6, draw_chunk=3, seed=5, stream=2)
+  kw = dict(settings=MCSettings(mc=6, draw_chunk=3, seed=5), stream=2)
   singles = [evaluation.predict_batches(p, model, std, _fake_split(5, 1, 3), **kw)
              for p in members]
   ens = evaluation.predict_batches(_stacked(members), model, std, _fake_split(5, 1, 3),
@@ -249,13 +254,12 @@ def _copy_checkpoint(src, dst):
 
 
 def test_calibrate_stores_applies_and_can_be_switched_off(tiny_checkpoint, tmp_path, monkeypatch):
-  monkeypatch.setattr(evaluation, 'split_batches',
-                      lambda data_dir, split, bs: (_fake_split(24, {'dev': 2, 'test': 3}[split],
-                                                               bs), 24))
+  _fake_splits(monkeypatch, 24, {'dev': 2, 'test': 3})
   directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
   params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
   assert 'calibration' not in meta
-  record = evaluation.calibrate(params=params, meta=meta, data_dir='unused', mc=4, batch_size=8)
+  record = evaluation.calibrate(params=params, meta=meta, data_dir='unused',
+                                settings=MCSettings(mc=4), batch_size=8)
   assert record['step'] == 3 and record['n']['TEFF'] == 24
   assert os.path.exists(os.path.join(directory, 'calibration.json'))
   # orbax still sees exactly its one step beside the sidecar.
@@ -263,8 +267,9 @@ def test_calibrate_stores_applies_and_can_be_switched_off(tiny_checkpoint, tmp_p
   params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)  # a later run picks it up
   assert meta['calibration']['a'] == pytest.approx(record['a'])
   runs = {mode: evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / mode),
-                                    splits=['test'], data_dir='unused', mc=4, batch_size=8,
-                                    make_figures=False, calibration_mode=mode)
+                                    splits=['test'], data_dir='unused', batch_size=8,
+                                    settings=MCSettings(mc=4), make_figures=False,
+                                    calibration_mode=mode)
           for mode in ('auto', 'none')}
   cal, raw = runs['auto']['table'], runs['none']['table']
   assert runs['auto']['calibrated'] and not runs['none']['calibrated']
@@ -297,8 +302,7 @@ def test_calibration_of_another_step_is_ignored(tiny_checkpoint, tmp_path):
 
 
 def test_ensemble_checkpoint_is_detected_from_meta(tmp_path, monkeypatch):
-  monkeypatch.setattr(evaluation, 'split_batches',
-                      lambda data_dir, split, bs: (_fake_split(5, 0, bs), 5))
+  _fake_splits(monkeypatch, 5)
   model = APOGEENet(channels=(4, 4), hidden=(16,))
   members = [jax.jit(model.init)(jax.random.PRNGKey(k), jnp.zeros((1, N_PIXELS)))['params']
              for k in range(2)]
@@ -308,7 +312,8 @@ def test_ensemble_checkpoint_is_detected_from_meta(tmp_path, monkeypatch):
   params, meta = evaluation.load_checkpoint(checkpoint_dir=str(tmp_path / 'ens'))
   assert checkpoint.ensemble_size(meta) == 2
   out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o'),
-                            splits=['test'], data_dir='unused', mc=3, make_figures=False)
+                            splits=['test'], data_dir='unused', settings=MCSettings(mc=3),
+                            make_figures=False)
   t = out['table']
   assert out['metrics']['run']['ensemble'] == 2
   assert np.all(t['TEFF_ERR_MODEL'] > 0) and not t['TEFF_ERR_MODEL'].mask.any()
@@ -326,7 +331,7 @@ def test_ensemble_checkpoint_is_detected_from_meta(tmp_path, monkeypatch):
 
 def _small_error_batches(files, batch_size, factor):
   """Real apStar batches with every good pixel's error divided by ``factor`` (1e10 kept)."""
-  for batch in evaluation.apstar_batches(files, batch_size, skipped=[]):
+  for batch in input_pipeline.eval_batches(input_pipeline.ApStarFiles(files), batch_size):
     err = batch['flux_err']
     batch['flux_err'] = np.where(err < BAD_PIXEL_ERROR, err / factor, err).astype(np.float32)
     yield batch
@@ -343,8 +348,8 @@ def test_linear_equals_mc_on_real_spectra_with_errors_scaled_down(real_apstar_fi
   files = [str(p) for p in real_apstar_files]
   n_draws = 1000
   run = lambda estimator: evaluation.predict_batches(  # noqa: E731
-      params, model, PAPER_STANDARDIZER, _small_error_batches(files, 4, 1000.0), mc=n_draws,
-      draw_chunk=100, estimator=estimator)
+      params, model, PAPER_STANDARDIZER, _small_error_batches(files, 4, 1000.0),
+      MCSettings(mc=n_draws, draw_chunk=100, estimator=estimator))
   linear, mc = run('linear'), run('mc')
   z = linear['pred_z']
   # The comparison means something only if the outputs depend on the spectrum.
@@ -358,30 +363,30 @@ def test_linear_equals_mc_on_real_spectra_with_errors_scaled_down(real_apstar_fi
 
 
 def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
-  many, one, (params, model, std, n) = _all_devices_and_one(tiny_checkpoint, estimator='linear')
+  many, one, (params, model, std, n) = _all_devices_and_one(
+      tiny_checkpoint, settings=MCSettings(estimator='linear'))
   assert len(many['pred']) == 2 * n - 1 and np.all(many['pred_err'] > 0)
   # Split over devices XLA picks other convolution blockings: float32 rounding, no more.
   scale = np.abs(one['pred_z']).max()
   np.testing.assert_allclose(many['pred_z'], one['pred_z'], rtol=1e-5, atol=1e-5 * scale)
   np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)
   # Nothing is random in linear mode: another seed gives the same σ.
-  again = evaluation.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3), seed=5,
-                                     estimator='linear')
+  again = evaluation.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
+                                     MCSettings(seed=5, estimator='linear'))
   np.testing.assert_allclose(again['pred_err'], many['pred_err'], rtol=1e-5)
   with pytest.raises(evaluation.EvaluationError, match='--uncertainty'):
-    evaluation.predict_batches(params, model, std, _fake_split(1, 3, 1), estimator='delta')
+    MCSettings(estimator='delta')
 
 
 @pytest.mark.parametrize('estimator, mc, sigma', [('linear', 100, 'linear'), ('mc', 3, 'mc'),
                                                   ('linear', 0, 'none')])
 def test_catalog_and_metrics_record_the_estimator(tiny_checkpoint, tmp_path, monkeypatch,
                                                   estimator, mc, sigma):
-  monkeypatch.setattr(evaluation, 'split_batches',
-                      lambda data_dir, split, bs: (_fake_split(5, 0, bs), 5))
+  _fake_splits(monkeypatch, 5)
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path), splits=['test'],
-                            data_dir='unused', mc=mc, batch_size=4, make_figures=False,
-                            estimator=estimator)
+                            data_dir='unused', settings=MCSettings(mc=mc, estimator=estimator),
+                            batch_size=4, make_figures=False)
   run = json.load(open(out['metrics_json']))['run']
   assert out['sigma'] == run['sigma'] == sigma
   assert run['mc'] == (mc if sigma == 'mc' else 0)  # draws actually made
@@ -410,12 +415,12 @@ def test_apstar_dir_with_links_loops_and_near_misses(tiny_checkpoint, real_apsta
   assert sorted(os.path.basename(f) for f in files) == sorted(p.name for p in real_apstar_files[:2])
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'out'),
-                            apstar_files=files, skipped_files=skipped, mc=0, batch_size=2,
-                            make_figures=False)
+                            apstar_files=files, skipped_files=skipped, settings=MCSettings(mc=0),
+                            batch_size=2, make_figures=False)
   assert out['n_stars'] == 2
   t = catalog.read_catalog(out['catalog_csv'])
   assert sorted(t['FILE']) == sorted(files)
-  reasons = dict(csv.reader(open(out['skipped_csv'])))
+  reasons = {r['file']: r['reason'] for r in csv.DictReader(open(out['skipped_csv']))}
   assert 'not apStar-<reduction>-<APOGEE_ID>' in reasons[str(near)]
   assert 'the same file as' in reasons[str(d / 'alias' / real_apstar_files[0].name)]
 
@@ -430,9 +435,15 @@ def test_all_bad_folder_still_writes_skipped_csv(tiny_checkpoint, tmp_path):
   out_dir = tmp_path / 'o'
   with pytest.raises(evaluation.EvaluationError, match=r'no star could be read.*skipped\.csv'):
     evaluation.evaluate(params=params, meta=meta, output_dir=str(out_dir), apstar_files=files,
-                        skipped_files=skipped, mc=0)
+                        skipped_files=skipped, settings=MCSettings(mc=0))
+  # The layout of the builder's report, readable with its reader.
   rows = list(csv.reader(open(out_dir / 'skipped.csv')))
-  assert rows[0] == ['path', 'reason'] and len(rows) == 3
+  assert rows[0] == list(labels.SKIP_REPORT_COLUMNS) and len(rows) == 3
+  problems = labels.read_problems(out_dir / 'skipped.csv')
+  # Files left out by name come first, then the unreadable ones, with the ID from the name.
+  assert problems[0].file.endswith('apstar_r6_2M1.fits') and 'named like' in problems[0].reason
+  assert problems[1].apogee_id == '2M00000000+0000000'
+  assert 'not a readable FITS' in problems[1].reason
 
 
 def _parse_evaluate_flags(argv):
@@ -447,14 +458,25 @@ def _parse_evaluate_flags(argv):
   return evaluate
 
 
-@pytest.mark.parametrize('flag, message', [
-    ('--batch_size=0', 'batch_size must be >= 1'), ('--batch_size=-3', 'batch_size must be >= 1'),
-    ('--mc=-1', 'mc must be >= 0'), ('--draw_chunk=0', 'draw_chunk must be >= 1')])
-def test_bad_numbers_are_refused_when_flags_are_parsed(flag, message):
+@pytest.mark.parametrize('argv, message', [
+    (['--batch_size=0'], '--batch_size=0: 0 is not a positive integer'),
+    (['--batch_size=-3'], 'not a positive integer'),
+    (['--mc=-1'], '--mc=-1: -1 is not a non-negative integer'),
+    (['--draw_chunk=0'], '--draw_chunk=0: 0 is not a positive integer'),
+    (['--shard_index=2', '--num_shards=2'], '--shard_index=2 must be below --num_shards=2'),
+    (['--num_shards=2', '--multihost'], 'not with --multihost'),
+    (['--workdir=w', '--checkpoint=c'], r'Exactly one of \(workdir, checkpoint, merge\)'),
+    (['--merge=d', '--split=test'], r'At most one of \(merge, split\)'),
+])
+def test_bad_flags_are_refused_when_flags_are_parsed(argv, message):
   # Issue 13 item 8: refused before any work, one line each, not ZeroDivisionError or grain's.
   from absl import flags
+  if not any(a.startswith(('--workdir', '--merge')) for a in argv):
+    argv = ['--checkpoint=c', '--output_dir=o', *argv]
   with pytest.raises(flags.IllegalFlagValueError, match=message):
-    _parse_evaluate_flags([flag])
+    _parse_evaluate_flags(argv)
+  with pytest.raises(flags.IllegalFlagValueError, match='--output_dir is required'):
+    _parse_evaluate_flags(['--checkpoint=c'])
 
 
 def test_bad_output_dir_is_refused_when_flags_are_parsed(tmp_path, monkeypatch):
@@ -470,19 +492,20 @@ def test_bad_output_dir_is_refused_when_flags_are_parsed(tmp_path, monkeypatch):
                         str(a_file / 'below'): 'is a file',
                         str(locked / 'out'): 'not writable'}.items():
     with pytest.raises(flags.IllegalFlagValueError, match=message):
-      _parse_evaluate_flags([f'--output_dir={path}'])
-  _parse_evaluate_flags([f'--output_dir={tmp_path / "new" / "out"}', '--mc=0'])  # fine
+      _parse_evaluate_flags(['--checkpoint=c', f'--output_dir={path}'])
+  _parse_evaluate_flags(['--checkpoint=c', f'--output_dir={tmp_path / "new" / "out"}',
+                         '--mc=0'])  # fine
   assert not (tmp_path / 'new').exists()
 
 
 def test_outputs_of_an_earlier_run_of_another_mode_are_removed(tiny_checkpoint, apstar_dir,
                                                                tmp_path, monkeypatch):
   # Issue 13 item 9: the output folder describes one run, not the union of several.
-  monkeypatch.setattr(evaluation, 'split_batches',
-                      lambda data_dir, split, bs: (_fake_split(5, 0, bs), 5))
+  _fake_splits(monkeypatch, 5)
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   out_dir = tmp_path / 'out'
-  common = dict(params=params, meta=meta, output_dir=str(out_dir), mc=0, batch_size=4)
+  common = dict(params=params, meta=meta, output_dir=str(out_dir), settings=MCSettings(mc=0),
+                batch_size=4)
   evaluation.evaluate(apstar_files=_files(apstar_dir), make_figures=False, **common)
   assert (out_dir / 'skipped.csv').exists()
   (out_dir / 'figures').mkdir()

@@ -1,5 +1,7 @@
 """Tests of apogeenet_jax.input_pipeline on in-memory sources and a tiny built data set."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -102,16 +104,49 @@ def test_eval_batches_in_order_padded_with_mask():
     list(input_pipeline.eval_batches(src, 4, num_batches=2))
 
 
-def test_decode_example_accepts_names_and_per_label_keys():
-  rec = {'flux': np.zeros(N_PIXELS), 'logg': 4.5, 'teff': 3300.0, 'fe_h': 0.1,
+def test_decode_example_accepts_names_and_unlabelled_records():
+  rec = {'flux': np.zeros(N_PIXELS), 'labels': np.array([4.5, 3300.0, 0.1]),
          'data_type': b'YSO', 'apogee_id': b'2M1'}
   ex = input_pipeline.decode_example(rec)
-  assert ex['data_type'] == DATA_TYPES.index('YSO')
+  assert ex['data_type'] == DATA_TYPES.index('YSO') and ex['problem'] == ''
   np.testing.assert_allclose(ex['labels'], [4.5, 3300.0, 0.1])
+  # An apStar file for inference: no labels, no data type.
+  bare = input_pipeline.decode_example({'flux': np.zeros(N_PIXELS), 'apogee_id': b'2M2'})
+  assert np.isnan(bare['labels']).all() and bare['data_type'] == input_pipeline.UNLABELLED
   with pytest.raises(input_pipeline.InputPipelineError, match='data_type'):
     input_pipeline.decode_example({**rec, 'data_type': b'Giant'})
   with pytest.raises(input_pipeline.InputPipelineError, match='flux'):
     input_pipeline.decode_example({**rec, 'flux': np.zeros(100)})
+
+
+@pytest.mark.parametrize('n, batch_size, count', [(10, 4, 2), (10, 4, 3), (3, 4, 2), (0, 4, 2),
+                                                   (17, 2, 5)])
+def test_shard_range_covers_everything_once_on_batch_boundaries(n, batch_size, count):
+  ranges = [input_pipeline.shard_range(n, batch_size, k, count) for k in range(count)]
+  assert ranges[0][0] == 0 and ranges[-1][1] == n
+  for (_, stop), (start, _) in itertools.pairwise(ranges):
+    assert stop == start and (start % batch_size == 0 or start == n)
+  sizes = [stop - start for start, stop in ranges]
+  assert max(sizes) - min(sizes) <= batch_size  # balanced to within one batch
+  with pytest.raises(ValueError):
+    input_pipeline.shard_range(n, batch_size, count, count)
+
+
+def test_apstar_files_read_in_order_bad_files_masked_and_reported(tmp_path, real_apstar_files):
+  bad = tmp_path / 'apStar-r6-2M00000000+0000000.fits'
+  bad.write_bytes(b'not fits')
+  files = [str(real_apstar_files[0]), str(bad), str(real_apstar_files[1])]
+  source = input_pipeline.ApStarFiles(files)
+  batches = list(input_pipeline.eval_batches(source, 2, indices=np.array([1, 2])))
+  b = batches[0]
+  assert b['index'].tolist() == [1, 2] and b['mask'].tolist() == [False, True]
+  assert b['file'].tolist() == files[1:]
+  assert 'not a readable FITS' in b['problem'][0] and b['problem'][1] == ''
+  assert b['apogee_id'][0] == '2M00000000+0000000'  # from the file name
+  assert np.isnan(b['labels']).all() and (b['data_type'] == input_pipeline.UNLABELLED).all()
+  # Padding copies a bad first row: its problem is reported once, not per copy.
+  padded = next(iter(input_pipeline.eval_batches(source, 4, indices=np.array([1]))))
+  assert padded['mask'].tolist() == [False] * 4 and (padded['problem'] != '').sum() == 1
 
 
 def test_read_metadata_in_source_order():
