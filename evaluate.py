@@ -21,9 +21,11 @@ empty σ columns. ``--uncertainty=linear`` replaces the draws by first-order pro
 same capped errors (12–20× faster than 100 draws; prediction = the noiseless forward pass).
 ``--split`` takes a comma-separated list (``train,dev,test``). OUT receives catalog.fits,
 catalog.csv, metrics.json (labelled runs) and figures/*.png.
+
 Survey scale, on many hosts under ``jax.distributed`` (one process per host; the coordinator comes
-from the cluster environment or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, as
-for ``train.py``): each process predicts its own contiguous shard, process 0 writes the catalogue:
+from the cluster environment or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID:
+``sharding.initialize_distributed``): each process predicts its own contiguous shard of the stars,
+process 0 writes the catalogue:
 
     python evaluate.py --checkpoint=C --apstar_dir=DIR --output_dir=OUT --multihost
 
@@ -41,7 +43,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from apogeenet_jax import checkpoint, evaluation, uncertainty
+from apogeenet_jax import checkpoint, evaluation, sharding, uncertainty
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training run: its best checkpoint is used.')
@@ -123,7 +125,7 @@ def main(argv):
     _report(out)
     return
   if FLAGS.multihost or (FLAGS.config and FLAGS.config.get('multihost', False)):
-    jax.distributed.initialize()
+    sharding.initialize_distributed()
   output_dir = FLAGS.output_dir or str(epath.Path(FLAGS.workdir) / 'eval')
   if problem := evaluation.output_dir_problem(output_dir):  # The WORKDIR/eval default.
     raise app.UsageError(f'--output_dir: {problem}')

@@ -200,7 +200,10 @@ def load_params(directory: file_io.PathLike, *, step: int | None = None, best: b
     raise CheckpointError(f'{directory}: holds no checkpoint steps')
   try:
     out = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(), META_ITEM: ocp.args.JsonRestore()}))
+        # Saved on other device ids (process 0 of one run; another process of this one): onto ours.
+        STATE_ITEM: ocp.args.StandardRestore(
+            fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
+        META_ITEM: ocp.args.JsonRestore()}))
   except _RESTORE_ERRORS as e:
     raise CheckpointError(f'{directory}: step {step} cannot be restored (step folder '
                           f'{directory / str(step)}): {_reason(e)}') from e

@@ -506,15 +506,17 @@ def _run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str,
 
 def _part_bytes(part: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> bytes:
   buffer = io.BytesIO()
-  np.savez(buffer, _header=np.asarray(json.dumps(header)), **part)
+  # Prefixed names: a field called 'file' would clash with savez's own argument.
+  np.savez(buffer, header=np.asarray(json.dumps(header)),
+           **{f'star_{k}': v for k, v in part.items()})
   return buffer.getvalue()
 
 
 def _read_part(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-      header = json.loads(str(z['_header']))
-      part = {k: z[k] for k in z.files if k != '_header'}
+      header = json.loads(str(z['header']))
+      part = {k.removeprefix('star_'): z[k] for k in z.files if k.startswith('star_')}
   except (OSError, ValueError, KeyError) as e:
     raise EvaluationError(f'{where}: not a part file of evaluate.py ({e})') from e
   if header.get('format') != _PART_FORMAT:

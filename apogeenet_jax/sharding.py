@@ -5,6 +5,7 @@ batch over this axis, and the loss / predictions reduce over it by name, so the 
 once.
 """
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -31,3 +32,16 @@ def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | No
       raise MeshError(f'num_devices={num_devices} but only {len(devices)} devices exist')
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` for ``--multihost`` runs (train.py, evaluate.py).
+
+  Clusters JAX knows (Cloud TPU, SLURM, Open MPI, Kubernetes) need nothing; elsewhere set
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every
+  process. JAX itself reads only the first of the three, so the other two are passed here.
+  """
+  kwargs = {name: int(os.environ[var]) for name, var in (('num_processes', 'JAX_NUM_PROCESSES'),
+                                                         ('process_id', 'JAX_PROCESS_ID'))
+            if os.environ.get(var)}
+  jax.distributed.initialize(**kwargs)

@@ -518,3 +518,107 @@ def test_outputs_of_an_earlier_run_of_another_mode_are_removed(tiny_checkpoint, 
   assert labelled['skipped_csv'] is None
   evaluation.evaluate(apstar_files=_files(apstar_dir), make_figures=False, **common)
   assert not (out_dir / 'metrics.json').exists() and (out_dir / 'skipped.csv').exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Survey scale: shards, parts, merge, jax.distributed. Each must equal one run bit for bit.
+
+_OUTPUT_FILES = ('catalog.csv', 'catalog.fits', 'metrics.json', 'skipped.csv')
+
+
+def _assert_same_outputs(a, b):
+  for name in _OUTPUT_FILES:
+    assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _apstar_list(tmp_path, real_apstar_files, n_good=5):
+  """A list file of real apStar files with an unreadable one second: skipped, keys unshifted."""
+  bad = tmp_path / 'apStar-r6-2M00000000+0000000.fits'
+  bad.write_bytes(b'not a fits file')
+  files = [str(p) for p in real_apstar_files[:n_good]]
+  files.insert(1, str(bad))
+  listed = tmp_path / 'apstar.txt'
+  listed.write_text('\n'.join(files) + '\n')
+  return listed
+
+
+def test_three_shards_merged_equal_one_run_bit_for_bit(tiny_checkpoint, real_apstar_files,
+                                                       tmp_path, monkeypatch):
+  _fake_splits(monkeypatch, 13, {'train': 1, 'dev': 2, 'test': 3})
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  files, skipped = evaluation.apstar_inputs(apstar_list=str(_apstar_list(tmp_path,
+                                                                          real_apstar_files)))
+  common = dict(params=params, meta=meta, splits=['train', 'dev', 'test'], data_dir='unused',
+                apstar_files=files, skipped_files=skipped, batch_size=2, make_figures=False,
+                settings=MCSettings(mc=5, draw_chunk=2, seed=3))
+  one = evaluation.evaluate(output_dir=str(tmp_path / 'one'), **common)
+  assert one['n_stars'] == 3 * 13 + 5 and one['n_skipped'] == 1
+  parts = [evaluation.evaluate(output_dir=str(tmp_path / 'parts'),
+                               shard=evaluation.Shard(k, 3), **common) for k in range(3)]
+  assert all(p['catalog_fits'] is None for p in parts)
+  assert sorted(os.listdir(tmp_path / 'parts')) == [f'part-0000{k}-of-00003.npz' for k in range(3)]
+  assert sum(p['n_stars'] for p in parts) == one['n_stars']
+  assert min(p['n_stars'] for p in parts) > 0  # every shard did some of the work
+  merged = evaluation.merge([str(tmp_path / 'parts')], str(tmp_path / 'merged'),
+                            make_figures=False)
+  _assert_same_outputs(tmp_path / 'one', tmp_path / 'merged')
+  assert merged['metrics'] == one['metrics']
+  # Parts of another run, or a part missing, are refused with a reason.
+  with pytest.raises(evaluation.EvaluationError, match='expected parts 0–2 of 3'):
+    evaluation.merge([str(tmp_path / 'parts' / 'part-00000-of-00003.npz')], str(tmp_path / 'x'))
+  evaluation.evaluate(output_dir=str(tmp_path / 'other'), shard=evaluation.Shard(1, 3),
+                      **{**common, 'settings': MCSettings(mc=5, draw_chunk=2, seed=4)})
+  with pytest.raises(evaluation.EvaluationError, match='different runs'):
+    evaluation.merge([str(tmp_path / 'parts' / 'part-00000-of-00003.npz'),
+                      str(tmp_path / 'other'), str(tmp_path / 'parts' / 'part-00002-of-00003.npz')],
+                     str(tmp_path / 'x'))
+
+
+@pytest.fixture(scope='module')
+def dummy_data_dir(tmp_path_factory):
+  """The builder's dummy data set (train 3, dev 1, test 1 stars), built without TensorFlow."""
+  build = pytest.importorskip('tfds_apogee.build')
+  from tfds_apogee.apogee import make_dummy_data
+  directory = tmp_path_factory.mktemp('tfds')
+  build.build(str(make_dummy_data.DUMMY_DIR), str(directory))
+  return directory
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_under_jax_distributed_equal_one_process(tiny_checkpoint, dummy_data_dir,
+                                                               real_apstar_files, tmp_path):
+  """evaluate.py --multihost on 2 local CPU processes (1 device each) = 1 process, bit for bit."""
+  flags = [f'--checkpoint={tiny_checkpoint}', f'--data_dir={dummy_data_dir}',
+           '--split=train,dev,test', f'--apstar_list={_apstar_list(tmp_path, real_apstar_files)}',
+           '--mc=4', '--draw_chunk=2', '--batch_size=1', '--nofigures']
+  one = _run_evaluate_cli(*flags, f'--output_dir={tmp_path / "one"}')
+  assert one.returncode == 0, one.stderr[-3000:]
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_PROCESSES': '2',
+         'JAX_COORDINATOR_ADDRESS': f'localhost:{_free_port()}'}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'evaluate.py'), *flags, '--multihost',
+       f'--output_dir={tmp_path / "two"}'], env={**env, 'JAX_PROCESS_ID': str(k)},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+  try:
+    outs = [p.communicate(timeout=240) for p in procs]
+  finally:  # One process failing leaves the other waiting in the gather: end it.
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  assert 'Catalogue:' in outs[0][0] and 'Catalogue:' not in outs[1][0]  # process 0 writes
+  assert 'Predicting stars 0–1 of 3 of train' in outs[0][1]
+  assert 'Predicting stars 1–3 of 3 of train' in outs[1][1]
+  _assert_same_outputs(tmp_path / 'one', tmp_path / 'two')
+  metrics = json.loads((tmp_path / 'two' / 'metrics.json').read_text())
+  assert {s: m['Full']['n'] for s, m in metrics['splits'].items()} == {'train': 3, 'dev': 1,
+                                                                        'test': 1}
