@@ -118,14 +118,33 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   if FLAGS.merge:
-    try:
-      out = evaluation.merge(FLAGS.merge, FLAGS.output_dir, make_figures=FLAGS.figures)
-    except evaluation.EvaluationError as e:
-      raise SystemExit(f'FATAL {e}') from None
-    _report(out)
+    _report(_run_or_exit(evaluation.merge, FLAGS.merge, FLAGS.output_dir,
+                         make_figures=FLAGS.figures))
     return
   if FLAGS.multihost or (FLAGS.config and FLAGS.config.get('multihost', False)):
     sharding.initialize_distributed()
+  output_dir, data_dir, splits, files, skipped = _inputs()
+  params, meta = _run_or_exit(evaluation.load_checkpoint, workdir=FLAGS.workdir,
+                              checkpoint_dir=FLAGS.checkpoint)
+  logging.info('Checkpoint %s, step %s, ensemble of %d.', meta['checkpoint_dir'],
+               meta.get('step'), meta.get('ensemble_size', 1))
+  settings = evaluation.MCSettings(mc=FLAGS.mc, estimator=FLAGS.uncertainty,
+                                   error_cap=FLAGS.error_cap, seed=FLAGS.seed,
+                                   draw_chunk=FLAGS.draw_chunk)
+  if FLAGS.calibrate:
+    meta['calibration'] = _calibrate(params, meta, data_dir, settings)
+    if not splits and not files:
+      return
+  _report(evaluation.evaluate(
+      params=params, meta=meta, output_dir=output_dir, splits=splits, data_dir=data_dir,
+      apstar_files=files, skipped_files=skipped, settings=settings, batch_size=FLAGS.batch_size,
+      make_figures=FLAGS.figures, calibration_mode=FLAGS.calibration,
+      shard=(evaluation.Shard(FLAGS.shard_index, FLAGS.num_shards) if FLAGS.num_shards > 1
+             else None)))
+
+
+def _inputs():
+  """(output_dir, data_dir, splits, apStar files, files left out) from the flags."""
   output_dir = FLAGS.output_dir or str(epath.Path(FLAGS.workdir) / 'eval')
   if problem := evaluation.output_dir_problem(output_dir):  # The WORKDIR/eval default.
     raise app.UsageError(f'--output_dir: {problem}')
@@ -136,28 +155,15 @@ def main(argv):
     raise app.UsageError('Nothing to evaluate: give --split or --apstar_dir/--apstar_list '
                          '(an --apstar_dir without apStar-*.fits files counts as nothing), '
                          'or --calibrate.')
+  return output_dir, data_dir, splits, files, skipped
+
+
+def _run_or_exit(fn, *args, **kwargs):
   try:
-    params, meta = evaluation.load_checkpoint(workdir=FLAGS.workdir,
-                                              checkpoint_dir=FLAGS.checkpoint)
-  except checkpoint.CheckpointError as e:
-    # A problem of the checkpoint, not a bug: one line that says what is wrong, no traceback.
+    return fn(*args, **kwargs)
+  except (checkpoint.CheckpointError, evaluation.EvaluationError) as e:
+    # A problem of the checkpoint or the parts, not a bug: one line that says what is wrong.
     raise SystemExit(f'FATAL {e}') from None
-  logging.info('Checkpoint %s, step %s, ensemble of %d.', meta['checkpoint_dir'],
-               meta.get('step'), meta.get('ensemble_size', 1))
-  settings = evaluation.MCSettings(mc=FLAGS.mc, estimator=FLAGS.uncertainty,
-                                   error_cap=FLAGS.error_cap, seed=FLAGS.seed,
-                                   draw_chunk=FLAGS.draw_chunk)
-  if FLAGS.calibrate:
-    meta['calibration'] = _calibrate(params, meta, data_dir, settings)
-    if not splits and not files:
-      return
-  out = evaluation.evaluate(
-      params=params, meta=meta, output_dir=output_dir, splits=splits, data_dir=data_dir,
-      apstar_files=files, skipped_files=skipped, settings=settings, batch_size=FLAGS.batch_size,
-      make_figures=FLAGS.figures, calibration_mode=FLAGS.calibration,
-      shard=(evaluation.Shard(FLAGS.shard_index, FLAGS.num_shards) if FLAGS.num_shards > 1
-             else None))
-  _report(out)
 
 
 def _calibrate(params, meta, data_dir, settings):

@@ -30,6 +30,7 @@ The CSV is ECSV (comma-separated, with a commented YAML header carrying units an
 read it with ``Table.read(path, format='ascii.ecsv')`` or ``pandas.read_csv(path, comment='#')``.
 """
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -146,14 +147,11 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
     raise CatalogError(f'sigma must be one of {tuple(SIGMA_SOURCES)}, got {sigma!r}')
   pred_desc, err_desc = SIGMA_SOURCES[sigma]
   n = len(apogee_id)
-  pred = np.asarray(pred, dtype=np.float64).reshape(n, len(LABEL_NAMES))
-  pred_err = np.asarray(pred_err, dtype=np.float64).reshape(n, len(LABEL_NAMES))
-  labels = (np.full_like(pred, np.nan) if labels is None
-            else np.asarray(labels, dtype=np.float64).reshape(n, len(LABEL_NAMES)))
-  noise = (pred_err if pred_err_noise is None
-           else np.asarray(pred_err_noise, dtype=np.float64).reshape(n, len(LABEL_NAMES)))
-  model = (np.full_like(pred, np.nan) if pred_err_model is None
-           else np.asarray(pred_err_model, dtype=np.float64).reshape(n, len(LABEL_NAMES)))
+  pred = _per_label(pred, n)
+  pred_err = _per_label(pred_err, n)
+  labels = _per_label(labels, n)
+  noise = pred_err if pred_err_noise is None else _per_label(pred_err_noise, n)
+  model = _per_label(pred_err_model, n)
   total_desc = ('total uncertainty calibrated on the dev split, sqrt((a*sigma)^2 + b^2) of '
                 'sigma = sqrt(NOISE^2 + MODEL^2)' if calibrated else
                 'total uncertainty sqrt(NOISE^2 + MODEL^2), not calibrated')
@@ -177,14 +175,12 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
       t[col] = MaskedColumn(arr, mask=~np.isfinite(arr), unit=_UNITS[unit], description=desc)
   t['SNR'] = MaskedColumn(np.asarray(snr, dtype=np.float64), description='S/N of the spectrum')
   t['SNR'].mask = ~np.isfinite(t['SNR'].data.data)
-  t['DATA_SET'] = np.asarray(
-      [DATA_SET_NAMES.get(str(s), str(s)) for s in (data_set if data_set is not None else [''] * n)],
-      dtype='U5')
+  t['DATA_SET'] = np.asarray([DATA_SET_NAMES.get(s, s) for s in _texts(data_set, n)],
+                             dtype='U5')
   t['DATA_SET'].description = 'Train/Dev/Test split of the labelled set; empty: unlabelled'
-  t['DATA_TYPE'] = np.asarray(
-      [str(s) for s in (data_type if data_type is not None else [''] * n)], dtype='U5')
+  t['DATA_TYPE'] = np.asarray(_texts(data_type, n), dtype='U5')
   t['DATA_TYPE'].description = 'label source Payne/MStar/YSO; empty: unlabelled'
-  t['FILE'] = np.asarray([str(s) for s in (file if file is not None else [''] * n)], dtype=str)
+  t['FILE'] = np.asarray(_texts(file, n), dtype=str)
   t['FILE'].description = 'apStar file of the spectrum (data set: relative to its manual_dir)'
   flags = compute_flags(pred, snr)
   for name, desc in (
@@ -201,7 +197,18 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   return t
 
 
-def write_fits(table: Table, path: str) -> None:
+def _per_label(values, n: int) -> np.ndarray:
+  """(n, 3) float64 in LABEL_NAMES order; None → all NaN (not measured)."""
+  if values is None:
+    return np.full((n, len(LABEL_NAMES)), np.nan)
+  return np.asarray(values, dtype=np.float64).reshape(n, len(LABEL_NAMES))
+
+
+def _texts(values: Sequence[str] | None, n: int) -> list[str]:
+  return [''] * n if values is None else [str(v) for v in values]
+
+
+def write_fits(table: Table, path: str | os.PathLike) -> None:
   """Writes ``table`` to FITS atomically, keeping 'dex' units (TUNIT) and descriptions (TCOMM)."""
   hdu = fits.table_to_hdu(_without_dex(table))
   for i, col in enumerate(table.columns.values(), start=1):
@@ -217,7 +224,7 @@ def write_fits(table: Table, path: str) -> None:
     raise CatalogError(f'{path}: cannot write the FITS catalogue: {e}') from e
 
 
-def write_csv(table: Table, path: str) -> None:
+def write_csv(table: Table, path: str | os.PathLike) -> None:
   """Writes ``table`` as comma-separated ECSV atomically (units and descriptions in the header)."""
   try:
     with file_io.atomic_path(path) as tmp:
@@ -226,8 +233,9 @@ def write_csv(table: Table, path: str) -> None:
     raise CatalogError(f'{path}: cannot write the CSV catalogue: {e}') from e
 
 
-def read_catalog(path: str) -> Table:
+def read_catalog(path: str | os.PathLike) -> Table:
   """Reads a catalogue written by ``write_fits`` or ``write_csv``."""
+  path = os.fspath(path)
   if path.endswith('.csv'):
     return Table.read(path, format='ascii.ecsv')
   with warnings.catch_warnings():

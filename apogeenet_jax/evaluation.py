@@ -541,23 +541,33 @@ def _gather_parts(data: bytes) -> list[bytes] | None:
 def _merge_parts(parts: Sequence[tuple[dict[str, np.ndarray], dict[str, Any]]]
                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The parts of one sharded run, in star order: each input's rows, shard after shard."""
-  header = {k: v for k, v in parts[0][1].items() if k != 'shard'}
-  count = parts[0][1]['shard']['count']
-  by_index = {}
-  for part, h in parts:
-    if {k: v for k, v in h.items() if k != 'shard'} != header or h['shard']['count'] != count:
-      raise EvaluationError('the parts come from different runs (checkpoint, settings, inputs '
-                            f'or shard count differ): {parts[0][1]} vs {h}')
-    by_index[h['shard']['index']] = part
-  if sorted(by_index) != list(range(count)) or len(parts) != count:
-    raise EvaluationError(f'expected parts 0–{count - 1} of {count} once each, got shards '
-                          f'{sorted(h["shard"]["index"] for _, h in parts)}')
-  ordered = [by_index[k] for k in range(count)]
+  header, ordered = _check_parts(parts)
   inputs = [*header['splits'], *([''] if header['apstar'] else [])]
   merged = {k: np.concatenate([p[k][p['data_set'] == name] for name in inputs for p in ordered])
             for k in ordered[0] if k != 'problems'}
   merged['problems'] = np.concatenate([p['problems'] for p in ordered])
   return merged, header
+
+
+def _check_parts(parts: Sequence[tuple[dict[str, np.ndarray], dict[str, Any]]]
+                 ) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
+  """(the run's header, the parts in shard order); refuses parts of different runs or gaps."""
+  headers = [{k: v for k, v in h.items() if k != 'shard'} for _, h in parts]
+  shards = [h['shard'] for _, h in parts]
+  for h, shard in zip(headers, shards, strict=True):
+    differ = sorted(k for k in {*h, *headers[0]} if h.get(k) != headers[0].get(k))
+    if shard['count'] != shards[0]['count']:
+      differ.append('shard count')
+    if differ:
+      raise EvaluationError(f'the parts come from different runs: {", ".join(differ)} differ '
+                            f'(shard {shards[0]} vs {shard})')
+  count = shards[0]['count']
+  indices = sorted(s['index'] for s in shards)
+  if indices != list(range(count)):
+    raise EvaluationError(f'expected parts 0–{count - 1} of {count} once each, got shards '
+                          f'{indices}')
+  by_index = {s['index']: part for (part, _), s in zip(parts, shards, strict=True)}
+  return headers[0], [by_index[k] for k in range(count)]
 
 
 def _find_parts(paths: Sequence[str | epath.PathLike]) -> list[epath.Path]:

@@ -574,6 +574,36 @@ def test_three_shards_merged_equal_one_run_bit_for_bit(tiny_checkpoint, real_aps
                      str(tmp_path / 'x'))
 
 
+def _run_main(argv, capsys):
+  """evaluate.py's main in this process (flags, validators, printing), as a user runs it."""
+  from absl import flags
+  evaluate = pytest.importorskip('evaluate')
+  flags.FLAGS.unparse_flags()
+  try:
+    evaluate.main(flags.FLAGS(['evaluate.py', *argv]))
+  finally:
+    flags.FLAGS.unparse_flags()
+  return capsys.readouterr().out
+
+
+def test_entry_point_shards_and_merge(tiny_checkpoint, apstar_dir, tmp_path, capsys):
+  common = [f'--checkpoint={tiny_checkpoint}', f'--apstar_dir={apstar_dir}', '--mc=3',
+            '--batch_size=1', '--nofigures']
+  _run_main([*common, f'--output_dir={tmp_path / "one"}'], capsys)
+  for k in range(2):
+    out = _run_main([*common, f'--output_dir={tmp_path / "parts"}', f'--shard_index={k}',
+                     '--num_shards=2'], capsys)
+    assert f'Part:      {tmp_path / "parts"}/part-0000{k}-of-00002.npz' in out
+    assert 'Catalogue:' not in out and not (tmp_path / 'parts' / 'catalog.csv').exists()
+  out = _run_main([f'--merge={tmp_path / "parts"}', f'--output_dir={tmp_path / "merged"}',
+                   '--nofigures'], capsys)
+  assert f'Catalogue: {tmp_path / "merged"}/catalog.fits' in out
+  for name in ('catalog.csv', 'catalog.fits', 'skipped.csv'):
+    assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'merged' / name).read_bytes()
+  with pytest.raises(SystemExit, match='FATAL no part-'):
+    _run_main([f'--merge={tmp_path / "one"}', f'--output_dir={tmp_path / "x"}'], capsys)
+
+
 @pytest.fixture(scope='module')
 def dummy_data_dir(tmp_path_factory):
   """The builder's dummy data set (train 3, dev 1, test 1 stars), built without TensorFlow."""
