@@ -48,7 +48,6 @@ TEFF_CATALOG_MAX = 6700.0
 YSO_TRIANGLE = ((2200.0, 4.4), (4500.0, 3.9), (3200.0, 1.7))
 # §4: log g bin edges of the age proxy and what each bin means.
 AGE_BIN_EDGES = (3.6, 3.8, 4.0, 4.2)
-AGE_BIN_MEANING = ('~1 Myr', '1-2 Myr', '2-3 Myr', '3-5 Myr', '>=5 Myr')
 NOT_AGE_BINNED = -1
 # §3.6 says "S/N ≈ 0 and unphysical parameters" without numbers; these are ours.
 LOW_SNR = 1.0
@@ -92,7 +91,7 @@ def in_yso_triangle(teff, logg) -> np.ndarray:
 
 
 def age_bin(logg) -> np.ndarray:
-  """log g [dex] → age-proxy bin 0…4 (AGE_BIN_MEANING), NOT_AGE_BINNED where not finite."""
+  """log g [dex] → age-proxy bin 0…4 (meanings: the AGE_BIN description), NOT_AGE_BINNED if NaN."""
   logg = np.asarray(logg, dtype=np.float64)
   bins = np.digitize(logg, AGE_BIN_EDGES, right=False)
   return np.where(np.isfinite(logg), bins, NOT_AGE_BINNED).astype(np.int16)
@@ -187,8 +186,7 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
       ('FLAG_TEFF_GT_6700', f'TEFF_PRED > {TEFF_CATALOG_MAX:g} K: outside the published catalogue'),
       ('FLAG_LOW_SNR_UNPHYSICAL', f'SNR < {LOW_SNR:g} and a prediction outside the physical range'),
       ('YSO_CANDIDATE', 'inside the (Teff, log g) YSO triangle of Olney et al. 2020 sec. 4'),
-      ('AGE_BIN', 'YSO log g age bin: ' + ', '.join(f'{i} {m}' for i, m in enumerate(AGE_BIN_MEANING))
-       + f'; {NOT_AGE_BINNED} not a YSO')):
+      ('AGE_BIN', 'YSO log g age bin: 0 ~1 Myr, 1 1-2, 2 2-3, 3 3-5, 4 >=5 Myr; -1 not a YSO')):
     t[name] = flags[name]
     t[name].description = desc
   t.meta['ORIGIN'] = 'apogeenet-jax'
