@@ -30,6 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 from absl import logging
+from etils import epath
 
 from apogeenet_jax import apstar
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, N_PIXELS
@@ -50,18 +51,22 @@ class InputPipelineError(RuntimeError):
 # Opening built data.
 
 
-def _find_builder_dir(data_dir: str, name: str) -> str:
-  """DATA_DIR/name/VERSION (highest version), or DATA_DIR itself when it is a version folder."""
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
-  if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
+def _find_builder_dir(data_dir: str | os.PathLike, name: str) -> epath.Path:
+  """DATA_DIR/name/VERSION (highest version), or DATA_DIR itself when it is a version folder.
+
+  Local folders or object storage (gs://…, through ``etils.epath``).
+  """
+  data_dir = epath.Path(data_dir).expanduser()
+  if '://' not in str(data_dir):
+    data_dir = data_dir.absolute()
+  if (data_dir / 'dataset_info.json').is_file():
     return data_dir
-  root = os.path.join(data_dir, name)
-  if not os.path.isdir(root):
+  root = data_dir / name
+  if not root.is_dir():
     raise InputPipelineError(
         f'{data_dir}: no built dataset {name!r} here (expected {root}/<version>/); build it with '
         f'`python -m tfds_apogee.build --manual_dir=M --data_dir={data_dir}`')
-  versions = [v for v in os.listdir(root)
-              if os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  versions = [v.name for v in root.iterdir() if (v / 'dataset_info.json').is_file()]
   if not versions:
     raise InputPipelineError(f'{root}: holds no built version (no */dataset_info.json)')
 
@@ -71,10 +76,11 @@ def _find_builder_dir(data_dir: str, name: str) -> str:
     except ValueError:
       return (-1,)
 
-  return os.path.join(root, max(versions, key=version_key))
+  return root / max(versions, key=version_key)
 
 
-def open_split(data_dir: str, split: str, name: str = DEFAULT_NAME) -> Sequence[Mapping[str, Any]]:
+def open_split(data_dir: str | os.PathLike, split: str, name: str = DEFAULT_NAME
+               ) -> Sequence[Mapping[str, Any]]:
   """A random-access source (len, [i] → feature dict) over one split of a built dataset.
 
   Reads the built directory directly (``tfds.builder_from_directory``), so neither TensorFlow nor
@@ -85,7 +91,7 @@ def open_split(data_dir: str, split: str, name: str = DEFAULT_NAME) -> Sequence[
 
   builder_dir = _find_builder_dir(data_dir, name)
   try:
-    builder = tfds.builder_from_directory(builder_dir)
+    builder = tfds.builder_from_directory(str(builder_dir))
   except Exception as e:  # tfds raises a variety of types for a broken directory.
     raise InputPipelineError(f'{builder_dir}: cannot open the built dataset: {e}') from e
   if split not in builder.info.splits:

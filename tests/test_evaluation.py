@@ -127,7 +127,12 @@ def test_evaluate_on_a_labelled_split_writes_metrics_and_figures(tiny_checkpoint
   assert test['Full']['scatter']['TEFF'] == pytest.approx(np.std(pred[:, 1] - labels[:, 1]))
   assert {os.path.basename(p) for p in out['figures']} == {
       'labels_vs_predictions.png', 'kiel.png', 'sigma_vs_snr.png', 'calibration.png'}
-  assert 'test' in evaluation.format_metrics(metrics)
+  lines = evaluation.format_metrics(metrics).splitlines()
+  assert lines[0] == '== test =='
+  # Ours beside the paper's test column of Table 2 (0.063) and Table 3 (183.74 K for Teff).
+  full = next(line.split() for line in lines if line.startswith('Full'))
+  assert full[:4] == ['Full', '7', f'{test["Full"]["mse_standardised"]:.4f}', '0.063']
+  assert '(183.74)' in full
   # No calibration stored: the catalogue σ is the raw one, and coverage is measured against it.
   assert not out['calibrated'] and metrics['run']['calibration'] is None
   np.testing.assert_array_equal(t['TEFF_ERR'], t['TEFF_ERR_NOISE'])
