@@ -234,6 +234,12 @@ def open_split(data_dir: str | epath.PathLike, split: str):
   return input_pipeline.open_split(str(data_dir), split)
 
 
+def split_batches(data_dir: str | epath.PathLike, split: str, batch_size: int):
+  """(in-order batches, number of stars) of one split of the built data set (benchmarks)."""
+  source = open_split(data_dir, split)
+  return input_pipeline.eval_batches(source, batch_size), len(source)
+
+
 def _sources(splits: Sequence[str], data_dir, apstar_files: Sequence[str]):
   """(name, noise stream, random-access source) of every input, in catalogue order."""
   for split in splits:

@@ -214,8 +214,7 @@ def _ratio_source():
                                               checkpoint_dir=_CHECKPOINT.value)
     model = checkpoint.model_from_meta(meta)
     return (params, model, checkpoint.standardizer_from_meta(meta),
-            lambda: input_pipeline.eval_batches(
-                evaluation.open_split(_DATA_DIR.value, _SPLIT.value), _BATCH.value),
+            lambda: evaluation.split_batches(_DATA_DIR.value, _SPLIT.value, _BATCH.value)[0],
             f'split {_SPLIT.value!r} of {_DATA_DIR.value}, checkpoint {meta["checkpoint_dir"]}')
   from apogeenet_jax import apstar
   files = apstar.find_apstar_files(_APSTAR_DIR.value) if os.path.isdir(_APSTAR_DIR.value) else []
