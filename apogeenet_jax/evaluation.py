@@ -27,6 +27,7 @@ to a one-shard run.
 """
 
 import dataclasses
+import fnmatch
 import io
 import json
 import os
@@ -456,7 +457,7 @@ def _remove_stale_outputs(output_dir: epath.Path, out: Mapping[str, Any]) -> Non
                               out['skipped_csv'], *out['figures']) if p}
   ours = [output_dir / name for name in (CATALOG_FITS, CATALOG_CSV, METRICS_JSON, SKIPPED_CSV)]
   if (output_dir / FIGURES_DIR).is_dir():
-    ours += list((output_dir / FIGURES_DIR).glob('*.png'))
+    ours += [p for p in (output_dir / FIGURES_DIR).iterdir() if p.suffix == '.png']
   for path in ours:
     if path.is_file() and str(path) not in written:
       logging.info('Removing %s: left by an earlier run, not written by this one.', path)
@@ -579,7 +580,9 @@ def _check_parts(parts: Sequence[tuple[dict[str, np.ndarray], dict[str, Any]]]
 def _find_parts(paths: Sequence[str | epath.PathLike]) -> list[epath.Path]:
   found = []
   for path in map(epath.Path, paths):
-    found += sorted(path.glob(PART_GLOB)) if path.is_dir() else [path]
+    # iterdir + fnmatch, not glob: epath's glob mangles gs:// names through fsspec.
+    found += (sorted(p for p in path.iterdir() if fnmatch.fnmatch(p.name, PART_GLOB))
+              if path.is_dir() else [path])
   if not found:
     raise EvaluationError(f'no {PART_GLOB} files in {", ".join(map(str, paths))}')
   return found
