@@ -28,6 +28,7 @@ to a one-shard run.
 
 import dataclasses
 import fnmatch
+import hashlib
 import io
 import json
 import os
@@ -310,8 +311,9 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   return _per_star(keep, outputs, standardizer)
 
 
-# Per-star fields that travel from the batches to the catalogue unchanged.
+# Per-star fields that travel from the batches to the catalogue unchanged, and those predicted.
 _ROW_FIELDS = ('labels', 'data_type', 'apogee_id', 'snr', 'ra', 'dec', 'file')
+_PREDICTED = ('pred', 'pred_err_noise', 'pred_err_model', 'pred_err', 'pred_z')
 _EMPTY = {'labels': np.zeros((0, len(LABEL_NAMES)), np.float32), 'data_type': np.zeros(0, np.int32),
           'apogee_id': np.zeros(0, str), 'file': np.zeros(0, str), 'snr': np.zeros(0, np.float32),
           'ra': np.zeros(0, np.float64), 'dec': np.zeros(0, np.float64),
@@ -492,13 +494,20 @@ def _predict_inputs(params: Any, meta: Mapping[str, Any], settings: MCSettings,
         ensemble_size=checkpoint.ensemble_size(meta))
     part['data_set'] = np.full(len(part['pred']), name)
     parts.append(part)
+  if not parts:  # Only files left out before reading: no star, and skipped.csv says why.
+    return {**_EMPTY, **{k: np.zeros((0, len(LABEL_NAMES))) for k in _PREDICTED},
+            'data_set': np.zeros(0, str)}
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str, Any] | None,
-                *, splits: Sequence[str], apstar: bool, batch_size: int, shard: Shard
+                *, sources, splits: Sequence[str], apstar: bool, batch_size: int, shard: Shard
                 ) -> dict[str, Any]:
-  """What the catalogue and metrics need besides the per-star arrays; JSON, equal in all parts."""
+  """What the catalogue and metrics need besides the per-star arrays; JSON, equal in all parts.
+
+  'inputs' (name, number of stars, digest of the apStar file list) lets a merge refuse parts
+  that saw other inputs (another folder listing, another build of the data set).
+  """
   standardizer = checkpoint.standardizer_from_meta(meta)
   # 'mc' counts the draws actually made: none in linear mode.
   run = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
@@ -508,7 +517,14 @@ def _run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str,
   return {'format': _PART_FORMAT, 'run': run, 'calibration': None if cal is None else dict(cal),
           'splits': list(splits), 'apstar': bool(apstar), 'batch_size': int(batch_size),
           'label_mean': standardizer.mean.tolist(), 'label_std': standardizer.std.tolist(),
+          'inputs': [[name, len(source), _digest(source)] for name, _, source in sources],
           'shard': dataclasses.asdict(shard)}
+
+
+def _digest(source) -> str:
+  if not isinstance(source, input_pipeline.ApStarFiles):
+    return ''
+  return hashlib.sha256('\n'.join(source.paths).encode()).hexdigest()[:16]
 
 
 def _part_bytes(part: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> bytes:
@@ -763,11 +779,11 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str | epath.Pa
   t0 = time.perf_counter()
   cal = _calibration_in_use(meta, calibration_mode, settings)
   batch_size = _even_batch_size(batch_size)
-  header = _run_header(meta, settings, cal, splits=splits,
+  sources = list(_sources(splits, data_dir, apstar_files))
+  header = _run_header(meta, settings, cal, sources=sources, splits=splits,
                        apstar=bool(apstar_files or skipped_files), batch_size=batch_size,
                        shard=shard)
-  part = _predict_inputs(params, meta, settings, batch_size,
-                         _sources(splits, data_dir, apstar_files), shard)
+  part = _predict_inputs(params, meta, settings, batch_size, sources, shard)
   if shard.index == 0:  # Files left out before reading are reported once, by shard 0.
     listed = np.asarray([dataclasses.astuple(p) for p in skipped_files], str).reshape(-1, 3)
     part['problems'] = np.concatenate([listed, part['problems']])

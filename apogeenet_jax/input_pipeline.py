@@ -111,13 +111,13 @@ class ApStarFiles(Sequence[Mapping[str, Any]]):
   """
 
   def __init__(self, paths: Sequence[str]):
-    self._paths = [str(p) for p in paths]
+    self.paths = tuple(str(p) for p in paths)
 
   def __len__(self) -> int:
-    return len(self._paths)
+    return len(self.paths)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    path = self._paths[i]
+    path = self.paths[i]
     try:
       s = apstar.read_apstar(path)
     except apstar.ApStarError as e:

@@ -444,6 +444,14 @@ def test_all_bad_folder_still_writes_skipped_csv(tiny_checkpoint, tmp_path):
   # The layout of the builder's report, readable with its reader.
   rows = list(csv.reader(open(out_dir / 'skipped.csv')))
   assert rows[0] == list(labels.SKIP_REPORT_COLUMNS) and len(rows) == 3
+  # Only names that are not apStar names: nothing to read, still a report.
+  (d / 'apStar-r6-2M00000000+0000000.fits').unlink()
+  files, skipped = evaluation.apstar_inputs(str(d))
+  assert files == [] and len(skipped) == 1
+  with pytest.raises(evaluation.EvaluationError, match=r'no star could be read \(1 files'):
+    evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o2'),
+                        apstar_files=files, skipped_files=skipped, settings=MCSettings(mc=0))
+  assert len(labels.read_problems(tmp_path / 'o2' / 'skipped.csv')) == 1
   problems = labels.read_problems(out_dir / 'skipped.csv')
   # Files left out by name come first, then the unreadable ones, with the ID from the name.
   assert problems[0].file.endswith('apstar_r6_2M1.fits') and 'named like' in problems[0].reason
@@ -571,12 +579,13 @@ def test_three_shards_merged_equal_one_run_bit_for_bit(tiny_checkpoint, real_aps
   # Parts of another run, or a part missing, are refused with a reason.
   with pytest.raises(evaluation.EvaluationError, match='expected parts 0–2 of 3'):
     evaluation.merge([str(tmp_path / 'parts' / 'part-00000-of-00003.npz')], str(tmp_path / 'x'))
-  evaluation.evaluate(output_dir=str(tmp_path / 'other'), shard=evaluation.Shard(1, 3),
-                      **{**common, 'settings': MCSettings(mc=5, draw_chunk=2, seed=4)})
-  with pytest.raises(evaluation.EvaluationError, match='different runs'):
-    evaluation.merge([str(tmp_path / 'parts' / 'part-00000-of-00003.npz'),
-                      str(tmp_path / 'other'), str(tmp_path / 'parts' / 'part-00002-of-00003.npz')],
-                     str(tmp_path / 'x'))
+  for what, change in (('run', {'settings': MCSettings(mc=5, draw_chunk=2, seed=4)}),
+                       ('inputs', {'apstar_files': files[:-1]})):
+    evaluation.evaluate(output_dir=str(tmp_path / what), shard=evaluation.Shard(1, 3),
+                        **{**common, **change})
+    with pytest.raises(evaluation.EvaluationError, match=f'different runs: {what} differ'):
+      evaluation.merge([str(tmp_path / 'parts' / 'part-00000-of-00003.npz'), str(tmp_path / what),
+                        str(tmp_path / 'parts' / 'part-00002-of-00003.npz')], str(tmp_path / 'x'))
 
 
 def _run_main(argv, capsys):
