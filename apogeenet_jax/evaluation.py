@@ -514,7 +514,9 @@ def _run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str,
          'sigma': settings.sigma, 'mc': int(settings.mc) if settings.sigma == 'mc' else 0,
          'error_cap': settings.error_cap, 'seed': int(settings.seed),
          'ensemble': checkpoint.ensemble_size(meta)}
-  return {'format': _PART_FORMAT, 'run': run, 'calibration': None if cal is None else dict(cal),
+  # Without 'path': only the process that stored the calibration knows it, the rest agree.
+  cal = None if cal is None else {k: v for k, v in cal.items() if k != 'path'}
+  return {'format': _PART_FORMAT, 'run': run, 'calibration': cal,
           'splits': list(splits), 'apstar': bool(apstar), 'batch_size': int(batch_size),
           'label_mean': standardizer.mean.tolist(), 'label_std': standardizer.std.tolist(),
           'inputs': [[name, len(source), _digest(source)] for name, _, source in sources],

@@ -619,13 +619,14 @@ def test_entry_point_shards_and_merge(tiny_checkpoint, apstar_dir, tmp_path, cap
 
 
 @pytest.fixture(scope='module')
-def dummy_data_dir(tmp_path_factory):
-  """The builder's dummy data set (train 3, dev 1, test 1 stars), built without TensorFlow."""
+def survey_data_dir(tmp_path_factory):
+  """A built synthetic survey: dev 26, test 18 stars (enough dev stars to calibrate)."""
   build = pytest.importorskip('tfds_apogee.build')
-  from tfds_apogee.apogee import make_dummy_data
-  directory = tmp_path_factory.mktemp('tfds')
-  build.build(str(make_dummy_data.DUMMY_DIR), str(directory))
-  return directory
+  from apogeenet_jax import synthetic
+  root = tmp_path_factory.mktemp('survey')
+  synthetic.write_survey(root / 'raw', num_stars=170, seed=1, show_progress=False)
+  build.build(manual_dir=str(root / 'raw'), data_dir=str(root / 'tfds'))
+  return root / 'tfds'
 
 
 def _free_port():
@@ -636,21 +637,35 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_under_jax_distributed_equal_one_process(tiny_checkpoint, dummy_data_dir,
+def test_two_processes_under_jax_distributed_equal_one_process(tiny_checkpoint, survey_data_dir,
                                                                real_apstar_files, tmp_path):
-  """evaluate.py --multihost on 2 local CPU processes (1 device each) = 1 process, bit for bit."""
-  flags = [f'--checkpoint={tiny_checkpoint}', f'--data_dir={dummy_data_dir}',
-           '--split=train,dev,test', f'--apstar_list={_apstar_list(tmp_path, real_apstar_files)}',
-           '--mc=4', '--draw_chunk=2', '--batch_size=1', '--nofigures']
-  one = _run_evaluate_cli(*flags, f'--output_dir={tmp_path / "one"}')
+  """evaluate.py --multihost on 2 local CPU processes (1 device each) = 1 process, bit for bit.
+
+  With --calibrate: both processes fit the dev split, process 0 stores the fit, and the test
+  split's σ are calibrated alike.
+  """
+  # A copy: calibration.json lands beside the checkpoint (its path is in the catalogue header).
+  ckpt = shutil.copytree(tiny_checkpoint, tmp_path / 'ckpt')
+  stored = ckpt / 'calibration.json'
+
+  def flags(name):
+    return [f'--checkpoint={ckpt}', f'--data_dir={survey_data_dir}', '--split=dev,test',
+            '--calibrate', f'--apstar_list={_apstar_list(tmp_path, real_apstar_files)}',
+            '--mc=4', '--draw_chunk=2', '--batch_size=2', '--nofigures',
+            f'--output_dir={tmp_path / name}']
+
+  one = _run_evaluate_cli(*flags('one'))
   assert one.returncode == 0, one.stderr[-3000:]
+  fit_one = stored.read_bytes()
+  stored.unlink()
   env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_PROCESSES': '2',
          'JAX_COORDINATOR_ADDRESS': f'localhost:{_free_port()}'}
   env.pop('XLA_FLAGS', None)
+  two = flags('two')
   procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'evaluate.py'), *flags, '--multihost',
-       f'--output_dir={tmp_path / "two"}'], env={**env, 'JAX_PROCESS_ID': str(k)},
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+      [sys.executable, os.path.join(ROOT, 'evaluate.py'), *two, '--multihost'],
+      env={**env, 'JAX_PROCESS_ID': str(k)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for k in range(2)]
   try:
     outs = [p.communicate(timeout=240) for p in procs]
   finally:  # One process failing leaves the other waiting in the gather: end it.
@@ -660,9 +675,10 @@ def test_two_processes_under_jax_distributed_equal_one_process(tiny_checkpoint, 
   for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert 'Catalogue:' in outs[0][0] and 'Catalogue:' not in outs[1][0]  # process 0 writes
-  assert 'Predicting stars 0–1 of 3 of train' in outs[0][1]
-  assert 'Predicting stars 1–3 of 3 of train' in outs[1][1]
+  assert 'Predicting stars 0–8 of 18 of test' in outs[0][1]
+  assert 'Predicting stars 8–18 of 18 of test' in outs[1][1]
   _assert_same_outputs(tmp_path / 'one', tmp_path / 'two')
   metrics = json.loads((tmp_path / 'two' / 'metrics.json').read_text())
-  assert {s: m['Full']['n'] for s, m in metrics['splits'].items()} == {'train': 3, 'dev': 1,
-                                                                        'test': 1}
+  assert {s: m['Full']['n'] for s, m in metrics['splits'].items()} == {'dev': 26, 'test': 18}
+  assert metrics['run']['calibration']['n']['TEFF'] == 26
+  assert stored.read_bytes() == fit_one  # stored again, by process 0, the same fit
