@@ -160,7 +160,7 @@ def output_dir_problem(path: str | epath.PathLike) -> str | None:
   Local folders only: on object storage (gs://) permissions show only when writing.
   """
   path = epath.Path(path)
-  if not _is_local(path):
+  if file_io.is_remote(path):
     return None
   if path.exists() and not path.is_dir():
     return f'{path} exists and is not a directory'
@@ -173,10 +173,6 @@ def output_dir_problem(path: str | epath.PathLike) -> str | None:
   if not os.access(str(existing), os.W_OK | os.X_OK):
     return f'{path} is not writable (no write permission on {existing})'
   return None
-
-
-def _is_local(path: epath.Path) -> bool:
-  return '://' not in str(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +213,7 @@ def apstar_inputs(apstar_dir: str | None = None, apstar_list: str | None = None
   files, first = [], {}
   for path in candidates:
     # epath's resolve() does not follow links; realpath does (local files only).
-    real = os.path.realpath(path) if _is_local(epath.Path(path)) else str(path)
+    real = str(path) if file_io.is_remote(path) else os.path.realpath(path)
     if real in first:
       skipped.append(_problem(path, f'{path}: the same file as {first[real]}, read once'))
       continue
@@ -598,7 +594,7 @@ def _check_parts(parts: Sequence[tuple[dict[str, np.ndarray], dict[str, Any]]]
 def _find_parts(paths: Sequence[str | epath.PathLike]) -> list[epath.Path]:
   found = []
   for path in map(epath.Path, paths):
-    # iterdir + fnmatch, not glob: epath's glob mangles gs:// names through fsspec.
+    # iterdir + fnmatch: a listing every epath backend has (glob mangled gs:// names in a test).
     found += (sorted(p for p in path.iterdir() if fnmatch.fnmatch(p.name, PART_GLOB))
               if path.is_dir() else [path])
   if not found:
@@ -619,8 +615,7 @@ def _write_outputs(merged: Mapping[str, np.ndarray], header: Mapping[str, Any],
   if header['apstar']:
     # Written before anything can fail: when no file at all is readable, this says why.
     out['skipped_csv'] = str(output_dir / SKIPPED_CSV)
-    with file_io.atomic_path(out['skipped_csv']) as tmp:
-      write_problems([Problem(*row) for row in merged['problems'].tolist()], tmp)
+    write_problems([Problem(*row) for row in merged['problems'].tolist()], out['skipped_csv'])
   if len(merged['pred']) == 0:
     raise EvaluationError(f'no star could be read ({out["n_skipped"]} files skipped, listed in '
                           f'{out["skipped_csv"]})')

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from apogeenet_jax import apstar
+from apogeenet_jax import apstar, file_io
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, N_PIXELS
 from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
 
@@ -56,9 +56,7 @@ def _find_builder_dir(data_dir: str | os.PathLike, name: str) -> epath.Path:
 
   Local folders or object storage (gs://…, through ``etils.epath``).
   """
-  data_dir = epath.Path(data_dir).expanduser()
-  if '://' not in str(data_dir):
-    data_dir = data_dir.absolute()
+  data_dir = file_io.as_path(data_dir)
   if (data_dir / 'dataset_info.json').is_file():
     return data_dir
   root = data_dir / name

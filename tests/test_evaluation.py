@@ -7,17 +7,18 @@ import shutil
 import subprocess
 import sys
 
+import fake_gcs as fake_gcs_lib
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
 from apogeenet_jax import calibration, catalog, checkpoint, evaluation, input_pipeline, labels
-from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
+from apogeenet_jax.constants import BAD_PIXEL_ERROR, DATA_TYPES, N_PIXELS
 from apogeenet_jax.evaluation import MCSettings
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
-from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -682,3 +683,37 @@ def test_two_processes_under_jax_distributed_equal_one_process(tiny_checkpoint, 
   assert {s: m['Full']['n'] for s, m in metrics['splits'].items()} == {'dev': 26, 'test': 18}
   assert metrics['run']['calibration']['n']['TEFF'] == 26
   assert stored.read_bytes() == fit_one  # stored again, by process 0, the same fit
+
+
+@pytest.fixture
+def fake_gcs():
+  with fake_gcs_lib.installed() as fs:
+    yield fs
+
+
+def test_checkpoint_outputs_parts_and_merge_on_object_storage(tiny_checkpoint, apstar_dir,
+                                                               tmp_path, fake_gcs):
+  """gs:// (tests/fake_gcs.py's in-process bucket) for the checkpoint, the outputs, the parts and
+  the merge: the same bytes as a local run."""
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  manager = checkpoint.make_manager('gs://bucket/ckpt')
+  checkpoint.save(manager, meta['step'], {'params': params},
+                  checkpoint.make_meta(checkpoint.model_from_meta(meta), PAPER_STANDARDIZER))
+  manager.wait_until_finished()
+  remote_params, remote_meta = evaluation.load_checkpoint(checkpoint_dir='gs://bucket/ckpt')
+  assert remote_meta['checkpoint_dir'] == 'gs://bucket/ckpt'
+  jax.tree.map(np.testing.assert_array_equal, remote_params, params)
+  common = dict(params=params, meta=remote_meta, apstar_files=_files(apstar_dir), batch_size=1,
+                settings=MCSettings(mc=3, draw_chunk=2))
+  evaluation.evaluate(output_dir=str(tmp_path / 'local'), **common)
+  out = evaluation.evaluate(output_dir='gs://bucket/eval', **common)
+  assert out['catalog_csv'] == 'gs://bucket/eval/catalog.csv'
+  for k in range(2):
+    evaluation.evaluate(output_dir='gs://bucket/parts', shard=evaluation.Shard(k, 2),
+                        make_figures=False, **common)
+  evaluation.merge(['gs://bucket/parts'], 'gs://bucket/merged', make_figures=False)
+  for remote in ('gs://bucket/eval', 'gs://bucket/merged'):
+    for name in ('catalog.csv', 'catalog.fits', 'skipped.csv'):
+      assert epath.Path(f'{remote}/{name}').read_bytes() == (tmp_path / 'local' / name).read_bytes()
+  assert sorted(p.name for p in epath.Path('gs://bucket/eval/figures').iterdir()) == [
+      'kiel.png', 'sigma_vs_snr.png']
