@@ -769,7 +769,7 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str | epath.Pa
   """
   _check_request(splits, data_dir, apstar_files, skipped_files, batch_size, output_dir)
   distributed = shard is None and jax.process_count() > 1
-  if shard is not None and shard.count > 1 and jax.process_count() > 1:
+  if shard is not None and jax.process_count() > 1:
     raise EvaluationError('--shard_index/--num_shards are for separate runs, not for a '
                           'jax.distributed job (it shards by process by itself)')
   shard = process_shard() if shard is None else shard
