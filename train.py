@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apogeenet_jax import checkpoint, training, workdir_lock
+from apogeenet_jax import checkpoint, sharding, training, workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://…) for checkpoints, metrics and '
@@ -36,7 +36,7 @@ def main(argv):
     raise app.UsageError('Too many command-line arguments.')
   config = FLAGS.config
   if config.multihost:
-    jax.distributed.initialize()
+    sharding.initialize_distributed()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
