@@ -60,6 +60,9 @@ flags.DEFINE_integer('mc', uncertainty.PAPER_NUM_DRAWS, 'Monte Carlo draws per s
 flags.DEFINE_enum('uncertainty', 'mc', list(uncertainty.ESTIMATORS),
                   'mc: --mc noisy draws (paper); linear: first-order propagation of the same '
                   'capped errors, one forward + 3 backward passes (--mc unused unless 0).')
+flags.DEFINE_integer('linear_draws', 0, '--uncertainty=linear: 0 = the Jacobian at the spectrum '
+                     '(delta method); M >= 2 = the noise-averaged Jacobian from M noise draws '
+                     '(a lower bound on the MC σ, M times the cost).', lower_bound=0)
 flags.DEFINE_enum('error_cap', 'median', list(uncertainty.ERROR_CAP_MODES),
                   'median: authors\' code (5× median, draw 0 noiseless); mean: paper text.')
 flags.DEFINE_integer('seed', 0, 'PRNG seed of the draws: same seed, same catalogue.')
@@ -130,7 +133,8 @@ def main(argv):
                meta.get('step'), meta.get('ensemble_size', 1))
   settings = evaluation.MCSettings(mc=FLAGS.mc, estimator=FLAGS.uncertainty,
                                    error_cap=FLAGS.error_cap, seed=FLAGS.seed,
-                                   draw_chunk=FLAGS.draw_chunk)
+                                   draw_chunk=FLAGS.draw_chunk,
+                                   linear_draws=FLAGS.linear_draws)
   if FLAGS.calibrate:
     meta['calibration'] = _calibrate(params, meta, data_dir, settings)
     if not splits and not files:

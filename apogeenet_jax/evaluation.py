@@ -96,17 +96,22 @@ class MCSettings:
     ``mc`` then only says whether a σ is wanted).
   error_cap: 'median' (authors' code, draw 0 noiseless) or 'mean' (paper text).
   seed: PRNG seed of the draws. draw_chunk: draws evaluated together (device memory).
+  linear_draws: 'linear' only: 0 = the Jacobian at the spectrum (delta method); M ≥ 2 = the
+    noise-averaged Jacobian from M of the MC's draws (``uncertainty.make_linear_fn``).
   """
   mc: int = uncertainty.PAPER_NUM_DRAWS
   estimator: str = 'mc'
   error_cap: str = 'median'
   seed: int = 0
   draw_chunk: int = DEFAULT_DRAW_CHUNK
+  linear_draws: int = 0
 
   def __post_init__(self):
     problems = [f'--{name} must be >= {least}, got {value}'
                 for name, value, least in (('mc', self.mc, 0), ('draw_chunk', self.draw_chunk, 1))
                 if value < least]
+    if self.linear_draws == 1 or self.linear_draws < 0:
+      problems.append(f'--linear_draws must be 0 or >= 2, got {self.linear_draws}')
     problems += [f'--{name} must be one of {choices}, got {value!r}'
                  for name, value, choices in (
                      ('uncertainty', self.estimator, uncertainty.ESTIMATORS),
@@ -125,7 +130,7 @@ class MCSettings:
     if self.mc == 0:
       fn = uncertainty.make_predict_fn(apply_fn)
     elif self.estimator == 'linear':
-      fn = uncertainty.make_linear_fn(apply_fn)
+      fn = uncertainty.make_linear_fn(apply_fn, num_draws=self.linear_draws)
     else:
       fn = uncertainty.make_mc_fn(apply_fn, num_draws=self.mc, draw_chunk=self.draw_chunk,
                                   noiseless_first=(self.error_cap == 'median'))
@@ -510,6 +515,8 @@ def _run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str,
          'sigma': settings.sigma, 'mc': int(settings.mc) if settings.sigma == 'mc' else 0,
          'error_cap': settings.error_cap, 'seed': int(settings.seed),
          'ensemble': checkpoint.ensemble_size(meta)}
+  if settings.sigma == 'linear':
+    run['linear_draws'] = int(settings.linear_draws)
   # Without 'path': only the process that stored the calibration knows it, the rest agree.
   cal = None if cal is None else {k: v for k, v in cal.items() if k != 'path'}
   return {'format': _PART_FORMAT, 'run': run, 'calibration': cal,
@@ -705,6 +712,7 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
                              step=meta.get('step'), split=split, mc=int(settings.mc),
                              error_cap=settings.error_cap, seed=int(settings.seed),
                              estimator=settings.estimator,
+                             linear_draws=int(settings.linear_draws),
                              ensemble_size=checkpoint.ensemble_size(meta))
   except calibration.CalibrationError as e:
     raise EvaluationError(f'{data_dir} {split} split: {e}') from e
@@ -724,10 +732,13 @@ def _calibration_in_use(meta: Mapping[str, Any], mode: str, settings: MCSettings
   record = meta.get('calibration') if mode == 'auto' else None
   if record is None:
     return None
-  if record.get('estimator', 'mc') != settings.estimator:
-    logging.warning('The calibration was fitted for the %r σ estimator, this run uses %r: '
-                    'rerun evaluate.py --calibrate --uncertainty=%s for a matching fit.',
-                    record.get('estimator', 'mc'), settings.estimator, settings.estimator)
+  if ((record.get('estimator', 'mc'), record.get('linear_draws', 0))
+      != (settings.estimator, settings.linear_draws)):
+    logging.warning('The calibration was fitted for the %r σ estimator (linear_draws=%s), this '
+                    'run uses %r (linear_draws=%d): rerun evaluate.py --calibrate with this '
+                    "run's --uncertainty and --linear_draws for a matching fit.",
+                    record.get('estimator', 'mc'), record.get('linear_draws', 0),
+                    settings.estimator, settings.linear_draws)
   if (record.get('mc'), record.get('error_cap')) != (settings.mc, settings.error_cap):
     logging.warning('The calibration was fitted with mc=%s error_cap=%s, this run uses mc=%d '
                     'error_cap=%s: the σ it scales differ somewhat.', record.get('mc'),

@@ -384,6 +384,27 @@ def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
     MCSettings(estimator='delta')
 
 
+def test_noise_averaged_linear_over_fake_devices_is_recorded(tiny_checkpoint, tmp_path,
+                                                             monkeypatch):
+  settings = MCSettings(estimator='linear', linear_draws=2)
+  many, one, (params, model, std, n) = _all_devices_and_one(tiny_checkpoint, settings=settings)
+  np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)  # per-star keys
+  delta = evaluation.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
+                                     MCSettings(estimator='linear'))
+  scale = np.abs(delta['pred_z']).max()  # the prediction is the noiseless pass in both
+  np.testing.assert_allclose(many['pred_z'], delta['pred_z'], rtol=1e-5, atol=1e-5 * scale)
+  assert not np.allclose(many['pred_err'], delta['pred_err'], rtol=1e-3)
+  with pytest.raises(evaluation.EvaluationError, match='--linear_draws'):
+    MCSettings(estimator='linear', linear_draws=1)
+  _fake_splits(monkeypatch, 5)
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path), splits=['test'],
+                            data_dir='unused', settings=settings, batch_size=4,
+                            make_figures=False)
+  run = json.load(open(out['metrics_json']))['run']
+  assert (run['sigma'], run['linear_draws']) == ('linear', 2)
+
+
 @pytest.mark.parametrize('estimator, mc, sigma', [('linear', 100, 'linear'), ('mc', 3, 'mc'),
                                                   ('linear', 0, 'none')])
 def test_catalog_and_metrics_record_the_estimator(tiny_checkpoint, tmp_path, monkeypatch,
