@@ -62,6 +62,9 @@ _LINEAR_MODES = flags.DEFINE_list('linear_modes', ['vjp', 'jacrev'],
                                   'make_linear_fn modes timed in the rounds (first: "JAX linear").')
 _JVP_STARS = flags.DEFINE_integer('jvp_stars', 1, 'Stars for the one-off forward-mode timing; '
                                   '0: skip.')
+_LINEAR_DRAWS = flags.DEFINE_integer(
+    'linear_draws', 2, 'Also time and compare the noise-averaged Jacobian from this many draws '
+    '(make_linear_fn num_draws; 0: skip).')
 _RATIO = flags.DEFINE_bool('sigma_ratio', True, 'Compare σ_linear with σ_MC (section 2).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'σ ratio: the best checkpoint of this run.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'σ ratio: this orbax checkpoint.')
@@ -112,7 +115,8 @@ def _jax_model(ensemble_size=1):
   return model, params
 
 
-def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1, linear_mode=None):
+def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1, linear_mode=None,
+               linear_draws=0):
   """A compiled, warmed-up ``run() -> seconds`` for MC (or ``linear_mode``) over all stars."""
   import jax
 
@@ -122,7 +126,7 @@ def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1, linear_mo
   if linear_mode is None:
     fn = uncertainty.make_mc_fn(apply_fn, num_draws=mc, draw_chunk=draw_chunk)
   else:
-    fn = uncertainty.make_linear_fn(apply_fn, mode=linear_mode)
+    fn = uncertainty.make_linear_fn(apply_fn, mode=linear_mode, num_draws=linear_draws)
   if ensemble_size > 1:
     fn = uncertainty.make_ensemble_fn(fn, vectorize=_VECTORIZE.value)
   key = jax.random.PRNGKey(0)
@@ -237,14 +241,19 @@ def sigma_ratios():
   params, model, standardizer, batches, what = source
   out = {est: evaluation.predict_batches(
       params, model, standardizer, batches(),
-      evaluation.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est), desc=est)
-         for est in ('linear', 'mc')}
-  ratio = out['linear']['pred_err'] / out['mc']['pred_err']
-  print(f'σ_linear / σ_MC-{_MC.value} on {what} ({len(ratio)} stars; MC-{_MC.value} σ itself '
-        f'has ~{100 / np.sqrt(2 * _MC.value):.0f}% sampling error):')
-  for j, name in enumerate(LABEL_NAMES):
-    p10, med, p90 = np.percentile(ratio[:, j], [10, 50, 90])
-    print(f'  {name:5s} median {med:.3f}  p10 {p10:.3f}  p90 {p90:.3f}')
+      evaluation.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est,
+                            linear_draws=m), desc=f'{est} {m}')
+         for est, m in {('linear', 0), ('mc', 0), ('linear', _LINEAR_DRAWS.value)}}
+  variants = [(0, 'σ_linear')]
+  if _LINEAR_DRAWS.value:
+    variants.append((_LINEAR_DRAWS.value, f'σ_linear (E[J], {_LINEAR_DRAWS.value} draws)'))
+  for m, title in variants:
+    ratio = out['linear', m]['pred_err'] / out['mc', 0]['pred_err']
+    print(f'{title} / σ_MC-{_MC.value} on {what} ({len(ratio)} stars; MC-{_MC.value} σ itself '
+          f'has ~{100 / np.sqrt(2 * _MC.value):.0f}% sampling error):')
+    for j, name in enumerate(LABEL_NAMES):
+      p10, med, p90 = np.percentile(ratio[:, j], [10, 50, 90])
+      print(f'  {name:5s} median {med:.3f}  p10 {p10:.3f}  p90 {p90:.3f}')
 
 
 def main(argv):
@@ -263,6 +272,11 @@ def main(argv):
   linear_names = [f'linear {m}' for m in _LINEAR_MODES.value]
   for name, mode in zip(linear_names, _LINEAR_MODES.value, strict=True):
     runners[name] = jax_runner(flux, err, _MC.value, _BATCH.value, _CHUNK.value, linear_mode=mode)
+  if _LINEAR_DRAWS.value:
+    name = f'linear E[J] M={_LINEAR_DRAWS.value}'
+    linear_names.append(name)
+    runners[name] = jax_runner(flux, err, _MC.value, _BATCH.value, _CHUNK.value,
+                               linear_mode='vjp', linear_draws=_LINEAR_DRAWS.value)
   if not _SKIP_TORCH.value:
     try:
       runners['PyTorch'] = torch_runner(flux, err, _MC.value, _THREADS.value)
@@ -288,8 +302,9 @@ def main(argv):
     print(f'JAX     MC {_MC.value} draws x {k} members: {r:7.2f} stars/s = '
           f'{rate["JAX"] / (k * r):.2f} x the time of {k} single-network runs')
   for name in linear_names:
-    print(f'JAX {name:13s}: {rate[name]:7.2f} stars/s (batch {_BATCH.value}; one forward + 3 '
-          f'backward passes per star)')
+    passes = ('one forward + 3 backward passes' if 'E[J]' not in name else
+              f'{_LINEAR_DRAWS.value} x (forward + 3 backward) + 1 forward passes')
+    print(f'JAX {name:13s}: {rate[name]:7.2f} stars/s (batch {_BATCH.value}; {passes} per star)')
   if 'PyTorch' in rate:
     print(f'PyTorch MC {_MC.value} draws: {rate["PyTorch"]:7.2f} stars/s '
           f'({rate["PyTorch"] * _MC.value:.0f} spectra/s; {_THREADS.value} threads, one batch of '
@@ -303,6 +318,11 @@ def main(argv):
     if 'PyTorch' in rate:
       print(f'linear / PyTorch MC-{_MC.value}: {rate[lin] / rate["PyTorch"]:.2f}  (goal >= 3; per '
             f'round: {per_round(lin, "PyTorch")})')
+  for name in linear_names[1:]:
+    if 'E[J]' in name:
+      print(f'{name} / JAX MC-{_MC.value}: {rate[name] / rate["JAX"]:.2f}'
+            + (f'; / PyTorch MC-{_MC.value}: {rate[name] / rate["PyTorch"]:.2f}'
+               if 'PyTorch' in rate else ''))
   if _JVP_STARS.value > 0:
     sec = jvp_seconds_per_star(flux, err, _JVP_STARS.value)
     print(f'JAX linear jvp   : {1 / sec:7.3f} stars/s (forward mode, 8575 tangents per star, '
