@@ -239,7 +239,7 @@ def sigma_ratios():
     print(f'σ ratio: no checkpoint given and no apStar files in {_APSTAR_DIR.value}: skipped')
     return
   params, model, standardizer, batches, what = source
-  out = {est: evaluation.predict_batches(
+  out = {(est, m): evaluation.predict_batches(
       params, model, standardizer, batches(),
       evaluation.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est,
                             linear_draws=m), desc=f'{est} {m}')
