@@ -18,7 +18,9 @@ every later run on that checkpoint applies it, ``--calibration=none`` shows the 
 directory (e.g. one from ``python -m apogeenet_jax.convert_torch``). ``--error_cap=median`` (the
 authors' code, default) or ``mean`` (the paper's text); ``--mc=0`` gives noiseless predictions and
 empty σ columns. ``--uncertainty=linear`` replaces the draws by first-order propagation of the
-same capped errors (12–20× faster than 100 draws; prediction = the noiseless forward pass).
+same capped errors through the noise-averaged Jacobian of ``--linear_draws`` (2) draws, ~9× faster
+than 100 draws, or the Jacobian at the spectrum with ``--linear_draws=0``, ~18× (prediction = the
+noiseless forward pass).
 ``--split`` takes a comma-separated list (``train,dev,test``). OUT receives catalog.fits,
 catalog.csv, metrics.json (labelled runs) and figures/*.png.
 
@@ -60,9 +62,10 @@ flags.DEFINE_integer('mc', uncertainty.PAPER_NUM_DRAWS, 'Monte Carlo draws per s
 flags.DEFINE_enum('uncertainty', 'mc', list(uncertainty.ESTIMATORS),
                   'mc: --mc noisy draws (paper); linear: first-order propagation of the same '
                   'capped errors, one forward + 3 backward passes (--mc unused unless 0).')
-flags.DEFINE_integer('linear_draws', 0, '--uncertainty=linear: 0 = the Jacobian at the spectrum '
-                     '(delta method); M >= 2 = the noise-averaged Jacobian from M noise draws '
-                     '(a lower bound on the MC σ, M times the cost).', lower_bound=0)
+flags.DEFINE_integer('linear_draws', uncertainty.DEFAULT_LINEAR_DRAWS,
+                     '--uncertainty=linear: M >= 2 = the noise-averaged Jacobian from M noise '
+                     'draws (a lower bound on the MC σ; M times the cost); 0 = the Jacobian at '
+                     'the spectrum (delta method, deterministic).', lower_bound=0)
 flags.DEFINE_enum('error_cap', 'median', list(uncertainty.ERROR_CAP_MODES),
                   'median: authors\' code (5× median, draw 0 noiseless); mean: paper text.')
 flags.DEFINE_integer('seed', 0, 'PRNG seed of the draws: same seed, same catalogue.')

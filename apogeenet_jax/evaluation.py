@@ -96,15 +96,15 @@ class MCSettings:
     ``mc`` then only says whether a σ is wanted).
   error_cap: 'median' (authors' code, draw 0 noiseless) or 'mean' (paper text).
   seed: PRNG seed of the draws. draw_chunk: draws evaluated together (device memory).
-  linear_draws: 'linear' only: 0 = the Jacobian at the spectrum (delta method); M ≥ 2 = the
-    noise-averaged Jacobian from M of the MC's draws (``uncertainty.make_linear_fn``).
+  linear_draws: 'linear' only: M ≥ 2 (default 2) = the noise-averaged Jacobian from M of the
+    MC's draws; 0 = the Jacobian at the spectrum (delta method) (``uncertainty.make_linear_fn``).
   """
   mc: int = uncertainty.PAPER_NUM_DRAWS
   estimator: str = 'mc'
   error_cap: str = 'median'
   seed: int = 0
   draw_chunk: int = DEFAULT_DRAW_CHUNK
-  linear_draws: int = 0
+  linear_draws: int = uncertainty.DEFAULT_LINEAR_DRAWS
 
   def __post_init__(self):
     problems = [f'--{name} must be >= {least}, got {value}'

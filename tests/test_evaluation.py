@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from etils import epath
 
-from apogeenet_jax import calibration, catalog, checkpoint, evaluation, input_pipeline, labels
+from apogeenet_jax import (
+  calibration,
+  catalog,
+  checkpoint,
+  evaluation,
+  input_pipeline,
+  labels,
+  uncertainty,
+)
 from apogeenet_jax.constants import BAD_PIXEL_ERROR, DATA_TYPES, N_PIXELS
 from apogeenet_jax.evaluation import MCSettings
 from apogeenet_jax.model import APOGEENet
@@ -353,10 +361,15 @@ def test_linear_equals_mc_on_real_spectra_with_errors_scaled_down(real_apstar_fi
   params = jax.jit(model.init)(jax.random.PRNGKey(2), jnp.zeros((1, N_PIXELS)))['params']
   files = [str(p) for p in real_apstar_files]
   n_draws = 1000
-  run = lambda estimator: evaluation.predict_batches(  # noqa: E731
+  run = lambda estimator, draws: evaluation.predict_batches(  # noqa: E731
       params, model, PAPER_STANDARDIZER, _small_error_batches(files, 4, 1000.0),
-      MCSettings(mc=n_draws, draw_chunk=100, estimator=estimator))
-  linear, mc = run('linear'), run('mc')
+      MCSettings(mc=n_draws, draw_chunk=100, estimator=estimator, linear_draws=draws))
+  mc = run('mc', 0)
+  for draws in (0, uncertainty.DEFAULT_LINEAR_DRAWS):
+    _check_linear_against_mc(run('linear', draws), mc, n_draws)
+
+
+def _check_linear_against_mc(linear, mc, n_draws):
   z = linear['pred_z']
   # The comparison means something only if the outputs depend on the spectrum.
   assert np.all(z.std(axis=0) > 0.05 * np.abs(z).max(axis=0)), z
@@ -370,7 +383,7 @@ def test_linear_equals_mc_on_real_spectra_with_errors_scaled_down(real_apstar_fi
 
 def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
   many, one, (params, model, std, n) = _all_devices_and_one(
-      tiny_checkpoint, settings=MCSettings(estimator='linear'))
+      tiny_checkpoint, settings=MCSettings(estimator='linear', linear_draws=0))
   assert len(many['pred']) == 2 * n - 1 and np.all(many['pred_err'] > 0)
   # Split over devices XLA picks other convolution blockings: float32 rounding, no more.
   scale = np.abs(one['pred_z']).max()
@@ -378,7 +391,7 @@ def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
   np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)
   # Nothing is random in linear mode: another seed gives the same σ.
   again = evaluation.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
-                                     MCSettings(seed=5, estimator='linear'))
+                                     MCSettings(seed=5, estimator='linear', linear_draws=0))
   np.testing.assert_allclose(again['pred_err'], many['pred_err'], rtol=1e-5)
   with pytest.raises(evaluation.EvaluationError, match='--uncertainty'):
     MCSettings(estimator='delta')
@@ -390,7 +403,7 @@ def test_noise_averaged_linear_over_fake_devices_is_recorded(tiny_checkpoint, tm
   many, one, (params, model, std, n) = _all_devices_and_one(tiny_checkpoint, settings=settings)
   np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)  # per-star keys
   delta = evaluation.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
-                                     MCSettings(estimator='linear'))
+                                     MCSettings(estimator='linear', linear_draws=0))
   scale = np.abs(delta['pred_z']).max()  # the prediction is the noiseless pass in both
   np.testing.assert_allclose(many['pred_z'], delta['pred_z'], rtol=1e-5, atol=1e-5 * scale)
   assert not np.allclose(many['pred_err'], delta['pred_err'], rtol=1e-3)
