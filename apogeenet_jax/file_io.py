@@ -88,6 +88,12 @@ def _remote_atomic_path(path: epath.Path) -> Iterator[str]:
     # No mkdir: object stores have no folders (and gcsfs would try to create a missing bucket).
     with open(tmp, 'rb') as src:
       dst = path.open('wb')
+      if not hasattr(dst, 'write'):
+        # etils' TensorFlow backend (used for gs:// when TensorFlow is installed) returns a
+        # context manager around tf.io.gfile.GFile, which uploads the object on close.
+        with dst as gfile:
+          shutil.copyfileobj(src, gfile)
+        return
       try:
         shutil.copyfileobj(src, dst)
       except BaseException:

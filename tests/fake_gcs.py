@@ -26,6 +26,7 @@ import urllib.parse
 
 import fsspec
 from etils.epath import backend as epath_backend
+from etils.epath import gpath as epath_gpath
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from fsspec.registry import known_implementations
 from orbax.checkpoint._src.path import gcs_utils
@@ -207,10 +208,13 @@ def _tensorstore_endpoint() -> str:
 def installed():
   """gs:// goes to the fake for the body (an empty bucket store); restored afterwards."""
   saved = {p: fsspec.registry.get(p) for p in ('gs', 'gcs')}
+  # EPATH_USE_TF=false: with TensorFlow installed (CI's tfds extra) etils would send gs:// to
+  # tf.io.gfile, i.e. to the real Google Cloud Storage, instead of to this fsspec fake.
   env = {'TENSORSTORE_GCS_HTTP_URL': _tensorstore_endpoint(),
-         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'fake'}
+         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'fake', 'EPATH_USE_TF': 'false'}
   saved_env = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
+  epath_gpath._is_tf_installed.cache_clear()
   for protocol in ('gs', 'gcs'):
     fsspec.register_implementation(protocol, FakeGCS, clobber=True)
   epath_backend.fsspec_backend._get_filesystem.cache_clear()
@@ -234,5 +238,6 @@ def installed():
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
+    epath_gpath._is_tf_installed.cache_clear()
     FakeGCS.store.clear()
     FakeGCS.generations.clear()
