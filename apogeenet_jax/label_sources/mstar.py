@@ -131,16 +131,26 @@ def in_star_forming_region(table: Table, regions: StarFormingRegions,
         f'{columns.dec}: cannot exclude star-forming regions (§2.3); add one, or pass '
         f'regions=NO_REGIONS (--sfr_fields=none) if the table holds none')
   if field is not None and regions.field_patterns:
-    patterns = [_normalise_field(p) for p in regions.field_patterns]
-    names = [_normalise_field(s) for s in common.string_column(table, field)]
-    hit |= np.array([any(p in n for p in patterns) for n in names], bool)
+    hit |= _field_matches(common.string_column(table, field), regions.field_patterns)
   if ra is not None and dec is not None and regions.circles:
-    ra_v, dec_v = common.float_column(table, ra), common.float_column(table, dec)
-    ok = np.isfinite(ra_v) & np.isfinite(dec_v)
-    stars = SkyCoord(np.where(ok, ra_v, 0.0) * u.deg, np.where(ok, dec_v, 0.0) * u.deg)
-    for c in regions.circles:
-      centre = SkyCoord(c.ra * u.deg, c.dec * u.deg)
-      hit |= ok & (stars.separation(centre) < c.radius * u.deg)
+    hit |= _inside_circles(common.float_column(table, ra), common.float_column(table, dec),
+                           regions.circles)
+  return hit
+
+
+def _field_matches(fields, patterns) -> np.ndarray:
+  """True where a FIELD name contains a pattern (case, spaces, _ and - ignored)."""
+  patterns = [_normalise_field(p) for p in patterns]
+  return np.array([any(p in _normalise_field(f) for p in patterns) for f in fields], bool)
+
+
+def _inside_circles(ra, dec, circles) -> np.ndarray:
+  """True where (RA, Dec) [deg] is finite and inside one of the circles."""
+  ok = np.isfinite(ra) & np.isfinite(dec)
+  stars = SkyCoord(np.where(ok, ra, 0.0) * u.deg, np.where(ok, dec, 0.0) * u.deg)
+  hit = np.zeros(len(ra), bool)
+  for c in circles:
+    hit |= ok & (stars.separation(SkyCoord(c.ra * u.deg, c.dec * u.deg)) < c.radius * u.deg)
   return hit
 
 
