@@ -31,24 +31,21 @@ Memory: the draws run in chunks of ``draw_chunk`` through one jitted ``lax.map``
 holds activations for ``batch · draw_chunk`` spectra at a time whatever N is.
 
 First-order propagation (``make_linear_fn``, ``evaluate.py --uncertainty=linear``): the standard
-error-propagation formula σ_k = √(Σ_i (∂f_k/∂x_i · s_i)²) with s_i the same per-pixel noise
-scale as the MC (``prepare_errors``: same cap, same 1e10 pixels without noise), which is the σ the
-MC converges to when the network is linear over the noise (it does not depend on the seed, and
-``noiseless_first`` has no counterpart); the prediction is the noiseless forward pass. Not in the
-paper; for independent Gaussian pixel noise this is the textbook linearisation (e.g. the delta
-method). It underestimates or overestimates σ where the network is far from linear across the
-noise (very low S/N, a ReLU or max-pool decision flipped by the noise): use the MC there.
+error-propagation formula σ_k² = Σ_i (∂f_k/∂x_i · s_i)² with s_i the same per-pixel noise scale as
+the MC (``prepare_errors``: same cap, same 1e10 pixels without noise); the prediction is the
+noiseless forward pass. Two Jacobians: the delta method's J(x) at the spectrum (``num_draws=0``,
+deterministic), or the noise-averaged E[J] from M of the MC's own noisy copies (``num_draws=M``,
+``evaluate.py``'s default M = 2), whose σ² is by Stein's lemma the part of the MC variance linear
+in the noise (a lower bound on it). Not in the paper. Both equal the MC where the network is
+linear over the noise and miss it where it is not (very low S/N, ReLU or max-pool decisions
+flipped by the noise): on the demo's trained network σ / σ_MC-100 has median 0.88–0.89 for E[J]
+and 1.20–1.21 for J(x) (``benchmarks/mc_benchmark.py``, ``benchmarks/sigma_linearity.py``).
 Reverse mode wins because there are 3 outputs against 8575 inputs: one forward pass and three
-backward passes per star (``mode='vjp'``; the batch is one function call, so each star's pull-back
-is its own row because the rows do not interact in eval mode). Measured on 2 loaded CPU cores,
-paper-size network, batch 16 (benchmarks/mc_benchmark.py, interleaved): 'vjp' 62–65 stars/s,
-'jvp' (forward mode, 8575 tangents per star) 0.03, MC-100 3.1–3.8, so linear is 16–20× MC-100;
-'jacrev' runs the same passes and is equal within the noise (ahead or behind by 10–15% from run
-to run). On the demo's trained paper-size network σ_linear / σ_MC-100 has median 1.20–1.21
-(p10 ≈ 1.08, p90 ≈ 1.35–1.40); with the errors scaled down 100× it is 1.00: the excess is the
-network's non-linearity over the real noise, not a bug. Memory: the forward residuals of ``batch`` spectra
-plus three backward passes at once, i.e. activations for ~4 · batch spectra (MC: batch ·
-draw_chunk).
+backward passes per spectrum (``mode='vjp'``; the batch is one function call, so each star's
+pull-back is its own row because the rows do not interact in eval mode); 'jacrev' runs the same
+passes, 'jvp' (8575 tangents per star) is ~1000× slower. Measured on 2 quiet CPU cores,
+paper-size network, batch 16: J(x) ~18× the speed of MC-100, E[J] with M = 2 ~8.5×. Memory: the
+forward residuals of ``batch`` spectra (E[J]: M · batch) plus three backward passes at once.
 """
 
 import functools
