@@ -690,9 +690,9 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
               save: bool = True) -> dict[str, Any]:
   """Fits σ_cal² = (a σ)² + b² per label on the dev split (``calibration``); returns the record.
 
-  ``settings.estimator`` is the σ_noise estimator the fit is made for ('mc' or 'linear': the
-  linear σ is ~1.2× the MC's on the demo network, so a fit carries over only to the estimator it
-  was made with; ``evaluate`` warns on a mismatch).
+  ``settings.estimator`` (with ``linear_draws``) is the σ_noise estimator the fit is made for: on
+  the demo network the linear σ is ~0.9× the MC's with the default 2 draws and ~1.2× with 0, so a
+  fit carries over only to the estimator it was made with; ``evaluate`` warns on a mismatch.
 
   The dev stars are predicted exactly as ``evaluate(splits=['dev'])`` would (same noise stream).
   With ``save`` the record goes to ``meta['checkpoint_dir']/calibration.json``, tied to
