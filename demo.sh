@@ -41,7 +41,9 @@ step "2/4 TFDS build (TensorFlow-free; 'tfds build tfds_apogee/apogee' is the TF
 "$PYTHON" -m tfds_apogee.build --manual_dir="$DATA/raw" --data_dir="$DATA/tfds" "${BUILD_FLAGS[@]}"
 
 step "3/4 training: train.py --config=configs/demo.py --workdir=$WORKDIR"
-"$PYTHON" train.py --config=configs/demo.py --config.data_dir="$DATA/tfds" --workdir="$WORKDIR"
+# shellcheck disable=SC2086  # TRAIN_FLAGS holds several flags: word splitting wanted.
+"$PYTHON" train.py --config=configs/demo.py --config.data_dir="$DATA/tfds" --workdir="$WORKDIR" \
+  ${TRAIN_FLAGS:-}
 
 step "4/4 evaluation: evaluate.py --calibrate (on dev) --mc=$MC --split=test"
 "$PYTHON" evaluate.py --workdir="$WORKDIR" --data_dir="$DATA/tfds" --calibrate --split=test \

@@ -124,13 +124,34 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   elif kind == 'cosine':
     decay = int(config.get('decay_steps', 0))
     if decay <= 0:
-      raise TrainingError("lr_schedule='cosine' needs decay_steps > 0")
+      raise TrainingError("lr_schedule='cosine' needs decay_steps > 0 (train_and_evaluate sets "
+                          'decay_steps=0 to the end of the run: resolve_decay_steps)')
     after = optax.cosine_decay_schedule(peak, decay, alpha=config.get('lr_final_fraction', 0.0))
   else:
     raise TrainingError(f"lr_schedule must be 'constant' or 'cosine', got {kind!r}")
   if warmup <= 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def resolve_decay_steps(config: ml_collections.ConfigDict, batches_per_epoch: int
+                        ) -> ml_collections.ConfigDict:
+  """``lr_schedule='cosine'`` with ``decay_steps=0``: a copy of ``config`` whose cosine ends
+  with the run, at ``max_epochs`` × ``batches_per_epoch`` steps (warm-up included), so a
+  fixed-length run (configs/demo.py) decays whatever the size of its data set; else ``config``.
+  The resolved value is saved in the checkpoint meta's config and reused on resume."""
+  if config.get('lr_schedule', 'constant') != 'cosine' or config.get('decay_steps', 0) > 0:
+    return config
+  total = int(config.max_epochs) * int(batches_per_epoch)
+  decay = total - int(config.get('warmup_steps', 0))
+  if decay <= 0:
+    raise TrainingError(f"lr_schedule='cosine' over the run: max_epochs {config.max_epochs} × "
+                        f'{batches_per_epoch} batches leave no step after the warm-up')
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.decay_steps = decay
+  logging.info('Cosine learning-rate decay over the run: %d steps after %d of warm-up.',
+               decay, int(config.get('warmup_steps', 0)))
+  return resolved
 
 
 _LR_BATCH_SCALINGS = {'none': lambda f: 1.0, 'linear': lambda f: f, 'sqrt': lambda f: f ** 0.5}
@@ -1066,6 +1087,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
   counts = {t: int(np.sum(train_meta['data_type'] == i)) for i, t in enumerate(DATA_TYPES)}
   logging.info('Training spectra per data type: %s; dev: %d', counts, len(dev_source))
 
+  config = resolve_decay_steps(config, input_pipeline.num_train_batches(
+      len(train_source), local_batch, jax.process_count()))
   model, init_params, init_meta = _initial_model(config, train_source)
   ensemble_size = int(config.get('ensemble_size', 1))
   tx = create_optimizer(config)
@@ -1288,6 +1311,7 @@ __all__ = [
   'replicate',
   'resident_inputs',
   'resident_rows',
+  'resolve_decay_steps',
   'should_stop_early',
   'stream_inputs',
   'summarize',

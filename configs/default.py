@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0  # adamw only
   config.lr_schedule = 'constant'  # 'constant' | 'cosine' (over decay_steps after warm-up)
   config.warmup_steps = 50  # linear warm-up from 0
-  config.decay_steps = 0
+  config.decay_steps = 0  # cosine: 0 = to the end of the run (max_epochs; resolve_decay_steps)
   config.lr_final_fraction = 0.0
   config.grad_clip_norm = 1.0  # global-norm clipping; 0 = none
   # Many devices → a larger global batch: the rate scales as 'linear', 'sqrt' or 'none' in

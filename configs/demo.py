@@ -4,10 +4,11 @@ r"""The paper's network on the embedded SYNTHETIC survey, end to end in minutes 
     python -m tfds_apogee.build --manual_dir=data/demo/raw --data_dir=data/demo/tfds
     python train.py --config=configs/demo.py --workdir=workdirs/demo
 
-The default recipe (configs/default.py) and the full Appendix-B network — channels
+The default recipe (configs/default.py) with a cosine learning-rate decay over the run, and the
+full Appendix-B network — channels
 8,8,16,16,16,16,32,32,32,32,64,64, hidden 512,512 — with an epoch cap sized to a CPU demo.
-Measured (2,500 stars, 2 CPU cores): test MSE 0.021, scatter 0.16 dex / 94 K / 0.033 dex; best
-dev MSE 0.017 at step 196; the whole demo 159 s on 2 quiet cores (README "Results").
+Measured (2,500 stars, 2 quiet CPU cores): test MSE 0.011, scatter 0.095 dex / 100 K / 0.027 dex;
+best dev MSE 0.0079 at step 210; the whole chain 150 s (README "Results").
 Leaves the best checkpoint in workdirs/demo/checkpoints for ``evaluate.py --workdir=workdirs/demo``.
 """
 
@@ -20,5 +21,10 @@ def get_config():
   # ~14 steps of 128 per epoch on the 2500-star demo survey; the cap keeps the demo within
   # minutes on 2 CPU cores (early stopping rarely triggers this early).
   config.max_epochs = 16
+  # A run of known length: the learning rate decays to 0 along a cosine over the whole run
+  # (decay_steps 0 = to max_epochs, resolved from the data). Measured on the 2,500-star survey:
+  # test MSE 0.0111 against 0.0212 with the default's constant rate, in the same time.
+  config.lr_schedule = 'cosine'
+  config.decay_steps = 0
   config.log_every_steps = 10
   return config

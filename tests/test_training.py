@@ -865,3 +865,23 @@ def test_resident_gather_matches_host_batches(n_devices):
     np.testing.assert_array_equal(got['flux'], want['flux'])
     np.testing.assert_array_equal(got['targets'], std.transform(want['labels']))
     np.testing.assert_array_equal(got['data_type'], want['data_type'])
+
+
+def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
+  from configs import demo
+  config = demo.get_config()
+  config.lr_schedule, config.decay_steps, config.warmup_steps = 'cosine', 0, 50
+  resolved = training.resolve_decay_steps(config, batches_per_epoch=14)
+  assert resolved.decay_steps == 16 * 14 - 50 and config.decay_steps == 0  # a copy
+  schedule = training.learning_rate_schedule(resolved)
+  peak = resolved.learning_rate  # batch 128 = the reference batch: no scaling
+  assert float(schedule(50)) == pytest.approx(peak)
+  assert float(schedule(16 * 14)) == pytest.approx(0.0, abs=1e-9)  # ends with the run
+  assert 0 < float(schedule(16 * 14 - 20)) < 0.05 * peak
+  config.decay_steps = 100  # explicit: kept
+  assert training.resolve_decay_steps(config, 14) is config
+  config.lr_schedule, config.decay_steps = 'constant', 0
+  assert training.resolve_decay_steps(config, 14) is config
+  config.lr_schedule, config.max_epochs = 'cosine', 1
+  with pytest.raises(training.TrainingError, match='no step after the warm-up'):
+    training.resolve_decay_steps(config, 14)
