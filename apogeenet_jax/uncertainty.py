@@ -39,7 +39,7 @@ deterministic), or the noise-averaged E[J] from M of the MC's own noisy copies (
 in the noise (a lower bound on it). Not in the paper. Both equal the MC where the network is
 linear over the noise and miss it where it is not (very low S/N, ReLU or max-pool decisions
 flipped by the noise): on the demo's trained network σ / σ_MC-100 has median 0.88–0.89 for E[J]
-and 1.20–1.21 for J(x) (``benchmarks/mc_benchmark.py``, ``benchmarks/sigma_linearity.py``).
+and 1.20–1.22 for J(x) (``benchmarks/mc_benchmark.py``, ``benchmarks/sigma_linearity.py``).
 Reverse mode wins because there are 3 outputs against 8575 inputs: one forward pass and three
 backward passes per spectrum (``mode='vjp'``; the batch is one function call, so each star's
 pull-back is its own row because the rows do not interact in eval mode); 'jacrev' runs the same
@@ -67,8 +67,8 @@ PAPER_NUM_DRAWS = 100
 ESTIMATORS = ('mc', 'linear')
 LINEAR_MODES = ('vjp', 'jacrev', 'jvp')
 # evaluate.py --uncertainty=linear: the noise-averaged Jacobian from 2 draws (measured on the demo
-# network: 0.88–0.89× the MC-100 σ at 9× its speed; the delta method, --linear_draws=0, 1.20–1.21×
-# at 18×; README "Performance").
+# network: 0.88–0.89× the MC-100 σ at 8.5× its speed; the delta method, --linear_draws=0, 1.20–1.22×
+# at 18–21×; README "Results and measurements").
 DEFAULT_LINEAR_DRAWS = 2
 
 
