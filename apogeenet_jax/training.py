@@ -145,8 +145,10 @@ def resolve_decay_steps(config: ml_collections.ConfigDict, batches_per_epoch: in
   total = int(config.max_epochs) * int(batches_per_epoch)
   decay = total - int(config.get('warmup_steps', 0))
   if decay <= 0:
-    raise TrainingError(f"lr_schedule='cosine' over the run: max_epochs {config.max_epochs} × "
-                        f'{batches_per_epoch} batches leave no step after the warm-up')
+    # A run shorter than its warm-up (a smoke test): the cosine is never reached.
+    logging.warning('max_epochs %d × %d batches end within the %d warm-up steps: no decay.',
+                    config.max_epochs, batches_per_epoch, config.get('warmup_steps', 0))
+    decay = 1
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.decay_steps = decay
   logging.info('Cosine learning-rate decay over the run: %d steps after %d of warm-up.',

@@ -882,6 +882,7 @@ def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
   assert training.resolve_decay_steps(config, 14) is config
   config.lr_schedule, config.decay_steps = 'constant', 0
   assert training.resolve_decay_steps(config, 14) is config
-  config.lr_schedule, config.max_epochs = 'cosine', 1
-  with pytest.raises(training.TrainingError, match='no step after the warm-up'):
-    training.resolve_decay_steps(config, 14)
+  config.lr_schedule, config.max_epochs = 'cosine', 2  # 6 steps, all inside the warm-up
+  short = training.resolve_decay_steps(config, 3)
+  assert short.decay_steps == 1
+  assert float(training.learning_rate_schedule(short)(5)) == pytest.approx(peak * 5 / 50)
