@@ -40,14 +40,6 @@ _REF_DRAWS = flags.DEFINE_integer('reference_draws', 400, 'Draws of the referenc
 _JAC_DRAWS = flags.DEFINE_list('jacobian_draws', ['2', '4', '8'], 'M values for E[J].')
 
 
-def _jacobian_rows(apply_fn, params):
-  def rows(x):  # x (B, P) → (3, B, P): row k of each star's Jacobian
-    z, pull_back = jax.vjp(lambda v: apply_fn(params, v), x)
-    (g,) = jax.vmap(lambda e: pull_back(jnp.broadcast_to(e, z.shape)))(jnp.eye(z.shape[-1]))
-    return g
-  return jax.jit(rows)
-
-
 def _summary(name, ratio):
   cells = []
   for j, label in enumerate(LABEL_NAMES):
@@ -82,19 +74,10 @@ def main(argv):
   mc100 = np.asarray(uncertainty.make_mc_fn(apply_fn, num_draws=100)(
       params, flux, scale, index, key)[1])
   _summary('MC-100 (catalogue)', mc100 / ref)
-  rows = _jacobian_rows(apply_fn, params)
   for m in (int(v) for v in _JAC_DRAWS.value):
-    grads = []
-    for d in range(1, m + 1):
-      eps = jax.vmap(lambda i, d=d: jax.random.normal(
-          uncertainty.draw_key(key, i, d), (flux.shape[1],)))(index)
-      grads.append(np.asarray(rows(flux + eps * scale), np.float64))
-    grads = np.stack(grads)  # (M, 3, B, P)
-    mean, var = grads.mean(0), grads.var(0, ddof=1)
-    s2 = np.asarray(scale, np.float64) ** 2
-    ej = np.sqrt(np.maximum(np.sum(s2 * (mean ** 2 - var / m), axis=-1), 0.0)).T
+    fn = uncertainty.make_linear_fn(apply_fn, num_draws=m)  # evaluate.py's --linear_draws=m
+    ej = np.asarray(fn(params, flux, scale, index, key)[1])
     _summary(f'E[J] (unbiased), M={m}', ej / ref)
-
 
 if __name__ == '__main__':
   app.run(main)
