@@ -45,7 +45,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from apogeenet_jax import checkpoint, evaluation, sharding, uncertainty
+from apogeenet_jax import calibration, checkpoint, evaluation, sharding, uncertainty
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training run: its best checkpoint is used.')
@@ -79,6 +79,9 @@ flags.DEFINE_integer('draw_chunk', evaluation.DEFAULT_DRAW_CHUNK,
 flags.DEFINE_bool('figures', True, 'Draw the PNG figures.')
 flags.DEFINE_bool('calibrate', False, 'Fit σ_cal² = (a σ)² + b² per label on the dev split and '
                   'store it with the checkpoint (then evaluate --split, if given).')
+flags.DEFINE_enum('calibration_floor', 'auto', list(calibration.FLOOR_CHOICES),
+                  '--calibrate: auto = b constant or a function of the predicted log g and '
+                  'Teff, chosen per label by cross-validation on dev; constant = one b per label.')
 flags.DEFINE_enum('calibration', 'auto', list(evaluation.CALIBRATION_MODES),
                   "auto: apply the checkpoint's calibration when it has one; none: raw σ.")
 flags.DEFINE_bool('multihost', False, 'Run under jax.distributed (also --config.multihost): '
@@ -176,11 +179,11 @@ def _run_or_exit(fn, *args, **kwargs):
 def _calibrate(params, meta, data_dir, settings):
   # Every process fits the same numbers (same draws); process 0 alone stores them.
   record = evaluation.calibrate(params=params, meta=meta, data_dir=data_dir, settings=settings,
-                                batch_size=FLAGS.batch_size, save=jax.process_index() == 0)
+                                batch_size=FLAGS.batch_size, save=jax.process_index() == 0,
+                                floor=FLAGS.calibration_floor)
   if jax.process_index() == 0:
     print(f'Calibration on {record["split"]} ({record["n"]["TEFF"]} stars), '
-          'σ_cal² = (a σ)² + b²: ' + ', '.join(
-              f'{n} a={record["a"][n]:.3g} b={record["b"][n]:.3g}' for n in record['a']))
+          'σ_cal² = (a σ)² + b² (b: median floor, its model): ' + calibration.describe(record))
     print(f'           stored in {record["path"]}')
   return record
 

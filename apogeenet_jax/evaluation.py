@@ -651,7 +651,7 @@ def _build_table(merged: Mapping[str, np.ndarray], header: Mapping[str, Any]):
                             for i in merged['data_type'].astype(int)], dtype=str)
   table = catalog.build_catalog(
       apogee_id=merged['apogee_id'], ra=merged['ra'], dec=merged['dec'], pred=merged['pred'],
-      pred_err=calibration.apply(merged['pred_err'], cal),
+      pred_err=calibration.apply(merged['pred_err'], cal, merged['pred']),
       pred_err_noise=merged['pred_err_noise'], pred_err_model=merged['pred_err_model'],
       snr=merged['snr'], labels=merged['labels'], data_set=merged['data_set'],
       data_type=dtype_names, calibrated=cal is not None, sigma=header['run']['sigma'],
@@ -666,11 +666,12 @@ def _metrics(merged: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> dic
   """metrics.json: the run, Tables 2–3 and coverage per split, the paper's values."""
   cal = header['calibration']
   run = {**header['run'], 'calibration': (
-      {k: cal[k] for k in ('a', 'b', 'n', 'step', 'split', 'mc') if k in cal}
+      {k: cal[k] for k in ('a', 'b', 'n', 'floor', 'floor_choice', 'step', 'split', 'mc')
+       if k in cal}
       if cal is not None else None)}
   standardizer = Standardizer(mean=np.asarray(header['label_mean']),
                               std=np.asarray(header['label_std']))
-  sigma = calibration.apply(merged['pred_err'], cal)
+  sigma = calibration.apply(merged['pred_err'], cal, merged['pred'])
   metrics = {'run': run, 'splits': {}}
   for split in header['splits']:
     sel = merged['data_set'] == split
@@ -687,8 +688,12 @@ def _metrics(merged: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> dic
 
 def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.PathLike,
               settings: MCSettings = MCSettings(), batch_size: int = DEFAULT_BATCH_SIZE,
-              save: bool = True) -> dict[str, Any]:
+              save: bool = True, floor: str = 'auto') -> dict[str, Any]:
   """Fits σ_cal² = (a σ)² + b² per label on the dev split (``calibration``); returns the record.
+
+  ``floor``: how b may vary, one of ``calibration.FLOOR_CHOICES`` ('auto': constant or a function
+  of the predicted Kiel position, chosen per label by cross-validation on the dev split;
+  'constant': one b per label).
 
   ``settings.estimator`` (with ``linear_draws``) is the σ_noise estimator the fit is made for: on
   the demo network the linear σ is ~0.9× the MC's with the default 2 draws and ~1.2× with 0, so a
@@ -709,14 +714,14 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
   standardizer = checkpoint.standardizer_from_meta(meta)
   try:
     record = calibration.fit(part['pred'], part['labels'], part['pred_err'], standardizer.std,
-                             step=meta.get('step'), split=split, mc=int(settings.mc),
+                             floor=floor, step=meta.get('step'), split=split, mc=int(settings.mc),
                              error_cap=settings.error_cap, seed=int(settings.seed),
                              estimator=settings.estimator,
                              linear_draws=int(settings.linear_draws),
                              ensemble_size=checkpoint.ensemble_size(meta))
   except calibration.CalibrationError as e:
     raise EvaluationError(f'{data_dir} {split} split: {e}') from e
-  logging.info('Calibration a=%s b=%s', record['a'], record['b'])
+  logging.info('Calibration: %s', calibration.describe(record))
   if save:
     if not meta.get('checkpoint_dir') or meta.get('step') is None:
       raise EvaluationError('cannot store a calibration: meta has no checkpoint_dir/step '

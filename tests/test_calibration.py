@@ -1,6 +1,7 @@
 """σ calibration (calibration.py): the maximum-likelihood fit, coverage, NLL, the sidecar file."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -14,7 +15,9 @@ def test_fit_recovers_known_a_and_b(a, b):
   rng = np.random.default_rng(0)
   sigma = rng.uniform(0.05, 2.0, 20000)
   residual = rng.normal(size=sigma.size) * np.sqrt((a * sigma) ** 2 + b ** 2)
-  a_fit, b_fit = calibration.fit_label(residual, sigma)
+  f = calibration.fit_label(residual, sigma)  # floor='constant': the issue's literal (a, b)
+  a_fit, b_fit = f['a'], math.exp(f['coef'][0] / 2)
+  assert f['model'] == 'constant' and f['b_z'] == pytest.approx(b_fit)
   # At a boundary (a or b = 0) the other parameter is what the data pin down; compare σ_cal.
   np.testing.assert_allclose(np.hypot(a_fit * sigma, b_fit), np.hypot(a * sigma, b), rtol=0.03)
   if a and b:
@@ -30,9 +33,12 @@ def test_fit_in_native_units_and_apply():
   true_sigma = np.sqrt((a_true * sigma) ** 2 + b_true ** 2)
   labels = rng.normal(size=(n, 3)) * std
   pred = labels + rng.normal(size=(n, 3)) * true_sigma
-  pred[0, 1] = np.nan  # left out of TEFF only
-  record = calibration.fit(pred, labels, sigma, std, step=7)
+  pred[0, 1] = np.nan  # left out of TEFF only, with a constant floor
+  record = calibration.fit(pred, labels, sigma, std, floor='constant', step=7)
   assert record['step'] == 7 and record['n'] == {'LOGG': n, 'TEFF': n - 1, 'FE_H': n}
+  # A Kiel floor is a function of the predicted TEFF: that star is left out of every label.
+  assert calibration.fit(pred[:500], labels[:500], sigma[:500], std)['n'] == dict.fromkeys(
+      ('LOGG', 'TEFF', 'FE_H'), 499)
   np.testing.assert_allclose([record['a'][k] for k in ('LOGG', 'TEFF', 'FE_H')], a_true,
                              atol=0.06)
   b_fit = np.array([record['b'][k] for k in ('LOGG', 'TEFF', 'FE_H')])
@@ -77,3 +83,104 @@ def test_sidecar_round_trip_and_bad_files(tmp_path):
     json.dump({'a': {'LOGG': 1}, 'b': dict.fromkeys(names, 0.1), 'step': 3}, f)
   with pytest.raises(calibration.CalibrationError, match=r"'a' lacks \['TEFF', 'FE_H'\]"):
     calibration.load(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Floors that depend on the predicted Kiel position.
+
+NAMES = ('LOGG', 'TEFF', 'FE_H')
+STD = np.array([1.0, 500.0, 0.3])
+
+
+def _kiel_survey(rng, n, log_b2):
+  """Stars in two Kiel groups, 40% dwarfs: predictions, labels, raw σ and the dwarf mask. The
+  TEFF residuals have the floor b² = exp(log_b2(log g, Teff)); log g and [Fe/H] a constant one."""
+  dwarf = rng.random(n) < 0.4
+  logg = np.where(dwarf, rng.normal(4.5, 0.2, n), rng.normal(2.5, 0.5, n))
+  teff = np.where(dwarf, rng.normal(3500, 300, n), rng.normal(4700, 350, n))
+  labels = np.stack([logg, teff, rng.normal(-0.2, 0.3, n)], axis=1)
+  sigma = rng.uniform(0.01, 0.1, (n, 3)) * STD
+  floor = np.stack([np.full(n, 0.1), np.sqrt(np.exp(log_b2(logg, teff))), np.full(n, 0.03)], 1)
+  pred = labels + rng.normal(size=(n, 3)) * np.sqrt(sigma ** 2 + floor ** 2)
+  return pred, labels, sigma, dwarf
+
+
+def _dwarfs_worse(logg, teff):
+  return 2 * np.log(np.where(logg > 3.5, 300.0, 60.0))  # 300 K for dwarfs, 60 K for giants
+
+
+def test_kiel_floor_is_chosen_and_covers_each_kind_of_star():
+  rng = np.random.default_rng(3)
+  pred, labels, sigma, _ = _kiel_survey(rng, 1500, _dwarfs_worse)
+  auto = calibration.fit(pred, labels, sigma, STD)
+  constant = calibration.fit(pred, labels, sigma, STD, floor='constant')
+  assert auto['floor']['TEFF']['model'] != 'constant'
+  assert auto['floor']['LOGG']['model'] == 'constant'  # its floor does not vary
+  test_pred, test_labels, test_sigma, test_dwarf = _kiel_survey(rng, 4000, _dwarfs_worse)
+  r = test_pred[:, 1] - test_labels[:, 1]
+  for record, close in ((auto, True), (constant, False)):
+    cal = calibration.apply(test_sigma, record, test_pred)[:, 1]
+    for group in (test_dwarf, ~test_dwarf):
+      c1 = calibration.coverage(r[group], cal[group], 1.0)
+      assert (abs(c1 - calibration.NOMINAL_1SIGMA) < 0.04) == close, (record['floor'], c1)
+  cal = calibration.apply(test_sigma, auto, test_pred)[:, 1]
+  assert calibration.gaussian_nll(r, cal) < calibration.gaussian_nll(
+      r, calibration.apply(test_sigma, constant, test_pred)[:, 1]) - 0.1
+
+
+def test_constant_floor_is_kept_when_nothing_varies():
+  """The one-standard-error rule: a homoscedastic floor keeps the 2-number model."""
+  chosen = []
+  for seed in range(8):
+    rng = np.random.default_rng(100 + seed)
+    pred, labels, sigma, _ = _kiel_survey(rng, 400, lambda g, t: np.full_like(g, 2 * np.log(80)))
+    chosen.append(calibration.select_floor((pred[:, 1] - labels[:, 1]) / STD[1],
+                                           sigma[:, 1] / STD[1], pred[:, :2])[0])
+  assert chosen.count('constant') >= 7, chosen
+
+
+def test_kiel_floor_never_extrapolates_and_records_round_trip(tmp_path):
+  rng = np.random.default_rng(5)
+  pred, labels, sigma, _ = _kiel_survey(rng, 1500, _dwarfs_worse)
+  record = calibration.fit(pred, labels, sigma, STD, floor='kiel_quadratic', step=1)
+  geometry = record['kiel']['TEFF']
+  edge = np.array([[geometry['hi'][0], 0.0, 0.0], [geometry['hi'][0], geometry['lo'][1], 0.0]])
+  beyond = edge + np.array([[3.0, 0, 0], [3.0, -2000.0, 0]])  # far outside the dev range
+  ones = np.ones((2, 3))
+  edge[0, 1] = beyond[0, 1] = geometry['centre'][1]
+  np.testing.assert_allclose(calibration.apply(ones, record, beyond),
+                             calibration.apply(ones, record, edge))
+  calibration.save(str(tmp_path), record)
+  loaded = calibration.load(str(tmp_path))
+  np.testing.assert_array_equal(calibration.apply(sigma, loaded, pred),
+                                calibration.apply(sigma, record, pred))
+  with pytest.raises(calibration.CalibrationError, match='needs the predictions'):
+    calibration.apply(sigma, record)
+  # A record written before the Kiel floors ('a' and 'b' only) applies b as a constant.
+  old = {'a': dict.fromkeys(NAMES, 2.0), 'b': dict(zip(NAMES, (0.1, 50.0, 0.02), strict=True)), 'step': 1}
+  np.testing.assert_allclose(calibration.apply(sigma, old),
+                             np.sqrt((2 * sigma) ** 2 + np.array([0.1, 50.0, 0.02]) ** 2))
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda r: r['floor']['TEFF'].update(model='cubic'), "'cubic' is not one of"),
+    (lambda r: r['floor']['TEFF']['coef'].pop(), 'needs 6 coefficients, has 5'),
+    (lambda r: r['kiel'].pop('TEFF'), 'lacks its Kiel'),
+])
+def test_a_broken_floor_names_the_file(tmp_path, edit, message):
+  rng = np.random.default_rng(6)
+  pred, labels, sigma, _ = _kiel_survey(rng, 300, _dwarfs_worse)
+  record = calibration.fit(pred, labels, sigma, STD, floor='kiel_quadratic', step=1)
+  edit(record)
+  calibration.save(str(tmp_path), record)
+  with pytest.raises(calibration.CalibrationError, match=rf'calibration\.json: TEFF .*{message}'):
+    calibration.load(str(tmp_path))
+
+
+def test_richer_floors_need_enough_stars():
+  rng = np.random.default_rng(7)
+  for n, tried in ((60, ['constant']), (100, ['constant', 'kiel_linear']),
+                   (200, list(calibration.FLOOR_MODELS))):
+    pred, labels, sigma, _ = _kiel_survey(rng, n, _dwarfs_worse)
+    record = calibration.fit(pred, labels, sigma, STD)
+    assert sorted(record['floor']['TEFF']['cv_nll']) == (sorted(tried) if len(tried) > 1 else [])

@@ -302,6 +302,33 @@ def test_calibrate_stores_applies_and_can_be_switched_off(tiny_checkpoint, tmp_p
   assert full['nll']['TEFF'] < full['raw_nll']['TEFF']
 
 
+def test_a_kiel_floor_follows_each_star_into_the_catalogue(tiny_checkpoint, tmp_path,
+                                                           monkeypatch):
+  """A floor that is a function of the predicted (log g, Teff) is evaluated per catalogue row."""
+  _fake_splits(monkeypatch, 30, {'dev': 2, 'test': 3})
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  record = evaluation.calibrate(params=params, meta=meta, data_dir='unused', floor='kiel_linear',
+                                settings=MCSettings(mc=4), batch_size=8)
+  assert {f['model'] for f in record['floor'].values()} == {'kiel_linear'}
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  runs = {mode: evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / mode),
+                                    splits=['test'], data_dir='unused', batch_size=8,
+                                    settings=MCSettings(mc=4), make_figures=False,
+                                    calibration_mode=mode)
+          for mode in ('auto', 'none')}
+  cal, raw = runs['auto']['table'], runs['none']['table']
+  names = ('LOGG', 'TEFF', 'FE_H')
+  pred = np.stack([np.asarray(raw[f'{n}_PRED'], float) for n in names], 1)
+  raw_sigma = np.stack([np.asarray(raw[f'{n}_ERR'], float) for n in names], 1)
+  expected = calibration.apply(raw_sigma, record, pred)
+  for j, n in enumerate(names):
+    np.testing.assert_allclose(cal[f'{n}_ERR'], expected[:, j], rtol=1e-12)
+  floor = calibration.floor_sigma(record, pred, len(pred))
+  assert np.ptp(floor, axis=0).min() > 0  # not one b for every star
+  assert runs['auto']['metrics']['run']['calibration']['floor'] == record['floor']
+
+
 def test_calibration_of_another_step_is_ignored(tiny_checkpoint, tmp_path):
   directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
   names = ('LOGG', 'TEFF', 'FE_H')
