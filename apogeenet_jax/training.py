@@ -8,9 +8,10 @@ after ``jax.distributed.initialize()``: each process then reads its own shard of
 
 Deep ensembles (``config.ensemble_size`` K > 1): K networks that differ by initialisation and
 dropout keys (member k is initialised exactly as a single run with seed ``config.seed + k``) and
-see the same batches train in ONE jitted step, ``jax.vmap`` over a leading member axis of
-``params``, ``opt_state`` and ``rng`` inside the per-device function, so they are still data
-parallel and cost one compiled program. Early stopping watches the MEAN of the members' dev
+see the same batches train in ONE jitted step over a leading member axis of ``params``,
+``opt_state`` and ``rng`` inside the per-device function (``jax.vmap`` on GPU/TPU, K straight-line
+copies on a CPU: ``members_unrolled``), so they are still data parallel and cost one compiled
+program. Early stopping watches the MEAN of the members' dev
 losses: all members train the same epochs and the best checkpoint holds all K at one step, so no
 member is ever stopped, frozen or restored on its own (nothing one member does can touch another's
 slice of the stacked arrays). K = 1 keeps unstacked arrays and today's exact computation.
@@ -392,13 +393,45 @@ def _member_mean(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return out
 
 
-def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemble_size: int = 1
+def members_unrolled(mesh: Mesh) -> bool:
+  """Whether an ensemble's members run one after another in straight-line code (CPU) rather
+  than in one ``vmap`` (GPU/TPU).
+
+  Why: vmap turns every convolution after the first into a grouped convolution, which XLA:CPU
+  runs far slower than K separate ones, and a ``lax.map`` loop is no cure there (convolutions
+  inside a while loop: ~15× slower, see ``make_train_steps``). On an accelerator the vmapped
+  step batches the K small networks into wider kernels. Both layouts compute the same numbers.
+  Measured (paper network, batch 128, 2 CPU cores, ``benchmarks/train_benchmark.py
+  --ensemble_sizes=1,2,4``): see README "The cost of K members".
+  """
+  return mesh.devices.flat[0].platform == 'cpu'
+
+
+def _over_members(fn: Callable, unrolled: bool, in_axes: tuple) -> Callable:
+  """``fn`` applied to each member (leading axis) of the arguments with in_axes 0: vmapped,
+  or unrolled into K calls whose results are stacked."""
+  if not unrolled:
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def unrolled_fn(*args):
+    k = next(jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, in_axes, strict=True)
+             if ax == 0)
+    outs = [fn(*(a if ax is None else jax.tree.map(lambda x, i=i: x[i], a)
+                 for a, ax in zip(args, in_axes, strict=True))) for i in range(k)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+  return unrolled_fn
+
+
+def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemble_size: int = 1,
+                      unroll_members: bool = False
                       ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The per-device SGD step, to run under ``shard_map`` over the 'data' axis.
 
   ``ensemble_size`` K > 1: the state's params, opt_state and rng carry a leading member axis;
-  every member takes its step on the same batch (vmap inside the per-device function); the
-  metrics are the members' mean, with 'member_loss_sum' (K,) beside them.
+  every member takes its step on the same batch (vmap inside the per-device function, or K
+  straight-line copies with ``unroll_members``: ``members_unrolled``); the metrics are the
+  members' mean, with 'member_loss_sum' (K,) beside them.
   """
 
   def member_step(params, opt_state, rng, step, batch):
@@ -428,9 +461,10 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
       params, opt_state, metrics = member_step(state.params, state.opt_state, state.rng,
                                                state.step, batch)
     else:
-      # Collectives inside (the loss's psum over 'data') are batched per member by vmap, so
-      # each member's gradient is its own global-batch mean gradient.
-      params, opt_state, metrics = jax.vmap(member_step, in_axes=(0, 0, 0, None, None))(
+      # Collectives inside (the loss's psum over 'data') are per member, batched by vmap or
+      # one per unrolled copy, so each member's gradient is its own global-batch mean gradient.
+      params, opt_state, metrics = _over_members(member_step, unroll_members,
+                                                 (0, 0, 0, None, None))(
           state.params, state.opt_state, state.rng, state.step, batch)
       metrics = _member_mean(metrics)
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
@@ -441,11 +475,13 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
 
 
 def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh,
-                    ensemble_size: int = 1
+                    ensemble_size: int = 1, unroll_members: bool | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics); for
-  ``ensemble_size`` see ``_local_train_step``."""
-  step = jax.shard_map(_local_train_step(model, tx, ensemble_size), mesh=mesh,
+  ``ensemble_size`` see ``_local_train_step``; ``unroll_members`` None: ``members_unrolled``."""
+  if unroll_members is None:
+    unroll_members = members_unrolled(mesh)
+  step = jax.shard_map(_local_train_step(model, tx, ensemble_size, unroll_members), mesh=mesh,
                        in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0)
 
@@ -492,7 +528,7 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
   same computation as ``make_train_step`` (``ensemble_size`` likewise); fusing k of them saves
   k − 1 host round trips.
   """
-  local_step = _local_train_step(model, tx, ensemble_size)
+  local_step = _local_train_step(model, tx, ensemble_size, members_unrolled(mesh))
   n_dev = mesh.shape[DATA_AXIS]
   unroll = mesh.devices.flat[0].platform == 'cpu'
 
@@ -533,7 +569,8 @@ def make_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1
   def local_eval(params: Any, batch: dict) -> dict:
     if ensemble_size == 1:
       return member_eval(params, batch)
-    return _member_mean(jax.vmap(member_eval, in_axes=(0, None))(params, batch))
+    return _member_mean(_over_members(member_eval, members_unrolled(mesh), (0, None))(
+        params, batch))
 
   return jax.jit(jax.shard_map(local_eval, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                out_specs=P()))

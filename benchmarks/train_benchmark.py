@@ -7,9 +7,10 @@ Both do one SGD step (lr 0.001, MSE, dropout 0.1, paper Appendix B architecture)
 random raw-flux batch. Reports the median step time of ``--steps`` timed steps after warm-up,
 spectra/s (and per device for JAX) and the JAX/PyTorch ratio. Figures, never assertions.
 
-``--ensemble_sizes``: also times the K-member step (``config.ensemble_size``, one jitted step
-vmapped over the members) against K separate single-network steps, interleaved in one run, and
-prints the time per step relative to K separate steps (< 1: the ensemble step is cheaper).
+``--ensemble_sizes``: also times the K-member step (``config.ensemble_size``, one jitted step,
+the members vmapped and/or unrolled: ``--ensemble_layouts``) against K separate single-network
+steps, interleaved in one run, and prints the time per step relative to K separate steps (< 1:
+the ensemble step is cheaper).
 ``--model=small`` uses SMALL_NETWORK, the reduced network the demo used before issue 8.
 """
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/
 from apogeenet_jax import sharding, training
 from apogeenet_jax.constants import N_PIXELS
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
+from benchmarks.common import cpu_model
 from configs import paper
 
 flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
@@ -39,6 +41,8 @@ flags.DEFINE_bool('torch', True, 'Also time PyTorch.')
 flags.DEFINE_string('ensemble_sizes', '', 'Comma-separated K: time the K-member step against K '
                     'single steps (e.g. 1,4,8); empty: skip.')
 flags.DEFINE_enum('model', 'paper', ['paper', 'small'], 'paper: Appendix B; small: SMALL_NETWORK.')
+flags.DEFINE_list('ensemble_layouts', ['vmap', 'unrolled'], 'Members vmapped (GPU/TPU default) '
+                  'and/or unrolled (CPU default, training.members_unrolled).')
 FLAGS = flags.FLAGS
 # The reduced network of the demo before issue 8 (configs/demo.py then): quick ensemble timings.
 SMALL_NETWORK = {'channels': (8, 8, 16, 16), 'hidden': (64, 64)}
@@ -59,8 +63,9 @@ def _timed(fn) -> float:
   return time.perf_counter() - t0
 
 
-def jax_step_fn(batch: dict, ensemble_size: int = 1):
-  """One jitted data-parallel step of the paper model, ready to call; returns (fn, devices)."""
+def jax_step_fn(batch: dict, ensemble_size: int = 1, unroll_members: bool | None = None):
+  """One jitted data-parallel step of the paper model, ready to call; returns (fn, devices).
+  ``unroll_members``: the members' layout (None: ``training.members_unrolled``)."""
   config = paper.get_config()  # the paper's SGD step, as the PyTorch reference does
   if FLAGS.model == 'small':
     config.model.update(SMALL_NETWORK)
@@ -70,7 +75,7 @@ def jax_step_fn(batch: dict, ensemble_size: int = 1):
   mesh = sharding.make_mesh(FLAGS.num_devices)
   state = training.replicate(
       training.create_ensemble_state(0, model, tx, ensemble_size=ensemble_size), mesh)
-  step = training.make_train_step(model, tx, mesh, ensemble_size)
+  step = training.make_train_step(model, tx, mesh, ensemble_size, unroll_members)
   device_batch = training.device_batch(batch, PAPER_STANDARDIZER, mesh)
   holder = [state]
 
@@ -105,9 +110,11 @@ def torch_step_fn(batch: dict):
 
 
 def ensemble_comparison(batch: dict, sizes: list[int]) -> None:
-  """K-member step vs K single steps, interleaved; prints the relative time per K."""
+  """K-member step (both layouts of the members) vs K single steps, interleaved; prints the
+  relative time per K and layout."""
   single, _ = jax_step_fn(batch, 1)
-  runs = {k: jax_step_fn(batch, k)[0] for k in sizes if k > 1}
+  runs = {(k, layout): jax_step_fn(batch, k, layout == 'unrolled')[0]
+          for k in sizes if k > 1 for layout in FLAGS.ensemble_layouts}
   for _ in range(FLAGS.warmup):
     single()
     for run in runs.values():
@@ -119,12 +126,14 @@ def ensemble_comparison(batch: dict, sizes: list[int]) -> None:
       t_k[k].append(_timed(run))
   m1 = statistics.median(t_single)
   print(f'ensembles ({FLAGS.model} network, batch {FLAGS.batch_size}, median of {FLAGS.steps}, '
-        'interleaved):')
+        f'interleaved; {jax.devices()[0].platform}, {cpu_model()}; default layout here: '
+        f'{"unrolled" if training.members_unrolled(sharding.make_mesh(FLAGS.num_devices)) else "vmap"}):')
   print(f'  K=1  step {m1 * 1e3:8.1f} ms')
-  for k, times in t_k.items():
+  for (k, layout), times in t_k.items():
     mk = statistics.median(times)
-    print(f'  K={k:<2d} step {mk * 1e3:8.1f} ms = {mk / (k * m1):.2f} x the time of {k} separate '
-          f'steps ({k * m1 * 1e3:.1f} ms); {k * FLAGS.batch_size / mk:.1f} member-spectra/s')
+    print(f'  K={k:<2d} {layout:8s} step {mk * 1e3:8.1f} ms = {mk / (k * m1):.2f} x the time of '
+          f'{k} separate steps ({k * m1 * 1e3:.1f} ms); {k * FLAGS.batch_size / mk:.1f} '
+          'member-spectra/s')
 
 
 def main(argv):

@@ -267,6 +267,15 @@ def _copy_checkpoint(src, dst):
   return str(dst)
 
 
+def _calibrated_and_raw(params, meta, tmp_path):
+  """The test split evaluated with the checkpoint's calibration ('auto') and without ('none')."""
+  return {mode: evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / mode),
+                                    splits=['test'], data_dir='unused', batch_size=8,
+                                    settings=MCSettings(mc=4), make_figures=False,
+                                    calibration_mode=mode)
+          for mode in ('auto', 'none')}
+
+
 def test_calibrate_stores_applies_and_can_be_switched_off(tiny_checkpoint, tmp_path, monkeypatch):
   _fake_splits(monkeypatch, 24, {'dev': 2, 'test': 3})
   directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
@@ -280,11 +289,7 @@ def test_calibrate_stores_applies_and_can_be_switched_off(tiny_checkpoint, tmp_p
   assert checkpoint.make_manager(directory, create=False).all_steps() == [3]
   params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)  # a later run picks it up
   assert meta['calibration']['a'] == pytest.approx(record['a'])
-  runs = {mode: evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / mode),
-                                    splits=['test'], data_dir='unused', batch_size=8,
-                                    settings=MCSettings(mc=4), make_figures=False,
-                                    calibration_mode=mode)
-          for mode in ('auto', 'none')}
+  runs = _calibrated_and_raw(params, meta, tmp_path)
   cal, raw = runs['auto']['table'], runs['none']['table']
   assert runs['auto']['calibrated'] and not runs['none']['calibrated']
   np.testing.assert_array_equal(cal['TEFF_PRED'], raw['TEFF_PRED'])
@@ -312,11 +317,7 @@ def test_a_kiel_floor_follows_each_star_into_the_catalogue(tiny_checkpoint, tmp_
                                 settings=MCSettings(mc=4), batch_size=8)
   assert {f['model'] for f in record['floor'].values()} == {'kiel_linear'}
   params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
-  runs = {mode: evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / mode),
-                                    splits=['test'], data_dir='unused', batch_size=8,
-                                    settings=MCSettings(mc=4), make_figures=False,
-                                    calibration_mode=mode)
-          for mode in ('auto', 'none')}
+  runs = _calibrated_and_raw(params, meta, tmp_path)
   cal, raw = runs['auto']['table'], runs['none']['table']
   names = ('LOGG', 'TEFF', 'FE_H')
   pred = np.stack([np.asarray(raw[f'{n}_PRED'], float) for n in names], 1)

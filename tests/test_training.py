@@ -142,8 +142,11 @@ def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
   return jax.device_get(state), m
 
 
-def test_ensemble_step_same_params_on_1_and_2_devices():
-  """A K-member step on a 2-device mesh equals the 1-device step (the gradient trap under vmap)."""
+@pytest.mark.parametrize('unrolled', [False, True], ids=['vmap', 'unrolled'])
+def test_ensemble_step_same_params_on_1_and_2_devices(unrolled, monkeypatch):
+  """A K-member step on a 2-device mesh equals the 1-device step (the gradient trap under vmap),
+  in both layouts of the members."""
+  monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.0)
   state = training.create_ensemble_state(0, model, tx, ensemble_size=3)
   batches = _short_batches((5, 6))
@@ -159,9 +162,12 @@ def test_ensemble_step_same_params_on_1_and_2_devices():
                              rtol=1e-5)
 
 
-def test_ensemble_member_equals_single_run_with_its_seeds():
+@pytest.mark.parametrize('unrolled', [False, True], ids=['vmap', 'unrolled'])
+def test_ensemble_member_equals_single_run_with_its_seeds(unrolled, monkeypatch):
   """Member k of a K-member step == a single network from seed k (its init and dropout keys),
-  same batches; dropout on, 2 devices, so the per-member, per-device dropout keys are checked."""
+  same batches; dropout on, 2 devices, so the per-member, per-device dropout keys are checked.
+  Both layouts of the members (vmap: GPU/TPU; unrolled: CPU, ``members_unrolled``)."""
+  monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.3)
   batches = _short_batches((5, 6, 7))
   ens, _ = _run_steps(model, tx, training.create_ensemble_state(0, model, tx, ensemble_size=3),
