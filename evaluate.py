@@ -10,7 +10,9 @@ New, unlabelled apStar files (the common use; unreadable files go to OUT/skipped
     python evaluate.py --checkpoint=checkpoints/paper --apstar_dir=DIR --mc=100 --output_dir=OUT
 
 Calibrate the σ on the dev split first (stored in the checkpoint directory as calibration.json;
-every later run on that checkpoint applies it, ``--calibration=none`` shows the raw σ):
+every later run on that checkpoint applies it, ``--calibration=none`` shows the raw σ; the floor
+b follows the predicted log g and Teff where cross-validation on dev asks for it,
+``--calibration_floor=constant`` keeps one b per label):
 
     python evaluate.py --workdir=workdirs/demo --data_dir=data/demo/tfds --calibrate --mc=100
 

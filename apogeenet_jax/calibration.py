@@ -121,11 +121,14 @@ def _fit_constant(r2: np.ndarray, s2: np.ndarray) -> np.ndarray:
   mean_s2 = float(np.mean(s2))
   a_centre = math.log(mean_r2 / mean_s2) if mean_s2 > 0 else 0.0
   b_centre = math.log(mean_r2)
-  grid_u, grid_v = np.meshgrid(np.linspace(a_centre - 12, a_centre + 6, 37),
-                               np.linspace(b_centre - 14, b_centre + 2, 33), indexing='ij')
-  var = np.exp(grid_u.reshape(-1, 1)) * s2 + np.exp(grid_v.reshape(-1, 1))  # (grid, n)
-  k = int(np.argmin(np.mean(np.log(var) + r2 / var, axis=1)))
-  u, v = float(grid_u.flat[k]), float(grid_v.flat[k])
+  grid_v = np.linspace(b_centre - 14, b_centre + 2, 33)[:, None]
+  best = (math.inf, 0.0, 0.0)
+  for u in np.linspace(a_centre - 12, a_centre + 6, 37):  # one row of the grid at a time: (33, n)
+    var = math.exp(u) * s2 + np.exp(grid_v)
+    row = np.mean(np.log(var) + r2 / var, axis=1)
+    k = int(np.argmin(row))
+    best = min(best, (float(row[k]), float(u), float(grid_v[k, 0])))
+  _, u, v = best
   step, f = 0.5, nll(u, v)
   while step > 1e-6:
     moved = False
