@@ -11,7 +11,7 @@ New, unlabelled apStar files (the common use; unreadable files go to OUT/skipped
 
 Calibrate the σ on the dev split first (stored in the checkpoint directory as calibration.json;
 every later run on that checkpoint applies it, ``--calibration=none`` shows the raw σ; the floor
-b follows the predicted log g and Teff where cross-validation on dev asks for it,
+b follows the star's predicted labels where cross-validation on dev asks for it,
 ``--calibration_floor=constant`` keeps one b per label):
 
     python evaluate.py --workdir=workdirs/demo --data_dir=data/demo/tfds --calibrate --mc=100
@@ -82,8 +82,8 @@ flags.DEFINE_bool('figures', True, 'Draw the PNG figures.')
 flags.DEFINE_bool('calibrate', False, 'Fit σ_cal² = (a σ)² + b² per label on the dev split and '
                   'store it with the checkpoint (then evaluate --split, if given).')
 flags.DEFINE_enum('calibration_floor', 'auto', list(calibration.FLOOR_CHOICES),
-                  '--calibrate: auto = b constant or a function of the predicted log g and '
-                  'Teff, chosen per label by cross-validation on dev; constant = one b per label.')
+                  '--calibrate: auto = b constant or a function of the predicted labels, '
+                  'chosen per label by cross-validation on dev; constant = one b per label.')
 flags.DEFINE_enum('calibration', 'auto', list(evaluation.CALIBRATION_MODES),
                   "auto: apply the checkpoint's calibration when it has one; none: raw σ.")
 flags.DEFINE_bool('multihost', False, 'Run under jax.distributed (also --config.multihost): '

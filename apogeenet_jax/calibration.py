@@ -5,45 +5,52 @@ error, so on the demo it is 10–40 K against 322 K of Teff scatter. An ensemble
 (σ_model) covers part of the rest; ``a`` rescales the total and the floor ``b`` adds what neither
 explains (with one network, b carries all of the model error).
 
-The floor may depend on where the star sits in the Kiel diagram. The model error is not the same
-for every kind of star (paper Table 3: log g scatter 0.22 dex for the full test set, 0.35 for
-M dwarfs, 0.40 for YSOs), and one constant b cannot follow that: the residuals of the mixture are
-more peaked than a Gaussian, so the ML σ over-covers at 1σ (on the demo, log g 0.77 of the test
-stars within 1σ against 0.683). Candidates for log b² (``FLOOR_MODELS``), each a function of the
-star's own PREDICTED log g and Teff, so that the same calibration applies to new apStar stars,
-which have no data type:
-  'constant'        b² = e^β₀                                  (the issue's (a, b); 2 numbers)
-  'kiel_linear'     log b² = β₀ + β₁ g + β₂ t                  (4 numbers with a)
-  'kiel_quadratic'  log b² = … + β₃ g² + β₄ t² + β₅ g t        (7 numbers with a)
-with g, t the predictions standardised by the dev stars' mean and std, and clipped to the dev
-range, so that a star outside it gets the floor of the nearest edge, never an extrapolated one.
+The floor may depend on what kind of star it is. The model error is not the same for every kind
+(paper Table 3: log g scatter 0.22 dex over the full test set, 0.35 for M dwarfs, 0.40 for YSOs),
+and one constant b cannot follow that: the residuals of the mixture are more peaked than a
+Gaussian, so the ML σ over-covers at 1σ (on the demo, log g: 0.77 of the test stars within 1σ
+against 0.683). Candidates for log b² (``FLOOR_MODELS``, simplest first) are functions of the
+star's own PREDICTED labels, so that the same calibration applies to new apStar stars, which
+have no data type — its place in the Kiel diagram (g, t = log g, Teff) or in all three (g, t, m
+with m = [Fe/H], whose lines weaken in metal-poor stars):
+  'constant'          b² = e^β₀                                  2 numbers with a (the issue's)
+  'kiel_linear'       log b² = β₀ + β₁ g + β₂ t                  4
+  'labels_linear'     log b² = β₀ + β₁ g + β₂ t + β₃ m           5
+  'kiel_quadratic'    kiel_linear + g², t², g t                  7
+  'labels_quadratic'  labels_linear + the 6 squares and products 11
+with g, t, m the predictions standardised by the dev stars' mean and std and clipped to the dev
+range, so a star outside it gets the floor of the nearest edge, never an extrapolated one.
 
 Fit: for each label and candidate, a and β maximise the Gaussian likelihood of the dev residuals
 r = pred − label, i.e. minimise Σ log σ_cal² + r²/σ_cal², in standardised units (so one
 optimiser setting serves K and dex). The constant model starts from a coarse grid over
-(log a², log b²) and is polished by shrinking coordinate search; the Kiel models start from the
-constant optimum (β₁… = 0), so their dev likelihood is never worse, and are polished by L-BFGS-B.
-Which candidate a label gets is chosen on the dev split alone by 5-fold cross-validation of the
-held-out NLL with the one-standard-error rule (Hastie, Tibshirani & Friedman, ESL §7.10): the
-simplest model whose CV NLL is within one standard error of the best one's (the SE of the paired
-per-star difference). A candidate with more than one number per ``MIN_STARS_PER_PARAMETER`` dev
-stars is not tried. ``floor='constant'`` (``evaluate.py --calibration_floor=constant``) forces the
-issue's literal (a, b). Per data type was the alternative; it could not be applied to new stars.
-``metrics.json`` reports the coverage per data type, so a type that the fit misses shows up there.
+(log a², log b²) and is polished by shrinking coordinate search; the others start from the
+constant optimum (β₁… = 0), so their dev likelihood is never worse, and are polished by L-BFGS-B
+with the analytic gradient. Which candidate a label gets is chosen on the dev split alone by
+5-fold cross-validation of the held-out NLL with the one-standard-error rule (Hastie, Tibshirani
+& Friedman, ESL §7.10): the simplest model whose CV NLL is within one standard error (of the
+paired per-star difference) of the best one's. A candidate with fewer than
+``MIN_STARS_PER_PARAMETER`` dev stars per fitted number is not tried. The candidate set was
+chosen by nested cross-validation on the dev splits of six demo-size runs
+(``benchmarks/calibration_benchmark.py``, README "Uncertainties"). ``floor='constant'``
+(``evaluate.py --calibration_floor=constant``) forces the issue's literal (a, b). Per data type
+was the alternative the issue allowed; it could not be applied to new stars. ``metrics.json``
+reports the coverage per data type, so a type that the fit misses shows up there.
 
 Storage: ``calibration.json`` in the checkpoint directory (beside orbax's step folders, which
 orbax ignores), written atomically, tied to the checkpoint step it was fitted for.
 ``checkpoint.load_params`` puts it into ``meta['calibration']`` when the step matches; a newer
 best step (training went on) makes it stale and it is ignored with a warning. Per label the
 record holds ``a``, ``b`` (the median floor over the dev stars, the floor itself when constant:
-a summary), and ``floor`` {'model', 'coef' (native units: b² = exp(Φ·coef) in K² or dex²),
-'cv_nll' per candidate}; ``kiel`` holds the features' centre, scale and clip range. Records
-written before the Kiel floors (``a`` and ``b`` only) load and apply as constant floors.
+a summary), ``floor`` {'model', 'coef' (native units: b² = exp(Φ·coef) in K² or dex²),
+'cv_nll' per candidate tried} and ``features`` (centre, scale, lo, hi of the three predicted
+labels). Records written before these floors (``a`` and ``b`` only) apply as constant floors.
 
 Coverage: the fraction of stars with |r| ≤ k·σ (ideal 0.683 for k = 1, 0.954 for k = 2);
 NLL: the mean of ½ log(2π σ²) + r²/(2σ²) per label in the label's native unit (K or dex).
 """
 
+import itertools
 import json
 import math
 import os
@@ -63,14 +70,20 @@ CALIBRATION_FILE = 'calibration.json'
 # of residuals would be noise.
 MIN_CALIBRATION_STARS = 20
 # A floor model is tried only with at least this many dev stars per fitted number (a included):
-# 80 for 'kiel_linear', 140 for 'kiel_quadratic'.
+# 80 for 'kiel_linear', 100 'labels_linear', 140 'kiel_quadratic', 220 'labels_quadratic'.
 MIN_STARS_PER_PARAMETER = 20
 NOMINAL_1SIGMA = math.erf(1 / math.sqrt(2))  # 0.6827
 NOMINAL_2SIGMA = math.erf(2 / math.sqrt(2))  # 0.9545
-# Floor models, simplest first (the order the one-standard-error rule prefers).
-FLOOR_MODELS = ('constant', 'kiel_linear', 'kiel_quadratic')
+# Floor models, simplest first (the order the one-standard-error rule prefers): the predicted
+# labels (columns of LABEL_NAMES) log b² depends on, and the polynomial degree in them.
+FLOOR_MODELS = {
+    'constant': ((), 0),
+    'kiel_linear': ((0, 1), 1),
+    'labels_linear': ((0, 1, 2), 1),
+    'kiel_quadratic': ((0, 1), 2),
+    'labels_quadratic': ((0, 1, 2), 2),
+}
 FLOOR_CHOICES = ('auto', *FLOOR_MODELS)  # 'auto': chosen per label by cross-validation
-KIEL_LABELS = ('LOGG', 'TEFF')  # the floor's features: the predicted position in the Kiel diagram
 CV_FOLDS = 5
 _CV_SEED = 0  # the folds are a fixed permutation: the same dev split gives the same choice
 _LOG_CLIP = (-80.0, 80.0)  # exponents of the variance terms stay finite in float64
@@ -80,18 +93,21 @@ class CalibrationError(ValueError):
   """Calibration cannot be fitted, read or applied."""
 
 
-def kiel_design(kiel_z: np.ndarray, model: str) -> np.ndarray:
-  """(n, p) design matrix Φ of log b² from (n, 2) standardised predicted (log g, Teff)."""
-  kiel_z = np.asarray(kiel_z, np.float64).reshape(-1, 2)
-  g, t = kiel_z[:, 0], kiel_z[:, 1]
-  columns = [np.ones_like(g)]
-  if model in ('kiel_linear', 'kiel_quadratic'):
-    columns += [g, t]
-  if model == 'kiel_quadratic':
-    columns += [g * g, t * t, g * t]
+def floor_design(features_z: np.ndarray, model: str) -> np.ndarray:
+  """(n, p) design matrix Φ of log b² from (n, 3) standardised predicted labels."""
   if model not in FLOOR_MODELS:
-    raise CalibrationError(f'unknown floor model {model!r}; one of {FLOOR_MODELS}')
-  return np.stack(columns, axis=1)
+    raise CalibrationError(f'unknown floor model {model!r}; one of {tuple(FLOOR_MODELS)}')
+  columns, degree = FLOOR_MODELS[model]
+  x = np.asarray(features_z, np.float64).reshape(-1, len(LABEL_NAMES))
+  terms = [np.ones(len(x))] + [x[:, i] for i in columns]
+  if degree == 2:
+    terms += [x[:, i] * x[:, j] for i, j in itertools.combinations_with_replacement(columns, 2)]
+  return np.stack(terms, axis=1)
+
+
+def num_coefficients(model: str) -> int:
+  """β's length of a floor model (a not included)."""
+  return floor_design(np.zeros((1, len(LABEL_NAMES))), model).shape[1]
 
 
 def _variance(theta: np.ndarray, s2: np.ndarray, design: np.ndarray):
@@ -142,20 +158,19 @@ def _fit_constant(r2: np.ndarray, s2: np.ndarray) -> np.ndarray:
   return np.array([u, v])
 
 
-def _fit_theta(r2: np.ndarray, s2: np.ndarray, kiel_z: np.ndarray, model: str,
+def _fit_theta(r2: np.ndarray, s2: np.ndarray, features_z: np.ndarray, model: str,
                constant: np.ndarray | None = None) -> np.ndarray:
   """ML θ = (log a², β) of one floor model (standardised units); ``constant``: the constant
   model's θ on the same stars, when already known."""
   constant = _fit_constant(r2, s2) if constant is None else constant
   if model == 'constant':
     return constant
-  design = kiel_design(kiel_z, model)
+  design = floor_design(features_z, model)
   start = np.concatenate([constant, np.zeros(design.shape[1] - 1)])
   result = scipy.optimize.minimize(_nll_and_grad, start, args=(r2, s2, design), jac=True,
                                    method='L-BFGS-B')
   # Started at the constant optimum: keep it if the polish found nothing better.
-  best = result.x if result.fun <= _nll_and_grad(start, r2, s2, design)[0] else start
-  return best
+  return result.x if result.fun <= _nll_and_grad(start, r2, s2, design)[0] else start
 
 
 def _held_out_nll(theta, r2, s2, design):
@@ -164,42 +179,40 @@ def _held_out_nll(theta, r2, s2, design):
   return 0.5 * np.log(2 * np.pi * var) + r2 / (2 * var)
 
 
-def _standardise_kiel(kiel: np.ndarray, centre, scale, lo, hi) -> np.ndarray:
-  """(n, 2) native (log g, Teff) → standardised, clipped to the fitted range (no extrapolation)."""
-  kiel = np.clip(np.asarray(kiel, np.float64), lo, hi)
-  return (kiel - np.asarray(centre)) / np.asarray(scale)
+def _standardise(pred: np.ndarray, centre, scale, lo, hi) -> np.ndarray:
+  """(n, 3) native predictions → standardised, clipped to the fitted range (no extrapolation)."""
+  pred = np.clip(np.asarray(pred, np.float64), lo, hi)
+  return (pred - np.asarray(centre)) / np.asarray(scale)
 
 
-def _kiel_geometry(kiel: np.ndarray) -> dict[str, list[float]]:
-  """Centre, scale and clip range of the Kiel features from the stars they are fitted on."""
-  scale = kiel.std(0)
-  return {'centre': kiel.mean(0).tolist(),
-          'scale': np.where(scale > 0, scale, 1.0).tolist(),
-          'lo': kiel.min(0).tolist(), 'hi': kiel.max(0).tolist()}
+def _geometry(pred: np.ndarray) -> dict[str, list[float]]:
+  """Centre, scale and clip range of the features from the stars they are fitted on."""
+  scale = pred.std(0)
+  return {'centre': pred.mean(0).tolist(), 'scale': np.where(scale > 0, scale, 1.0).tolist(),
+          'lo': pred.min(0).tolist(), 'hi': pred.max(0).tolist()}
 
 
 def _candidates(n: int, floor: str) -> tuple[str, ...]:
   if floor != 'auto':
     return (floor,)
   return tuple(m for m in FLOOR_MODELS
-               if m == 'constant' or n >= MIN_STARS_PER_PARAMETER * (1 + kiel_design(
-                   np.zeros((1, 2)), m).shape[1]))
+               if m == 'constant' or n >= MIN_STARS_PER_PARAMETER * (1 + num_coefficients(m)))
 
 
-def select_floor(residual_z: np.ndarray, sigma_z: np.ndarray, kiel: np.ndarray,
-                 models: Sequence[str] = FLOOR_MODELS) -> tuple[str, dict[str, float]]:
+def select_floor(residual_z: np.ndarray, sigma_z: np.ndarray, pred: np.ndarray,
+                 models: Sequence[str] = tuple(FLOOR_MODELS)) -> tuple[str, dict[str, float]]:
   """The floor model of one label by K-fold CV on its stars, one-standard-error rule.
 
   Args:
     residual_z, sigma_z: (n,) standardised residuals and raw σ.
-    kiel: (n, 2) native predicted (log g, Teff); each fold standardises and clips by its own
+    pred: (n, 3) native predicted labels; each fold standardises and clips them by its own
       training stars, as ``apply`` does for new stars.
     models: the candidates, simplest first.
   Returns:
     (the chosen model, {model: mean held-out NLL per star}).
   """
   r2, s2 = np.asarray(residual_z, np.float64) ** 2, np.asarray(sigma_z, np.float64) ** 2
-  kiel = np.asarray(kiel, np.float64)
+  pred = np.asarray(pred, np.float64)
   if len(models) == 1:
     return models[0], {}
   order = np.random.default_rng(_CV_SEED).permutation(len(r2))
@@ -207,12 +220,12 @@ def select_floor(residual_z: np.ndarray, sigma_z: np.ndarray, kiel: np.ndarray,
   for k in range(CV_FOLDS):
     test = order[k::CV_FOLDS]
     train = np.setdiff1d(order, test)
-    geometry = _kiel_geometry(kiel[train])
-    z_train, z_test = (_standardise_kiel(kiel[i], **geometry) for i in (train, test))
+    geometry = _geometry(pred[train])
+    z_train, z_test = (_standardise(pred[i], **geometry) for i in (train, test))
     constant = _fit_constant(r2[train], s2[train])
     for m in models:
       theta = _fit_theta(r2[train], s2[train], z_train, m, constant)
-      held_out[m][test] = _held_out_nll(theta, r2[test], s2[test], kiel_design(z_test, m))
+      held_out[m][test] = _held_out_nll(theta, r2[test], s2[test], floor_design(z_test, m))
   mean = {m: float(v.mean()) for m, v in held_out.items()}
   best = min(models, key=mean.get)
   for m in models:  # Simplest first: the first within one SE of the best is taken.
@@ -222,18 +235,17 @@ def select_floor(residual_z: np.ndarray, sigma_z: np.ndarray, kiel: np.ndarray,
   return best, mean  # Not reached: the best is within 0 of itself.
 
 
-def fit_label(residual_z: np.ndarray, sigma_z: np.ndarray, kiel: np.ndarray | None = None,
+def fit_label(residual_z: np.ndarray, sigma_z: np.ndarray, pred: np.ndarray | None = None,
               floor: str = 'constant') -> dict[str, Any]:
   """Maximum-likelihood a ≥ 0 and floor of one label, in standardised units.
 
   Args:
     residual_z: (n,) (pred − label) / label std.
     sigma_z: (n,) raw total σ / label std (finite, ≥ 0).
-    kiel: (n, 2) native predicted (log g, Teff) of the same stars; needed unless
-      ``floor='constant'``.
+    pred: (n, 3) native predicted labels of the same stars; needed unless ``floor='constant'``.
     floor: one of FLOOR_CHOICES ('auto': chosen by ``select_floor``).
   Returns:
-    {'a', 'model', 'coef' (β of log b_z²), 'cv_nll' ({} unless chosen), 'kiel' (geometry or
+    {'a', 'model', 'coef' (β of log b_z²), 'cv_nll' ({} unless chosen), 'features' (geometry or
     None), 'b_z' (the median floor over these stars, standardised)}.
   """
   r2 = np.asarray(residual_z, np.float64) ** 2
@@ -243,17 +255,16 @@ def fit_label(residual_z: np.ndarray, sigma_z: np.ndarray, kiel: np.ndarray | No
                            f'{MIN_CALIBRATION_STARS} to fit a and b')
   if floor not in FLOOR_CHOICES:
     raise CalibrationError(f'unknown floor {floor!r}; one of {FLOOR_CHOICES}')
-  if floor != 'constant' and kiel is None:
-    raise CalibrationError(f'floor={floor!r} needs the predicted log g and Teff of the stars')
-  models = _candidates(len(r2), floor)
-  model, cv_nll = (select_floor(residual_z, sigma_z, kiel, models) if len(models) > 1
-                   else (models[0], {}))
-  geometry = None if model == 'constant' else _kiel_geometry(np.asarray(kiel, np.float64))
-  z = np.zeros((len(r2), 2)) if geometry is None else _standardise_kiel(kiel, **geometry)
+  if floor != 'constant' and pred is None:
+    raise CalibrationError(f'floor={floor!r} needs the predicted labels of the stars')
+  model, cv_nll = select_floor(residual_z, sigma_z, pred, _candidates(len(r2), floor))
+  geometry = None if model == 'constant' else _geometry(np.asarray(pred, np.float64))
+  z = (np.zeros((len(r2), len(LABEL_NAMES))) if geometry is None
+       else _standardise(pred, **geometry))
   theta = _fit_theta(r2, s2, z, model)
-  floor_z = np.sqrt(_variance(theta, s2, kiel_design(z, model))[2])
+  floor_z = np.sqrt(_variance(theta, s2, floor_design(z, model))[2])
   return {'a': math.exp(theta[0] / 2), 'model': model, 'coef': theta[1:].tolist(),
-          'cv_nll': cv_nll, 'kiel': geometry, 'b_z': float(np.median(floor_z))}
+          'cv_nll': cv_nll, 'features': geometry, 'b_z': float(np.median(floor_z))}
 
 
 def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.ndarray,
@@ -262,25 +273,25 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
 
   Args:
     pred, labels, sigma: (n, 3) in LABEL_NAMES order; rows with a non-finite value are left out
-      label by label (and rows whose predicted log g or Teff is not finite, for a Kiel floor).
+      label by label (and, unless ``floor='constant'``, rows with any non-finite prediction:
+      the floor is a function of all three).
     label_std: (3,) the standardiser's σ, to fit in standardised units.
     floor: one of FLOOR_CHOICES: 'auto' chooses per label by cross-validation.
     **info: stored beside a and b (checkpoint step, mc, error_cap, split, …).
   Returns:
     {'a': {label: a}, 'b': {label: median floor, native}, 'n': {label: n},
-     'floor': {label: {'model', 'coef' (native units), 'cv_nll'}}, 'kiel': {label: geometry},
-     'floor_choice': floor, **info}.
+     'floor': {label: {'model', 'coef' (native units), 'cv_nll'}},
+     'features': {label: geometry}, 'floor_choice': floor, **info}.
   """
   pred, labels, sigma = (np.asarray(x, np.float64) for x in (pred, labels, sigma))
-  kiel_cols = [LABEL_NAMES.index(n) for n in KIEL_LABELS]
-  out = {'a': {}, 'b': {}, 'n': {}, 'floor': {}, 'kiel': {}, 'floor_choice': floor, **info}
+  out = {'a': {}, 'b': {}, 'n': {}, 'floor': {}, 'features': {}, 'floor_choice': floor, **info}
   for j, name in enumerate(LABEL_NAMES):
     ok = np.isfinite(pred[:, j]) & np.isfinite(labels[:, j]) & np.isfinite(sigma[:, j])
     if floor != 'constant':
-      ok &= np.all(np.isfinite(pred[:, kiel_cols]), axis=1)
+      ok &= np.all(np.isfinite(pred), axis=1)
     try:
       f = fit_label((pred[ok, j] - labels[ok, j]) / label_std[j], sigma[ok, j] / label_std[j],
-                    pred[ok][:, kiel_cols], floor)
+                    pred[ok], floor)
     except CalibrationError as e:
       raise CalibrationError(f'{name}: {e}') from None
     coef = list(f['coef'])
@@ -288,8 +299,8 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
     out['a'][name], out['b'][name] = f['a'], f['b_z'] * float(label_std[j])
     out['n'][name] = int(ok.sum())
     out['floor'][name] = {'model': f['model'], 'coef': coef, 'cv_nll': f['cv_nll']}
-    if f['kiel'] is not None:
-      out['kiel'][name] = f['kiel']
+    if f['features'] is not None:
+      out['features'][name] = f['features']
   return out
 
 
@@ -298,17 +309,16 @@ def floor_sigma(calibration: Mapping[str, Any], pred: np.ndarray | None, n: int)
   out = np.empty((n, len(LABEL_NAMES)))
   for j, name in enumerate(LABEL_NAMES):
     floor = calibration.get('floor', {}).get(name)
-    if floor is None:  # A record from before the Kiel floors: b is the constant floor.
+    if floor is None:  # A record from before these floors: b is the constant floor.
       out[:, j] = calibration['b'][name]
       continue
     if floor['model'] == 'constant':
-      z = np.zeros((n, 2))
+      z = np.zeros((n, len(LABEL_NAMES)))
     elif pred is None:
       raise CalibrationError(f'{name}: the {floor["model"]!r} floor needs the predictions')
     else:
-      kiel = np.asarray(pred, np.float64)[:, [LABEL_NAMES.index(k) for k in KIEL_LABELS]]
-      z = _standardise_kiel(kiel, **calibration['kiel'][name])
-    design = kiel_design(z, floor['model'])
+      z = _standardise(pred, **calibration['features'][name])
+    design = floor_design(z, floor['model'])
     out[:, j] = np.sqrt(np.exp(np.clip(design @ np.asarray(floor['coef']), *_LOG_CLIP)))
   return out
 
@@ -317,7 +327,8 @@ def apply(sigma: np.ndarray, calibration: Mapping[str, Any] | None,
           pred: np.ndarray | None = None) -> np.ndarray:
   """σ_cal = sqrt((a σ)² + b²) per label column of (n, 3) ``sigma``; unchanged when None.
 
-  ``pred`` (n, 3): the predictions of the same stars, which a Kiel floor is a function of.
+  ``pred`` (n, 3): the predictions of the same stars, which a floor other than 'constant' is a
+  function of.
   """
   sigma = np.asarray(sigma, np.float64)
   if calibration is None:
@@ -394,21 +405,23 @@ def load(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
       if missing:
         raise CalibrationError(f'{path}: {key!r} lacks {missing}')
     for name, floor in record.get('floor', {}).items():
-      _check_floor(path, name, floor, record.get('kiel', {}).get(name))
+      _check_floor(path, name, floor, record.get('features', {}).get(name))
   except (OSError, json.JSONDecodeError) as e:
     raise CalibrationError(f'{path}: cannot read the calibration: {e}') from e
   return record
 
 
-def _check_floor(path, name: str, floor: Mapping[str, Any], kiel: Mapping[str, Any] | None):
+def _check_floor(path, name: str, floor: Mapping[str, Any], features: Mapping[str, Any] | None):
   """A stored floor that ``floor_sigma`` can evaluate, or a CalibrationError naming the file."""
   model = floor.get('model')
   if model not in FLOOR_MODELS:
-    raise CalibrationError(f'{path}: {name} floor model {model!r} is not one of {FLOOR_MODELS}')
-  width = kiel_design(np.zeros((1, 2)), model).shape[1]
+    raise CalibrationError(f'{path}: {name} floor model {model!r} is not one of '
+                           f'{tuple(FLOOR_MODELS)}')
+  width = num_coefficients(model)
   if len(floor.get('coef', ())) != width:
     raise CalibrationError(f'{path}: {name} {model!r} floor needs {width} coefficients, '
                            f'has {len(floor.get("coef", ()))}')
-  if model != 'constant' and (kiel is None or any(
-      len(kiel.get(k, ())) != 2 for k in ('centre', 'scale', 'lo', 'hi'))):
-    raise CalibrationError(f'{path}: {name} {model!r} floor lacks its Kiel centre/scale/lo/hi')
+  if model != 'constant' and (features is None or any(
+      len(features.get(k, ())) != len(LABEL_NAMES) for k in ('centre', 'scale', 'lo', 'hi'))):
+    raise CalibrationError(f'{path}: {name} {model!r} floor lacks its features\' '
+                           'centre/scale/lo/hi')

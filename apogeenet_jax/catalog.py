@@ -153,7 +153,7 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
   model = _per_label(pred_err_model, n)
   total_desc = ('total uncertainty calibrated on the dev split, sqrt((a*sigma)^2 + b^2) of '
                 'sigma = sqrt(NOISE^2 + MODEL^2), floor b constant or a function of the '
-                'predicted LOGG and TEFF (metrics.json run.calibration)' if calibrated else
+                'predicted labels (metrics.json run.calibration)' if calibrated else
                 'total uncertainty sqrt(NOISE^2 + MODEL^2), not calibrated')
   t = Table()
   t['APOGEE_ID'] = np.asarray([str(s) for s in apogee_id], dtype=str)

@@ -692,7 +692,7 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
   """Fits σ_cal² = (a σ)² + b² per label on the dev split (``calibration``); returns the record.
 
   ``floor``: how b may vary, one of ``calibration.FLOOR_CHOICES`` ('auto': constant or a function
-  of the predicted Kiel position, chosen per label by cross-validation on the dev split;
+  of the star's predicted labels, chosen per label by cross-validation on the dev split;
   'constant': one b per label).
 
   ``settings.estimator`` (with ``linear_draws``) is the σ_noise estimator the fit is made for: on

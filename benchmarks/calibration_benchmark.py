@@ -1,4 +1,4 @@
-r"""Does the σ calibration hold on stars it was not fitted on? Constant floor vs the Kiel floor.
+r"""Does the σ calibration hold on stars it was not fitted on? A constant floor vs one that varies.
 
     python benchmarks/calibration_benchmark.py --workdirs=workdirs/demo --data_dir=data/demo/tfds
     python benchmarks/calibration_benchmark.py --catalogs=RAW/catalog.fits,…   # reuse predictions
@@ -7,7 +7,7 @@ For each trained run (``--workdirs``; an ensemble is fine) it predicts the dev a
 with ``--mc`` draws and the RAW σ (``evaluate.py --calibration=none``), or reads such a
 catalogue (``--catalogs``, with Dev and Test rows). Then, for each floor choice of
 ``calibration.fit`` (``constant``: the issue's one (a, b) per label; ``auto``: constant or a
-function of the predicted log g and Teff, chosen per label by 5-fold CV on dev), it fits on the
+function of the predicted labels, chosen per label by 5-fold CV on dev), it fits on the
 dev rows and prints, on the test rows, per label: the model chosen, calibrated coverage at 1σ and
 2σ (ideal 0.683 / 0.954; ✗ marks a figure outside issue 10's 0.68 ± 0.06 / 0.95 ± 0.04) and the
 Gaussian NLL (native units; lower is better), and per data type the 1σ coverage. The last lines

@@ -36,7 +36,7 @@ def test_fit_in_native_units_and_apply():
   pred[0, 1] = np.nan  # left out of TEFF only, with a constant floor
   record = calibration.fit(pred, labels, sigma, std, floor='constant', step=7)
   assert record['step'] == 7 and record['n'] == {'LOGG': n, 'TEFF': n - 1, 'FE_H': n}
-  # A Kiel floor is a function of the predicted TEFF: that star is left out of every label.
+  # Other floors are functions of all predicted labels: that star is left out of every label.
   assert calibration.fit(pred[:500], labels[:500], sigma[:500], std)['n'] == dict.fromkeys(
       ('LOGG', 'TEFF', 'FE_H'), 499)
   np.testing.assert_allclose([record['a'][k] for k in ('LOGG', 'TEFF', 'FE_H')], a_true,
@@ -86,13 +86,13 @@ def test_sidecar_round_trip_and_bad_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Floors that depend on the predicted Kiel position.
+# Floors that depend on the predicted labels.
 
 NAMES = ('LOGG', 'TEFF', 'FE_H')
 STD = np.array([1.0, 500.0, 0.3])
 
 
-def _kiel_survey(rng, n, log_b2):
+def _two_kinds_survey(rng, n, log_b2):
   """Stars in two Kiel groups, 40% dwarfs: predictions, labels, raw σ and the dwarf mask. The
   TEFF residuals have the floor b² = exp(log_b2(log g, Teff)); log g and [Fe/H] a constant one."""
   dwarf = rng.random(n) < 0.4
@@ -109,14 +109,14 @@ def _dwarfs_worse(logg, teff):
   return 2 * np.log(np.where(logg > 3.5, 300.0, 60.0))  # 300 K for dwarfs, 60 K for giants
 
 
-def test_kiel_floor_is_chosen_and_covers_each_kind_of_star():
+def test_a_varying_floor_is_chosen_and_covers_each_kind_of_star():
   rng = np.random.default_rng(3)
-  pred, labels, sigma, _ = _kiel_survey(rng, 1500, _dwarfs_worse)
+  pred, labels, sigma, _ = _two_kinds_survey(rng, 1500, _dwarfs_worse)
   auto = calibration.fit(pred, labels, sigma, STD)
   constant = calibration.fit(pred, labels, sigma, STD, floor='constant')
   assert auto['floor']['TEFF']['model'] != 'constant'
   assert auto['floor']['LOGG']['model'] == 'constant'  # its floor does not vary
-  test_pred, test_labels, test_sigma, test_dwarf = _kiel_survey(rng, 4000, _dwarfs_worse)
+  test_pred, test_labels, test_sigma, test_dwarf = _two_kinds_survey(rng, 4000, _dwarfs_worse)
   r = test_pred[:, 1] - test_labels[:, 1]
   for record, close in ((auto, True), (constant, False)):
     cal = calibration.apply(test_sigma, record, test_pred)[:, 1]
@@ -133,31 +133,33 @@ def test_constant_floor_is_kept_when_nothing_varies():
   chosen = []
   for seed in range(8):
     rng = np.random.default_rng(100 + seed)
-    pred, labels, sigma, _ = _kiel_survey(rng, 400, lambda g, t: np.full_like(g, 2 * np.log(80)))
+    pred, labels, sigma, _ = _two_kinds_survey(rng, 400, lambda g, t: np.full_like(g, 2 * np.log(80)))
     chosen.append(calibration.select_floor((pred[:, 1] - labels[:, 1]) / STD[1],
-                                           sigma[:, 1] / STD[1], pred[:, :2])[0])
+                                           sigma[:, 1] / STD[1], pred)[0])
   assert chosen.count('constant') >= 7, chosen
 
 
-def test_kiel_floor_never_extrapolates_and_records_round_trip(tmp_path):
+def test_floor_never_extrapolates_and_records_round_trip(tmp_path):
   rng = np.random.default_rng(5)
-  pred, labels, sigma, _ = _kiel_survey(rng, 1500, _dwarfs_worse)
-  record = calibration.fit(pred, labels, sigma, STD, floor='kiel_quadratic', step=1)
-  geometry = record['kiel']['TEFF']
-  edge = np.array([[geometry['hi'][0], 0.0, 0.0], [geometry['hi'][0], geometry['lo'][1], 0.0]])
-  beyond = edge + np.array([[3.0, 0, 0], [3.0, -2000.0, 0]])  # far outside the dev range
+  pred, labels, sigma, _ = _two_kinds_survey(rng, 1500, _dwarfs_worse)
+  record = calibration.fit(pred, labels, sigma, STD, floor='labels_quadratic', step=1)
+  geometry = record['features']['TEFF']
+  edges = np.array([geometry['hi'], geometry['lo']])
+  beyond = edges + np.array([[3.0, 2000.0, 1.0], [-3.0, -2000.0, -1.0]])  # far outside the dev range
   ones = np.ones((2, 3))
-  edge[0, 1] = beyond[0, 1] = geometry['centre'][1]
   np.testing.assert_allclose(calibration.apply(ones, record, beyond),
-                             calibration.apply(ones, record, edge))
+                             calibration.apply(ones, record, edges))
+  inside = calibration.apply(ones, record, np.array([geometry['centre']] * 2))
+  assert not np.allclose(inside[:, 1], calibration.apply(ones, record, edges)[:, 1])
   calibration.save(str(tmp_path), record)
   loaded = calibration.load(str(tmp_path))
   np.testing.assert_array_equal(calibration.apply(sigma, loaded, pred),
                                 calibration.apply(sigma, record, pred))
   with pytest.raises(calibration.CalibrationError, match='needs the predictions'):
     calibration.apply(sigma, record)
-  # A record written before the Kiel floors ('a' and 'b' only) applies b as a constant.
-  old = {'a': dict.fromkeys(NAMES, 2.0), 'b': dict(zip(NAMES, (0.1, 50.0, 0.02), strict=True)), 'step': 1}
+  # A record written before these floors ('a' and 'b' only) applies b as a constant.
+  old = {'a': dict.fromkeys(NAMES, 2.0), 'b': dict(zip(NAMES, (0.1, 50.0, 0.02), strict=True)),
+         'step': 1}
   np.testing.assert_allclose(calibration.apply(sigma, old),
                              np.sqrt((2 * sigma) ** 2 + np.array([0.1, 50.0, 0.02]) ** 2))
 
@@ -165,11 +167,11 @@ def test_kiel_floor_never_extrapolates_and_records_round_trip(tmp_path):
 @pytest.mark.parametrize('edit, message', [
     (lambda r: r['floor']['TEFF'].update(model='cubic'), "'cubic' is not one of"),
     (lambda r: r['floor']['TEFF']['coef'].pop(), 'needs 6 coefficients, has 5'),
-    (lambda r: r['kiel'].pop('TEFF'), 'lacks its Kiel'),
+    (lambda r: r['features'].pop('TEFF'), 'lacks its features'),
 ])
 def test_a_broken_floor_names_the_file(tmp_path, edit, message):
   rng = np.random.default_rng(6)
-  pred, labels, sigma, _ = _kiel_survey(rng, 300, _dwarfs_worse)
+  pred, labels, sigma, _ = _two_kinds_survey(rng, 300, _dwarfs_worse)
   record = calibration.fit(pred, labels, sigma, STD, floor='kiel_quadratic', step=1)
   edit(record)
   calibration.save(str(tmp_path), record)
@@ -179,8 +181,8 @@ def test_a_broken_floor_names_the_file(tmp_path, edit, message):
 
 def test_richer_floors_need_enough_stars():
   rng = np.random.default_rng(7)
-  for n, tried in ((60, ['constant']), (100, ['constant', 'kiel_linear']),
-                   (200, list(calibration.FLOOR_MODELS))):
-    pred, labels, sigma, _ = _kiel_survey(rng, n, _dwarfs_worse)
+  models = list(calibration.FLOOR_MODELS)
+  for n, tried in ((60, models[:1]), (90, models[:2]), (150, models[:4]), (250, models)):
+    pred, labels, sigma, _ = _two_kinds_survey(rng, n, _dwarfs_worse)
     record = calibration.fit(pred, labels, sigma, STD)
     assert sorted(record['floor']['TEFF']['cv_nll']) == (sorted(tried) if len(tried) > 1 else [])

@@ -307,9 +307,9 @@ def test_calibrate_stores_applies_and_can_be_switched_off(tiny_checkpoint, tmp_p
   assert full['nll']['TEFF'] < full['raw_nll']['TEFF']
 
 
-def test_a_kiel_floor_follows_each_star_into_the_catalogue(tiny_checkpoint, tmp_path,
+def test_a_varying_floor_follows_each_star_into_the_catalogue(tiny_checkpoint, tmp_path,
                                                            monkeypatch):
-  """A floor that is a function of the predicted (log g, Teff) is evaluated per catalogue row."""
+  """A floor that is a function of the predicted labels is evaluated per catalogue row."""
   _fake_splits(monkeypatch, 30, {'dev': 2, 'test': 3})
   directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
   params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
