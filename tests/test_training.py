@@ -880,6 +880,7 @@ def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
   from configs import demo
   config = demo.get_config()
   config.lr_schedule, config.decay_steps, config.warmup_steps = 'cosine', 0, 50
+  config.max_epochs = 16
   resolved = training.resolve_decay_steps(config, batches_per_epoch=14)
   assert resolved.decay_steps == 16 * 14 - 50 and config.decay_steps == 0  # a copy
   schedule = training.learning_rate_schedule(resolved)
