@@ -19,11 +19,11 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data_dir = 'data/demo/tfds'
-  # ~28 steps of 128 per epoch on the 5000-star demo survey: 8 epochs are the 224 steps that
-  # keep the demo within minutes on 2 CPU cores (early stopping rarely triggers this early). The
-  # 2,500-star survey of 16 epochs before gave the same accuracy (test MSE 0.0100 against 0.0109)
-  # from the same steps, but dev and test splits of ~340 stars: too few to measure the σ coverage
-  # to issue 10's ±0.04 at 2σ.
+  # 27 steps of 128 per epoch on the 5000-star demo survey: 8 epochs (216 steps) keep the demo
+  # within minutes on 2 CPU cores (early stopping rarely triggers this early). The 2,500-star
+  # survey of 16 epochs of 14 steps before gave the same accuracy (test MSE 0.0100 against
+  # 0.0109) from as many steps, but dev and test splits of ~340 stars: too few to measure the σ
+  # coverage to issue 10's ±0.04 at 2σ.
   config.max_epochs = 8
   # A run of known length: the learning rate decays to 0 along a cosine over the whole run
   # (decay_steps 0 = to max_epochs, resolved from the data). Measured on the 2,500-star survey:
