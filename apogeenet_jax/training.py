@@ -528,9 +528,11 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
   same computation as ``make_train_step`` (``ensemble_size`` likewise); fusing k of them saves
   k − 1 host round trips.
   """
-  local_step = _local_train_step(model, tx, ensemble_size, members_unrolled(mesh))
+  # The CPU's two straight-line rules (convolutions are slow inside loops and grouped): the
+  # scan over steps and the ensemble's members are both unrolled there.
+  unroll = members_unrolled(mesh)
+  local_step = _local_train_step(model, tx, ensemble_size, unroll)
   n_dev = mesh.shape[DATA_AXIS]
-  unroll = mesh.devices.flat[0].platform == 'cpu'
 
   def run(state, xs):
     if resident:

@@ -40,13 +40,15 @@ _FLOORS = flags.DEFINE_list('floors', ['constant', 'auto'], 'calibration.fit flo
 WINDOW = {1: (0.68, 0.06), 2: (0.95, 0.04)}  # issue 10: coverage_1sigma, coverage_2sigma
 
 
-def _raw_catalogue(workdir: str) -> Table:
+def _raw_catalogue(workdir: str) -> tuple[Table, np.ndarray]:
+  """The run's uncalibrated dev + test catalogue and its standardiser's σ (3,)."""
   params, meta = evaluation.load_checkpoint(workdir=workdir)
   with tempfile.TemporaryDirectory() as out:
-    return evaluation.evaluate(params=params, meta=meta, output_dir=out, splits=['dev', 'test'],
-                               data_dir=_DATA_DIR.value, settings=evaluation.MCSettings(
-                                   mc=_MC.value), make_figures=False,
-                               calibration_mode='none')['table']
+    table = evaluation.evaluate(params=params, meta=meta, output_dir=out, splits=['dev', 'test'],
+                                data_dir=_DATA_DIR.value, settings=evaluation.MCSettings(
+                                    mc=_MC.value), make_figures=False,
+                                calibration_mode='none')['table']
+  return table, np.asarray(checkpoint.standardizer_from_meta(meta).std, np.float64)
 
 
 def _columns(table: Table, split: str):
@@ -88,9 +90,8 @@ def main(argv):
   totals = {}
   label_std = None
   for workdir in _WORKDIRS.value:
-    _, meta = evaluation.load_checkpoint(workdir=workdir)
-    label_std = np.asarray(checkpoint.standardizer_from_meta(meta).std, np.float64)
-    _report(workdir, _raw_catalogue(workdir), label_std, totals)
+    table, label_std = _raw_catalogue(workdir)
+    _report(workdir, table, label_std, totals)
   for path in _CATALOGS.value:
     table = Table.read(path)
     if label_std is None:  # A catalogue does not carry the standardiser: the paper's (§7).
