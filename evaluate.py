@@ -47,7 +47,15 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from apogeenet_jax import calibration, checkpoint, evaluation, sharding, uncertainty
+from apogeenet_jax import (
+    calibration,
+    checkpoint,
+    evaluation,
+    metrics,
+    prediction,
+    sharding,
+    uncertainty,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training run: its best checkpoint is used.')
@@ -73,9 +81,9 @@ flags.DEFINE_enum('error_cap', 'median', list(uncertainty.ERROR_CAP_MODES),
 flags.DEFINE_integer('seed', 0, 'PRNG seed of the draws: same seed, same catalogue.')
 flags.DEFINE_string('output_dir', None, 'Where the catalogue, metrics and figures go '
                     '(default: WORKDIR/eval).')
-flags.DEFINE_integer('batch_size', evaluation.DEFAULT_BATCH_SIZE, 'Stars per device batch.',
+flags.DEFINE_integer('batch_size', prediction.DEFAULT_BATCH_SIZE, 'Stars per device batch.',
                      lower_bound=1)
-flags.DEFINE_integer('draw_chunk', evaluation.DEFAULT_DRAW_CHUNK,
+flags.DEFINE_integer('draw_chunk', prediction.DEFAULT_DRAW_CHUNK,
                      'Draws evaluated together; device holds batch_size × draw_chunk spectra.',
                      lower_bound=1)
 flags.DEFINE_bool('figures', True, 'Draw the PNG figures.')
@@ -139,7 +147,7 @@ def main(argv):
                               checkpoint_dir=FLAGS.checkpoint)
   logging.info('Checkpoint %s, step %s, ensemble of %d.', meta['checkpoint_dir'],
                meta.get('step'), meta.get('ensemble_size', 1))
-  settings = evaluation.MCSettings(mc=FLAGS.mc, estimator=FLAGS.uncertainty,
+  settings = prediction.MCSettings(mc=FLAGS.mc, estimator=FLAGS.uncertainty,
                                    error_cap=FLAGS.error_cap, seed=FLAGS.seed,
                                    draw_chunk=FLAGS.draw_chunk,
                                    linear_draws=FLAGS.linear_draws)
@@ -151,7 +159,7 @@ def main(argv):
       params=params, meta=meta, output_dir=output_dir, splits=splits, data_dir=data_dir,
       apstar_files=files, skipped_files=skipped, settings=settings, batch_size=FLAGS.batch_size,
       make_figures=FLAGS.figures, calibration_mode=FLAGS.calibration,
-      shard=(evaluation.Shard(FLAGS.shard_index, FLAGS.num_shards) if FLAGS.num_shards > 1
+      shard=(prediction.Shard(FLAGS.shard_index, FLAGS.num_shards) if FLAGS.num_shards > 1
              else None)))
 
 
@@ -173,7 +181,7 @@ def _inputs():
 def _run_or_exit(fn, *args, **kwargs):
   try:
     return fn(*args, **kwargs)
-  except (checkpoint.CheckpointError, evaluation.EvaluationError) as e:
+  except (checkpoint.CheckpointError, prediction.EvaluationError) as e:
     # A problem of the checkpoint or the parts, not a bug: one line that says what is wrong.
     raise SystemExit(f'FATAL {e}') from None
 
@@ -200,7 +208,7 @@ def _report(out):
     logging.info('Predicted %d stars; process 0 writes the catalogue.', out['n_stars'])
     return
   if out['metrics'] is not None:
-    print(evaluation.format_metrics(out['metrics']))
+    print(metrics.format_metrics(out['metrics']))
   run = out['table'].meta  # The run's settings, as the catalogue header records them.
   draws = f', mc={run["MC"]}, seed={run["SEED"]}' if out['sigma'] == 'mc' else ''
   print(f'{out["n_stars"]} stars in {out["seconds"]:.1f} s (sigma={out["sigma"]}{draws}, '

@@ -23,11 +23,14 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from apogeenet_jax import calibration, file_io
 from apogeenet_jax.constants import LABEL_NAMES
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import Standardizer
+from apogeenet_jax.train_state import TrainState
 
 
 class _QuietOrbaxInfo(logging.Filter):
@@ -124,6 +127,36 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   out = manager.restore(step, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore()}))
   return out[STATE_ITEM], dict(out[META_ITEM])
+
+
+# On disk the early-stopping best keeps its first name, so checkpoints written before the field
+# was renamed still restore (orbax matches the tree by key).
+_SAVED_NAMES = {'best_stop_loss': 'best_dev_loss'}
+
+
+def to_saved(state: TrainState) -> dict[str, Any]:
+  """A TrainState as the ``state`` item is saved: a dict of its fields under their saved names."""
+  return {_SAVED_NAMES.get(f.name, f.name): getattr(state, f.name)
+          for f in dataclasses.fields(state)}
+
+
+def from_saved(saved: Mapping[str, Any]) -> TrainState:
+  """The inverse of ``to_saved``."""
+  return TrainState(**{f.name: saved[_SAVED_NAMES.get(f.name, f.name)]
+                       for f in dataclasses.fields(TrainState)})
+
+
+def abstract_state(state: TrainState, mesh: Mesh) -> TrainState:
+  """The shapes, dtypes and (replicated) shardings a restore of ``state`` fills in."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState
+                        ) -> TrainState:
+  """The TrainState saved at ``step``, shaped and placed like ``abstract``."""
+  saved, _ = restore_state(manager, step, to_saved(abstract))
+  return from_saved(saved)
 
 
 def step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:

@@ -1,18 +1,25 @@
 """The one data-parallel mesh of training and evaluation: a 1-D mesh whose axis is DATA_AXIS.
 
-Training (``training.make_train_step``) and evaluation (``evaluation.predict``) both shard the
-batch over this axis, and the loss / predictions reduce over it by name, so the name lives here
-once.
+Training (``steps.make_train_step``) and prediction (``evaluation.predict_batches``) both shard
+the batch over this axis, and the loss / predictions reduce over it by name, so the name lives
+here once, with the placement of host data on the mesh: replicated (``replicate``) or split over
+the axis (``shard_batch``).
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
+# Keys of a batch that go to the devices (strings and catalogue columns stay on the host).
+DEVICE_KEYS = ('flux', 'targets', 'data_type', 'mask')
+# A split resident on the devices: flux rows in one block per device, the small arrays on all.
+RESIDENT_SPECS = {'flux': P(DATA_AXIS), 'targets': P(), 'data_type': P()}
 
 
 class MeshError(ValueError):
@@ -45,3 +52,30 @@ def initialize_distributed() -> None:
                                                          ('process_id', 'JAX_PROCESS_ID'))
             if os.environ.get(var)}
   jax.distributed.initialize(**kwargs)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree fully replicated on the mesh (a no-op for arrays already there).
+
+  Host-side values (NumPy, Python scalars, single-device arrays from host bookkeeping) go through
+  NumPy: every process holds the same value, which is what a replicated global array needs
+  across hosts.
+  """
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    if isinstance(x, jax.Array):
+      if x.sharding == sharding:
+        return x
+      if x.is_fully_addressable and jax.process_count() > 1:
+        x = np.asarray(x)
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(put, tree)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows → one global array per key, split over the 'data' axis."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in DEVICE_KEYS}

@@ -32,7 +32,7 @@ import optax
 from absl import logging
 from astropy.table import Table
 
-from apogeenet_jax import checkpoint, training
+from apogeenet_jax import checkpoint, epochs, sharding, steps, train_inputs, train_state
 from apogeenet_jax.label_sources import common, isochrones
 from apogeenet_jax.model import max_pool2
 from apogeenet_jax.normalization import Standardizer
@@ -132,7 +132,7 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
   WORKDIR/checkpoints. Returns the held-out synthetic test scatter (``evaluate_synthetic``)."""
   checkpoints = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
-    raise training.TrainingError(f'{checkpoints} already holds a network: load it with '
+    raise train_state.TrainingError(f'{checkpoints} already holds a network: load it with '
                                  f'yso_photometric.load, or train into another workdir')
   train_set = isochrones.synthesize(iso, config.num_train, config.seed)
   dev_set = isochrones.synthesize(iso, config.num_dev, config.seed + 1)
@@ -141,36 +141,36 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
   standardizer = Standardizer.fit(y_train)
   model = _model(config)
   tx = optax.adam(config.learning_rate)
-  mesh = training.make_mesh(config.get('num_devices', 1))
+  mesh = sharding.make_mesh(config.get('num_devices', 1))
   if config.batch_size % mesh.devices.size:
-    raise training.TrainingError(f'batch_size {config.batch_size} is not divisible by '
+    raise train_state.TrainingError(f'batch_size {config.batch_size} is not divisible by '
                                  f'{mesh.devices.size} devices')
-  state = training.replicate(
-      training.create_train_state(jax.random.PRNGKey(config.seed), model, tx, init='flax'), mesh)
-  train_steps = training.make_train_steps(model, tx, mesh)
-  eval_step = training.make_eval_step(model, mesh)
+  state = sharding.replicate(
+      train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, init='flax'), mesh)
+  train_steps = steps.make_train_steps(model, tx, mesh)
+  eval_step = steps.make_eval_step(model, mesh)
   manager = checkpoint.make_manager(checkpoints)
   meta = _meta(model, standardizer, config, num_train=len(x_train), num_dev=len(x_dev))
   num_batches = len(x_train) // config.batch_size
   if num_batches == 0:
-    raise training.TrainingError(f'{len(x_train)} stars make no batch of {config.batch_size}')
+    raise train_state.TrainingError(f'{len(x_train)} stars make no batch of {config.batch_size}')
   for epoch in range(config.max_epochs):
     batches = _batches(x_train, y_train, config.batch_size, seed=config.seed * 100_003 + epoch)
-    state, _, _ = training.train_epoch(
-        state, train_steps, training.stream_inputs(batches, standardizer, mesh),
+    state, _, _ = epochs.train_epoch(
+        state, train_steps, train_inputs.stream_inputs(batches, standardizer, mesh),
         batch_size=config.batch_size, num_batches=num_batches, progress=False)
-    dev = training.evaluate_split(
+    dev = epochs.evaluate_split(
         state.params, eval_step, _batches(x_dev, y_dev, config.eval_batch_size,
                                           pad_to=mesh.devices.size), standardizer, mesh, 'dev')
     state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
-    state, improved = training.update_early_stopping(state, dev['dev_loss'], config.min_delta)
-    state = training.replicate(state, mesh)
+    state, improved = epochs.update_early_stopping(state, dev['dev_loss'], config.min_delta)
+    state = sharding.replicate(state, mesh)
     if improved:
       checkpoint.save(manager, int(state.step), {'params': state.params}, meta,
                       {checkpoint.BEST_METRIC: dev['dev_loss']})
     logging.info('YSO net epoch %d: dev loss %.5f%s', epoch + 1, dev['dev_loss'],
                  ' *' if improved else '')
-    if training.should_stop_early(state, config.patience):
+    if epochs.should_stop_early(state, config.patience):
       break
   manager.close()
   params, meta = checkpoint.load_params(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))

@@ -25,7 +25,13 @@ from absl import app, flags, logging
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # configs/ at the top
 
-from apogeenet_jax import checkpoint, evaluation, input_pipeline, training  # noqa: E402
+from apogeenet_jax import (  # noqa: E402
+    checkpoint,
+    evaluation,
+    input_pipeline,
+    prediction,
+    training,
+)
 from apogeenet_jax.metric_writer import read_metrics  # noqa: E402
 from benchmarks.common import cpu_model  # noqa: E402
 
@@ -81,7 +87,7 @@ def run_recipe(recipe: str, data_dir: pathlib.Path, workdir: pathlib.Path,
   params, meta = checkpoint.load_params(str(workdir / checkpoint.CHECKPOINT_DIR))
   result = evaluation.evaluate(params=params, meta=meta, output_dir=str(workdir / 'eval_test'),
                                splits=['test'], data_dir=str(data_dir),
-                               settings=evaluation.MCSettings(mc=0),
+                               settings=prediction.MCSettings(mc=0),
                                make_figures=False)
   full = result['metrics']['splits']['test']['Full']
   out['test_mse'], out['scatter'] = full['mse_standardised'], full['scatter']

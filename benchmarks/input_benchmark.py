@@ -8,7 +8,7 @@ data set in a temporary directory first (about a minute). Then, all in one proce
 1. spectra/s delivered to the device with no model: the grain stream (decode + preprocess +
    batch + device_put), memory in host RAM (gather + device_put), memory on the device (the
    gather inside a jitted scan, as the train step does it), float32 and bfloat16 storage;
-2. the full training loop (``training.train_epoch``) with a tiny model (channels 4,4; hidden 8,8)
+2. the full training loop (``epochs.train_epoch``) with a tiny model (channels 4,4; hidden 8,8)
    for each input path and steps_per_call 1 and 8, and (2b) the same with no convolution at all
    (channels (); hidden 8,8): on a CPU, XLA's convolution at 1–4 channels costs ~70 ms per layer
    per batch of 128, so only the conv-free model leaves the input path in charge;
@@ -37,7 +37,17 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ at the top
 
-from apogeenet_jax import input_pipeline, memory_data, sharding, synthetic, training
+from apogeenet_jax import (
+    epochs,
+    input_pipeline,
+    memory_data,
+    optimizer,
+    sharding,
+    steps,
+    synthetic,
+    train_inputs,
+    train_state,
+)
 from apogeenet_jax.normalization import Standardizer
 from benchmarks.common import cpu_model
 from configs import default
@@ -72,7 +82,7 @@ class Paths:
     self.load_seconds = time.perf_counter() - t0
     self.standardizer = Standardizer.fit(self.arrays.labels)
     self.resident = {
-        dtype: training.place_split(
+        dtype: train_inputs.place_split(
             self.arrays if dtype == 'float32' else memory_data.load_split(
                 source, dtype=dtype, num_threads=_THREADS.value, name=f'train {dtype}'),
             self.standardizer, mesh)
@@ -84,11 +94,11 @@ class Paths:
     if path == 'stream':
       batches = input_pipeline.train_batches(self.source, self.batch, seed=0, epoch=epoch,
                                              num_threads=_THREADS.value)
-      return training.stream_inputs(batches, self.standardizer, self.mesh, k)
+      return train_inputs.stream_inputs(batches, self.standardizer, self.mesh, k)
     if path == 'memory, host RAM':
-      return training.memory_inputs(self.arrays, rows, self.standardizer, self.mesh, k)
+      return train_inputs.memory_inputs(self.arrays, rows, self.standardizer, self.mesh, k)
     dtype = 'bfloat16' if 'bfloat16' in path else 'float32'
-    return training.resident_inputs(self.resident[dtype], rows, self.mesh, k)
+    return train_inputs.resident_inputs(self.resident[dtype], rows, self.mesh, k)
 
 
 @functools.cache
@@ -99,25 +109,25 @@ def _resident_consumer(mesh):
 
   def run(split, idx):
     def body(total, rows):
-      batch = training._gather_resident(split, rows, n_dev)
+      batch = steps.gather_resident(split, rows, n_dev)
       return total + lax.psum(jnp.sum(batch['flux']), sharding.DATA_AXIS), None
     return lax.scan(body, jnp.float32(0), idx)[0]
 
-  return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(training.RESIDENT_SPECS, P()),
+  return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(sharding.RESIDENT_SPECS, P()),
                                out_specs=P()))
 
 
 @functools.cache
 def _train_steps(model, mesh, resident: bool):
-  """Compiled once per model and path kind, as in training (``_compiled_train_steps``)."""
-  tx = training.create_optimizer(default.get_config())
-  return training.make_train_steps(model, tx, mesh, resident=resident)
+  """Compiled once per model and path kind, as in training (``steps.compiled_train_steps``)."""
+  tx = optimizer.create_optimizer(default.get_config())
+  return steps.make_train_steps(model, tx, mesh, resident=resident)
 
 
-def deliver(paths: Paths, path: str, epochs: int) -> float:
+def deliver(paths: Paths, path: str, num_epochs: int) -> float:
   """Spectra/s that reach the device (blocked on), no model; epoch 0 untimed (compilation)."""
   count, t0 = 0, time.perf_counter()
-  for epoch in range(epochs + 1):
+  for epoch in range(num_epochs + 1):
     if epoch == 1:
       count, t0 = 0, time.perf_counter()
     for xs, k in paths.inputs(path, epoch, 8):
@@ -129,20 +139,20 @@ def deliver(paths: Paths, path: str, epochs: int) -> float:
   return count / (time.perf_counter() - t0)
 
 
-def loop(paths: Paths, path: str, model, k: int, epochs: int, max_steps: int | None = None
+def loop(paths: Paths, path: str, model, k: int, num_epochs: int, max_steps: int | None = None
          ) -> float:
-  """Spectra/s through ``training.train_epoch`` (first epoch of a fresh state untimed: compile)."""
-  tx = training.create_optimizer(default.get_config())
-  steps = _train_steps(model, paths.mesh, path.startswith('memory, device'))
-  state = training.replicate(training.create_train_state(jax.random.PRNGKey(0), model, tx),
+  """Spectra/s through ``epochs.train_epoch`` (first epoch of a fresh state untimed: compile)."""
+  tx = optimizer.create_optimizer(default.get_config())
+  train_steps = _train_steps(model, paths.mesh, path.startswith('memory, device'))
+  state = sharding.replicate(train_state.create_train_state(jax.random.PRNGKey(0), model, tx),
                              paths.mesh)
   n_batches = len(paths.indices) // paths.batch
   limit = n_batches if max_steps is None else min(max_steps, n_batches)
 
   def epoch_run(state, epoch, calls):
     inputs = itertools.islice(paths.inputs(path, epoch, k), calls)
-    state, sums, _ = training.train_epoch(state, steps, inputs, batch_size=paths.batch,
-                                          num_batches=limit, progress=False)
+    state, sums, _ = epochs.train_epoch(state, train_steps, inputs, batch_size=paths.batch,
+                                        num_batches=limit, progress=False)
     jax.block_until_ready(state.params)
     return state, sums
 
@@ -152,7 +162,7 @@ def loop(paths: Paths, path: str, model, k: int, epochs: int, max_steps: int | N
   else:
     state, _ = epoch_run(state, 0, 1)
   count, t0 = 0, time.perf_counter()
-  for epoch in range(1, epochs + 1):
+  for epoch in range(1, num_epochs + 1):
     state, sums = epoch_run(state, epoch, calls)
     count += int(sums['count'])
   return count / (time.perf_counter() - t0)
@@ -186,8 +196,8 @@ def main(argv):
           f'bfloat16 (relative rounding max {rounding["max"]:.2g}, rms {rounding["rms"]:.2g})')
 
     names = ['stream', 'memory, host RAM', 'memory, device', 'memory, device, bfloat16']
-    tiny = training.create_model(default.get_config()).clone(channels=(4, 4), hidden=(8, 8))
-    paper = training.create_model(default.get_config())
+    tiny = train_state.create_model(default.get_config()).clone(channels=(4, 4), hidden=(8, 8))
+    paper = train_state.create_model(default.get_config())
     delivered = {name: [] for name in names}
     # With no convolution the step is a few ms, so this loop shows the input path alone.
     linear = tiny.clone(channels=())

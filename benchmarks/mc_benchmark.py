@@ -19,7 +19,7 @@ r"""Noise uncertainties: JAX MC and first-order ``linear`` against the paper's P
 2. σ_linear / σ_MC per star and label, for both linear estimators (median, p10, p90): on a split of the built data set with a
    trained checkpoint (``--workdir`` or ``--checkpoint``, ``--data_dir``, ``--split``), else on the
    real apStar files of ``--apstar_dir`` (default ../shared/data/apstar) with the random network.
-3. Memory: ``evaluation.predict_batches`` streams ``memory_stars`` synthetic in-memory spectra in
+3. Memory: ``prediction.predict_batches`` streams ``memory_stars`` synthetic in-memory spectra in
    a fresh subprocess each (separate high-water marks) and reports the peak RSS; flat means the
    peak does not grow with the star count. ``memory_mc`` draws keep it quick: the per-batch
    memory depends on batch_size × draw_chunk, not on the number of stars.
@@ -183,13 +183,13 @@ def torch_runner(flux, err, mc, threads):
 
 
 def memory_child(n_stars, mc, batch_size, draw_chunk):
-  from apogeenet_jax import evaluation
+  from apogeenet_jax import prediction
   from apogeenet_jax.normalization import PAPER_STANDARDIZER
   model, params = _jax_model()
   t0 = time.perf_counter()
-  out = evaluation.predict_batches(params, model, PAPER_STANDARDIZER,
+  out = prediction.predict_batches(params, model, PAPER_STANDARDIZER,
                                    _batches(n_stars, batch_size),
-                                   evaluation.MCSettings(mc=mc, draw_chunk=draw_chunk),
+                                   prediction.MCSettings(mc=mc, draw_chunk=draw_chunk),
                                    total=n_stars)
   seconds = time.perf_counter() - t0
   assert len(out['pred']) == n_stars
@@ -213,7 +213,7 @@ def jvp_seconds_per_star(flux, err, n_stars):
 
 def _ratio_source():
   """(params, model, standardizer, batches factory, description) for the σ comparison."""
-  from apogeenet_jax import evaluation, input_pipeline
+  from apogeenet_jax import evaluation, input_pipeline, prediction
   from apogeenet_jax.normalization import PAPER_STANDARDIZER
   if _WORKDIR.value or _CHECKPOINT.value:
     from apogeenet_jax import checkpoint
@@ -221,7 +221,7 @@ def _ratio_source():
                                               checkpoint_dir=_CHECKPOINT.value)
     model = checkpoint.model_from_meta(meta)
     return (params, model, checkpoint.standardizer_from_meta(meta),
-            lambda: evaluation.split_batches(_DATA_DIR.value, _SPLIT.value, _BATCH.value)[0],
+            lambda: prediction.split_batches(_DATA_DIR.value, _SPLIT.value, _BATCH.value)[0],
             f'split {_SPLIT.value!r} of {_DATA_DIR.value}, checkpoint {meta["checkpoint_dir"]}')
   from apogeenet_jax import apstar
   files = apstar.find_apstar_files(_APSTAR_DIR.value) if os.path.isdir(_APSTAR_DIR.value) else []
@@ -235,16 +235,16 @@ def _ratio_source():
 
 def sigma_ratios():
   """Prints σ_linear / σ_MC per label over the stars of ``_ratio_source``."""
-  from apogeenet_jax import evaluation
+  from apogeenet_jax import prediction
   from apogeenet_jax.constants import LABEL_NAMES
   source = _ratio_source()
   if source is None:
     print(f'σ ratio: no checkpoint given and no apStar files in {_APSTAR_DIR.value}: skipped')
     return
   params, model, standardizer, batches, what = source
-  out = {(est, m): evaluation.predict_batches(
+  out = {(est, m): prediction.predict_batches(
       params, model, standardizer, batches(),
-      evaluation.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est,
+      prediction.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est,
                             linear_draws=m), desc=f'{est} {m}')
          for est, m in {('linear', 0), ('mc', 0), ('linear', _LINEAR_DRAWS.value)}}
   variants = [(0, 'σ_linear')]

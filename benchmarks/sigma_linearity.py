@@ -29,7 +29,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from apogeenet_jax import checkpoint, evaluation, uncertainty
+from apogeenet_jax import checkpoint, evaluation, prediction, uncertainty
 from apogeenet_jax.constants import LABEL_NAMES
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/demo', 'Run whose best checkpoint is used.')
@@ -54,7 +54,7 @@ def main(argv):
   if checkpoint.ensemble_size(meta) > 1:
     params = jax.tree.map(lambda p: p[0], params)  # member 0: one network's linearity
   apply_fn = uncertainty.model_apply_fn(checkpoint.model_from_meta(meta))
-  batches, _ = evaluation.split_batches(_DATA_DIR.value, _SPLIT.value, _NUM_STARS.value)
+  batches, _ = prediction.split_batches(_DATA_DIR.value, _SPLIT.value, _NUM_STARS.value)
   batch = next(iter(batches))
   keep = np.asarray(batch['mask'])
   flux = jnp.asarray(batch['flux'][keep])

@@ -25,7 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ at the top
 
-from apogeenet_jax import sharding, training
+from apogeenet_jax import optimizer, sharding, steps, train_inputs, train_state
 from apogeenet_jax.constants import N_PIXELS
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
 from benchmarks.common import cpu_model
@@ -42,7 +42,7 @@ flags.DEFINE_string('ensemble_sizes', '', 'Comma-separated K: time the K-member 
                     'single steps (e.g. 1,4,8); empty: skip.')
 flags.DEFINE_enum('model', 'paper', ['paper', 'small'], 'paper: Appendix B; small: SMALL_NETWORK.')
 flags.DEFINE_list('ensemble_layouts', ['vmap', 'unrolled'], 'Members vmapped (GPU/TPU default) '
-                  'and/or unrolled (CPU default, training.members_unrolled).')
+                  'and/or unrolled (CPU default, steps.members_unrolled).')
 FLAGS = flags.FLAGS
 # The reduced network of the demo before issue 8 (configs/demo.py then): quick ensemble timings.
 SMALL_NETWORK = {'channels': (8, 8, 16, 16), 'hidden': (64, 64)}
@@ -65,18 +65,18 @@ def _timed(fn) -> float:
 
 def jax_step_fn(batch: dict, ensemble_size: int = 1, unroll_members: bool | None = None):
   """One jitted data-parallel step of the paper model, ready to call; returns (fn, devices).
-  ``unroll_members``: the members' layout (None: ``training.members_unrolled``)."""
+  ``unroll_members``: the members' layout (None: ``steps.members_unrolled``)."""
   config = paper.get_config()  # the paper's SGD step, as the PyTorch reference does
   if FLAGS.model == 'small':
     config.model.update(SMALL_NETWORK)
   config.model.pool = FLAGS.pool
-  model = training.create_model(config)
-  tx = training.create_optimizer(config)
+  model = train_state.create_model(config)
+  tx = optimizer.create_optimizer(config)
   mesh = sharding.make_mesh(FLAGS.num_devices)
-  state = training.replicate(
-      training.create_ensemble_state(0, model, tx, ensemble_size=ensemble_size), mesh)
-  step = training.make_train_step(model, tx, mesh, ensemble_size, unroll_members)
-  device_batch = training.device_batch(batch, PAPER_STANDARDIZER, mesh)
+  state = sharding.replicate(
+      train_state.create_ensemble_state(0, model, tx, ensemble_size=ensemble_size), mesh)
+  step = steps.make_train_step(model, tx, mesh, ensemble_size, unroll_members)
+  device_batch = train_inputs.device_batch(batch, PAPER_STANDARDIZER, mesh)
   holder = [state]
 
   def run():
@@ -127,7 +127,7 @@ def ensemble_comparison(batch: dict, sizes: list[int]) -> None:
   m1 = statistics.median(t_single)
   print(f'ensembles ({FLAGS.model} network, batch {FLAGS.batch_size}, median of {FLAGS.steps}, '
         f'interleaved; {jax.devices()[0].platform}, {cpu_model()}; default layout here: '
-        f'{"unrolled" if training.members_unrolled(sharding.make_mesh(FLAGS.num_devices)) else "vmap"}):')
+        f'{"unrolled" if steps.members_unrolled(sharding.make_mesh(FLAGS.num_devices)) else "vmap"}):')
   print(f'  K=1  step {m1 * 1e3:8.1f} ms')
   for (k, layout), times in t_k.items():
     mk = statistics.median(times)

@@ -21,12 +21,14 @@ from apogeenet_jax import (
   evaluation,
   input_pipeline,
   labels,
+  metrics,
+  prediction,
   uncertainty,
 )
 from apogeenet_jax.constants import BAD_PIXEL_ERROR, DATA_TYPES, N_PIXELS
-from apogeenet_jax.evaluation import MCSettings
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
+from apogeenet_jax.prediction import MCSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,8 +112,9 @@ def _fake_split(n, seed, batch_size):
 
 
 def _fake_splits(monkeypatch, n, seeds=None):
-  """evaluation.open_split serves ``_fake_source(n, seeds[split])`` instead of a built data set."""
-  monkeypatch.setattr(evaluation, 'open_split',
+  """input_pipeline.open_split serves ``_fake_source(n, seeds[split])`` instead of a built data
+  set."""
+  monkeypatch.setattr(input_pipeline, 'open_split',
                       lambda data_dir, split: _fake_source(n, (seeds or {}).get(split, 0)))
 
 
@@ -123,8 +126,8 @@ def test_evaluate_on_a_labelled_split_writes_metrics_and_figures(tiny_checkpoint
                             splits=['test'], data_dir='unused', settings=MCSettings(mc=4),
                             batch_size=3)
   assert out['n_stars'] == 7  # padding rows dropped
-  metrics = json.load(open(out['metrics_json']))
-  test = metrics['splits']['test']
+  written = json.load(open(out['metrics_json']))
+  test = written['splits']['test']
   assert test['Full']['n'] == 7 and test['Payne']['n'] == 3 and test['YSO']['n'] == 2
   t = out['table']
   assert list(t['DATA_SET']) == ['Test'] * 7
@@ -136,14 +139,14 @@ def test_evaluate_on_a_labelled_split_writes_metrics_and_figures(tiny_checkpoint
   assert test['Full']['scatter']['TEFF'] == pytest.approx(np.std(pred[:, 1] - labels[:, 1]))
   assert {os.path.basename(p) for p in out['figures']} == {
       'labels_vs_predictions.png', 'kiel.png', 'sigma_vs_snr.png', 'calibration.png'}
-  lines = evaluation.format_metrics(metrics).splitlines()
+  lines = metrics.format_metrics(written).splitlines()
   assert lines[0] == '== test =='
   # Ours beside the paper's test column of Table 2 (0.063) and Table 3 (183.74 K for Teff).
   full = next(line.split() for line in lines if line.startswith('Full'))
   assert full[:4] == ['Full', '7', f'{test["Full"]["mse_standardised"]:.4f}', '0.063']
   assert '(183.74)' in full
   # No calibration stored: the catalogue σ is the raw one, and coverage is measured against it.
-  assert not out['calibrated'] and metrics['run']['calibration'] is None
+  assert not out['calibrated'] and written['run']['calibration'] is None
   np.testing.assert_array_equal(t['TEFF_ERR'], t['TEFF_ERR_NOISE'])
   assert t['TEFF_ERR_MODEL'].mask.all()  # one network: no member spread
   err = t['TEFF_ERR'].filled(np.nan)
@@ -156,7 +159,7 @@ def test_compute_metrics_by_hand():
   std = Standardizer(mean=np.zeros(3), std=np.array([1.0, 100.0, 0.5]))
   labels = np.array([[1.0, 4000.0, 0.0], [2.0, 5000.0, 0.0], [3.0, 6000.0, np.nan]])
   pred = labels + np.array([[1.0, 100.0, 0.5], [-1.0, -100.0, -0.5], [9, 9, 9]])
-  m = evaluation.compute_metrics(pred, labels, np.array([0, 1, 0]), std)
+  m = metrics.compute_metrics(pred, labels, np.array([0, 1, 0]), std)
   assert m['Full']['n'] == 2  # the NaN-labelled star is ignored
   assert m['Full']['mse_standardised'] == pytest.approx(1.0)
   assert m['Full']['scatter']['TEFF'] == pytest.approx(100.0)
@@ -200,7 +203,7 @@ def test_all_files_unreadable_is_a_clear_error(tiny_checkpoint, tmp_path):
   bad = tmp_path / 'apStar-r6-2M00000000+0000000.fits'
   bad.write_bytes(b'')
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
-  with pytest.raises(evaluation.EvaluationError, match='no star could be read'):
+  with pytest.raises(prediction.EvaluationError, match='no star could be read'):
     evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o'),
                         apstar_files=[str(bad)], settings=MCSettings(mc=2))
   with pytest.raises(checkpoint.CheckpointError, match='no such checkpoint'):
@@ -215,7 +218,7 @@ def _all_devices_and_one(tiny_checkpoint, **kwargs):
   model = checkpoint.model_from_meta(meta)
   std = checkpoint.standardizer_from_meta(meta)
   n = jax.local_device_count()
-  run = lambda devices: evaluation.predict_batches(  # noqa: E731
+  run = lambda devices: prediction.predict_batches(  # noqa: E731
       params, model, std, _fake_split(2 * n - 1, 3, n), devices=devices, **kwargs)
   return run(None), run(jax.local_devices()[:1]), (params, model, std, n)
 
@@ -245,9 +248,9 @@ def test_ensemble_combines_members_draws_as_specified(tiny_checkpoint):
   members = [params] + [jax.jit(model.init)(jax.random.PRNGKey(k), jnp.zeros((1, N_PIXELS)))[
       'params'] for k in (1, 2)]
   kw = dict(settings=MCSettings(mc=6, draw_chunk=3, seed=5), stream=2)
-  singles = [evaluation.predict_batches(p, model, std, _fake_split(5, 1, 3), **kw)
+  singles = [prediction.predict_batches(p, model, std, _fake_split(5, 1, 3), **kw)
              for p in members]
-  ens = evaluation.predict_batches(_stacked(members), model, std, _fake_split(5, 1, 3),
+  ens = prediction.predict_batches(_stacked(members), model, std, _fake_split(5, 1, 3),
                                    ensemble_size=3, **kw)
   means = np.stack([s['pred'] for s in singles])
   noise = np.stack([s['pred_err_noise'] for s in singles])
@@ -389,7 +392,7 @@ def test_linear_equals_mc_on_real_spectra_with_errors_scaled_down(real_apstar_fi
   params = jax.jit(model.init)(jax.random.PRNGKey(2), jnp.zeros((1, N_PIXELS)))['params']
   files = [str(p) for p in real_apstar_files]
   n_draws = 1000
-  run = lambda estimator, draws: evaluation.predict_batches(  # noqa: E731
+  run = lambda estimator, draws: prediction.predict_batches(  # noqa: E731
       params, model, PAPER_STANDARDIZER, _small_error_batches(files, 4, 1000.0),
       MCSettings(mc=n_draws, draw_chunk=100, estimator=estimator, linear_draws=draws))
   mc = run('mc', 0)
@@ -418,10 +421,10 @@ def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
   np.testing.assert_allclose(many['pred_z'], one['pred_z'], rtol=1e-5, atol=1e-5 * scale)
   np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)
   # Nothing is random in linear mode: another seed gives the same σ.
-  again = evaluation.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
+  again = prediction.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
                                      MCSettings(seed=5, estimator='linear', linear_draws=0))
   np.testing.assert_allclose(again['pred_err'], many['pred_err'], rtol=1e-5)
-  with pytest.raises(evaluation.EvaluationError, match='--uncertainty'):
+  with pytest.raises(prediction.EvaluationError, match='--uncertainty'):
     MCSettings(estimator='delta')
 
 
@@ -430,12 +433,12 @@ def test_noise_averaged_linear_over_fake_devices_is_recorded(tiny_checkpoint, tm
   settings = MCSettings(estimator='linear', linear_draws=2)
   many, one, (params, model, std, n) = _all_devices_and_one(tiny_checkpoint, settings=settings)
   np.testing.assert_allclose(many['pred_err'], one['pred_err'], rtol=1e-4)  # per-star keys
-  delta = evaluation.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
+  delta = prediction.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
                                      MCSettings(estimator='linear', linear_draws=0))
   scale = np.abs(delta['pred_z']).max()  # the prediction is the noiseless pass in both
   np.testing.assert_allclose(many['pred_z'], delta['pred_z'], rtol=1e-5, atol=1e-5 * scale)
   assert not np.allclose(many['pred_err'], delta['pred_err'], rtol=1e-3)
-  with pytest.raises(evaluation.EvaluationError, match='--linear_draws'):
+  with pytest.raises(prediction.EvaluationError, match='--linear_draws'):
     MCSettings(estimator='linear', linear_draws=1)
   _fake_splits(monkeypatch, 5)
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
@@ -501,7 +504,7 @@ def test_all_bad_folder_still_writes_skipped_csv(tiny_checkpoint, tmp_path):
   files, skipped = evaluation.apstar_inputs(str(d))
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   out_dir = tmp_path / 'o'
-  with pytest.raises(evaluation.EvaluationError, match=r'no star could be read.*skipped\.csv'):
+  with pytest.raises(prediction.EvaluationError, match=r'no star could be read.*skipped\.csv'):
     evaluation.evaluate(params=params, meta=meta, output_dir=str(out_dir), apstar_files=files,
                         skipped_files=skipped, settings=MCSettings(mc=0))
   # The layout of the builder's report, readable with its reader.
@@ -511,7 +514,7 @@ def test_all_bad_folder_still_writes_skipped_csv(tiny_checkpoint, tmp_path):
   (d / 'apStar-r6-2M00000000+0000000.fits').unlink()
   files, skipped = evaluation.apstar_inputs(str(d))
   assert files == [] and len(skipped) == 1
-  with pytest.raises(evaluation.EvaluationError, match=r'no star could be read \(1 files'):
+  with pytest.raises(prediction.EvaluationError, match=r'no star could be read \(1 files'):
     evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o2'),
                         apstar_files=files, skipped_files=skipped, settings=MCSettings(mc=0))
   assert len(labels.read_problems(tmp_path / 'o2' / 'skipped.csv')) == 1
@@ -630,7 +633,7 @@ def test_three_shards_merged_equal_one_run_bit_for_bit(tiny_checkpoint, real_aps
   one = evaluation.evaluate(output_dir=str(tmp_path / 'one'), **common)
   assert one['n_stars'] == 3 * 13 + 5 and one['n_skipped'] == 1
   parts = [evaluation.evaluate(output_dir=str(tmp_path / 'parts'),
-                               shard=evaluation.Shard(k, 3), **common) for k in range(3)]
+                               shard=prediction.Shard(k, 3), **common) for k in range(3)]
   assert all(p['catalog_fits'] is None for p in parts)
   assert sorted(os.listdir(tmp_path / 'parts')) == [f'part-0000{k}-of-00003.npz' for k in range(3)]
   assert sum(p['n_stars'] for p in parts) == one['n_stars']
@@ -640,13 +643,13 @@ def test_three_shards_merged_equal_one_run_bit_for_bit(tiny_checkpoint, real_aps
   _assert_same_outputs(tmp_path / 'one', tmp_path / 'merged')
   assert merged['metrics'] == one['metrics']
   # Parts of another run, or a part missing, are refused with a reason.
-  with pytest.raises(evaluation.EvaluationError, match='expected parts 0–2 of 3'):
+  with pytest.raises(prediction.EvaluationError, match='expected parts 0–2 of 3'):
     evaluation.merge([str(tmp_path / 'parts' / 'part-00000-of-00003.npz')], str(tmp_path / 'x'))
   for what, change in (('run', {'settings': MCSettings(mc=5, draw_chunk=2, seed=4)}),
                        ('inputs', {'apstar_files': files[:-1]})):
-    evaluation.evaluate(output_dir=str(tmp_path / what), shard=evaluation.Shard(1, 3),
+    evaluation.evaluate(output_dir=str(tmp_path / what), shard=prediction.Shard(1, 3),
                         **{**common, **change})
-    with pytest.raises(evaluation.EvaluationError, match=f'different runs: {what} differ'):
+    with pytest.raises(prediction.EvaluationError, match=f'different runs: {what} differ'):
       evaluation.merge([str(tmp_path / 'parts' / 'part-00000-of-00003.npz'), str(tmp_path / what),
                         str(tmp_path / 'parts' / 'part-00002-of-00003.npz')], str(tmp_path / 'x'))
 
@@ -771,7 +774,7 @@ def test_checkpoint_outputs_parts_and_merge_on_object_storage(tiny_checkpoint, a
   out = evaluation.evaluate(output_dir='gs://bucket/eval', **common)
   assert out['catalog_csv'] == 'gs://bucket/eval/catalog.csv'
   for k in range(2):
-    evaluation.evaluate(output_dir='gs://bucket/parts', shard=evaluation.Shard(k, 2),
+    evaluation.evaluate(output_dir='gs://bucket/parts', shard=prediction.Shard(k, 2),
                         make_figures=False, **common)
   evaluation.merge(['gs://bucket/parts'], 'gs://bucket/merged', make_figures=False)
   for remote in ('gs://bucket/eval', 'gs://bucket/merged'):

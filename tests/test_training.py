@@ -22,7 +22,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from apogeenet_jax import checkpoint, memory_data, metric_writer, sharding, training, workdir_lock
+from apogeenet_jax import (
+    checkpoint,
+    epochs,
+    memory_data,
+    metric_writer,
+    optimizer,
+    preemption,
+    sharding,
+    steps,
+    train_inputs,
+    train_state,
+    training,
+    workdir_lock,
+)
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
 from configs import default as default_config
@@ -84,22 +97,22 @@ def test_step_same_params_on_1_2_4_devices(n_devices):
   config = _config(dropout_rate=0.0)
   config.model.channels = (4, 4, 8, 8)
   config.model.input_length = 1024  # The step does not care about the length: keep it quick.
-  model = training.create_model(config)
-  tx = training.create_optimizer(config)
+  model = train_state.create_model(config)
+  tx = optimizer.create_optimizer(config)
   batches = [fake_source(8, s) for s in (5, 6)]
   std = Standardizer.fit(np.stack([e['labels'] for b in batches for e in b]))
 
   def run(n):
     mesh = sharding.make_mesh(n)
-    state = training.replicate(
-        training.create_train_state(jax.random.PRNGKey(0), model, tx), mesh)
-    step = training.make_train_step(model, tx, mesh)
+    state = sharding.replicate(
+        train_state.create_train_state(jax.random.PRNGKey(0), model, tx), mesh)
+    step = steps.make_train_step(model, tx, mesh)
     losses = []
     for examples in batches:
       batch = {'flux': np.stack([e['flux'][:1024] for e in examples]),
                'labels': np.stack([e['labels'] for e in examples]),
                'data_type': np.array([e['data_type'] for e in examples], np.int32)}
-      state, m = step(state, training.device_batch(batch, std, mesh))
+      state, m = step(state, train_inputs.device_batch(batch, std, mesh))
       losses.append(float(m['loss']))
     return state, losses
 
@@ -107,7 +120,7 @@ def test_step_same_params_on_1_2_4_devices(n_devices):
   other, losses = run(n_devices)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   # The parameters must have moved, and identically.
-  init = training.create_train_state(jax.random.PRNGKey(0), model, tx)
+  init = train_state.create_train_state(jax.random.PRNGKey(0), model, tx)
   moved = max(np.abs(a - b).max() for a, b in zip(_leaves(ref.params), _leaves(init.params), strict=True))
   assert moved > 1e-4
   _assert_trees_equal(other.params, ref.params, rtol=1e-4, atol=1e-6)
@@ -129,16 +142,16 @@ def _short_model(dropout_rate):
   config = _config(dropout_rate=dropout_rate, optimizer='sgd', momentum=0.0, warmup_steps=0,
                    grad_clip_norm=0.0)
   config.model.input_length = 1024  # The step does not care about the length: keep it quick.
-  return training.create_model(config), training.create_optimizer(config)
+  return train_state.create_model(config), optimizer.create_optimizer(config)
 
 
 def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
   mesh = sharding.make_mesh(n_devices)
   std = Standardizer.fit(np.concatenate([b['labels'] for b in batches]))
-  step = training.make_train_step(model, tx, mesh, ensemble_size)
-  state = training.replicate(jax.device_get(state), mesh)  # a copy: the step donates its input
+  step = steps.make_train_step(model, tx, mesh, ensemble_size)
+  state = sharding.replicate(jax.device_get(state), mesh)  # a copy: the step donates its input
   for batch in batches:
-    state, m = step(state, training.device_batch(batch, std, mesh))
+    state, m = step(state, train_inputs.device_batch(batch, std, mesh))
   return jax.device_get(state), m
 
 
@@ -148,7 +161,7 @@ def test_ensemble_step_same_params_on_1_and_2_devices(unrolled, monkeypatch):
   in both layouts of the members."""
   monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.0)
-  state = training.create_ensemble_state(0, model, tx, ensemble_size=3)
+  state = train_state.create_ensemble_state(0, model, tx, ensemble_size=3)
   batches = _short_batches((5, 6))
   one, m1 = _run_steps(model, tx, state, batches, 1, 3)
   two, m2 = _run_steps(model, tx, state, batches, 2, 3)
@@ -170,10 +183,10 @@ def test_ensemble_member_equals_single_run_with_its_seeds(unrolled, monkeypatch)
   monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.3)
   batches = _short_batches((5, 6, 7))
-  ens, _ = _run_steps(model, tx, training.create_ensemble_state(0, model, tx, ensemble_size=3),
+  ens, _ = _run_steps(model, tx, train_state.create_ensemble_state(0, model, tx, ensemble_size=3),
                       batches, 2, 3)
   for k in range(3):
-    single = training.create_train_state(jax.random.PRNGKey(k), model, tx)
+    single = train_state.create_train_state(jax.random.PRNGKey(k), model, tx)
     single, _ = _run_steps(model, tx, single, batches, 2, 1)
     member = jax.tree.map(lambda x, k=k: x[k], ens.params)
     # Unrolled, a member runs the single network's own operations: equal bit for bit.
@@ -181,7 +194,7 @@ def test_ensemble_member_equals_single_run_with_its_seeds(unrolled, monkeypatch)
   # Members really differ (else the check above says nothing about per-member keys).
   diff = max(np.abs(a[0] - a[1]).max() for a in _leaves(ens.params))
   assert diff > 1e-2
-  assert training.create_ensemble_state(0, model, tx).params.keys() == single.params.keys()
+  assert train_state.create_ensemble_state(0, model, tx).params.keys() == single.params.keys()
 
 
 def test_ensemble_training_resumes_exactly_and_member0_is_the_single_run(sources, tmp_path):
@@ -204,10 +217,10 @@ def test_ensemble_training_resumes_exactly_and_member0_is_the_single_run(sources
                               sources=sources)
   single, single_meta = checkpoint.load_params(str(tmp_path / 'one' / 'checkpoints'), best=False)
   assert single_meta['ensemble_size'] == 1 and single_meta['step'] == meta['step']
-  # On a CPU the members are unrolled (training.members_unrolled): member 0 runs the single
+  # On a CPU the members are unrolled (steps.members_unrolled): member 0 runs the single
   # network's own operations, so it is that run bit for bit.
   _assert_trees_equal(jax.tree.map(lambda x: x[0], params), single)
-  with pytest.raises(training.TrainingError, match='an ensemble of 2'):
+  with pytest.raises(train_state.TrainingError, match='an ensemble of 2'):
     training.train_and_evaluate(_config(adapt=True, init_from=str(tmp_path / 'full')),
                                 str(tmp_path / 'adapt'), sources=sources)
 
@@ -226,10 +239,10 @@ def test_pairwise_pool_same_outputs_and_gradients_as_reduce_window():
   g_ref = jax.grad(lambda x: jnp.sum(ref(x) * cot))(x)
   np.testing.assert_array_equal(g, g_ref)
   config = _config()
-  fast = training.create_model(config)
+  fast = train_state.create_model(config)
   slow = fast.clone(pool='reduce_window')
-  params = training.create_train_state(jax.random.PRNGKey(0), fast,
-                                       training.create_optimizer(config)).params
+  params = train_state.create_train_state(jax.random.PRNGKey(0), fast,
+                                       optimizer.create_optimizer(config)).params
   flux = np.stack([e['flux'] for e in fake_source(2, 0)])
   np.testing.assert_array_equal(fast.apply({'params': params}, flux),
                                 slow.apply({'params': params}, flux))
@@ -238,19 +251,19 @@ def test_pairwise_pool_same_outputs_and_gradients_as_reduce_window():
 def test_step_metrics_per_data_type_and_mask():
   """Padded rows count nowhere; per-type sums add up to the total."""
   config = _config()
-  model = training.create_model(config)
+  model = train_state.create_model(config)
   mesh = sharding.make_mesh(2)
-  params = training.replicate(
-      training.create_train_state(jax.random.PRNGKey(0), model,
-                                  training.create_optimizer(config)).params, mesh)
-  eval_step = training.make_eval_step(model, mesh)
+  params = sharding.replicate(
+      train_state.create_train_state(jax.random.PRNGKey(0), model,
+                                  optimizer.create_optimizer(config)).params, mesh)
+  eval_step = steps.make_eval_step(model, mesh)
   examples = fake_source(4, 3)
   batch = {'flux': np.stack([e['flux'] for e in examples]),
            'labels': np.stack([e['labels'] for e in examples]),
            'data_type': np.array([0, 1, 2, 1], np.int32),
            'mask': np.array([True, True, True, False])}
   std = Standardizer.fit(batch['labels'])
-  out = training.summarize(eval_step(params, training.device_batch(batch, std, mesh)), 'dev')
+  out = epochs.summarize(eval_step(params, train_inputs.device_batch(batch, std, mesh)), 'dev')
   pred = model.apply({'params': jax.device_get(params)}, batch['flux'][:3])
   per = np.mean((np.asarray(pred) - std.transform(batch['labels'][:3])) ** 2, axis=-1)
   assert out['dev_count'] == 3
@@ -262,9 +275,9 @@ def test_step_metrics_per_data_type_and_mask():
 
 def test_torch_default_init_bounds():
   """init='torch' draws kernels and biases from U(±1/√fan_in) like PyTorch's Conv1d/Linear."""
-  model = training.create_model(_config())
-  tx = training.create_optimizer(_config())
-  params = training.create_train_state(jax.random.PRNGKey(0), model, tx, 'torch').params
+  model = train_state.create_model(_config())
+  tx = optimizer.create_optimizer(_config())
+  params = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, 'torch').params
   fan_in = {'conv1': 3 * 1, 'conv2': 3 * 4, 'fc1': 4 * (N_PIXELS // 2), 'fc2': 16}
   for name, n in fan_in.items():
     for leaf in ('kernel', 'bias'):
@@ -273,7 +286,7 @@ def test_torch_default_init_bounds():
       assert np.abs(w).max() <= bound, (name, leaf)
       if w.size >= 64:  # enough draws to reach near the bound
         assert np.abs(w).max() > 0.8 * bound, (name, leaf)
-  flax_params = training.create_train_state(jax.random.PRNGKey(0), model, tx, 'flax').params
+  flax_params = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, 'flax').params
   assert np.all(np.asarray(flax_params['fc1']['bias']) == 0)
 
 
@@ -282,11 +295,11 @@ def test_torch_default_init_bounds():
 
 
 def test_update_early_stopping_counts():
-  state = training.create_train_state(jax.random.PRNGKey(0), training.create_model(_config()),
-                                      training.create_optimizer(_config()))
+  state = train_state.create_train_state(jax.random.PRNGKey(0), train_state.create_model(_config()),
+                                      optimizer.create_optimizer(_config()))
   flags = []
   for loss in [1.0, 0.5, 0.5, 0.7, 0.4, 0.6]:
-    state, improved = training.update_early_stopping(state, loss)
+    state, improved = epochs.update_early_stopping(state, loss)
     flags.append(improved)
   assert flags == [True, True, False, False, True, False]
   assert int(state.evals_without_improvement) == 1
@@ -296,7 +309,7 @@ def test_update_early_stopping_counts():
 def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path, monkeypatch):
   """Scripted dev losses: best at epoch 2, then 5 worse → stop after epoch 7 with epoch-2 params."""
   script = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.1, 0.1])
-  real = training.evaluate_split
+  real = epochs.evaluate_split
 
   def scripted(*args, **kwargs):
     out = real(*args, **kwargs)
@@ -328,7 +341,7 @@ def test_nonfinite_loss_stops_at_once(tmp_path):
   bad = fake_source(16, 0)
   for e in bad:
     e['flux'] = np.full(N_PIXELS, 3e38, np.float32)
-  with pytest.raises(training.TrainingError, match='non-finite'):
+  with pytest.raises(train_state.TrainingError, match='non-finite'):
     training.train_and_evaluate(_config(), str(tmp_path), sources={'train': bad, 'dev': bad[:4]})
 
 
@@ -537,17 +550,17 @@ def test_stop_request_across_processes_leaves_sigterm_to_jax(monkeypatch):
 
   killed = []
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  monkeypatch.setattr(training.os, 'kill', lambda pid, sig: killed.append((pid, sig)))
+  monkeypatch.setattr(preemption.os, 'kill', lambda pid, sig: killed.append((pid, sig)))
   manager = Manager()
   sigterm_before = signal.getsignal(signal.SIGTERM)
-  with training.StopRequest(manager).installed() as stop:
+  with preemption.StopRequest(manager).installed() as stop:
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
     assert [stop(step) for step in (1, 2, 3)] == [False, False, True]
     signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
   assert manager.asked == [1, 2, 3]
   assert killed == [(os.getpid(), signal.SIGTERM)]
   monkeypatch.setattr(jax, 'process_count', lambda: 1)  # One process: a flag, both signals.
-  with training.StopRequest(manager).installed() as stop:
+  with preemption.StopRequest(manager).installed() as stop:
     assert signal.getsignal(signal.SIGTERM) == stop.handler
     assert not stop(4)
     stop.handler(signal.SIGTERM, None)
@@ -616,7 +629,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
 
 def test_adaptation_indices_fresh_payne_all_others():
   data_type = np.array([0] * 1000 + [1] * 37 + [2] * 21)
-  rounds = [training.adaptation_indices(data_type, fraction=0.05, seed=0, adapt_round=r)
+  rounds = [epochs.adaptation_indices(data_type, fraction=0.05, seed=0, adapt_round=r)
             for r in (1, 2, 3)]
   others = set(np.flatnonzero(data_type != 0))
   payne_sets = []
@@ -627,7 +640,7 @@ def test_adaptation_indices_fresh_payne_all_others():
     assert len(payne) == 50 and all(data_type[i] == 0 for i in payne)
     payne_sets.append(payne)
   assert payne_sets[0] != payne_sets[1] != payne_sets[2] != payne_sets[0]
-  again = training.adaptation_indices(data_type, fraction=0.05, seed=0, adapt_round=2)
+  again = epochs.adaptation_indices(data_type, fraction=0.05, seed=0, adapt_round=2)
   np.testing.assert_array_equal(again, rounds[1])
 
 
@@ -712,10 +725,10 @@ def synthetic_source(n: int, seed: int) -> list[dict]:
 def _fc2_relative_spread(config, flux: np.ndarray) -> float:
   """Median over fc2 units of std/rms across spectra of its output at initialisation (the
   features that reach the last layer): ~0 when the output hardly depends on the spectrum."""
-  model = training.create_model(config).clone(
-      input_scale=training.resolve_input_scale(config, [{'flux': f} for f in flux]))
-  tx = training.create_optimizer(config)
-  state = training.create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init,
+  model = train_state.create_model(config).clone(
+      input_scale=train_inputs.resolve_input_scale(config, [{'flux': f} for f in flux]))
+  tx = optimizer.create_optimizer(config)
+  state = train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init,
                                       config.zero_last_layer)
   _, inter = jax.jit(functools.partial(model.apply, capture_intermediates=True))(
       {'params': state.params}, flux)
@@ -796,7 +809,7 @@ def test_nonfinite_loss_stops_within_a_call(tmp_path):
   bad = fake_source(16, 0)
   for e in bad:
     e['flux'] = np.full(N_PIXELS, 3e38, np.float32)
-  with pytest.raises(training.TrainingError, match=r'non-finite training loss .* at step 1:'):
+  with pytest.raises(train_state.TrainingError, match=r'non-finite training loss .* at step 1:'):
     # Unscaled flux into PyTorch-default weights, read out by a non-zero last layer: the first
     # loss overflows.
     config = _config(steps_per_call=4, max_epochs=1, input_scale=1.0, init='torch',
@@ -810,25 +823,25 @@ def test_sigint_mid_epoch_in_memory_mode_resumes_exactly(sources, tmp_path, monk
   """Memory mode reads nothing during an epoch, so the signal comes from the 2nd step call."""
   config = _config(max_epochs=2, input_mode='memory', steps_per_call=steps_per_call)
   full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
-  real = training._compiled_train_steps
+  real = steps.compiled_train_steps
 
   def signalling(*args):
-    steps, calls = real(*args), []
+    train_steps, calls = real(*args), []
 
     def run(state, xs):
       calls.append(1)
       if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGINT)
-      return steps(state, xs)
+      return train_steps(state, xs)
 
     return run
 
-  monkeypatch.setattr(training, '_compiled_train_steps', signalling)
+  monkeypatch.setattr(steps, 'compiled_train_steps', signalling)
   stopped = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
   assert int(stopped.epoch) == 0 and int(stopped.epoch_step) == 2 * steps_per_call
   assert checkpoint.make_manager(str(tmp_path / 'split' / 'checkpoints')).latest_step() == int(
       stopped.step)
-  monkeypatch.setattr(training, '_compiled_train_steps', real)
+  monkeypatch.setattr(steps, 'compiled_train_steps', real)
   resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
   assert int(resumed.step) == int(full.step)
   _assert_trees_equal(resumed.params, full.params)
@@ -837,7 +850,7 @@ def test_sigint_mid_epoch_in_memory_mode_resumes_exactly(sources, tmp_path, monk
 def test_choose_input_budgets(sources):
   mesh = sharding.make_mesh(2)
   row = memory_data.bytes_per_spectrum('float32')
-  choose = lambda **kw: training.choose_input(_config(**kw), 1000, 100, mesh)  # noqa: E731
+  choose = lambda **kw: train_inputs.choose_input(_config(**kw), 1000, 100, mesh)  # noqa: E731
   assert choose() == ('memory', True)
   assert choose(data_on_device='false') == ('memory', False)
   assert choose(memory_budget_gb=1100 * row / 1e9 * 0.99) == ('stream', False)
@@ -849,7 +862,7 @@ def test_choose_input_budgets(sources):
   assert choose(input_mode='stream') == ('stream', False)
   for bad in ({'input_mode': 'ram'}, {'data_on_device': 'maybe'}, {'steps_per_call': 0},
               {'memory_dtype': 'int8'}):
-    with pytest.raises(training.TrainingError):
+    with pytest.raises(train_state.TrainingError):
       choose(**bad)
 
 
@@ -862,11 +875,11 @@ def test_resident_gather_matches_host_batches(n_devices):
   mesh = sharding.make_mesh(n_devices)
   arrays = memory_data.load_split(fake_source(22, 2), num_threads=2)
   std = Standardizer.fit(arrays.labels)
-  split = training.place_split(arrays, std, mesh)
-  rows = training.global_batch_indices(np.arange(22), 8, seed=0, epoch=3, mesh=mesh)
+  split = train_inputs.place_split(arrays, std, mesh)
+  rows = train_inputs.global_batch_indices(np.arange(22), 8, seed=0, epoch=3, mesh=mesh)
   gather = jax.jit(jax.shard_map(
-      lambda s, i: training._gather_resident(s, i, n_devices), mesh=mesh,
-      in_specs=(training.RESIDENT_SPECS, jax.sharding.PartitionSpec()),
+      lambda s, i: steps.gather_resident(s, i, n_devices), mesh=mesh,
+      in_specs=(sharding.RESIDENT_SPECS, jax.sharding.PartitionSpec()),
       out_specs=jax.sharding.PartitionSpec(sharding.DATA_AXIS)))
   for batch_rows in rows:
     got = jax.device_get(gather(split, jnp.asarray(batch_rows, jnp.int32)))
@@ -881,18 +894,18 @@ def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
   config = demo.get_config()
   config.lr_schedule, config.decay_steps, config.warmup_steps = 'cosine', 0, 50
   config.max_epochs = 16
-  resolved = training.resolve_decay_steps(config, batches_per_epoch=14)
+  resolved = optimizer.resolve_decay_steps(config, batches_per_epoch=14)
   assert resolved.decay_steps == 16 * 14 - 50 and config.decay_steps == 0  # a copy
-  schedule = training.learning_rate_schedule(resolved)
+  schedule = optimizer.learning_rate_schedule(resolved)
   peak = resolved.learning_rate  # batch 128 = the reference batch: no scaling
   assert float(schedule(50)) == pytest.approx(peak)
   assert float(schedule(16 * 14)) == pytest.approx(0.0, abs=1e-9)  # ends with the run
   assert 0 < float(schedule(16 * 14 - 20)) < 0.05 * peak
   config.decay_steps = 100  # explicit: kept
-  assert training.resolve_decay_steps(config, 14) is config
+  assert optimizer.resolve_decay_steps(config, 14) is config
   config.lr_schedule, config.decay_steps = 'constant', 0
-  assert training.resolve_decay_steps(config, 14) is config
+  assert optimizer.resolve_decay_steps(config, 14) is config
   config.lr_schedule, config.max_epochs = 'cosine', 2  # 6 steps, all inside the warm-up
-  short = training.resolve_decay_steps(config, 3)
+  short = optimizer.resolve_decay_steps(config, 3)
   assert short.decay_steps == 1
-  assert float(training.learning_rate_schedule(short)(5)) == pytest.approx(peak * 5 / 50)
+  assert float(optimizer.learning_rate_schedule(short)(5)) == pytest.approx(peak * 5 / 50)

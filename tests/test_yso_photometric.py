@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from apogeenet_jax import checkpoint, training, yso_photometric
+from apogeenet_jax import checkpoint, train_state, yso_photometric
 from apogeenet_jax.label_sources import common, fake_isochrones, isochrones
 
 
@@ -117,7 +117,7 @@ def test_train_recovers_logg_and_teff_and_reloads(iso, tmp_path):
   assert scores['LOG_TEFF_std'] < 0.4 * np.std(test['LOG_TEFF'])
   assert abs(scores['LOGG_median']) < 0.05 and abs(scores['LOG_TEFF_median']) < 0.01
   params, meta = yso_photometric.load(str(tmp_path / 'yso'))  # through orbax
-  with pytest.raises(training.TrainingError, match='already holds a network'):
+  with pytest.raises(train_state.TrainingError, match='already holds a network'):
     yso_photometric.train(iso, str(tmp_path / 'yso'), config)
   assert meta['normalization']['label_names'] == list(isochrones.TARGETS)
   assert yso_photometric.test_scores(str(tmp_path / 'yso')) == scores

@@ -1,0 +1,247 @@
+"""The training inputs: which mode a run uses (streamed from the records, held in host memory, or
+resident on the devices), reading the splits once, and each epoch's (xs, k) pairs for
+``steps.make_train_steps`` — k ≤ ``steps_per_call`` global batches per call, standardised
+(§3.1) and sharded over the 'data' axis.
+"""
+
+import functools
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from apogeenet_jax import input_pipeline, memory_data
+from apogeenet_jax.constants import N_PIXELS
+from apogeenet_jax.normalization import Standardizer
+from apogeenet_jax.sharding import DATA_AXIS, DEVICE_KEYS, replicate, shard_batch
+from apogeenet_jax.train_state import TrainingError
+
+
+def device_batch(batch: Mapping[str, np.ndarray], standardizer: Standardizer, mesh: Mesh
+                 ) -> dict[str, jax.Array]:
+  """Adds standardised 'targets' (z = (x − μ)/σ, §3.1) and a mask, then shards to the mesh."""
+  batch = dict(batch)
+  batch['targets'] = standardizer.transform(batch['labels'])
+  if 'mask' not in batch:
+    batch['mask'] = np.ones(len(batch['labels']), bool)
+  return shard_batch(batch, mesh)
+
+
+def put_chunk(chunk: Mapping[str, np.ndarray], standardizer: Standardizer, mesh: Mesh
+              ) -> dict[str, jax.Array]:
+  """k stacked host batches (k, B_local, …) → standardised, sharded over 'data' on axis 1."""
+  chunk = dict(chunk)
+  chunk['targets'] = standardizer.transform(chunk['labels'])
+  if 'mask' not in chunk:
+    chunk['mask'] = np.ones(chunk['labels'].shape[:2], bool)
+  sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(chunk[k]))
+          for k in DEVICE_KEYS}
+
+
+def _flux_blocks(num_spectra: int, mesh: Mesh) -> tuple[tuple[int, int], NamedSharding]:
+  """Global flux shape of a resident split (rows padded to a multiple of the device count) and
+  its sharding: device i of the mesh holds rows [i·block, (i+1)·block)."""
+  n_dev = mesh.shape[DATA_AXIS]
+  return (-(-num_spectra // n_dev) * n_dev, N_PIXELS), NamedSharding(mesh, P(DATA_AXIS))
+
+
+def resident_rows(num_spectra: int, mesh: Mesh) -> np.ndarray:
+  """The split rows whose flux this process's devices hold: all it needs to load."""
+  shape, sharding = _flux_blocks(num_spectra, mesh)
+  rows = [np.arange(idx[0].start or 0, min(idx[0].stop or shape[0], num_spectra))
+          for idx in sharding.addressable_devices_indices_map(shape).values()]
+  return np.unique(np.concatenate(rows))
+
+
+def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mesh: Mesh
+                ) -> dict[str, jax.Array]:
+  """A split in memory → device-resident arrays (``RESIDENT_SPECS``): flux in its storage dtype,
+  one block of rows per device; standardised targets (n, 3) and data types on every device."""
+  shape, sharding = _flux_blocks(len(arrays), mesh)
+  n = len(arrays)
+
+  def block(index):
+    start, stop = index[0].start or 0, index[0].stop or shape[0]
+    held = np.arange(start, min(stop, n))
+    first = arrays.positions(held[:1])[0] if len(held) else 0
+    rows = arrays.flux[first:first + len(held)]  # A view: rows are held in ascending order.
+    if len(held) == stop - start:
+      return rows
+    return np.concatenate([rows, np.zeros((stop - start - len(held), N_PIXELS), rows.dtype)])
+
+  flux = jax.make_array_from_callback(shape, sharding, block)
+  return {'flux': flux,
+          **replicate({'targets': standardizer.transform(arrays.labels),
+                       'data_type': np.asarray(arrays.data_type, np.int32)}, mesh)}
+
+
+def stream_inputs(batches: Iterable[Mapping[str, np.ndarray]], standardizer: Standardizer,
+                  mesh: Mesh, steps_per_call: int = 1) -> Iterator[tuple[dict, int]]:
+  """Host batches (``input_pipeline.train_batches``) stacked k at a time and sharded."""
+  batches = iter(batches)
+  while chunk := list(itertools.islice(batches, steps_per_call)):
+    stacked = {k: np.stack([b[k] for b in chunk]) for k in ('flux', 'labels', 'data_type', 'mask')
+               if k in chunk[0]}
+    yield put_chunk(stacked, standardizer, mesh), len(chunk)
+
+
+def memory_inputs(arrays: memory_data.SplitArrays, batch_indices: np.ndarray,
+                  standardizer: Standardizer, mesh: Mesh, steps_per_call: int = 1
+                  ) -> Iterator[tuple[dict, int]]:
+  """k batches at a time gathered from host memory; ``batch_indices`` (batches, B_local)."""
+  for start in range(0, len(batch_indices), steps_per_call):
+    rows = batch_indices[start:start + steps_per_call]
+    yield put_chunk(arrays.gather(rows), standardizer, mesh), len(rows)
+
+
+def resident_inputs(split: Mapping[str, jax.Array], batch_indices: np.ndarray, mesh: Mesh,
+                    steps_per_call: int = 1) -> Iterator[tuple[tuple, int]]:
+  """k global batches of row indices at a time; the flux never leaves the devices.
+  ``batch_indices`` (batches, B_global) from ``global_batch_indices``."""
+  for start in range(0, len(batch_indices), steps_per_call):
+    rows = np.asarray(batch_indices[start:start + steps_per_call], np.int32)
+    yield (split, replicate(rows, mesh)), len(rows)
+
+
+def global_batch_indices(indices: np.ndarray, local_batch: int, *, seed: int, epoch: int,
+                         mesh: Mesh, start_batch: int = 0) -> np.ndarray:
+  """(batches, B_global) rows of the global batches: each process's stream batch side by side in
+  the mesh's process order, which is how ``shard_batch`` assembles the streamed batches."""
+  processes = list(dict.fromkeys(d.process_index for d in mesh.devices.flat))
+  return np.concatenate([
+      input_pipeline.epoch_batch_indices(indices, local_batch, seed=seed, epoch=epoch,
+                                         shard_index=p, shard_count=len(processes),
+                                         start_batch=start_batch)
+      for p in processes], axis=1)
+
+
+def open_sources(config: ml_collections.ConfigDict, sources: Mapping[str, Sequence] | None
+             ) -> tuple[Sequence, Sequence]:
+  if sources is not None:
+    return sources['train'], sources['dev']
+  if not config.data_dir:
+    raise TrainingError('config.data_dir is empty: point it at a built tfds data dir')
+  return (input_pipeline.open_split(config.data_dir, 'train', config.dataset_name),
+          input_pipeline.open_split(config.data_dir, 'dev', config.dataset_name))
+
+
+def resolve_input_scale(config: ml_collections.ConfigDict, train_source: Sequence) -> float:
+  """``config.input_scale`` if > 0, else the median flux of the training set (a fixed sample,
+  so a resumed run computes the same value)."""
+  scale = float(config.get('input_scale', 1.0))
+  if scale > 0:
+    return scale
+  scale = input_pipeline.median_flux(train_source)
+  logging.info('Input scale: median training flux %.6g (1e-17 erg/s/cm²/Å).', scale)
+  return scale
+
+
+def _device_budget_bytes(config: ml_collections.ConfigDict) -> float:
+  """config.device_memory_budget_gb, or half of what the device reports (the rest is for the
+  model, its activations and XLA); a device that reports nothing (CPU) gets the host budget."""
+  if config.device_memory_budget_gb:
+    return config.device_memory_budget_gb * 1e9
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return 0.5 * stats['bytes_limit']
+  return config.memory_budget_gb * 1e9
+
+
+def choose_input(config: ml_collections.ConfigDict, num_train: int, num_dev: int, mesh: Mesh
+                 ) -> tuple[str, bool]:
+  """('memory' or 'stream', whether the training split sits on the devices) for this run.
+
+  ``input_mode='auto'`` takes memory when the process's share of train + dev fits
+  ``memory_budget_gb``; ``data_on_device='auto'`` puts the training flux on the devices when each
+  device's block fits the device budget. Across processes, memory mode needs the device-resident
+  layout (a process holds only its devices' rows, but its stream batches draw from every row).
+  """
+  mode = config.input_mode
+  if mode not in ('auto', 'memory', 'stream'):
+    raise TrainingError(f"config.input_mode must be 'auto', 'memory' or 'stream', got {mode!r}")
+  on_device_option = str(config.data_on_device).lower()
+  if on_device_option not in ('auto', 'true', 'false'):
+    raise TrainingError(f"config.data_on_device must be 'auto', 'true' or 'false', got "
+                        f'{config.data_on_device!r}')
+  if config.steps_per_call < 1:
+    raise TrainingError(f'config.steps_per_call must be ≥ 1, got {config.steps_per_call}')
+  try:
+    per_spectrum = memory_data.bytes_per_spectrum(config.memory_dtype)
+  except ValueError as e:
+    raise TrainingError(f'config.memory_dtype: {e}') from e
+  if mode == 'stream':
+    return 'stream', False
+  processes = jax.process_count()
+  host_bytes = (num_train + num_dev) * per_spectrum / processes
+  if host_bytes > config.memory_budget_gb * 1e9:
+    if mode == 'auto':
+      logging.info('Streaming: the splits need %.1f GB, over memory_budget_gb=%g.',
+                   host_bytes / 1e9, config.memory_budget_gb)
+      return 'stream', False
+    logging.warning('input_mode=memory: %.1f GB per process, over memory_budget_gb=%g.',
+                    host_bytes / 1e9, config.memory_budget_gb)
+  flux_bytes = N_PIXELS * memory_data.storage_dtype(config.memory_dtype).itemsize
+  device_bytes = -(-num_train // mesh.devices.size) * flux_bytes + num_train * 16
+  on_device = (on_device_option == 'true' or
+               (on_device_option == 'auto' and device_bytes <= _device_budget_bytes(config)))
+  if processes > 1 and not on_device:
+    if mode == 'memory':
+      raise TrainingError('input_mode=memory across processes needs the training split on the '
+                          f'devices ({device_bytes / 1e9:.1f} GB per device): raise '
+                          'device_memory_budget_gb, set data_on_device=true, or stream')
+    return 'stream', False
+  logging.info('Input: memory (%s), training flux %s (%.2f GB per device).', config.memory_dtype,
+               'on the devices' if on_device else 'in host RAM', device_bytes / 1e9)
+  return 'memory', on_device
+
+
+def read_splits(config: ml_collections.ConfigDict, train_source: Sequence, dev_source: Sequence,
+                 mesh: Mesh, *, memory: bool, on_device: bool, dev_indices: np.ndarray
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray], Any]:
+  """(training data for ``epoch_inputs``, training metadata, dev split in memory or None).
+
+  One pass over each split either way: the stream reads only the labels now; memory mode keeps
+  the flux of the rows this process needs (its devices' blocks, or all) and its dev shard.
+  """
+  if not memory:
+    logging.info('Reading labels of %d training spectra …', len(train_source))
+    meta = input_pipeline.read_metadata(train_source, num_threads=config.num_threads)
+    return {'source': train_source}, meta, None
+  logging.info('Loading %d training and %d dev spectra into memory …', len(train_source),
+               len(dev_source))
+  load = functools.partial(memory_data.load_split, dtype=config.memory_dtype,
+                           num_threads=config.num_threads)
+  where = f' of {config.data_dir}' if config.data_dir else ''
+  arrays = load(train_source, name=f'train split{where}',
+                rows=resident_rows(len(train_source), mesh) if on_device else None)
+  return ({'arrays': arrays}, arrays.metadata(),
+          load(dev_source, rows=dev_indices, name=f'dev split{where}'))
+
+
+def epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
+                  standardizer: Standardizer, mesh: Mesh, *, local_batch: int, epoch: int,
+                  indices: np.ndarray, start_batch: int) -> Iterator[tuple[Any, int]]:
+  """One epoch's (xs, k) from ``data``: {'source'} streamed, {'arrays'} in host memory or
+  {'resident'} on the devices. All three yield the batches of ``epoch_batch_indices``."""
+  k = config.steps_per_call
+  if 'resident' in data:
+    rows = global_batch_indices(indices, local_batch, seed=config.seed, epoch=epoch, mesh=mesh,
+                                start_batch=start_batch)
+    return resident_inputs(data['resident'], rows, mesh, k)
+  shard = {'shard_index': jax.process_index(), 'shard_count': jax.process_count()}
+  if 'arrays' in data:
+    rows = input_pipeline.epoch_batch_indices(indices, local_batch, seed=config.seed, epoch=epoch,
+                                              start_batch=start_batch, **shard)
+    return memory_inputs(data['arrays'], rows, standardizer, mesh, k)
+  batches = input_pipeline.train_batches(
+      data['source'], local_batch, seed=config.seed, epoch=epoch, indices=indices,
+      start_batch=start_batch, num_threads=config.num_threads,
+      prefetch_batches=config.prefetch_batches, **shard)
+  return stream_inputs(batches, standardizer, mesh, k)

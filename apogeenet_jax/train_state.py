@@ -1,0 +1,159 @@
+"""The train state and how it is made: the model from the config, fresh parameters (PyTorch's
+default initialisation, He, or Flax's) for one network or a deep ensemble, and the optimiser state.
+
+``TrainState`` is one pytree holding everything a resume needs (early-stopping and adaptation
+counters included); ``checkpoint`` saves and restores it.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from apogeenet_jax.model import APOGEENet
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on: non-finite loss, bad configuration or unusable workdir."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resume needs, as one pytree of arrays (STYLE §4)."""
+
+  params: Any  # an ensemble's carry a leading member axis (K, …), as do opt_state and rng
+  opt_state: Any
+  step: jax.Array  # optimiser steps taken, all epochs
+  epoch: jax.Array  # completed epochs, all rounds
+  epoch_step: jax.Array  # batches done in the current epoch (non-zero only after an interrupt)
+  rng: jax.Array  # raw uint32 PRNG key; dropout keys are folded from it and the step
+  # The lowest early-stopping loss so far: dev_loss, or during adaptation the MStar+YSO
+  # dev_adapt_loss (saved under its first name, best_dev_loss: ``_SAVED_NAMES``).
+  best_stop_loss: jax.Array
+  evals_without_improvement: jax.Array
+  adapt_round: jax.Array  # 0 while training on everything; 1, 2, … during adaptation (§3.4)
+  best_adapt_loss: jax.Array  # best MStar+YSO dev loss when the current round began
+  adapt_rounds_without_improvement: jax.Array
+
+
+def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
+  """APOGEENet with the config's dropout and optional reduced architecture (``config.model``)."""
+  kwargs = dict(config.get('model', {}))
+  for key in ('channels', 'hidden'):
+    if key in kwargs:
+      kwargs[key] = tuple(kwargs[key])
+  return APOGEENet(dropout_rate=config.dropout_rate, **kwargs)
+
+
+def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation,
+                       init: str = 'torch', zero_last_layer: bool = False) -> TrainState:
+  """Fresh parameters (``init_params``) and counters; rng is a raw PRNG key."""
+  init_rng, state_rng = jax.random.split(rng)
+  params = _init_fn(model, init, zero_last_layer)(init_rng)
+  return TrainState(
+      params=params, opt_state=tx.init(params), step=jnp.int32(0), epoch=jnp.int32(0),
+      epoch_step=jnp.int32(0), rng=state_rng, best_stop_loss=jnp.float32(jnp.inf),
+      evals_without_improvement=jnp.int32(0), adapt_round=jnp.int32(0),
+      best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
+
+
+def create_ensemble_state(seed: int, model: APOGEENet, tx: optax.GradientTransformation,
+                          init: str = 'torch', ensemble_size: int = 1,
+                          zero_last_layer: bool = False) -> TrainState:
+  """``create_train_state`` for K members: member k from ``PRNGKey(seed + k)``, stacked.
+
+  K = 1 returns the unstacked single state of ``PRNGKey(seed)``, unchanged. Optimiser state is
+  each member's own ``tx.init`` stacked, so step counts of schedules carry the member axis too.
+  """
+  if ensemble_size < 1:
+    raise TrainingError(f'ensemble_size must be >= 1, got {ensemble_size}')
+  members = [create_train_state(jax.random.PRNGKey(seed + k), model, tx, init, zero_last_layer)
+             for k in range(ensemble_size)]
+  if ensemble_size == 1:
+    return members[0]
+  stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+  return members[0].replace(params=jax.tree.map(stack, *[m.params for m in members]),
+                            opt_state=jax.tree.map(stack, *[m.opt_state for m in members]),
+                            rng=jnp.stack([m.rng for m in members]))
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Any, ensemble_size: int = 1) -> Any:
+  """``tx.init`` of one network, or of each member of stacked params."""
+  return tx.init(params) if ensemble_size == 1 else jax.vmap(tx.init)(params)
+
+
+def torch_default_params(rng: jax.Array, params: Any) -> Any:
+  """Redraws every 'kernel' and 'bias' from U(±1/√fan_in), fan_in of the layer's kernel.
+
+  PyTorch's Conv1d/Linear defaults (kaiming_uniform with a=√5 gives exactly this bound).
+  Kernels: conv (k, C_in, C_out) → fan_in k·C_in; dense (in, out) → fan_in in.
+  """
+  layers = sorted(params)
+  keys = jax.random.split(rng, len(layers))
+  out = {}
+  for key, name in zip(keys, layers, strict=True):
+    layer = params[name]
+    kernel = layer['kernel']
+    bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
+    k_key, b_key = jax.random.split(key)
+    out[name] = {'kernel': jax.random.uniform(k_key, kernel.shape, kernel.dtype, -bound, bound),
+                 'bias': jax.random.uniform(b_key, layer['bias'].shape, layer['bias'].dtype,
+                                            -bound, bound)}
+  return out
+
+
+def he_params(rng: jax.Array, params: Any) -> Any:
+  """He (Kaiming) normal kernels, N(0, 2/fan_in) truncated at 2σ, and zero biases.
+
+  The variance that keeps the activations' scale through ReLU layers (He et al. 2015): through
+  the 12 ReLU convolutions of Appendix B, U(±1/√fan_in) ('torch', variance 1/(3·fan_in)) shrinks
+  the signal ~1.5× per layer, so the output hardly depends on the spectrum (measured in
+  tests/test_training.py::test_default_init_features_differ_between_spectra).
+  """
+  init = jax.nn.initializers.he_normal()
+  layers = sorted(params)
+  keys = jax.random.split(rng, len(layers))
+  return {name: {'kernel': init(key, params[name]['kernel'].shape, params[name]['kernel'].dtype),
+                 'bias': jnp.zeros_like(params[name]['bias'])}
+          for key, name in zip(keys, layers, strict=True)}
+
+
+_INITS = {'torch': torch_default_params, 'he': he_params, 'flax': lambda rng, params: params}
+
+
+def last_layer_name(params: Any) -> str:
+  """The output Dense layer: 'fc<N>' with the highest N."""
+  return max((name for name in params if name.startswith('fc')), key=lambda n: int(n[2:]))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(model: APOGEENet, init: str = 'torch', zero_last_layer: bool = False
+             ) -> Callable[[jax.Array], Any]:
+  """The jitted parameter initialiser of ``model``, compiled once per architecture (un-jitted
+  init takes seconds, STACK.md; compiling it takes seconds too).
+
+  ``init``: 'torch' = U(±1/√fan_in) for kernels and biases, PyTorch's default for Conv1d/Linear
+  and so what the authors trained from (the paper names none); 'he' = ``he_params``; 'flax' =
+  Flax's LeCun-normal kernels and zero biases. ``zero_last_layer`` zeroes the output layer, so
+  training starts from predicting the training mean (z = 0) and the first steps only learn the
+  readout of features that already differ between spectra.
+  """
+  if init not in _INITS:
+    raise TrainingError(f'init must be one of {sorted(_INITS)}, got {init!r}')
+
+  def fn(key):
+    flax_key, init_key = jax.random.split(key)
+    params = model.init(flax_key, jnp.zeros((1, model.input_length), jnp.float32))['params']
+    params = _INITS[init](init_key, params)
+    if zero_last_layer:
+      last = last_layer_name(params)
+      params = {**params, last: jax.tree.map(jnp.zeros_like, params[last])}
+    return params
+
+  return jax.jit(fn)
