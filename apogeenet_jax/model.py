@@ -8,9 +8,12 @@ transpose and nothing else (see ``convert_torch``):
     flatten channel-major (64 × 133 = 8512, PyTorch's (C, L) order);
     Dense 512 → dropout → ReLU → Dense 512 → dropout → ReLU → Dense 3.
 
-Input: raw combined apStar flux, (batch, 8575) or (batch, 8575, 1), 1e-17 erg/s/cm²/Å, divided
-by one global constant ``input_scale`` before the first layer (1.0 = the authors' network, which
-reads the raw flux; a trained checkpoint records its value in meta['model']).
+Input: raw combined apStar flux, (batch, 8575) or (batch, 8575, 1), 1e-17 erg/s/cm²/Å. Before the
+first layer, each spectrum may be divided by its own flux level (``flux_scaling='median'``: the
+median of its good pixels), then by one global constant ``input_scale``. The authors' network
+reads the raw flux (``flux_scaling='none'``, ``input_scale=1.0``, the defaults); a trained
+checkpoint records both in meta['model'], so prediction, Monte Carlo draws and the linear σ all
+see the same scaling: it is part of the function of raw flux that the module computes.
 Output: (batch, 3) standardised (log g, Teff, [Fe/H]) — see ``normalization``.
 """
 
@@ -25,6 +28,25 @@ PAPER_HIDDEN = (512, 512)
 PAPER_DROPOUT = 0.1  # §3.3
 N_PIXELS = 8575  # §2.1: the common apStar wavelength grid
 N_TARGETS = 3  # (log g, Teff, [Fe/H])
+FLUX_SCALINGS = ('none', 'median')
+
+
+def scale_flux(flux: jnp.ndarray, scaling: str) -> jnp.ndarray:
+  """flux (batch, L) divided by each spectrum's flux level: 'none' (raw flux) or 'median' (the
+  median of its good pixels, flux > 0: bad pixels hold exactly 0, §2.1).
+
+  Real apStar flux levels span three decades (median good-pixel flux ~15 to ~15,000 in DR17
+  files), so no one constant makes the first layer's input O(1) for every star; the per-spectrum
+  median does, and leaves the shape of the spectrum — continuum slope and lines, where the labels
+  are — unchanged. A spectrum with no positive pixel keeps its flux (level 1).
+  """
+  if scaling == 'none':
+    return flux
+  if scaling != 'median':
+    raise ValueError(f'flux_scaling must be one of {FLUX_SCALINGS}, got {scaling!r}')
+  level = jnp.nanmedian(jnp.where(flux > 0, flux, jnp.nan), axis=1, keepdims=True)
+  level = jnp.where(jnp.isfinite(level) & (level > 0), level, jnp.ones((), flux.dtype))
+  return flux / level
 
 
 def max_pool2(x: jnp.ndarray) -> jnp.ndarray:
@@ -52,10 +74,11 @@ class APOGEENet(nn.Module):
     input_length: pixels per spectrum (8575 on the apStar grid).
     pool: 'pairwise' (default) or 'reduce_window' (``nn.max_pool``). Identical outputs and
       gradients; 'pairwise' trains ~1.5x faster on CPU (see ``max_pool2``).
-    input_scale: the flux is divided by this one constant (no parameter, no per-spectrum
-      normalisation: the spectra keep their relative flux levels, which the paper found the
-      network needs, §3.1). 1.0 for the authors' weights; training sets it to the median flux of
-      the training set so that the first layer sees O(1) inputs (configs/default.py).
+    flux_scaling: 'none' (the authors' network: raw flux) or 'median' (each spectrum divided by
+      the median of its good pixels, ``scale_flux``; no parameter).
+    input_scale: then the flux is divided by this one constant (no parameter). 1.0 for the
+      authors' weights; with raw flux, training sets it to the median flux of the training set so
+      that the first layer sees O(1) inputs (configs/paper.py keeps 1.0).
   """
 
   channels: Sequence[int] = PAPER_CHANNELS
@@ -65,6 +88,7 @@ class APOGEENet(nn.Module):
   input_length: int = N_PIXELS
   pool: str = 'pairwise'
   input_scale: float = 1.0
+  flux_scaling: str = 'none'
 
   @nn.compact
   def __call__(self, flux: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -75,7 +99,8 @@ class APOGEENet(nn.Module):
       raise ValueError(
           f'APOGEENet expects flux of shape (batch, {self.input_length}) or '
           f'(batch, {self.input_length}, 1), got {flux.shape}')
-    x = flux if self.input_scale == 1.0 else flux / jnp.asarray(self.input_scale, flux.dtype)
+    x = scale_flux(flux[..., 0], self.flux_scaling)[..., None]
+    x = x if self.input_scale == 1.0 else x / jnp.asarray(self.input_scale, x.dtype)
     for i, features in enumerate(self.channels):
       x = nn.Conv(features, kernel_size=(3,), padding=((1, 1),), name=f'conv{i + 1}')(x)
       x = nn.relu(x)

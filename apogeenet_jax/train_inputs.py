@@ -133,11 +133,14 @@ def open_sources(config: ml_collections.ConfigDict, sources: Mapping[str, Sequen
 
 
 def resolve_input_scale(config: ml_collections.ConfigDict, train_source: Sequence) -> float:
-  """``config.input_scale`` if > 0, else the median flux of the training set (a fixed sample,
-  so a resumed run computes the same value)."""
-  scale = float(config.get('input_scale', 1.0))
+  """``config.input_scale`` if > 0; else 1.0 when each spectrum is scaled by its own level
+  (``config.flux_scaling``), or the median flux of the training set (a fixed sample, so a
+  resumed run computes the same value)."""
+  scale = float(config.input_scale)
   if scale > 0:
     return scale
+  if config.flux_scaling != 'none':
+    return 1.0
   scale = input_pipeline.median_flux(train_source)
   logging.info('Input scale: median training flux %.6g (1e-17 erg/s/cm²/Å).', scale)
   return scale

@@ -48,7 +48,7 @@ def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
   for key in ('channels', 'hidden'):
     if key in kwargs:
       kwargs[key] = tuple(kwargs[key])
-  return APOGEENet(dropout_rate=config.dropout_rate, **kwargs)
+  return APOGEENet(dropout_rate=config.dropout_rate, flux_scaling=config.flux_scaling, **kwargs)
 
 
 def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation,

@@ -165,7 +165,8 @@ def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
   dropout and optimiser.
   """
   if not config.adapt:
-    model = create_model(config).clone(input_scale=train_inputs.resolve_input_scale(config, train_source))
+    scale = train_inputs.resolve_input_scale(config, train_source)
+    model = create_model(config).clone(input_scale=scale)
     return model, None, None
   if not config.init_from:
     raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')

@@ -70,9 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.init = 'he'
   # Zero output layer: training starts from predicting the training mean (z = 0).
   config.zero_last_layer = True
-  # The flux is divided by this one constant before the first layer (model.input_scale, saved in
-  # the checkpoint): 0 = the median flux of the training set; 1.0 = raw flux as in the paper.
-  # Relative flux levels between spectra are kept (§3.1: continuum-normalised flux failed).
+  # Before the first layer (both saved in the checkpoint's model config, so evaluation, the MC
+  # draws and the linear σ scale the flux the same way): each spectrum divided by its own level,
+  # flux_scaling = 'median' (median of its good pixels) or 'none' (raw flux, the paper's); then
+  # by one constant, input_scale: 0 = 1.0 after a per-spectrum scaling, else the median flux of
+  # the training set; 1.0 = raw flux as in the paper.
+  config.flux_scaling = 'none'
   config.input_scale = 0.0
   config.seed = 0
   # Deep ensemble (not in the paper): K networks trained together in one vmapped step, member k

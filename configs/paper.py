@@ -29,5 +29,6 @@ def get_config():
   config.lr_batch_scaling = 'none'
   config.init = 'torch'
   config.zero_last_layer = False
+  config.flux_scaling = 'none'
   config.input_scale = 1.0
   return config
