@@ -39,7 +39,6 @@ SKIP_REPORT = 'skipped.csv'
 # Beam path: task lists and unreadable-file reports, inside TFDS's temporary data directory (so
 # on gs:// when data_dir is), merged into SKIP_REPORT and deleted once the pipeline has run.
 _BEAM_WORK_DIR = '_beam_work'
-_SKIPPED_TAG = 'skipped'
 DEFAULT_FILE_FORMAT = 'array_record'
 # Files handed to the reader processes at a time, per process (bounds memory, keeps them busy).
 _WINDOW_PER_WORKER = 256
@@ -100,45 +99,6 @@ def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, s
       'file': relative,
   }
   return apogee_id, example, None
-
-
-def _read_or_skip(task_json: str):
-  """Beam DoFn body: one task line → (APOGEE ID, example), or a skip report line tagged 'skipped'.
-
-  The same read_example as the local path; module level, so Beam pickles it by reference.
-  """
-  import apache_beam as beam  # Only the Beam path gets here; the local path never imports Beam.
-
-  task = json.loads(task_json)
-  apogee_id, example, reason = read_example(task)
-  if example is None:
-    logging.warning('apogee: skipped %s', reason)
-    yield beam.pvalue.TaggedOutput(_SKIPPED_TAG, json.dumps([task[1], apogee_id, reason]))
-  else:
-    yield apogee_id, example
-
-
-def _beam_read(tasks_file: str, skipped_prefix: str):
-  """The Beam PTransform of one split: read the task file, read each apStar file, report skips.
-
-  Tasks travel as a text file (one JSON line each) that Beam splits among its workers, not
-  through beam.Create: a survey's 650k tasks would otherwise be pickled into the pipeline graph
-  itself, past what Dataflow accepts for a job.
-  """
-  import apache_beam as beam
-
-  @beam.ptransform_fn
-  def read_split(root):
-    results = (root
-               | 'Tasks' >> beam.io.ReadFromText(tasks_file)
-               # One text shard must not bind all its files to one worker.
-               | 'Spread' >> beam.Reshuffle()
-               | 'Read' >> beam.FlatMap(_read_or_skip).with_outputs(_SKIPPED_TAG, main='examples'))
-    _ = results[_SKIPPED_TAG] | 'ReportSkipped' >> beam.io.WriteToText(
-        skipped_prefix, file_name_suffix='.jsonl')
-    return results.examples
-
-  return read_split()
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -277,26 +237,30 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     empty = [s for s, t in tasks.items() if not t]
     if empty:
       logging.warning('apogee: no stars in split(s) %s; they are left out', empty)
-    return {split: self._generate_examples(t) for split, t in tasks.items() if t}
+    return {split: self._generate_examples(t, split) for split, t in tasks.items() if t}
 
-  def _generate_examples(self, tasks):
+  def _generate_examples(self, tasks, split: str):
     """(APOGEE ID, example) pairs of one split; unreadable files land in the skip report instead.
 
     A generator (local reader processes), or with Beam a PTransform that TFDS runs in its
     pipeline.
     """
     if self._use_beam:
-      return self._beam_generate(tasks)
+      return self._beam_generate(tasks, split)
     return self._generate_local(tasks)
 
-  def _beam_generate(self, tasks):
-    split = tasks[0][3]
+  def _beam_generate(self, tasks, split: str):
     work = epath.Path(self.data_dir) / _BEAM_WORK_DIR  # data_dir may be gs://…: workers see it.
     work.mkdir(parents=True, exist_ok=True)
     tasks_file = work / f'tasks-{split}.jsonl'
     tasks_file.write_text(''.join(json.dumps(task) + '\n' for task in tasks))
     logging.info('apogee: split %s: %d files to read through Beam', split, len(tasks))
-    return _beam_read(os.fspath(tasks_file), os.fspath(work / f'skipped-{split}'))
+    # Imported here: only the Beam path imports apache_beam. And by its package name, whatever
+    # name this module was loaded under (`tfds build tfds_apogee/apogee` loads it as
+    # `apogee.apogee_dataset_builder`): Beam's workers import what it pickles by that name.
+    from tfds_apogee import beam_generation
+
+    return beam_generation.read_split(os.fspath(tasks_file), os.fspath(work / f'skipped-{split}'))
 
   def _collect_beam_skips(self) -> None:
     """Unreadable files reported by the Beam workers → self._problems, in the local path's order."""
