@@ -67,6 +67,11 @@ def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.beam_pipeline_options:
+    try:
+      beam_options(f.beam_pipeline_options)
+    except ImportError as e:
+      raise app.UsageError(str(e)) from None
   try:
     builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers,
                     overwrite=f.overwrite, beam_pipeline_options=f.beam_pipeline_options)
