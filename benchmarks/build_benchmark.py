@@ -54,6 +54,8 @@ def main(argv):
   import logging as std_logging  # Beam logs every worker's start and stop at INFO.
   std_logging.getLogger('apache_beam').setLevel(std_logging.WARNING)
   print(f'CPU: {cpu_model()}')
+  # Other processes on the machine slow every build; the load average says how busy it was.
+  print(f'load average (1, 5, 15 min) at start: {os.getloadavg()}')
   with tempfile.TemporaryDirectory() as tmp:
     manual_dir = _MANUAL_DIR.value
     if manual_dir is None:
@@ -76,6 +78,7 @@ def main(argv):
         print(f'round {round_ + 1}: {label}: {n_files} files in {elapsed:.1f} s '
               f'= {n_files / elapsed:.1f} files/s', flush=True)
 
+    print(f'load average (1, 5, 15 min) at end: {os.getloadavg()}')
     median = {label: statistics.median(r) for label, r in rates.items()}
     for label, rate in median.items():
       print(f'{label}: {rate:.1f} files/s (median of {len(rates[label])})')

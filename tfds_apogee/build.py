@@ -48,9 +48,10 @@ def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
   overwrite: delete a data set already in data_dir and build it again.
   beam_pipeline_options: read the files in an Apache Beam pipeline with these options
     (tfds.download.DownloadConfig(beam_options=...)) instead of num_workers local processes.
-  Both are local folders (or mounted buckets): astropy reads the apStar files in reader
-  processes, and array_record writes local files only; the skip report is read through
-  etils.epath like the rest of TFDS's files.
+  manual_dir is a local folder (or a mounted bucket): astropy reads the apStar files by path, on
+  the Beam path in the Beam workers, which must see it at the same path. data_dir too, for
+  array_record, whose writer opens local files only; a gs:// data_dir needs tfrecord (and
+  TensorFlow). The skip report is read through etils.epath like the rest of TFDS's files.
   """
   builder = apogee_dataset_builder.Builder(data_dir=data_dir, split_seed=split_seed,
                                            num_workers=num_workers, file_format=file_format)
