@@ -1,11 +1,17 @@
 r"""Builds the `apogee` TFDS data set without TensorFlow (array_record by default).
 
   python -m tfds_apogee.build --manual_dir=M --data_dir=D \
-      [--file_format=array_record|tfrecord] [--split_seed=0] [--num_workers=N] [--overwrite]
+      [--file_format=array_record|tfrecord] [--split_seed=0] [--num_workers=N] [--overwrite] \
+      [--beam_pipeline_options=runner=DirectRunner,direct_num_workers=2,...]
 
 Calls the same Builder.download_and_prepare as `tfds build tfds_apogee/apogee` (which needs
 TensorFlow), then logs where the data set went and how many files or rows were skipped; the list
 is in <data set dir>/skipped.csv. tfrecord writing needs TensorFlow installed.
+
+With --beam_pipeline_options (comma-separated Beam flags without the leading --, as for `tfds
+build`) the files are read in an Apache Beam pipeline instead of --num_workers local processes:
+the DirectRunner here, or Dataflow/Spark/Flink; this needs the `tfds` extra (apache-beam). See
+docs/building_at_scale.md.
 
 A data set already in data_dir is reused only if it was built from the same inputs (catalogue
 bytes, split seed, size and mtime of each apStar file used); otherwise the build stops with
@@ -22,15 +28,30 @@ from apogeenet_jax import labels
 from tfds_apogee.apogee import apogee_dataset_builder
 
 
+def beam_options(beam_pipeline_options: str):
+  """'runner=DirectRunner,direct_num_workers=2' → Beam PipelineOptions, as `tfds build` parses
+  its --beam_pipeline_options. Imports apache_beam: only called on the Beam path."""
+  try:
+    from apache_beam.options import pipeline_options
+  except ImportError as e:
+    raise ImportError(f'--beam_pipeline_options={beam_pipeline_options!r} needs Apache Beam: '
+                      f"pip install 'apogeenet-jax[tfds]' ({e})") from e
+  return pipeline_options.PipelineOptions(
+      flags=[f'--{opt}' for opt in beam_pipeline_options.split(',') if opt])
+
+
 def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
-          split_seed: int = 0, num_workers: int = 1, overwrite: bool = False
-          ) -> tfds.core.DatasetBuilder:
+          split_seed: int = 0, num_workers: int = 1, overwrite: bool = False,
+          beam_pipeline_options: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds (or reuses, when its inputs are unchanged) the data set and returns its builder.
 
   overwrite: delete a data set already in data_dir and build it again.
-  Both are local folders (or mounted buckets): astropy reads the apStar files in reader
-  processes, and array_record writes local files only; the skip report is read through
-  etils.epath like the rest of TFDS's files.
+  beam_pipeline_options: read the files in an Apache Beam pipeline with these options
+    (tfds.download.DownloadConfig(beam_options=...)) instead of num_workers local processes.
+  manual_dir is a local folder (or a mounted bucket): astropy reads the apStar files by path, on
+  the Beam path in the Beam workers, which must see it at the same path. data_dir too, for
+  array_record, whose writer opens local files only; a gs:// data_dir needs tfrecord (and
+  TensorFlow). The skip report is read through etils.epath like the rest of TFDS's files.
   """
   builder = apogee_dataset_builder.Builder(data_dir=data_dir, split_seed=split_seed,
                                            num_workers=num_workers, file_format=file_format)
@@ -38,16 +59,23 @@ def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
       download_config=tfds.download.DownloadConfig(
           manual_dir=manual_dir,
           download_mode=(tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-                         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)))
+                         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS),
+          beam_options=(beam_options(beam_pipeline_options) if beam_pipeline_options
+                        else None)))
   return builder
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.beam_pipeline_options:
+    try:
+      beam_options(f.beam_pipeline_options)
+    except ImportError as e:
+      raise app.UsageError(str(e)) from None
   try:
     builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers,
-                    overwrite=f.overwrite)
+                    overwrite=f.overwrite, beam_pipeline_options=f.beam_pipeline_options)
   except apogee_dataset_builder.StaleDatasetError as e:
     raise app.UsageError(str(e)) from None
   report = epath.Path(builder.data_dir) / apogee_dataset_builder.SKIP_REPORT
@@ -69,6 +97,11 @@ def run():
   flags.DEFINE_integer('num_workers', os.cpu_count() or 1, 'Processes reading apStar files.')
   flags.DEFINE_bool('overwrite', False, 'Delete a data set already in data_dir and rebuild it '
                     '(needed when the catalogue or the apStar files changed since it was built).')
+  flags.DEFINE_string('beam_pipeline_options', None,
+                      'Read the files in an Apache Beam pipeline with these comma-separated Beam '
+                      'options, as for `tfds build`, e.g. "runner=DirectRunner,direct_num_workers=2,'
+                      'direct_running_mode=multi_processing" (needs the tfds extra); without it, '
+                      '--num_workers local processes.')
   flags.mark_flags_as_required(['manual_dir', 'data_dir'])
   app.run(main)
 

@@ -9,6 +9,14 @@ Splits train/dev/test: the catalogue's SPLIT column where given, else a hash of 
 APOGEE ID) with the paper's fractions per data type (Payne 80/10/10, MStar and YSO 60/20/20, §3).
 A file that cannot be read is skipped, never fatal: every skipped file or catalogue row and its
 reason goes to `skipped.csv` in the data set version directory, and the count is logged.
+
+Two ways to read the files, same examples, same skip report, same metadata:
+  * locally (the default): a process pool on this machine, TensorFlow-free;
+  * through Apache Beam, when the download config names a Beam runner or Beam options
+    (`tfds build ... --beam_pipeline_options=...`, or `python -m tfds_apogee.build
+    --beam_pipeline_options=...`): each split is a Beam pipeline, so the DirectRunner spreads the
+    reading over local processes and Dataflow/Spark/Flink over many machines. See
+    docs/building_at_scale.md.
 """
 
 import concurrent.futures
@@ -28,6 +36,9 @@ from tensorflow_datasets.core import utils as tfds_utils
 from apogeenet_jax import apstar, constants, labels
 
 SKIP_REPORT = 'skipped.csv'
+# Beam path: task lists and unreadable-file reports, inside TFDS's temporary data directory (so
+# on gs:// when data_dir is), merged into SKIP_REPORT and deleted once the pipeline has run.
+_BEAM_WORK_DIR = '_beam_work'
 DEFAULT_FILE_FORMAT = 'array_record'
 # Files handed to the reader processes at a time, per process (bounds memory, keeps them busy).
 _WINDOW_PER_WORKER = 256
@@ -119,6 +130,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self._explicit_file_format = file_format
     self._problems: list[labels.Problem] = []
     self._n_unreadable = 0
+    self._use_beam = False
+    self._task_rank: dict[str, int] = {}
     super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -179,7 +192,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _download_and_prepare(self, dl_manager, download_config=None):
     self._problems = []
     self._n_unreadable = 0
+    # TFDS runs a Beam pipeline when the caller gave a runner or options (`tfds build
+    # --beam_pipeline_options=...`); _generate_examples then returns Beam transforms.
+    self._use_beam = download_config is not None and bool(
+        download_config.beam_runner or download_config.beam_options)
+    self._task_rank = {}
     super()._download_and_prepare(dl_manager, download_config)
+    if self._use_beam:  # The pipeline has run: gather what its workers could not read.
+      self._collect_beam_skips()
     # Still inside TFDS's temporary data directory: the report moves with the finished data set.
     report = epath.Path(self.data_dir) / SKIP_REPORT  # data_dir may be gs://…
     labels.write_problems(self._problems, report)
@@ -204,6 +224,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       tasks[split].append((path, labels.relative_path(path, root),
                            (star.apogee_id, tuple(float(x) for x in star.labels),
                             star.data_type), split))
+    # The order in which the local path meets unreadable files (split by split, catalogue order
+    # within each): the Beam path's reports come back in any order and are sorted by it.
+    self._task_rank = {task[1]: i for i, task in
+                       enumerate(t for split in constants.SPLITS for t in tasks[split])}
     self.info.metadata['split_seed'] = self._split_seed
     self.info.metadata['catalog'] = catalog.name
     self.info.metadata['input_fingerprint'] = input_fingerprint(catalog, matched, root,
@@ -213,10 +237,45 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     empty = [s for s, t in tasks.items() if not t]
     if empty:
       logging.warning('apogee: no stars in split(s) %s; they are left out', empty)
-    return {split: self._generate_examples(t) for split, t in tasks.items() if t}
+    return {split: self._generate_examples(t, split) for split, t in tasks.items() if t}
 
-  def _generate_examples(self, tasks):
-    """Yields (APOGEE ID, example); unreadable files land in the skip report instead."""
+  def _generate_examples(self, tasks, split: str):
+    """(APOGEE ID, example) pairs of one split; unreadable files land in the skip report instead.
+
+    A generator (local reader processes), or with Beam a PTransform that TFDS runs in its
+    pipeline.
+    """
+    if self._use_beam:
+      return self._beam_generate(tasks, split)
+    return self._generate_local(tasks)
+
+  def _beam_generate(self, tasks, split: str):
+    work = epath.Path(self.data_dir) / _BEAM_WORK_DIR  # data_dir may be gs://…: workers see it.
+    work.mkdir(parents=True, exist_ok=True)
+    tasks_file = work / f'tasks-{split}.jsonl'
+    tasks_file.write_text(''.join(json.dumps(task) + '\n' for task in tasks))
+    logging.info('apogee: split %s: %d files to read through Beam', split, len(tasks))
+    # Imported here: only the Beam path imports apache_beam. And by its package name, whatever
+    # name this module was loaded under (`tfds build tfds_apogee/apogee` loads it as
+    # `apogee.apogee_dataset_builder`): Beam's workers import what it pickles by that name.
+    from tfds_apogee import beam_generation
+
+    return beam_generation.read_split(os.fspath(tasks_file), os.fspath(work / f'skipped-{split}'))
+
+  def _collect_beam_skips(self) -> None:
+    """Unreadable files reported by the Beam workers → self._problems, in the local path's order."""
+    work = epath.Path(self.data_dir) / _BEAM_WORK_DIR
+    skipped = []
+    for shard in sorted(work.glob('skipped-*.jsonl')):
+      for line in shard.read_text().splitlines():
+        if line:
+          skipped.append(labels.Problem(*json.loads(line)))
+    skipped.sort(key=lambda p: self._task_rank[p.file])
+    self._problems.extend(skipped)
+    self._n_unreadable += len(skipped)
+    work.rmtree()
+
+  def _generate_local(self, tasks):
     if self._num_workers > 1 and len(tasks) > 1:
       # Parsing FITS is CPU-bound Python: processes, not threads. 'spawn', not 'fork': the
       # caller may have started JAX's or TensorFlow's threads, and forking a multithreaded
