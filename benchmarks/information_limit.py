@@ -171,7 +171,7 @@ def main(argv):
   del argv
   if not _DATA_DIR.value:
     raise app.UsageError('--data_dir is required')
-  source = evaluation.open_split(_DATA_DIR.value, _SPLIT.value)
+  source = input_pipeline.open_split(_DATA_DIR.value, _SPLIT.value)
   n = len(source) if _MAX_STARS.value <= 0 else min(len(source), _MAX_STARS.value)
   free = cramer_rao.free_indices(_NUISANCES.value)
   print(f'information_limit: split {_SPLIT.value!r} of {_DATA_DIR.value}, {n} stars; nuisances '
