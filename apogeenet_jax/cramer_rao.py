@@ -95,6 +95,7 @@ def levenberg_marquardt(theta0: jax.Array, flux: jax.Array, weights: jax.Array,
     a = fisher_information(jac, weights)
     g = jac.T @ (weights * residual)
     d = jnp.sqrt(jnp.diag(a))
+    d = jnp.where(d > 0, d, 1.0)  # a parameter the pixels do not see: no step, no NaN
     scaled = a / jnp.outer(d, d) + damping * jnp.eye(len(free), dtype=a.dtype)
     delta = jnp.linalg.solve(scaled, g / d) / d
     trial = theta.at[idx].add(delta)
@@ -125,6 +126,8 @@ def fit_nuisances(labels: jax.Array, flux: jax.Array, weights: jax.Array,
   """
   theta0 = forward_model.parameters(labels, linear_scale(labels, flux, weights))
   nuisances = tuple(i for i in free if i >= forward_model.NUM_LABELS)
+  if not nuisances:
+    return theta0
   return levenberg_marquardt(theta0, flux, weights, nuisances, num_steps)[0]
 
 
