@@ -2,14 +2,21 @@
 
 NOT SDSS DATA. Every file says so (TELESCOP = 'SYNTHETIC', FIELD = 'SYNTH…', SYNTHETC = T, IDs
 '2M99…', which no 2MASS source has: RA hours only go to 23). The files follow the real layout
-(PAPER.md §1): 10 HDUs, 8575-pixel log-linear grid, 1-D HDUs for one visit and NVISITS+2 rows
+(paper §2.1): 10 HDUs, 8575-pixel log-linear grid, 1-D HDUs for one visit and NVISITS+2 rows
 otherwise, big-endian float32, flux exactly 0 with error exactly 1e10 at the array ends and the
 two chip gaps (edges varying star to star), mask bit 0 there, a few pixels with huge errors.
 
 The forward model makes the labels visible in the RAW flux (the network reads raw flux, §3.1):
-  flux = scale · B_λ(Teff)/B_λ(Teff, 1.6 μm) · exp(−Σ_g s_g(Teff, log g, [Fe/H]) τ_g(λ)) + noise
+  flux = A · R(x) · B_λ(Teff)/B_λ(Teff, 1.6 μm) · exp(−Σ_g s_g(Teff, log g, [Fe/H]) τ_g(λ) − t τ_⊕(λ))
+         + noise
 with τ_g fixed line templates (metal, molecular, gravity-sensitive, broad hydrogen lines), s_g
-smooth label-dependent strengths, a log-uniform flux scale and Gaussian noise from the S/N.
+smooth label-dependent strengths, and per star: a flux scale A log-uniform over three decades
+(10^1.2–10^4.2, as the median fluxes of real apStar files, ~15 to ~15,000), a smooth response
+R(x) = 1 + c₁P₁(x) + c₂P₂(x) (Legendre polynomials in the pixel coordinate x ∈ [−1, 1]: flux
+calibration and extinction reshape the real continuum star by star, so its slope does not give
+Teff away), a telluric-correction residual of strength t on a fixed telluric line template τ_⊕,
+and Gaussian noise from the S/N. ``apogeenet_jax.forward_model`` is the same model in JAX (its
+Jacobian gives the Cramér–Rao bound, ``cramer_rao``).
 
 Mix (default): 45% Payne-like giants, 15% Payne-like dwarfs, 20% MStar, 20% YSO, so every data
 type has dev and test stars. Labels: catalogue `labels.fits` (APOGEE_ID, LOGG, TEFF, FE_H,
@@ -38,17 +45,26 @@ KINDS = (('giant', 'Payne', 0.45), ('dwarf', 'Payne', 0.15), ('mdwarf', 'MStar',
 TELESCOPE = 'SYNTHETIC'
 # The line list is part of the "physics", the same for every survey seed.
 _LINE_LIST_SEED = 20200521
-# Approximate pixel edges of the real arrays' good ranges (../shared/data/apstar: blue chip from
+# Approximate pixel edges of the real arrays' good ranges (real apStar files: blue chip from
 # ~205 to ~3306, green ~3544-6113, red ~6300-8366); each star jitters them.
 _CHIP_EDGES = ((205, 3306), (3544, 6113), (6300, 8366))
 _EDGE_JITTER = 12
 # apStar PIXMASK bits: BADPIX (bit 0) on bad pixels, SIG_SKYLINE (bit 12) on huge-error pixels.
 _BADPIX, _SIG_SKYLINE = 1, 1 << 12
 # Real spectra have a few finite but huge errors (sky lines): the mean error of the good pixels
-# can be 1000x the median (PAPER.md §7). Number of such pixels per star and their factor.
+# can be 1000x the median. Number of such pixels per star and their factor.
 _HUGE_ERROR_PIXELS = (5, 40)
 _HUGE_ERROR_FACTOR = (1e2, 1e5)
 _H_BAND_CENTRE = 16000.0  # Å: continuum normalisation point.
+# The telluric line list, also fixed for every survey.
+_TELLURIC_SEED = 20200522
+# Per-star nuisances. Flux scale: log10 A ~ U(1.2, 4.2), the ~1000x spread of real median fluxes
+# (~15 to ~15,000). Response: Legendre coefficients c1, c2 ~ N(0, σ); real files' chip-to-chip
+# flux ratios (blue/green 0.86–1.19, red/green 0.86–1.08 in twelve DR13 stars) vary this much
+# beyond what Teff explains. Telluric residual strength t ~ N(0, σ) on the telluric template.
+LOG10_SCALE_RANGE = (1.2, 4.2)
+RESPONSE_SIGMA = (0.08, 0.05)
+TELLURIC_SIGMA = 0.15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +81,8 @@ class SyntheticStar:
   ra: float
   dec: float
   field: str
+  response: tuple[float, float] = (0.0, 0.0)  # Legendre coefficients c1, c2 of R(x).
+  telluric: float = 0.0  # Strength t of the telluric residual.
 
 
 def synthetic_id(index: int, seed: int) -> str:
@@ -80,7 +98,7 @@ def draw_labels(kind: str, rng: np.random.Generator) -> tuple[float, float, floa
     logg = 2.5 + (teff - 4700) / 500 + rng.normal(0, 0.3)
     fe_h = rng.normal(-0.2, 0.3)
     return float(np.clip(logg, 0.5, 3.7)), teff, float(np.clip(fe_h, -2.0, 0.5))
-  if kind == 'dwarf':  # Payne keeps dwarfs only above 4000 K (PAPER.md §2).
+  if kind == 'dwarf':  # Payne keeps dwarfs only above 4000 K (paper §2.2).
     teff = float(rng.uniform(4300, 6500))
     logg = 4.55 - (teff - 4300) / 2200 * 0.4 + rng.normal(0, 0.12)
     return float(np.clip(logg, 3.8, 4.9)), teff, float(np.clip(rng.normal(-0.1, 0.25), -1.5, 0.5))
@@ -127,22 +145,55 @@ def line_templates() -> np.ndarray:
   return templates.astype(np.float32)
 
 
+@functools.cache
+def telluric_template() -> np.ndarray:
+  """(8575,) float32 optical depth τ_⊕ of telluric lines (H₂O, CO₂-like: denser in the blue chip
+  and the red end), fixed for all surveys. A star's residual of the telluric correction is t·τ_⊕,
+  t of either sign (under- or over-correction)."""
+  rng = np.random.default_rng(_TELLURIC_SEED)
+  pixels = np.arange(constants.N_PIXELS, dtype=np.float64)
+  centres = np.concatenate([rng.uniform(0, 3300, 90), rng.uniform(3300, 6300, 30),
+                            rng.uniform(6300, constants.N_PIXELS, 80)])
+  widths = rng.uniform(1.0, 2.0, len(centres))
+  depths = rng.uniform(0.05, 0.5, len(centres))
+  template = np.zeros(constants.N_PIXELS)
+  for c, w, d in zip(centres, widths, depths, strict=True):
+    lo, hi = int(max(c - 6 * w, 0)), int(min(c + 6 * w + 1, constants.N_PIXELS))
+    template[lo:hi] += d * np.exp(-0.5 * ((pixels[lo:hi] - c) / w) ** 2)
+  return template.astype(np.float32)
+
+
+def pixel_coordinate() -> np.ndarray:
+  """(8575,) float64 x ∈ [−1, 1], linear in pixel (= log λ): the response polynomial's variable."""
+  return np.linspace(-1.0, 1.0, constants.N_PIXELS)
+
+
+def response(coefficients) -> np.ndarray:
+  """(8575,) float64 smooth multiplicative response R(x) = 1 + c1 P1(x) + c2 P2(x)."""
+  return np.polynomial.legendre.legval(pixel_coordinate(), [1.0, *coefficients])
+
+
 def line_strengths(logg: float, teff: float, fe_h: float) -> np.ndarray:
-  """(5,) strengths s_g: smooth, monotonic in each label so each label is visible in the flux."""
+  """(5,) float64 strengths s_g: smooth, monotonic in each label so each label is visible in the
+  flux. ``forward_model.line_strengths`` is the same function in JAX (same piecewise form)."""
   t = teff / 5000.0
   metal = 10.0 ** fe_h * (1.6 - 0.6 * t) * 1.5
   molecular = np.exp(-(teff - 3000.0) / 600.0) * (1.0 + 0.5 * fe_h) * 1.2
   gravity = (5.2 - logg) / 2.0 * 10.0 ** (0.5 * fe_h) * np.clip(1.5 - 0.5 * t, 0.3, None)
   pressure = np.clip(logg - 2.0, 0.0, None) / 2.5
   hydrogen = np.clip((teff - 3500.0) / 2500.0, 0.0, None) * (0.5 + logg / 9.0)
-  return np.array([metal, molecular, gravity, pressure, hydrogen], np.float32)
+  return np.array([metal, molecular, gravity, pressure, hydrogen], np.float64)
 
 
-def model_flux(logg: float, teff: float, fe_h: float, scale: float = 1.0) -> np.ndarray:
-  """(8575,) float64 noiseless flux, 1e-17 erg/s/cm²/Å, continuum `scale` at 1.6 μm."""
+def model_flux(logg: float, teff: float, fe_h: float, scale: float = 1.0,
+               response_coefficients=(0.0, 0.0), telluric: float = 0.0) -> np.ndarray:
+  """(8575,) float64 noiseless flux, 1e-17 erg/s/cm²/Å: continuum `scale` at 1.6 μm times the
+  response R(x) (Legendre coefficients c1, c2), lines, telluric residual of strength `telluric`."""
   wavelength = apstar.wavelength_grid()
-  tau = line_strengths(logg, teff, fe_h) @ line_templates()
-  return scale * _planck_shape(wavelength, teff) * np.exp(-tau.astype(np.float64))
+  tau = (line_strengths(logg, teff, fe_h) @ line_templates().astype(np.float64)
+         + telluric * telluric_template().astype(np.float64))
+  return (scale * response(response_coefficients) * _planck_shape(wavelength, teff)
+          * np.exp(-tau))
 
 
 def bad_pixel_regions(rng: np.random.Generator) -> np.ndarray:
@@ -163,9 +214,11 @@ def draw_star(index: int, seed: int, kind: str, data_type: str,
       # Real S/N: median ~100, tail down to ~5 and up to several hundred.
       snr=float(np.clip(rng.lognormal(np.log(80.0), 0.6), 8.0, 500.0)),
       nvisits=int(rng.choice([1, 2, 3, 4], p=[0.4, 0.25, 0.2, 0.15])),
-      scale=float(10.0 ** rng.uniform(2.0, 2.6)),
+      scale=float(10.0 ** rng.uniform(*LOG10_SCALE_RANGE)),
       ra=float(rng.uniform(0, 360)), dec=float(np.degrees(np.arcsin(rng.uniform(-0.5, 1.0)))),
       field=f'SYNTH{index // 250:03d}',
+      response=tuple(float(c) for c in rng.normal(0.0, RESPONSE_SIGMA)),
+      telluric=float(rng.normal(0.0, TELLURIC_SIGMA)),
   )
 
 
@@ -174,7 +227,7 @@ def simulate_rows(star: SyntheticStar, rng: np.random.Generator):
 
   Visits each get noise σ·sqrt(NVISITS); rows 0 and 1 are their mean, with error σ.
   """
-  model = model_flux(star.logg, star.teff, star.fe_h, star.scale)
+  model = model_flux(star.logg, star.teff, star.fe_h, star.scale, star.response, star.telluric)
   bad = bad_pixel_regions(rng)
   # Per-pixel error: constant S/N relative to the continuum level, smooth throughput ripple.
   ripple = 1.0 + 0.25 * np.sin(np.arange(constants.N_PIXELS) / 400.0 + rng.uniform(0, 6.3))
@@ -285,6 +338,10 @@ def write_apstar(path: str | os.PathLike, star: SyntheticStar, flux: np.ndarray,
       _card('SYNLOGG', star.logg, 'true log g (dex), synthetic'),
       _card('SYNTEFF', star.teff, 'true Teff (K), synthetic'),
       _card('SYNFEH', star.fe_h, 'true [Fe/H] (dex), synthetic'),
+      _card('SYNSCALE', star.scale, 'true flux scale A at 1.6 um, synthetic'),
+      _card('SYNRESP1', star.response[0], 'true response Legendre c1, synthetic'),
+      _card('SYNRESP2', star.response[1], 'true response Legendre c2, synthetic'),
+      _card('SYNTELL', star.telluric, 'true telluric residual strength, synthetic'),
       _card('NWAVE', constants.N_PIXELS, 'Number of wavelengths in subsequent HDUs'),
       _card('CRVAL1', constants.LOG10_WAVE_START, 'Start log10(wavelength)'),
       _card('CDELT1', constants.LOG10_WAVE_STEP, 'Dispersion in log10(wavelength)'),

@@ -117,3 +117,35 @@ def test_kind_mix_exact_for_small_surveys(tmp_path):
   catalog = synthetic.write_survey(tmp_path, 10, seed=0, show_progress=False)
   counts = collections.Counter(Table.read(catalog)['KIND'])
   assert counts == {'giant': 5, 'dwarf': 1, 'mdwarf': 2, 'yso': 2}
+
+
+def test_flux_levels_and_continuum_shapes_vary_like_real_files():
+  """Real apStar median fluxes span ~15 to ~15,000 and their chip-to-chip flux ratios vary by
+  ~±10% beyond Teff: the survey's scale spreads over three decades and its response varies."""
+  rng = np.random.default_rng(0)
+  medians, ratios = [], []
+  for i in range(400):
+    kind, data_type, _ = synthetic.KINDS[i % len(synthetic.KINDS)]
+    star = synthetic.draw_star(i, 0, kind, data_type, rng)
+    flux, _, _, _ = synthetic.simulate_rows(star, rng)
+    medians.append(np.median(flux[0][flux[0] > 0]))
+    r = synthetic.response(star.response)  # the shape that is not the labels' Planck slope
+    ratios.append(r[:3300].mean() / r[3544:6113].mean())
+  assert np.percentile(medians, 95) / np.percentile(medians, 5) > 300
+  assert 5 < np.min(medians) and np.max(medians) < 5e4
+  assert 0.04 < np.std(ratios) < 0.2
+
+
+def test_noise_is_the_stated_error_around_the_header_truth(survey):
+  """The files' flux scatters around model_flux(header truth: labels, scale, response, telluric)
+  by exactly the stored error on the good pixels (what the Cramér–Rao bound assumes)."""
+  out, _ = survey
+  for path in apstar.find_apstar_files(out):
+    h = fits.getheader(path)
+    s = apstar.read_apstar(path)
+    model = synthetic.model_flux(h['SYNLOGG'], h['SYNTEFF'], h['SYNFEH'], h['SYNSCALE'],
+                                 (h['SYNRESP1'], h['SYNRESP2']), h['SYNTELL'])
+    good = ~s.bad_pixels
+    chi2 = np.mean(((s.flux[good] - model[good]) / s.flux_err[good]) ** 2)
+    # Huge-error pixels pull it below 1 a little (their flux has only the base noise).
+    assert 0.94 < chi2 < 1.06, (path, chi2)

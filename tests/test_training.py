@@ -692,7 +692,8 @@ def test_demo_config_trains_the_paper_network(tmp_path):
   params, meta = checkpoint.load_params(str(tmp_path / 'wd' / 'checkpoints'))
   assert meta['model']['channels'] == list(PAPER_CHANNELS)
   assert meta['model']['hidden'] == list(PAPER_HIDDEN)
-  # The median flux of the synthetic survey (continuum 10²–10^2.6): far from the paper's 1.0.
+  # The median flux of the synthetic survey (continuum 10^1.2–10^4.2, median ~10^2.7): far from
+  # the paper's 1.0.
   assert 30 < meta['model']['input_scale'] < 1000
   # Appendix B's layers and shapes: 12 convolutions, fc1 reading 64 channels × 133 pixels.
   assert sorted(params) == sorted([f'conv{i}' for i in range(1, 13)] + ['fc1', 'fc2', 'fc3'])
@@ -707,7 +708,7 @@ def test_demo_config_trains_the_paper_network(tmp_path):
 
 
 def synthetic_source(n: int, seed: int) -> list[dict]:
-  """In-memory SYNTHETIC spectra (apogeenet_jax.synthetic's forward model, raw flux ~10²–10³)."""
+  """In-memory SYNTHETIC spectra (apogeenet_jax.synthetic's forward model, raw flux ~10–10⁴)."""
   from apogeenet_jax import synthetic
   rng = np.random.default_rng(seed)
   out = []

@@ -1,0 +1,200 @@
+r"""How close is the network to the information in the spectra? Its scatter against the Cramér–Rao bound.
+
+    python benchmarks/information_limit.py --data_dir=D [--workdir=W] [--split=test] \
+        [--max_stars=N] [--ml_fit_stars=300] [--nuisances=scale,response,telluric]
+
+For each star of a split of a built SYNTHETIC survey (``apogeenet_jax.synthetic``, whose forward
+model ``forward_model`` is known) it computes the Cramér–Rao bound σ_CRB on (log g, Teff,
+[Fe/H]) (``cramer_rao``): Fisher matrix JᵀΣ⁻¹J of the exact Jacobian at the true labels, with the
+per-pixel σ as stored in the records (bad pixels weight 0), the ``--nuisances`` marginalised at
+their maximum-likelihood values for the true labels (the files' true nuisances are not in the
+records). With ``--workdir`` it predicts the split with that run's best checkpoint (no MC noise)
+and prints, per label, rms σ_CRB, the network's rms residual and their ratio, for all stars, per
+data type and in S/N bins (header SNR). Without it, only the bound.
+
+The proof that the bound is right: a maximum-likelihood fit of the forward model
+(Levenberg–Marquardt, all of the parameters the bound treats as unknown) to the first
+``--ml_fit_stars`` spectra, started near the truth, must scatter like σ_CRB:
+rms((θ_ML − θ_true)/σ_CRB) ≈ 1 per label (sampling error ≈ 1/sqrt(2N)), and χ²(θ_ML) must not
+exceed χ² at the truth (else the fit did not converge). Prints figures; asserts nothing. The last
+line (with ``--workdir``) is ``residual / Cramér–Rao (rms), LOGG TEFF FE_H: x y z``.
+"""
+
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from apogeenet_jax import checkpoint, cramer_rao, evaluation, input_pipeline
+from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, SPLITS
+from benchmarks.common import cpu_model
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training run whose best checkpoint predicts; '
+                               'omitted: print only the bound.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of the built synthetic survey.')
+_SPLIT = flags.DEFINE_enum('split', 'test', SPLITS, 'Split whose stars are used.')
+_MAX_STARS = flags.DEFINE_integer('max_stars', 0, 'At most this many stars (the first of the '
+                                  'split); 0: all.')
+_ML_FIT_STARS = flags.DEFINE_integer('ml_fit_stars', 300, 'Stars of the maximum-likelihood check '
+                                     '(the first of those used); 0: no check.')
+_NUISANCES = flags.DEFINE_list('nuisances', list(cramer_rao.DEFAULT_NUISANCES),
+                               'Nuisance groups marginalised (and fitted): scale, response, '
+                               'telluric.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 50, 'Stars per vmapped batch.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the ML fit starting offsets.')
+
+# Starting offsets of the ML fit from the true labels: N(0, these), several σ_CRB away.
+START_OFFSET = np.array([0.05, 50.0, 0.02])
+SNR_BINS = ((0, 50), (50, 100), (100, 200), (200, np.inf))
+
+
+def _network(source, n: int) -> dict[str, np.ndarray]:
+  """Noiseless predictions of the first n stars by the checkpoint of --workdir (float32)."""
+  params, meta = evaluation.load_checkpoint(workdir=_WORKDIR.value)
+  out = evaluation.predict_batches(
+      params, checkpoint.model_from_meta(meta), checkpoint.standardizer_from_meta(meta),
+      input_pipeline.eval_batches(source, _BATCH_SIZE.value, indices=np.arange(n)),
+      evaluation.MCSettings(mc=0), total=n, desc=_SPLIT.value,
+      stream=SPLITS.index(_SPLIT.value), ensemble_size=checkpoint.ensemble_size(meta))
+  print(f'network: checkpoint {meta["checkpoint_dir"]}')
+  return out
+
+
+def _bound(source, n: int, fns, n_keep: int) -> dict[str, np.ndarray]:
+  """σ_CRB (n, 3), θ at the true labels (n, 7), labels, data type, S/N, IDs; and the flux and
+  weights of the first n_keep stars (for the ML fit). float64 throughout."""
+  out = {k: [] for k in ('sigma', 'theta', 'labels', 'data_type', 'snr', 'apogee_id')}
+  flux_keep, weights_keep = [], []
+  for batch in input_pipeline.eval_batches(source, _BATCH_SIZE.value, indices=np.arange(n)):
+    valid = np.asarray(batch['mask'], bool)
+    flux = jnp.asarray(batch['flux'], jnp.float64)
+    weights = cramer_rao.inverse_variance(flux, jnp.asarray(batch['flux_err'], jnp.float64))
+    labels = jnp.asarray(batch['labels'], jnp.float64)
+    theta = fns['fit_nuisances'](labels, flux, weights)
+    out['sigma'].append(np.asarray(fns['crb'](theta, weights))[valid])
+    out['theta'].append(np.asarray(theta)[valid])
+    for k in ('labels', 'data_type', 'snr', 'apogee_id'):
+      out[k].append(np.asarray(batch[k])[valid])
+    room = n_keep - sum(len(f) for f in flux_keep)
+    if room > 0:
+      flux_keep.append(np.asarray(flux)[valid][:room])
+      weights_keep.append(np.asarray(weights)[valid][:room])
+  out = {k: np.concatenate(v) for k, v in out.items()}
+  if flux_keep:
+    out['flux'], out['weights'] = np.concatenate(flux_keep), np.concatenate(weights_keep)
+  return out
+
+
+def _ml_check(bound: dict[str, np.ndarray], fns) -> None:
+  """Fits the forward model to the kept spectra and prints how it scatters against σ_CRB."""
+  m = len(bound.get('flux', ()))
+  if m == 0:
+    return
+  rng = np.random.default_rng(_SEED.value)
+  theta_true = bound['theta'][:m]
+  start = theta_true.copy()
+  start[:, :3] += rng.normal(0.0, 1.0, (m, 3)) * START_OFFSET
+  t0 = time.perf_counter()
+  fits, chi2_fit = [], []
+  b = _BATCH_SIZE.value
+  for lo in range(0, m, b):
+    sl = slice(lo, lo + b)
+    fit, value = fns['fit'](jnp.asarray(start[sl]), jnp.asarray(bound['flux'][sl]),
+                            jnp.asarray(bound['weights'][sl]))
+    fits.append(np.asarray(fit))
+    chi2_fit.append(np.asarray(value))
+  fit, chi2_fit = np.concatenate(fits), np.concatenate(chi2_fit)
+  chi2_true = np.asarray(fns['chi2'](jnp.asarray(theta_true), jnp.asarray(bound['flux']),
+                                     jnp.asarray(bound['weights'])))
+  err = fit[:, :3] - bound['labels'][:m]
+  sigma = bound['sigma'][:m]
+  z = np.sqrt(np.mean((err / sigma) ** 2, 0))
+  ratio = _rms(err) / _rms(sigma)
+  converged = int(np.sum(chi2_fit <= chi2_true * (1 + 1e-9)))
+  print(f'\nMaximum-likelihood fit of the forward model, {m} stars (Levenberg–Marquardt, '
+        f'{time.perf_counter() - t0:.1f} s; start: truth + N(0, ({START_OFFSET[0]} dex, '
+        f'{START_OFFSET[1]:.0f} K, {START_OFFSET[2]} dex))):')
+  print(f'  χ²(θ_ML) ≤ χ²(true labels): {converged} of {m} stars')
+  print(f'  rms((θ_ML − θ_true)/σ_CRB), {_names()}: {_fmt(z, 3)}   '
+        f'(1 if the bound is attained; sampling error ±{1 / np.sqrt(2 * m):.3f})')
+  print(f'  rms(θ_ML − θ_true) / rms(σ_CRB), {_names()}: {_fmt(ratio, 3)}   '
+        '(noisier: a few faint stars dominate both rms)')
+
+
+def _names() -> str:
+  return ' '.join(LABEL_NAMES)
+
+
+def _fmt(values, digits: int) -> str:
+  return ' '.join(f'{v:.{digits}g}' for v in values)
+
+
+def _rms(x: np.ndarray) -> np.ndarray:
+  return np.sqrt(np.mean(np.square(x), 0))
+
+
+def _groups(bound: dict[str, np.ndarray]):
+  yield 'all', np.ones(len(bound['snr']), bool)
+  for i, name in enumerate(DATA_TYPES):
+    yield name, bound['data_type'] == i
+  for lo, hi in SNR_BINS:
+    name = f'S/N<{hi:.0f}' if lo == 0 else (f'S/N≥{lo:.0f}' if np.isinf(hi)
+                                             else f'S/N {lo:.0f}–{hi:.0f}')
+    yield name, (bound['snr'] >= lo) & (bound['snr'] < hi)
+
+
+def _table(bound: dict[str, np.ndarray], residual: np.ndarray | None) -> None:
+  head = f'{"":>12s} {"n":>5s}   σ_CRB rms: ' + ' '.join(f'{n:>8s}' for n in LABEL_NAMES)
+  if residual is not None:
+    head += ('   network rms: ' + ' '.join(f'{n:>8s}' for n in LABEL_NAMES)
+             + '   ratio: ' + ' '.join(f'{n:>6s}' for n in LABEL_NAMES))
+  print(head)
+  for name, rows in _groups(bound):
+    if not rows.any():
+      continue
+    crb = _rms(bound['sigma'][rows])
+    line = f'{name:>12s} {int(rows.sum()):5d}              ' + ' '.join(f'{v:8.4g}' for v in crb)
+    if residual is not None:
+      net = _rms(residual[rows])
+      line += ('                ' + ' '.join(f'{v:8.4g}' for v in net) + '          '
+               + ' '.join(f'{v:6.1f}' for v in net / crb))
+    print(line)
+
+
+def main(argv):
+  del argv
+  if not _DATA_DIR.value:
+    raise app.UsageError('--data_dir is required')
+  source = input_pipeline.open_split(_DATA_DIR.value, _SPLIT.value)
+  n = len(source) if _MAX_STARS.value <= 0 else min(len(source), _MAX_STARS.value)
+  free = cramer_rao.free_indices(_NUISANCES.value)
+  print(f'information_limit: split {_SPLIT.value!r} of {_DATA_DIR.value}, {n} stars; nuisances '
+        f'marginalised: {", ".join(_NUISANCES.value)}; {cpu_model()}, {jax.default_backend()}')
+  network = _network(source, n) if _WORKDIR.value else None  # float32, before x64 below
+  with jax.enable_x64(True):
+    fns = cramer_rao.make_batch_fns(free)
+    t0 = time.perf_counter()
+    bound = _bound(source, n, fns, max(_ML_FIT_STARS.value, 0))
+    print(f'bound: {len(bound["snr"])} stars in {time.perf_counter() - t0:.1f} s; σ_CRB median '
+          f'{_fmt(np.median(bound["sigma"], 0), 3)} ({_names()})\n')
+    residual = None
+    if network is not None:
+      if not np.array_equal(network['apogee_id'], bound['apogee_id']):
+        raise RuntimeError('network predictions and records are not in the same order')
+      residual = network['pred'] - bound['labels']
+    _table(bound, residual)
+    _ml_check(bound, fns)
+  crb = _rms(bound['sigma'])
+  print(f'\nCramér–Rao bound (rms), {_names()}: {_fmt(crb, 4)}')
+  if residual is not None:
+    print(f'residual / Cramér–Rao (rms), {_names()}: {_fmt(_rms(residual) / crb, 3)}')
+
+
+if __name__ == '__main__':
+  app.run(main)
