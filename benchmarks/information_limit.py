@@ -31,7 +31,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from apogeenet_jax import checkpoint, cramer_rao, evaluation, input_pipeline
+from apogeenet_jax import checkpoint, cramer_rao, evaluation, input_pipeline, prediction
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, SPLITS
 from benchmarks.common import cpu_model
 
@@ -57,10 +57,10 @@ SNR_BINS = ((0, 50), (50, 100), (100, 200), (200, np.inf))
 def _network(source, n: int) -> dict[str, np.ndarray]:
   """Noiseless predictions of the first n stars by the checkpoint of --workdir (float32)."""
   params, meta = evaluation.load_checkpoint(workdir=_WORKDIR.value)
-  out = evaluation.predict_batches(
+  out = prediction.predict_batches(
       params, checkpoint.model_from_meta(meta), checkpoint.standardizer_from_meta(meta),
       input_pipeline.eval_batches(source, _BATCH_SIZE.value, indices=np.arange(n)),
-      evaluation.MCSettings(mc=0), total=n, desc=_SPLIT.value,
+      prediction.MCSettings(mc=0), total=n, desc=_SPLIT.value,
       stream=SPLITS.index(_SPLIT.value), ensemble_size=checkpoint.ensemble_size(meta))
   print(f'network: checkpoint {meta["checkpoint_dir"]}')
   return out
