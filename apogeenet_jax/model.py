@@ -28,12 +28,15 @@ PAPER_HIDDEN = (512, 512)
 PAPER_DROPOUT = 0.1  # §3.3
 N_PIXELS = 8575  # §2.1: the common apStar wavelength grid
 N_TARGETS = 3  # (log g, Teff, [Fe/H])
-FLUX_SCALINGS = ('none', 'median')
+FLUX_SCALINGS = ('none', 'median', 'log_median')
+# 'log_median': flux / level below this is clipped before the log (noise at low S/N can be ≤ 0).
+LOG_FLOOR = 0.01
 
 
 def scale_flux(flux: jnp.ndarray, scaling: str) -> jnp.ndarray:
-  """flux (batch, L) divided by each spectrum's flux level: 'none' (raw flux) or 'median' (the
-  median of its good pixels, flux > 0: bad pixels hold exactly 0, §2.1).
+  """flux (batch, L) divided by each spectrum's flux level: 'none' (raw flux), 'median' (the
+  median of its good pixels, flux > 0: bad pixels hold exactly 0, §2.1) or 'log_median' (the log
+  of that ratio, clipped at ``LOG_FLOOR``; bad pixels stay 0, i.e. at the level).
 
   Real apStar flux levels span three decades (median good-pixel flux ~15 to ~15,000 in DR17
   files), so no one constant makes the first layer's input O(1) for every star; the per-spectrum
@@ -42,11 +45,15 @@ def scale_flux(flux: jnp.ndarray, scaling: str) -> jnp.ndarray:
   """
   if scaling == 'none':
     return flux
-  if scaling != 'median':
+  if scaling not in FLUX_SCALINGS:
     raise ValueError(f'flux_scaling must be one of {FLUX_SCALINGS}, got {scaling!r}')
   level = jnp.nanmedian(jnp.where(flux > 0, flux, jnp.nan), axis=1, keepdims=True)
   level = jnp.where(jnp.isfinite(level) & (level > 0), level, jnp.ones((), flux.dtype))
-  return flux / level
+  if scaling == 'median':
+    return flux / level
+  # Absorption is multiplicative (continuum × e^−τ): in log flux the lines add to a smooth
+  # continuum, whatever the star's level.
+  return jnp.where(flux != 0, jnp.log(jnp.maximum(flux / level, LOG_FLOOR)), 0.0)
 
 
 def max_pool2(x: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,101 @@
+r"""Which training recipe gets the paper's network closest to the information limit?
+
+    python benchmarks/recipe_benchmark.py --data_dir=D --workdir_root=W \
+        [--candidates=raw,median,log_median,median_16_epochs,median_batch_64] \
+        [--base_config=configs/demo.py]
+
+Each candidate is the base config plus a few overrides (``CANDIDATES``). It is trained with
+``train.py`` into W/<candidate> (an existing run resumes, or is finished at once), then measured
+with ``benchmarks/information_limit.py`` on the test split: the network's rms residual per label
+against the rms Cramér–Rao bound of the same stars. The architecture is always the paper's
+(Appendix B); only the recipe changes. Prints one table row per candidate, with the training
+time (which depends on what else runs on the machine); asserts nothing.
+"""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_model  # noqa: E402
+
+# name → config overrides (train.py flags without the --config. prefix).
+CANDIDATES = {
+    'raw': {'flux_scaling': 'none'},  # the raw flux over one constant (the previous default)
+    'median': {'flux_scaling': 'median'},
+    'log_median': {'flux_scaling': 'log_median'},
+    'median_16_epochs': {'flux_scaling': 'median', 'max_epochs': 16},
+    'log_median_16_epochs': {'flux_scaling': 'log_median', 'max_epochs': 16},
+    'median_batch_64': {'flux_scaling': 'median', 'batch_size': 64},
+}
+
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of a built SYNTHETIC survey.')
+_ROOT = flags.DEFINE_string('workdir_root', None, 'One training workdir per candidate below it.')
+_CANDIDATES = flags.DEFINE_list('candidates', list(CANDIDATES), 'Names from CANDIDATES.')
+_BASE = flags.DEFINE_string('base_config', 'configs/demo.py', 'Config the overrides apply to.')
+_MAX_STARS = flags.DEFINE_integer('max_stars', 0, 'Test stars measured (0: all).')
+
+_LAST = re.compile(r'residual / Cramér–Rao \(rms\), LOGG TEFF FE_H: (\S+) (\S+) (\S+)')
+_BOUND = re.compile(r'Cramér–Rao bound \(rms\), LOGG TEFF FE_H: (\S+) (\S+) (\S+)')
+
+
+def _train(name: str, workdir: pathlib.Path) -> float:
+  overrides = [f'--config.{k}={v}' for k, v in CANDIDATES[name].items()]
+  cmd = [sys.executable, 'train.py', f'--config={_BASE.value}',
+         f'--config.data_dir={_DATA_DIR.value}', f'--workdir={workdir}', *overrides]
+  print('$', ' '.join(cmd[1:]), flush=True)
+  t0 = time.perf_counter()
+  subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  return time.perf_counter() - t0
+
+
+def _measure(workdir: pathlib.Path) -> tuple[list[float], list[float], str]:
+  cmd = [sys.executable, 'benchmarks/information_limit.py', f'--data_dir={_DATA_DIR.value}',
+         f'--workdir={workdir}', '--ml_fit_stars=0', f'--max_stars={_MAX_STARS.value}']
+  out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+  ratio = [float(x) for x in _LAST.search(out).groups()]
+  bound = [float(x) for x in _BOUND.search(out).groups()]
+  return ratio, bound, out
+
+
+def _best_dev(workdir: pathlib.Path) -> tuple[float, int]:
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  best = min(rows, key=lambda r: r.get('dev_loss', float('inf')))
+  return best['dev_loss'], int(best['step'])
+
+
+def main(argv):
+  del argv
+  if not _DATA_DIR.value or not _ROOT.value:
+    raise app.UsageError('--data_dir and --workdir_root are required')
+  unknown = sorted(set(_CANDIDATES.value) - set(CANDIDATES))
+  if unknown:
+    raise app.UsageError(f'unknown candidates {unknown}; known: {sorted(CANDIDATES)}')
+  print(f'recipe_benchmark: {_DATA_DIR.value}, base {_BASE.value}; {cpu_model()}')
+  rows = []
+  for name in _CANDIDATES.value:
+    workdir = pathlib.Path(_ROOT.value).resolve() / name
+    seconds = _train(name, workdir)
+    ratio, bound, report = _measure(workdir)
+    (workdir / 'information_limit.txt').write_text(report)
+    dev, step = _best_dev(workdir)
+    rows.append((name, step, dev, seconds, ratio))
+    print(f'{name}: best dev MSE {dev:.4f} at step {step}; residual / CRB {ratio}', flush=True)
+  print(f'\nCramér–Rao bound (rms) of the test stars, LOGG TEFF FE_H: {bound}')
+  print(f'{"candidate":>22s} {"overrides":>44s} {"best step":>9s} {"dev MSE":>8s} '
+        f'{"train s":>8s}   residual / CRB: LOGG   TEFF   FE_H')
+  for name, step, dev, seconds, ratio in rows:
+    over = ','.join(f'{k}={v}' for k, v in CANDIDATES[name].items())
+    print(f'{name:>22s} {over:>44s} {step:9d} {dev:8.4f} {seconds:8.0f}   '
+          + ' '.join(f'{r:6.2f}' for r in ratio))
+
+
+if __name__ == '__main__':
+  app.run(main)
