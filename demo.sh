@@ -9,7 +9,7 @@
 # Idempotent: a re-run skips the survey and the build when they exist, resumes (or finishes at
 # once) the training run, refits the calibration and rewrites the evaluation outputs. Override
 # with environment variables: PYTHON, NUM_STARS (5000), DEMO_DATA (data/demo), DEMO_WORKDIR (workdirs/demo), MC (100),
-# TRAIN_FLAGS (extra train.py flags, e.g. "--config.learning_rate=1e-4").
+# TRAIN_FLAGS (extra train.py flags, e.g. "--config.optim.learning_rate=1e-4").
 set -euo pipefail
 cd "$(dirname "$0")"
 

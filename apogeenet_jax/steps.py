@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax import lax
 from jax.sharding import Mesh
@@ -240,7 +239,7 @@ def compiled_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1):
 @functools.lru_cache(maxsize=8)
 def compiled_train_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh, resident: bool,
                          ensemble_size: int = 1):
-  """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key``, cached the same
-  way."""
-  tx = optimizer.create_optimizer(ml_collections.ConfigDict(dict(optimizer_key)))
+  """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key`` (the whole
+  ``config.optim`` and the batch size), cached the same way."""
+  tx = optimizer.from_key(optimizer_key)
   return make_train_steps(model, tx, mesh, resident=resident, ensemble_size=ensemble_size)

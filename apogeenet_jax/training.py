@@ -198,7 +198,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
       len(train_source), local_batch, jax.process_count()))
   model, init_params, init_meta = _initial_model(config, train_source)
   ensemble_size = int(config.get('ensemble_size', 1))
-  tx = optimizer.create_optimizer(config)
+  tx = optimizer.create_optimizer(config.optim, config.batch_size)
   state = replicate(create_ensemble_state(config.seed, model, tx, config.init, ensemble_size,
                                           config.get('zero_last_layer', False)), mesh)
   if init_params is not None:

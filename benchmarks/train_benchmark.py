@@ -71,7 +71,7 @@ def jax_step_fn(batch: dict, ensemble_size: int = 1, unroll_members: bool | None
     config.model.update(SMALL_NETWORK)
   config.model.pool = FLAGS.pool
   model = train_state.create_model(config)
-  tx = optimizer.create_optimizer(config)
+  tx = optimizer.create_optimizer(config.optim, config.batch_size)
   mesh = sharding.make_mesh(FLAGS.num_devices)
   state = sharding.replicate(
       train_state.create_ensemble_state(0, model, tx, ensemble_size=ensemble_size), mesh)

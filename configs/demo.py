@@ -28,7 +28,7 @@ def get_config():
   # A run of known length: the learning rate decays to 0 along a cosine over the whole run
   # (decay_steps 0 = to max_epochs, resolved from the data). Measured on the 2,500-star survey:
   # test MSE 0.0111 against 0.0212 with the default's constant rate, in the same time.
-  config.lr_schedule = 'cosine'
-  config.decay_steps = 0
+  config.optim.lr_schedule = 'cosine'
+  config.optim.decay_steps = 0
   config.log_every_steps = 10
   return config

@@ -20,13 +20,13 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.optimizer = 'sgd'
-  config.learning_rate = 0.001
-  config.momentum = 0.0
-  config.lr_schedule = 'constant'
-  config.warmup_steps = 0
-  config.grad_clip_norm = 0.0
-  config.lr_batch_scaling = 'none'
+  config.optim.optimizer = 'sgd'
+  config.optim.learning_rate = 0.001
+  config.optim.momentum = 0.0
+  config.optim.lr_schedule = 'constant'
+  config.optim.warmup_steps = 0
+  config.optim.grad_clip_norm = 0.0
+  config.optim.lr_batch_scaling = 'none'
   config.init = 'torch'
   config.zero_last_layer = False
   config.input_scale = 1.0

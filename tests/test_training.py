@@ -66,10 +66,12 @@ def sources():
   return {'train': fake_source(32, 0), 'dev': fake_source(12, 1)}
 
 
-def _config(**overrides):
+def _config(optim=None, **overrides):
+  """configs/test.py with top-level ``overrides`` and ``optim`` fields (``config.optim``)."""
   config = test_config.get_config()
   for k, v in overrides.items():
     setattr(config, k, v)
+  config.optim.update(optim or {})
   return config
 
 
@@ -139,10 +141,11 @@ def _short_batches(seeds, length=1024):
 
 def _short_model(dropout_rate):
   # Plain SGD: Adam and gradient clipping would hide a gradient N× too large (the trap).
-  config = _config(dropout_rate=dropout_rate, optimizer='sgd', momentum=0.0, warmup_steps=0,
-                   grad_clip_norm=0.0)
+  config = _config(dropout_rate=dropout_rate, optim=dict(optimizer='sgd', momentum=0.0,
+                                                          warmup_steps=0, grad_clip_norm=0.0))
   config.model.input_length = 1024  # The step does not care about the length: keep it quick.
-  return train_state.create_model(config), optimizer.create_optimizer(config)
+  return train_state.create_model(config), optimizer.create_optimizer(config.optim,
+                                                                      config.batch_size)
 
 
 def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
@@ -199,11 +202,11 @@ def test_ensemble_member_equals_single_run_with_its_seeds(unrolled, monkeypatch)
 
 def test_ensemble_training_resumes_exactly_and_member0_is_the_single_run(sources, tmp_path):
   # lr 0.001: at the test config's 0.01, plain SGD on raw flux diverges from member 1's start.
-  config = _config(max_epochs=2, ensemble_size=2, learning_rate=0.001)
+  config = _config(max_epochs=2, ensemble_size=2, optim=dict(learning_rate=0.001))
   full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
-  training.train_and_evaluate(_config(max_epochs=1, ensemble_size=2, learning_rate=0.001),
-                              str(tmp_path / 'split'),
-                              sources=sources)
+  training.train_and_evaluate(
+      _config(max_epochs=1, ensemble_size=2, optim=dict(learning_rate=0.001)),
+      str(tmp_path / 'split'), sources=sources)
   resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
   _assert_trees_equal(resumed.params, full.params)
   params, meta = checkpoint.load_params(str(tmp_path / 'full' / 'checkpoints'), best=False)
@@ -213,8 +216,8 @@ def test_ensemble_training_resumes_exactly_and_member0_is_the_single_run(sources
   for r in records:  # early stopping watches the members' mean dev loss
     assert r['dev_loss'] == pytest.approx((r['dev_loss_member0'] + r['dev_loss_member1']) / 2)
     assert r['dev_loss_member0'] != r['dev_loss_member1']
-  training.train_and_evaluate(_config(max_epochs=2, learning_rate=0.001), str(tmp_path / 'one'),
-                              sources=sources)
+  training.train_and_evaluate(_config(max_epochs=2, optim=dict(learning_rate=0.001)),
+                              str(tmp_path / 'one'), sources=sources)
   single, single_meta = checkpoint.load_params(str(tmp_path / 'one' / 'checkpoints'), best=False)
   assert single_meta['ensemble_size'] == 1 and single_meta['step'] == meta['step']
   # On a CPU the members are unrolled (steps.members_unrolled): member 0 runs the single
@@ -761,7 +764,7 @@ def test_short_run_of_paper_network_learns_under_default_recipe(recipe, tmp_path
   config.num_threads = 2
   config.log_every_steps = 0
   if recipe == 'default':
-    config.warmup_steps = 8  # the default's warm-up, scaled to this 64-step run
+    config.optim.warmup_steps = 8  # the default's warm-up, scaled to this 64-step run
   training.train_and_evaluate(config, str(tmp_path), sources=srcs)
   records = metric_writer.read_metrics(str(tmp_path))
   best = min(r['dev_loss'] for r in records)
@@ -892,20 +895,22 @@ def test_resident_gather_matches_host_batches(n_devices):
 def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
   from configs import demo
   config = demo.get_config()
-  config.lr_schedule, config.decay_steps, config.warmup_steps = 'cosine', 0, 50
+  optim = config.optim
+  optim.lr_schedule, optim.decay_steps, optim.warmup_steps = 'cosine', 0, 50
   config.max_epochs = 16
   resolved = optimizer.resolve_decay_steps(config, batches_per_epoch=14)
-  assert resolved.decay_steps == 16 * 14 - 50 and config.decay_steps == 0  # a copy
-  schedule = optimizer.learning_rate_schedule(resolved)
-  peak = resolved.learning_rate  # batch 128 = the reference batch: no scaling
+  assert resolved.optim.decay_steps == 16 * 14 - 50 and optim.decay_steps == 0  # a copy
+  schedule = optimizer.learning_rate_schedule(resolved.optim, resolved.batch_size)
+  peak = optim.learning_rate  # batch 128 = the reference batch: no scaling
   assert float(schedule(50)) == pytest.approx(peak)
   assert float(schedule(16 * 14)) == pytest.approx(0.0, abs=1e-9)  # ends with the run
   assert 0 < float(schedule(16 * 14 - 20)) < 0.05 * peak
-  config.decay_steps = 100  # explicit: kept
+  optim.decay_steps = 100  # explicit: kept
   assert optimizer.resolve_decay_steps(config, 14) is config
-  config.lr_schedule, config.decay_steps = 'constant', 0
+  optim.lr_schedule, optim.decay_steps = 'constant', 0
   assert optimizer.resolve_decay_steps(config, 14) is config
-  config.lr_schedule, config.max_epochs = 'cosine', 2  # 6 steps, all inside the warm-up
+  optim.lr_schedule, config.max_epochs = 'cosine', 2  # 6 steps, all inside the warm-up
   short = optimizer.resolve_decay_steps(config, 3)
-  assert short.decay_steps == 1
-  assert float(optimizer.learning_rate_schedule(short)(5)) == pytest.approx(peak * 5 / 50)
+  assert short.optim.decay_steps == 1
+  assert float(optimizer.learning_rate_schedule(short.optim, 128)(5)) == pytest.approx(
+      peak * 5 / 50)
