@@ -75,6 +75,10 @@ def _config(optim=None, **overrides):
   return config
 
 
+def _tx(config):
+  return optimizer.create_optimizer(config.optim, config.batch_size)
+
+
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
@@ -100,7 +104,7 @@ def test_step_same_params_on_1_2_4_devices(n_devices):
   config.model.channels = (4, 4, 8, 8)
   config.model.input_length = 1024  # The step does not care about the length: keep it quick.
   model = train_state.create_model(config)
-  tx = optimizer.create_optimizer(config)
+  tx = _tx(config)
   batches = [fake_source(8, s) for s in (5, 6)]
   std = Standardizer.fit(np.stack([e['labels'] for b in batches for e in b]))
 
@@ -144,8 +148,7 @@ def _short_model(dropout_rate):
   config = _config(dropout_rate=dropout_rate, optim=dict(optimizer='sgd', momentum=0.0,
                                                           warmup_steps=0, grad_clip_norm=0.0))
   config.model.input_length = 1024  # The step does not care about the length: keep it quick.
-  return train_state.create_model(config), optimizer.create_optimizer(config.optim,
-                                                                      config.batch_size)
+  return train_state.create_model(config), _tx(config)
 
 
 def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
@@ -162,7 +165,7 @@ def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
 def test_ensemble_step_same_params_on_1_and_2_devices(unrolled, monkeypatch):
   """A K-member step on a 2-device mesh equals the 1-device step (the gradient trap under vmap),
   in both layouts of the members."""
-  monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
+  monkeypatch.setattr(steps, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.0)
   state = train_state.create_ensemble_state(0, model, tx, ensemble_size=3)
   batches = _short_batches((5, 6))
@@ -183,7 +186,7 @@ def test_ensemble_member_equals_single_run_with_its_seeds(unrolled, monkeypatch)
   """Member k of a K-member step == a single network from seed k (its init and dropout keys),
   same batches; dropout on, 2 devices, so the per-member, per-device dropout keys are checked.
   Both layouts of the members (vmap: GPU/TPU; unrolled: CPU, ``members_unrolled``)."""
-  monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
+  monkeypatch.setattr(steps, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.3)
   batches = _short_batches((5, 6, 7))
   ens, _ = _run_steps(model, tx, train_state.create_ensemble_state(0, model, tx, ensemble_size=3),
@@ -245,7 +248,7 @@ def test_pairwise_pool_same_outputs_and_gradients_as_reduce_window():
   fast = train_state.create_model(config)
   slow = fast.clone(pool='reduce_window')
   params = train_state.create_train_state(jax.random.PRNGKey(0), fast,
-                                       optimizer.create_optimizer(config)).params
+                                       _tx(config)).params
   flux = np.stack([e['flux'] for e in fake_source(2, 0)])
   np.testing.assert_array_equal(fast.apply({'params': params}, flux),
                                 slow.apply({'params': params}, flux))
@@ -258,7 +261,7 @@ def test_step_metrics_per_data_type_and_mask():
   mesh = sharding.make_mesh(2)
   params = sharding.replicate(
       train_state.create_train_state(jax.random.PRNGKey(0), model,
-                                  optimizer.create_optimizer(config)).params, mesh)
+                                  _tx(config)).params, mesh)
   eval_step = steps.make_eval_step(model, mesh)
   examples = fake_source(4, 3)
   batch = {'flux': np.stack([e['flux'] for e in examples]),
@@ -279,7 +282,7 @@ def test_step_metrics_per_data_type_and_mask():
 def test_torch_default_init_bounds():
   """init='torch' draws kernels and biases from U(±1/√fan_in) like PyTorch's Conv1d/Linear."""
   model = train_state.create_model(_config())
-  tx = optimizer.create_optimizer(_config())
+  tx = _tx(_config())
   params = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, 'torch').params
   fan_in = {'conv1': 3 * 1, 'conv2': 3 * 4, 'fc1': 4 * (N_PIXELS // 2), 'fc2': 16}
   for name, n in fan_in.items():
@@ -299,7 +302,7 @@ def test_torch_default_init_bounds():
 
 def test_update_early_stopping_counts():
   state = train_state.create_train_state(jax.random.PRNGKey(0), train_state.create_model(_config()),
-                                      optimizer.create_optimizer(_config()))
+                                      _tx(_config()))
   flags = []
   for loss in [1.0, 0.5, 0.5, 0.7, 0.4, 0.6]:
     state, improved = epochs.update_early_stopping(state, loss)
@@ -319,7 +322,7 @@ def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path
     out['dev_loss'] = next(script)
     return out
 
-  monkeypatch.setattr(training, 'evaluate_split', scripted)
+  monkeypatch.setattr(epochs, 'evaluate_split', scripted)
   config = _config(max_epochs=20, patience=5)
   state = training.train_and_evaluate(config, str(tmp_path), sources=sources)
   records = metric_writer.read_metrics(str(tmp_path))
@@ -730,7 +733,7 @@ def _fc2_relative_spread(config, flux: np.ndarray) -> float:
   features that reach the last layer): ~0 when the output hardly depends on the spectrum."""
   model = train_state.create_model(config).clone(
       input_scale=train_inputs.resolve_input_scale(config, [{'flux': f} for f in flux]))
-  tx = optimizer.create_optimizer(config)
+  tx = _tx(config)
   state = train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init,
                                       config.zero_last_layer)
   _, inter = jax.jit(functools.partial(model.apply, capture_intermediates=True))(
