@@ -277,7 +277,8 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
       the floor is a function of all three).
     label_std: (3,) the standardiser's σ, to fit in standardised units.
     floor: one of FLOOR_CHOICES: 'auto' chooses per label by cross-validation.
-    **info: stored beside a and b (checkpoint step, mc, error_cap, split, …).
+    **info: stored beside a and b (checkpoint step, split, 'settings': the σ settings as one
+      dict, ``uncertainty.MCSettings.record()``, …).
   Returns:
     {'a': {label: a}, 'b': {label: median floor, native}, 'n': {label: n},
      'floor': {label: {'model', 'coef' (native units), 'cv_nll'}},
@@ -301,6 +302,22 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
     out['floor'][name] = {'model': f['model'], 'coef': coef, 'cv_nll': f['cv_nll']}
     if f['features'] is not None:
       out['features'][name] = f['features']
+  return out
+
+
+def fitted_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+  """The σ settings a record was fitted with, as ``uncertainty.MCSettings.record()`` gives them.
+
+  Records written before the settings were stored as one dict hold them as loose keys
+  ('estimator', 'mc', 'error_cap', 'seed', 'linear_draws'); they read the same here.
+  """
+  if 'settings' in record:
+    return dict(record['settings'])
+  sigma = record.get('estimator', 'mc')
+  out = {'sigma': sigma, 'mc': record.get('mc') if sigma == 'mc' else 0,
+         'error_cap': record.get('error_cap'), 'seed': record.get('seed')}
+  if sigma == 'linear':
+    out['linear_draws'] = record.get('linear_draws', 0)
   return out
 
 

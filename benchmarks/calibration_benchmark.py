@@ -26,7 +26,7 @@ from astropy.table import Table
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from apogeenet_jax import calibration, checkpoint, evaluation, prediction, uncertainty
+from apogeenet_jax import calibration, checkpoint, evaluation, uncertainty
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
 from benchmarks.common import cpu_model
@@ -45,7 +45,7 @@ def _raw_catalogue(workdir: str) -> tuple[Table, np.ndarray]:
   params, meta = evaluation.load_checkpoint(workdir=workdir)
   with tempfile.TemporaryDirectory() as out:
     table = evaluation.evaluate(params=params, meta=meta, output_dir=out, splits=['dev', 'test'],
-                                data_dir=_DATA_DIR.value, settings=prediction.MCSettings(
+                                data_dir=_DATA_DIR.value, settings=uncertainty.MCSettings(
                                     mc=_MC.value), make_figures=False,
                                 calibration_mode='none')['table']
   return table, np.asarray(checkpoint.standardizer_from_meta(meta).std, np.float64)

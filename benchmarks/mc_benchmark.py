@@ -183,13 +183,13 @@ def torch_runner(flux, err, mc, threads):
 
 
 def memory_child(n_stars, mc, batch_size, draw_chunk):
-  from apogeenet_jax import prediction
+  from apogeenet_jax import prediction, uncertainty
   from apogeenet_jax.normalization import PAPER_STANDARDIZER
   model, params = _jax_model()
   t0 = time.perf_counter()
   out = prediction.predict_batches(params, model, PAPER_STANDARDIZER,
                                    _batches(n_stars, batch_size),
-                                   prediction.MCSettings(mc=mc, draw_chunk=draw_chunk),
+                                   uncertainty.MCSettings(mc=mc, draw_chunk=draw_chunk),
                                    total=n_stars)
   seconds = time.perf_counter() - t0
   assert len(out['pred']) == n_stars
@@ -235,7 +235,7 @@ def _ratio_source():
 
 def sigma_ratios():
   """Prints σ_linear / σ_MC per label over the stars of ``_ratio_source``."""
-  from apogeenet_jax import prediction
+  from apogeenet_jax import prediction, uncertainty
   from apogeenet_jax.constants import LABEL_NAMES
   source = _ratio_source()
   if source is None:
@@ -244,8 +244,8 @@ def sigma_ratios():
   params, model, standardizer, batches, what = source
   out = {(est, m): prediction.predict_batches(
       params, model, standardizer, batches(),
-      prediction.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est,
-                            linear_draws=m), desc=f'{est} {m}')
+      uncertainty.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est,
+                             linear_draws=m), desc=f'{est} {m}')
          for est, m in {('linear', 0), ('mc', 0), ('linear', _LINEAR_DRAWS.value)}}
   variants = [(0, 'σ_linear')]
   if _LINEAR_DRAWS.value:
