@@ -121,7 +121,7 @@ def convert(state_dict_path: str, output_dir: file_io.PathLike,
   meta = checkpoint.make_meta(model, standardizer,
                               source=f'converted from PyTorch state_dict {state_dict_path}')
   manager = checkpoint.make_manager(output_dir)
-  checkpoint.save(manager, 0, {'params': params}, meta)
+  checkpoint.save(manager, 0, checkpoint.params_only(params), meta)
   manager.close()
   return os.fspath(output_dir)
 

@@ -14,17 +14,25 @@ reads the raw flux; a trained checkpoint records its value in meta['model']).
 Output: (batch, 3) standardised (log g, Teff, [Fe/H]) — see ``normalization``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from apogeenet_jax.constants import N_PIXELS
 
 # Appendix B of the paper.
 PAPER_CHANNELS = (8, 8, 16, 16, 16, 16, 32, 32, 32, 32, 64, 64)
 PAPER_HIDDEN = (512, 512)
 PAPER_DROPOUT = 0.1  # §3.3
-N_PIXELS = 8575  # §2.1: the common apStar wavelength grid
 N_TARGETS = 3  # (log g, Teff, [Fe/H])
+
+
+def module_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """Constructor arguments of a module from a config or a checkpoint meta's 'model': sequences
+  (JSON lists) become tuples, as flax modules must be hashable."""
+  return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in dict(cfg).items()}
 
 
 def max_pool2(x: jnp.ndarray) -> jnp.ndarray:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.model import APOGEENet, module_kwargs
 
 
 class TrainingError(RuntimeError):
@@ -44,11 +44,7 @@ class TrainState:
 
 def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
   """APOGEENet with the config's dropout and optional reduced architecture (``config.model``)."""
-  kwargs = dict(config.get('model', {}))
-  for key in ('channels', 'hidden'):
-    if key in kwargs:
-      kwargs[key] = tuple(kwargs[key])
-  return APOGEENet(dropout_rate=config.dropout_rate, **kwargs)
+  return APOGEENet(dropout_rate=config.dropout_rate, **module_kwargs(config.model))
 
 
 def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation,
