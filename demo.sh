@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-# 5000 stars: dev and test splits of ~700, enough to measure the σ coverage to ±0.02 (issue 10).
+# 5000 stars: dev and test splits of ~700, enough to measure the σ coverage to ±0.02.
 NUM_STARS=${NUM_STARS:-5000}
 DATA=${DEMO_DATA:-data/demo}
 WORKDIR=${DEMO_WORKDIR:-workdirs/demo}

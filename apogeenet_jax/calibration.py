@@ -13,7 +13,7 @@ against 0.683). Candidates for log b² (``FLOOR_MODELS``, simplest first) are fu
 star's own PREDICTED labels, so that the same calibration applies to new apStar stars, which
 have no data type — its place in the Kiel diagram (g, t = log g, Teff) or in all three (g, t, m
 with m = [Fe/H], whose lines weaken in metal-poor stars):
-  'constant'          b² = e^β₀                                  2 numbers with a (the issue's)
+  'constant'          b² = e^β₀                                  2 numbers with a (one b)
   'kiel_linear'       log b² = β₀ + β₁ g + β₂ t                  4
   'labels_linear'     log b² = β₀ + β₁ g + β₂ t + β₃ m           5
   'kiel_quadratic'    kiel_linear + g², t², g t                  7
@@ -32,9 +32,9 @@ with the analytic gradient. Which candidate a label gets is chosen on the dev sp
 paired per-star difference) of the best one's. A candidate with fewer than
 ``MIN_STARS_PER_PARAMETER`` dev stars per fitted number is not tried. The candidate set was
 chosen by nested cross-validation on the dev splits of six demo-size runs
-(``benchmarks/calibration_benchmark.py``, README "Uncertainties"). ``floor='constant'``
-(``evaluate.py --calibration_floor=constant``) forces the issue's literal (a, b). Per data type
-was the alternative the issue allowed; it could not be applied to new stars. ``metrics.json``
+(``benchmarks/calibration_benchmark.py``, docs/uncertainties.md). ``floor='constant'``
+(``evaluate.py --calibration_floor=constant``) forces one (a, b) per label. A floor per data type
+was the alternative; it could not be applied to new stars. ``metrics.json``
 reports the coverage per data type, so a type that the fit misses shows up there.
 
 Storage: ``calibration.json`` in the checkpoint directory (beside orbax's step folders, which

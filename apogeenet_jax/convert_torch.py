@@ -133,7 +133,7 @@ _OUTPUT = flags.DEFINE_string('output', None, 'New checkpoint directory to write
 def main(argv):
   del argv
   out = convert(_STATE_DICT.value, _OUTPUT.value)
-  logging.info('Wrote checkpoint %s (normalisation: the authors\' μ, σ; PAPER.md §7)', out)
+  logging.info('Wrote checkpoint %s (normalisation: the authors\' μ, σ; paper Table 1)', out)
   print(f'Checkpoint written to {out}\nPredict with: python evaluate.py --checkpoint={out} ...')
 
 

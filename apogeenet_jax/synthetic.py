@@ -2,7 +2,7 @@
 
 NOT SDSS DATA. Every file says so (TELESCOP = 'SYNTHETIC', FIELD = 'SYNTH…', SYNTHETC = T, IDs
 '2M99…', which no 2MASS source has: RA hours only go to 23). The files follow the real layout
-(PAPER.md §1): 10 HDUs, 8575-pixel log-linear grid, 1-D HDUs for one visit and NVISITS+2 rows
+(paper §2.1; docs/paper_facts.md, "Input spectra"): 10 HDUs, 8575-pixel log-linear grid, 1-D HDUs for one visit and NVISITS+2 rows
 otherwise, big-endian float32, flux exactly 0 with error exactly 1e10 at the array ends and the
 two chip gaps (edges varying star to star), mask bit 0 there, a few pixels with huge errors.
 
@@ -38,14 +38,14 @@ KINDS = (('giant', 'Payne', 0.45), ('dwarf', 'Payne', 0.15), ('mdwarf', 'MStar',
 TELESCOPE = 'SYNTHETIC'
 # The line list is part of the "physics", the same for every survey seed.
 _LINE_LIST_SEED = 20200521
-# Approximate pixel edges of the real arrays' good ranges (../shared/data/apstar: blue chip from
+# Approximate pixel edges of the real arrays' good ranges (the 12 real samples: blue chip from
 # ~205 to ~3306, green ~3544-6113, red ~6300-8366); each star jitters them.
 _CHIP_EDGES = ((205, 3306), (3544, 6113), (6300, 8366))
 _EDGE_JITTER = 12
 # apStar PIXMASK bits: BADPIX (bit 0) on bad pixels, SIG_SKYLINE (bit 12) on huge-error pixels.
 _BADPIX, _SIG_SKYLINE = 1, 1 << 12
 # Real spectra have a few finite but huge errors (sky lines): the mean error of the good pixels
-# can be 1000x the median (PAPER.md §7). Number of such pixels per star and their factor.
+# can be 1000x the median (docs/paper_facts.md, "Real files"). Number of such pixels per star and their factor.
 _HUGE_ERROR_PIXELS = (5, 40)
 _HUGE_ERROR_FACTOR = (1e2, 1e5)
 _H_BAND_CENTRE = 16000.0  # Å: continuum normalisation point.
@@ -80,7 +80,7 @@ def draw_labels(kind: str, rng: np.random.Generator) -> tuple[float, float, floa
     logg = 2.5 + (teff - 4700) / 500 + rng.normal(0, 0.3)
     fe_h = rng.normal(-0.2, 0.3)
     return float(np.clip(logg, 0.5, 3.7)), teff, float(np.clip(fe_h, -2.0, 0.5))
-  if kind == 'dwarf':  # Payne keeps dwarfs only above 4000 K (PAPER.md §2).
+  if kind == 'dwarf':  # Payne keeps dwarfs only above 4000 K (paper §2.2).
     teff = float(rng.uniform(4300, 6500))
     logg = 4.55 - (teff - 4300) / 2200 * 0.4 + rng.normal(0, 0.12)
     return float(np.clip(logg, 3.8, 4.9)), teff, float(np.clip(rng.normal(-0.1, 0.25), -1.5, 0.5))

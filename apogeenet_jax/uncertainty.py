@@ -1,4 +1,4 @@
-"""Monte Carlo uncertainties (paper §3.5, PAPER.md §7): predictions on noisy copies of a spectrum.
+"""Monte Carlo uncertainties (paper §3.5; docs/uncertainties.md): predictions on noisy copies of a spectrum.
 
 For each star, N realisations ``flux + N(0, 1) · error`` per pixel go through the network; the
 catalogue reports their mean and standard deviation per label. Two error treatments:
@@ -67,7 +67,7 @@ PAPER_NUM_DRAWS = 100
 LINEAR_MODES = ('vjp', 'jacrev', 'jvp')
 # evaluate.py --uncertainty=linear: the noise-averaged Jacobian from 2 draws (measured on the demo
 # network: 0.88–0.89× the MC-100 σ at 8.5× its speed; the delta method, --linear_draws=0, 1.20–1.22×
-# at 18–21×; README "Results and measurements").
+# at 18–21×; docs/uncertainties.md).
 DEFAULT_LINEAR_DRAWS = 2
 # Draws evaluated together (device memory: batch · draw_chunk spectra); no effect on the numbers.
 DEFAULT_DRAW_CHUNK = 25

@@ -6,10 +6,10 @@ r"""Does the σ calibration hold on stars it was not fitted on? A constant floor
 For each trained run (``--workdirs``; an ensemble is fine) it predicts the dev and test splits
 with ``--mc`` draws and the RAW σ (``evaluate.py --calibration=none``), or reads such a
 catalogue (``--catalogs``, with Dev and Test rows). Then, for each floor choice of
-``calibration.fit`` (``constant``: the issue's one (a, b) per label; ``auto``: constant or a
+``calibration.fit`` (``constant``: one (a, b) per label; ``auto``: constant or a
 function of the predicted labels, chosen per label by 5-fold CV on dev), it fits on the
 dev rows and prints, on the test rows, per label: the model chosen, calibrated coverage at 1σ and
-2σ (ideal 0.683 / 0.954; ✗ marks a figure outside issue 10's 0.68 ± 0.06 / 0.95 ± 0.04) and the
+2σ (ideal 0.683 / 0.954; ✗ marks a figure outside the target windows 0.68 ± 0.06 / 0.95 ± 0.04) and the
 Gaussian NLL (native units; lower is better), and per data type the 1σ coverage. The last lines
 sum over runs: figures inside the window, and the mean test NLL per label, per floor choice.
 Several runs (training seeds) show what one demo figure cannot: whether a method is right on
@@ -37,7 +37,7 @@ _DATA_DIR = flags.DEFINE_string('data_dir', 'data/demo/tfds', 'tfds data dir (wi
 _MC = flags.DEFINE_integer('mc', uncertainty.PAPER_NUM_DRAWS, 'Monte Carlo draws per star.')
 _FLOORS = flags.DEFINE_list('floors', ['constant', 'auto'], 'calibration.fit floor choices.')
 
-WINDOW = {1: (0.68, 0.06), 2: (0.95, 0.04)}  # issue 10: coverage_1sigma, coverage_2sigma
+WINDOW = {1: (0.68, 0.06), 2: (0.95, 0.04)}  # the target windows of coverage_1sigma, coverage_2sigma
 
 
 def _raw_catalogue(workdir: str) -> tuple[Table, np.ndarray]:

@@ -18,7 +18,8 @@ r"""Noise uncertainties: JAX MC and first-order ``linear`` against the paper's P
    once on ``jvp_stars`` stars outside the rounds: it is far too slow to interleave.
 2. σ_linear / σ_MC per star and label, for both linear estimators (median, p10, p90): on a split of the built data set with a
    trained checkpoint (``--workdir`` or ``--checkpoint``, ``--data_dir``, ``--split``), else on the
-   real apStar files of ``--apstar_dir`` (default ../shared/data/apstar) with the random network.
+   real apStar files of ``--apstar_dir`` (default: where the tests find the real samples,
+   tests/conftest.py) with the random network.
 3. Memory: ``prediction.predict_batches`` streams ``memory_stars`` synthetic in-memory spectra in
    a fresh subprocess each (separate high-water marks) and reports the peak RSS; flat means the
    peak does not grow with the star count. ``memory_mc`` draws keep it quick: the per-batch
@@ -59,7 +60,7 @@ _VECTORIZE = flags.DEFINE_bool('ensemble_vectorize', False, 'vmap the members in
                                'lax.map (make_ensemble_fn(vectorize=True)).')
 _MODEL = flags.DEFINE_enum('model', 'paper', ['paper', 'small'],
                            'paper: Appendix B; small: channels 8,8,16,16, hidden 64,64 (the demo '
-                           'network before issue 8).')
+                           'network of the early demo).')
 _LINEAR_MODES = flags.DEFINE_list('linear_modes', ['vjp', 'jacrev'],
                                   'make_linear_fn modes timed in the rounds (first: "JAX linear").')
 _JVP_STARS = flags.DEFINE_integer('jvp_stars', 1, 'Stars for the one-off forward-mode timing; '

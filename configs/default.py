@@ -11,7 +11,7 @@ Any field can be overridden: ``--config.batch_size=256``, ``--config.optim.learn
 
 The architecture is the paper's (Appendix B); the recipe is not its literal one, which barely
 learns (configs/paper.py). What was chosen, and the measurement behind it (4,000-star synthetic
-survey, batch 128, README "Training recipes", benchmarks/convergence_benchmark.py):
+survey, batch 128, docs/training.md "Training recipes", benchmarks/convergence_benchmark.py):
 - init 'he' + a zero output layer: at initialisation the fc2 features differ between real
   spectra (relative spread 0.78 vs 0.008 for PyTorch's U(±1/√fan_in));
 - input_scale = median training flux: the first layer sees O(1) inputs whatever the flux units;
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset_name = 'apogee'
   config.num_threads = 4  # grain reader threads per process
   config.prefetch_batches = 2  # batches prepared ahead of the device
-  # Input path (README "Training on GPUs/TPUs"): 'memory' reads each split once into arrays and
+  # Input path (docs/accelerators.md): 'memory' reads each split once into arrays and
   # gathers batches from them; 'stream' decodes every epoch through grain (data larger than RAM);
   # 'auto' takes memory when train + dev fit memory_budget_gb (host RAM per process).
   config.input_mode = 'auto'

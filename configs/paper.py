@@ -8,8 +8,8 @@ targets, one dev evaluation per epoch, early stopping after 5 without improvemen
 (input_scale 1.0) and PyTorch's default initialisation U(±1/√fan_in), which the authors' code
 trained from (the paper names none).
 
-What it does on the SYNTHETIC survey (benchmarks/convergence_benchmark.py, README "Training
-recipes"): through 12 ReLU convolutions the U(±1/√fan_in) start shrinks the difference between
+What it does on the SYNTHETIC survey (benchmarks/convergence_benchmark.py, docs/training.md
+"Training recipes"): through 12 ReLU convolutions the U(±1/√fan_in) start shrinks the difference between
 spectra by ~10⁴ by fc1, so the network only moves its output bias: dev MSE stays ≈ 1.0 for
 hundreds of steps. The paper's authors trained on 180k spectra for many epochs on a GPU; on the
 synthetic survey this recipe never leaves that plateau within the benchmark's budget.
