@@ -135,7 +135,7 @@ def open_sources(config: ml_collections.ConfigDict, sources: Mapping[str, Sequen
 def resolve_input_scale(config: ml_collections.ConfigDict, train_source: Sequence) -> float:
   """``config.input_scale`` if > 0, else the median flux of the training set (a fixed sample,
   so a resumed run computes the same value)."""
-  scale = float(config.get('input_scale', 1.0))
+  scale = float(config.input_scale)  # defaulted in configs/default.py only
   if scale > 0:
     return scale
   scale = input_pipeline.median_flux(train_source)
