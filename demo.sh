@@ -9,14 +9,14 @@
 # Idempotent: a re-run skips the survey and the build when they exist, resumes (or finishes at
 # once) the training run, refits the calibration and rewrites the evaluation outputs. Override
 # with environment variables: PYTHON, NUM_STARS (5000), DEMO_DATA (data/demo), DEMO_WORKDIR (workdirs/demo), MC (100),
-# TRAIN_FLAGS (extra train.py flags, e.g. "--config.learning_rate=1e-4").
+# TRAIN_FLAGS (extra train.py flags, e.g. "--config.optim.learning_rate=1e-4").
 set -euo pipefail
 cd "$(dirname "$0")"
 
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-# 5000 stars: dev and test splits of ~700, enough to measure the σ coverage to ±0.02 (issue 10).
+# 5000 stars: dev and test splits of ~700, enough to measure the σ coverage to ±0.02.
 NUM_STARS=${NUM_STARS:-5000}
 DATA=${DEMO_DATA:-data/demo}
 WORKDIR=${DEMO_WORKDIR:-workdirs/demo}

@@ -83,7 +83,7 @@ flags.DEFINE_string('output_dir', None, 'Where the catalogue, metrics and figure
                     '(default: WORKDIR/eval).')
 flags.DEFINE_integer('batch_size', prediction.DEFAULT_BATCH_SIZE, 'Stars per device batch.',
                      lower_bound=1)
-flags.DEFINE_integer('draw_chunk', prediction.DEFAULT_DRAW_CHUNK,
+flags.DEFINE_integer('draw_chunk', uncertainty.DEFAULT_DRAW_CHUNK,
                      'Draws evaluated together; device holds batch_size × draw_chunk spectra.',
                      lower_bound=1)
 flags.DEFINE_bool('figures', True, 'Draw the PNG figures.')
@@ -147,10 +147,9 @@ def main(argv):
                               checkpoint_dir=FLAGS.checkpoint)
   logging.info('Checkpoint %s, step %s, ensemble of %d.', meta['checkpoint_dir'],
                meta.get('step'), meta.get('ensemble_size', 1))
-  settings = prediction.MCSettings(mc=FLAGS.mc, estimator=FLAGS.uncertainty,
-                                   error_cap=FLAGS.error_cap, seed=FLAGS.seed,
-                                   draw_chunk=FLAGS.draw_chunk,
-                                   linear_draws=FLAGS.linear_draws)
+  settings = _run_or_exit(uncertainty.MCSettings, mc=FLAGS.mc, estimator=FLAGS.uncertainty,
+                          error_cap=FLAGS.error_cap, seed=FLAGS.seed,
+                          draw_chunk=FLAGS.draw_chunk, linear_draws=FLAGS.linear_draws)
   if FLAGS.calibrate:
     meta['calibration'] = _calibrate(params, meta, data_dir, settings)
     if not splits and not files:
@@ -181,8 +180,9 @@ def _inputs():
 def _run_or_exit(fn, *args, **kwargs):
   try:
     return fn(*args, **kwargs)
-  except (checkpoint.CheckpointError, prediction.EvaluationError) as e:
-    # A problem of the checkpoint or the parts, not a bug: one line that says what is wrong.
+  except (checkpoint.CheckpointError, prediction.EvaluationError,
+          uncertainty.UncertaintyError) as e:
+    # A problem of the checkpoint, the parts or the σ settings, not a bug: one line that says what is wrong.
     raise SystemExit(f'FATAL {e}') from None
 
 

@@ -1,6 +1,6 @@
 """Read SDSS APOGEE apStar / asStar files (DR13 r6, DR14 r8 and later layouts) with astropy.
 
-HDU layout (PAPER.md §1, paper §2.1): 0 header only, 1 flux (1e-17 erg/s/cm²/Å), 2 flux error,
+HDU layout (paper §2.1; docs/paper_facts.md, "Input spectra"): 0 header only, 1 flux (1e-17 erg/s/cm²/Å), 2 flux error,
 3 pixel bitmask, 4-9 sky, telluric, LSF, RV table. With NVISITS > 1 each image HDU has NVISITS+2
 rows and row 0 is the pixel-weighted combined spectrum; with one visit it is a 1-D array.
 

@@ -13,7 +13,7 @@ against 0.683). Candidates for log b² (``FLOOR_MODELS``, simplest first) are fu
 star's own PREDICTED labels, so that the same calibration applies to new apStar stars, which
 have no data type — its place in the Kiel diagram (g, t = log g, Teff) or in all three (g, t, m
 with m = [Fe/H], whose lines weaken in metal-poor stars):
-  'constant'          b² = e^β₀                                  2 numbers with a (the issue's)
+  'constant'          b² = e^β₀                                  2 numbers with a (one b)
   'kiel_linear'       log b² = β₀ + β₁ g + β₂ t                  4
   'labels_linear'     log b² = β₀ + β₁ g + β₂ t + β₃ m           5
   'kiel_quadratic'    kiel_linear + g², t², g t                  7
@@ -32,9 +32,9 @@ with the analytic gradient. Which candidate a label gets is chosen on the dev sp
 paired per-star difference) of the best one's. A candidate with fewer than
 ``MIN_STARS_PER_PARAMETER`` dev stars per fitted number is not tried. The candidate set was
 chosen by nested cross-validation on the dev splits of six demo-size runs
-(``benchmarks/calibration_benchmark.py``, README "Uncertainties"). ``floor='constant'``
-(``evaluate.py --calibration_floor=constant``) forces the issue's literal (a, b). Per data type
-was the alternative the issue allowed; it could not be applied to new stars. ``metrics.json``
+(``benchmarks/calibration_benchmark.py``, docs/uncertainties.md). ``floor='constant'``
+(``evaluate.py --calibration_floor=constant``) forces one (a, b) per label. A floor per data type
+was the alternative; it could not be applied to new stars. ``metrics.json``
 reports the coverage per data type, so a type that the fit misses shows up there.
 
 Storage: ``calibration.json`` in the checkpoint directory (beside orbax's step folders, which
@@ -277,7 +277,8 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
       the floor is a function of all three).
     label_std: (3,) the standardiser's σ, to fit in standardised units.
     floor: one of FLOOR_CHOICES: 'auto' chooses per label by cross-validation.
-    **info: stored beside a and b (checkpoint step, mc, error_cap, split, …).
+    **info: stored beside a and b (checkpoint step, split, 'settings': the σ settings as one
+      dict, ``uncertainty.MCSettings.record()``, …).
   Returns:
     {'a': {label: a}, 'b': {label: median floor, native}, 'n': {label: n},
      'floor': {label: {'model', 'coef' (native units), 'cv_nll'}},
@@ -301,6 +302,22 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
     out['floor'][name] = {'model': f['model'], 'coef': coef, 'cv_nll': f['cv_nll']}
     if f['features'] is not None:
       out['features'][name] = f['features']
+  return out
+
+
+def fitted_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+  """The σ settings a record was fitted with, as ``uncertainty.MCSettings.record()`` gives them.
+
+  Records written before the settings were stored as one dict hold them as loose keys
+  ('estimator', 'mc', 'error_cap', 'seed', 'linear_draws'); they read the same here.
+  """
+  if 'settings' in record:
+    return dict(record['settings'])
+  sigma = record.get('estimator', 'mc')
+  out = {'sigma': sigma, 'mc': record.get('mc') if sigma == 'mc' else 0,
+         'error_cap': record.get('error_cap'), 'seed': record.get('seed')}
+  if sigma == 'linear':
+    out['linear_draws'] = record.get('linear_draws', 0)
   return out
 
 

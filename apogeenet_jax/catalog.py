@@ -39,7 +39,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import MaskedColumn, Table
 
-from apogeenet_jax import file_io
+from apogeenet_jax import file_io, uncertainty
 from apogeenet_jax.constants import LABEL_NAMES, LABEL_UNITS, SPLITS
 
 # §3.6: stars hotter than this are left out of the published catalogue.
@@ -53,14 +53,10 @@ NOT_AGE_BINNED = -1
 LOW_SNR = 1.0
 PHYSICAL_RANGES = {'LOGG': (-1.0, 6.0), 'TEFF': (2000.0, 10000.0), 'FE_H': (-3.0, 1.5)}
 
-# What produced *_PRED and *_ERR (header keyword SIGMA) → their column descriptions.
-SIGMA_SOURCES = {
-    'mc': ('mean over ensemble members and MC draws',
-           'std of the MC noise draws, averaged over members (empty: no MC run)'),
-    'linear': ('noiseless prediction, mean over ensemble members',
-               'first-order propagation of the flux errors, averaged over members'),
-    'none': ('noiseless prediction, mean over ensemble members', 'not computed (empty)'),
-}
+# What produced *_PRED and *_ERR (header keyword SIGMA) → their column descriptions (the
+# estimators' own: ``uncertainty.SIGMA_SOURCES``).
+SIGMA_SOURCES = {name: (e.pred_desc, e.err_desc)
+                 for name, e in uncertainty.SIGMA_SOURCES.items()}
 FLAG_COLUMNS = ('FLAG_TEFF_GT_6700', 'FLAG_LOW_SNR_UNPHYSICAL', 'YSO_CANDIDATE', 'AGE_BIN')
 # DATA_SET column: the split's name capitalised ('train' → 'Train').
 DATA_SET_NAMES = {s: s.capitalize() for s in SPLITS}

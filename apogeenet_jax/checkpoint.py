@@ -1,11 +1,13 @@
-"""Orbax checkpoints that carry everything needed to predict (STYLE §12).
+"""Orbax checkpoints that carry everything needed to predict: the one owner of their format.
 
 Layout: an orbax ``CheckpointManager`` directory; each step holds two items,
-  ``state``: a pytree with a ``params`` entry (a whole TrainState during training, just
-             ``{'params': …}`` for converted weights), and
-  ``meta``:  JSON with the label order, the target normalisation, the model config and
-             ``ensemble_size`` K (params of K > 1 carry a leading member axis of length K),
-so that a checkpoint alone — from training or from ``convert_torch`` — is enough to predict.
+  ``state``: a pytree with a ``params`` entry (a whole TrainState during training, ``to_saved``;
+             just the parameters for converted weights and the YSO network, ``params_only``), and
+  ``meta``:  JSON (``make_meta``) with the label order, the target normalisation, the model's
+             constructor arguments, ``ensemble_size`` K (params of K > 1 carry a leading member
+             axis of length K) and the run's config,
+so that a checkpoint alone — from training, ``convert_torch`` or ``yso_photometric`` — is enough
+to predict. Nothing outside this module builds a meta or names the saved items.
 A ``calibration.json`` beside the steps (``calibration``) is read into ``meta['calibration']``.
 A training run keeps its steps in WORKDIR/checkpoints (``CHECKPOINT_DIR``, ``workdir_checkpoints``).
 Directories are ``etils.epath`` paths: local, or object storage such as ``gs://…`` (orbax writes
@@ -13,13 +15,16 @@ the arrays there through TensorStore's GCS driver).
 """
 
 import dataclasses
+import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
@@ -28,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from apogeenet_jax import calibration, file_io
 from apogeenet_jax.constants import LABEL_NAMES
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.model import APOGEENet, module_kwargs
 from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.train_state import TrainState
 
@@ -65,11 +70,18 @@ def model_config(model: APOGEENet) -> dict[str, Any]:
           for f in dataclasses.fields(model) if f.name not in ('parent', 'name')}
 
 
-def make_meta(model: APOGEENet, standardizer: Standardizer, *, ensemble_size: int = 1,
-              **extra: Any) -> dict[str, Any]:
-  """The JSON saved beside the arrays."""
-  return {'label_names': list(LABEL_NAMES), 'normalization': standardizer.to_dict(),
+def make_meta(model: nn.Module, standardizer: Standardizer, *, ensemble_size: int = 1,
+              label_names: Sequence[str] = LABEL_NAMES,
+              config: ml_collections.ConfigDict | None = None, **extra: Any) -> dict[str, Any]:
+  """The JSON saved beside the arrays, for every network of this package: the output order
+  ``label_names`` and their normalisation, the module's constructor arguments, K, the run's
+  ``config`` (as JSON) and any ``extra`` entries."""
+  meta = {'label_names': list(label_names),
+          'normalization': {**standardizer.to_dict(), 'label_names': list(label_names)},
           'model': model_config(model), 'ensemble_size': int(ensemble_size), **extra}
+  if config is not None:
+    meta['config'] = json.loads(config.to_json_best_effort())
+  return meta
 
 
 def ensemble_size(meta: Mapping[str, Any]) -> int:
@@ -78,11 +90,7 @@ def ensemble_size(meta: Mapping[str, Any]) -> int:
 
 
 def model_from_meta(meta: Mapping[str, Any]) -> APOGEENet:
-  cfg = dict(meta['model'])
-  for key in ('channels', 'hidden'):
-    if key in cfg:
-      cfg[key] = tuple(cfg[key])
-  return APOGEENet(**cfg)
+  return APOGEENet(**module_kwargs(meta['model']))
 
 
 def standardizer_from_meta(meta: Mapping[str, Any]) -> Standardizer:
@@ -115,6 +123,8 @@ def make_manager(directory: file_io.PathLike, *, keep_latest: int = 1, create: b
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, Any],
          metrics: Mapping[str, float] | None = None, *, force: bool = False) -> None:
+  """Writes one step: ``state`` (a saved TrainState, ``to_saved``, or ``params_only``) and
+  ``meta`` (``make_meta``); ``metrics`` with ``BEST_METRIC`` make it a candidate for best."""
   manager.save(step, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(dict(meta))}),
                metrics=dict(metrics) if metrics is not None else None, force=force)
@@ -144,6 +154,12 @@ def from_saved(saved: Mapping[str, Any]) -> TrainState:
   """The inverse of ``to_saved``."""
   return TrainState(**{f.name: saved[_SAVED_NAMES.get(f.name, f.name)]
                        for f in dataclasses.fields(TrainState)})
+
+
+def params_only(params: Any) -> dict[str, Any]:
+  """The ``state`` item of a network saved without its training state (converted weights, the
+  YSO photometric network); ``load_params`` reads it like a TrainState's."""
+  return {'params': params}
 
 
 def abstract_state(state: TrainState, mesh: Mesh) -> TrainState:

@@ -1,19 +1,20 @@
-"""Numbers the paper and the apStar format define, named once (PAPER.md section in each comment).
+"""Numbers the paper and the apStar format define, named once (the paper's section in each
+comment; docs/paper_facts.md collects them).
 
 Plain Python: importable from I/O code that must not pull in JAX.
 """
 
-# §2.1 / PAPER.md §1: every apStar spectrum sits on one log-linear grid,
+# §2.1: every apStar spectrum sits on one log-linear grid,
 # log10(λ/Å) = LOG10_WAVE_START + LOG10_WAVE_STEP · i, i = 0 … N_PIXELS − 1.
 N_PIXELS = 8575
 LOG10_WAVE_START = 4.179
 LOG10_WAVE_STEP = 6e-6
 
-# PAPER.md §3/§7: output order of the network and of every label array, Teff linear in K.
+# §3.1, Table 1 and the authors' released code: output order of the network and of every label array, Teff linear in K.
 LABEL_NAMES = ('LOGG', 'TEFF', 'FE_H')
 LABEL_UNITS = ('dex', 'K', 'dex')
 
-# PAPER.md §7 / ../shared/data/README.md: apStar marks the array ends and chip gaps with flux
+# docs/paper_facts.md, "Real files": apStar marks the array ends and chip gaps with flux
 # exactly 0 and error exactly 1e10 (exactly representable in float32); preprocessing gives every
 # non-finite or negative error this value, so Monte Carlo draws leave those pixels alone.
 BAD_PIXEL_ERROR = 1.0e10

@@ -121,7 +121,7 @@ def convert(state_dict_path: str, output_dir: file_io.PathLike,
   meta = checkpoint.make_meta(model, standardizer,
                               source=f'converted from PyTorch state_dict {state_dict_path}')
   manager = checkpoint.make_manager(output_dir)
-  checkpoint.save(manager, 0, {'params': params}, meta)
+  checkpoint.save(manager, 0, checkpoint.params_only(params), meta)
   manager.close()
   return os.fspath(output_dir)
 
@@ -133,7 +133,7 @@ _OUTPUT = flags.DEFINE_string('output', None, 'New checkpoint directory to write
 def main(argv):
   del argv
   out = convert(_STATE_DICT.value, _OUTPUT.value)
-  logging.info('Wrote checkpoint %s (normalisation: the authors\' μ, σ; PAPER.md §7)', out)
+  logging.info('Wrote checkpoint %s (normalisation: the authors\' μ, σ; paper Table 1)', out)
   print(f'Checkpoint written to {out}\nPredict with: python evaluate.py --checkpoint={out} ...')
 
 

@@ -46,7 +46,8 @@ from apogeenet_jax import (
 )
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.labels import Problem, write_problems
-from apogeenet_jax.prediction import DEFAULT_BATCH_SIZE, EvaluationError, MCSettings, Shard
+from apogeenet_jax.prediction import DEFAULT_BATCH_SIZE, EvaluationError, Shard
+from apogeenet_jax.uncertainty import NO_SIGMA, MCSettings
 
 CATALOG_FITS = 'catalog.fits'
 
@@ -221,9 +222,10 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
   of the star's predicted labels, chosen per label by cross-validation on the dev split;
   'constant': one b per label).
 
-  ``settings.estimator`` (with ``linear_draws``) is the σ_noise estimator the fit is made for: on
-  the demo network the linear σ is ~0.9× the MC's with the default 2 draws and ~1.2× with 0, so a
-  fit carries over only to the estimator it was made with; ``evaluate`` warns on a mismatch.
+  ``settings`` (their ``record()``, stored as the record's 'settings') say which σ_noise the fit
+  is made for: on the demo network the linear σ is ~0.9× the MC's with the default 2 draws and
+  ~1.2× with 0, so a fit carries over only to the estimator it was made with; ``evaluate`` warns
+  on a mismatch.
 
   The dev stars are predicted exactly as ``evaluate(splits=['dev'])`` would (same noise stream).
   With ``save`` the record goes to ``meta['checkpoint_dir']/calibration.json``, tied to
@@ -240,10 +242,8 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
   standardizer = checkpoint.standardizer_from_meta(meta)
   try:
     record = calibration.fit(part['pred'], part['labels'], part['pred_err'], standardizer.std,
-                             floor=floor, step=meta.get('step'), split=split, mc=int(settings.mc),
-                             error_cap=settings.error_cap, seed=int(settings.seed),
-                             estimator=settings.estimator,
-                             linear_draws=int(settings.linear_draws),
+                             floor=floor, step=meta.get('step'), split=split,
+                             settings=settings.record(),
                              ensemble_size=checkpoint.ensemble_size(meta))
   except calibration.CalibrationError as e:
     raise EvaluationError(f'{data_dir} {split} split: {e}') from e
@@ -261,19 +261,21 @@ def _calibration_in_use(meta: Mapping[str, Any], mode: str, settings: MCSettings
   if mode not in CALIBRATION_MODES:
     raise EvaluationError(f'--calibration must be one of {CALIBRATION_MODES}, got {mode!r}')
   record = meta.get('calibration') if mode == 'auto' else None
-  if record is None:
-    return None
-  if ((record.get('estimator', 'mc'), record.get('linear_draws', 0))
-      != (settings.estimator, settings.linear_draws)):
-    logging.warning('The calibration was fitted for the %r σ estimator (linear_draws=%s), this '
-                    'run uses %r (linear_draws=%d): rerun evaluate.py --calibrate with this '
-                    "run's --uncertainty and --linear_draws for a matching fit.",
-                    record.get('estimator', 'mc'), record.get('linear_draws', 0),
-                    settings.estimator, settings.linear_draws)
-  if (record.get('mc'), record.get('error_cap')) != (settings.mc, settings.error_cap):
+  if record is None or settings.sigma == NO_SIGMA:
+    return record
+  fitted, now = calibration.fitted_settings(record), settings.record()
+  # The estimator and its own settings change σ a lot; the draws and the cap somewhat; the
+  # seed not at all.
+  common = ('mc', 'error_cap', 'seed')
+  if {k: v for k, v in fitted.items() if k not in common} != {
+      k: v for k, v in now.items() if k not in common}:
+    logging.warning('The calibration was fitted for σ settings %s, this run uses %s: rerun '
+                    'evaluate.py --calibrate with this run\'s --uncertainty (and its flags) for '
+                    'a matching fit.', fitted, now)
+  elif (fitted.get('mc'), fitted.get('error_cap')) != (now['mc'], now['error_cap']):
     logging.warning('The calibration was fitted with mc=%s error_cap=%s, this run uses mc=%d '
-                    'error_cap=%s: the σ it scales differ somewhat.', record.get('mc'),
-                    record.get('error_cap'), settings.mc, settings.error_cap)
+                    'error_cap=%s: the σ it scales differ somewhat.', fitted.get('mc'),
+                    fitted.get('error_cap'), now['mc'], now['error_cap'])
   return record
 
 

@@ -104,8 +104,8 @@ def catalog_metrics(merged: Mapping[str, np.ndarray], header: Mapping[str, Any])
   """metrics.json: the run, Tables 2–3 and coverage per split, the paper's values."""
   cal = header['calibration']
   run = {**header['run'], 'calibration': (
-      {k: cal[k] for k in ('a', 'b', 'n', 'floor', 'floor_choice', 'step', 'split', 'mc')
-       if k in cal}
+      {k: cal[k] for k in ('a', 'b', 'n', 'floor', 'floor_choice', 'step', 'split', 'mc',
+                           'settings') if k in cal}
       if cal is not None else None)}
   standardizer = Standardizer(mean=np.asarray(header['label_mean']),
                               std=np.asarray(header['label_std']))

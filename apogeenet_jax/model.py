@@ -17,16 +17,18 @@ see the same scaling: it is part of the function of raw flux that the module com
 Output: (batch, 3) standardised (log g, Teff, [Fe/H]) — see ``normalization``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from apogeenet_jax.constants import N_PIXELS
 
 # Appendix B of the paper.
 PAPER_CHANNELS = (8, 8, 16, 16, 16, 16, 32, 32, 32, 32, 64, 64)
 PAPER_HIDDEN = (512, 512)
 PAPER_DROPOUT = 0.1  # §3.3
-N_PIXELS = 8575  # §2.1: the common apStar wavelength grid
 N_TARGETS = 3  # (log g, Teff, [Fe/H])
 FLUX_SCALINGS = ('none', 'median', 'log_median')
 # 'log_median': flux / level below this is clipped before the log (noise at low S/N can be ≤ 0).
@@ -54,6 +56,12 @@ def scale_flux(flux: jnp.ndarray, scaling: str) -> jnp.ndarray:
   # Absorption is multiplicative (continuum × e^−τ): in log flux the lines add to a smooth
   # continuum, whatever the star's level.
   return jnp.where(flux != 0, jnp.log(jnp.maximum(flux / level, LOG_FLOOR)), 0.0)
+
+
+def module_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """Constructor arguments of a module from a config or a checkpoint meta's 'model': sequences
+  (JSON lists) become tuples, as flax modules must be hashable."""
+  return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in dict(cfg).items()}
 
 
 def max_pool2(x: jnp.ndarray) -> jnp.ndarray:

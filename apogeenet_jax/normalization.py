@@ -62,7 +62,7 @@ class Standardizer:
     return cls(mean=np.asarray(d['mean']), std=np.asarray(d['std']))
 
 
-# The authors' released values (PAPER.md §7; Table 1 rounds them to 2.88/1.16, 4716.92/733.01,
+# The authors' released values (docs/paper_facts.md, "Released code"; Table 1 rounds them to 2.88/1.16, 4716.92/733.01,
 # −0.22/0.30).
 PAPER_STANDARDIZER = Standardizer(
     mean=np.array([2.880541250669337, 4716.915128138449, -0.22329606176144642]),

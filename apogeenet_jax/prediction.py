@@ -1,7 +1,7 @@
 """Prediction with uncertainties: spectra streamed batch by batch through the jitted Monte Carlo
 (or first-order) function of ``uncertainty`` → per-star arrays in native units (§3.5).
 
-``MCSettings`` says how the σ_noise is made; ``predict_batches`` runs one stream of batches;
+``uncertainty.MCSettings`` says how the σ_noise is made; ``predict_batches`` runs one stream of batches;
 ``predict_inputs`` runs this shard (``Shard``) of every input (splits of the built data set,
 apStar files). Device memory is bounded by the batch and draw chunk, host memory by a few numbers
 per star. Star i of a stream draws its noise from ``fold_in(fold_in(PRNGKey(seed), stream), i)``
@@ -25,11 +25,9 @@ from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS, SPLITS
 from apogeenet_jax.labels import SKIP_REPORT_COLUMNS
 from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.sharding import DATA_AXIS, make_mesh
+from apogeenet_jax.uncertainty import MCSettings
 
 DEFAULT_BATCH_SIZE = 16
-
-
-DEFAULT_DRAW_CHUNK = 25
 
 
 # Noise streams: split s uses SPLITS.index(s), apStar files the next one. Star 0 of dev and of
@@ -39,56 +37,6 @@ APSTAR_STREAM = len(SPLITS)
 
 class EvaluationError(RuntimeError):
   """Evaluation cannot run: bad arguments, no checkpoint, no spectra, parts that do not fit."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MCSettings:
-  """How the prediction and its σ_noise are made (§3.5); the same settings, the same numbers.
-
-  mc: noisy draws per star (paper: 100); 0: the noiseless prediction, no σ.
-  estimator: 'mc' (the draws) or 'linear' (first-order propagation of the same capped errors;
-    ``mc`` then only says whether a σ is wanted).
-  error_cap: 'median' (authors' code, draw 0 noiseless) or 'mean' (paper text).
-  seed: PRNG seed of the draws. draw_chunk: draws evaluated together (device memory).
-  linear_draws: 'linear' only: M ≥ 2 (default 2) = the noise-averaged Jacobian from M of the
-    MC's draws; 0 = the Jacobian at the spectrum (delta method) (``uncertainty.make_linear_fn``).
-  """
-  mc: int = uncertainty.PAPER_NUM_DRAWS
-  estimator: str = 'mc'
-  error_cap: str = 'median'
-  seed: int = 0
-  draw_chunk: int = DEFAULT_DRAW_CHUNK
-  linear_draws: int = uncertainty.DEFAULT_LINEAR_DRAWS
-
-  def __post_init__(self):
-    problems = [f'--{name} must be >= {least}, got {value}'
-                for name, value, least in (('mc', self.mc, 0), ('draw_chunk', self.draw_chunk, 1))
-                if value < least]
-    if self.linear_draws == 1 or self.linear_draws < 0:
-      problems.append(f'--linear_draws must be 0 or >= 2, got {self.linear_draws}')
-    problems += [f'--{name} must be one of {choices}, got {value!r}'
-                 for name, value, choices in (
-                     ('uncertainty', self.estimator, uncertainty.ESTIMATORS),
-                     ('error_cap', self.error_cap, uncertainty.ERROR_CAP_MODES))
-                 if value not in choices]
-    if problems:
-      raise EvaluationError('; '.join(problems))
-
-  @property
-  def sigma(self) -> str:
-    """What produced the σ columns: 'mc', 'linear' or 'none' (catalog.SIGMA_SOURCES)."""
-    return 'none' if self.mc == 0 else self.estimator
-
-  def make_fn(self, apply_fn, ensemble_size: int = 1):
-    """The jitted ``fn(params, flux, noise_scale, star_index, key)`` of these settings."""
-    if self.mc == 0:
-      fn = uncertainty.make_predict_fn(apply_fn)
-    elif self.estimator == 'linear':
-      fn = uncertainty.make_linear_fn(apply_fn, num_draws=self.linear_draws)
-    else:
-      fn = uncertainty.make_mc_fn(apply_fn, num_draws=self.mc, draw_chunk=self.draw_chunk,
-                                  noiseless_first=(self.error_cap == 'median'))
-    return uncertainty.make_ensemble_fn(fn) if ensemble_size > 1 else fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +109,7 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
       flux = np.asarray(batch['flux'], np.float32)
       if flux.shape[1:] != (N_PIXELS,):
         raise EvaluationError(f'flux batch of shape {flux.shape}, expected (B, {N_PIXELS})')
-      scale = (uncertainty.prepare_errors(batch['flux_err'], settings.error_cap)
-               if settings.mc > 0 else np.zeros_like(flux))
+      scale = settings.noise_scale(batch['flux_err'], flux.shape)
       index = (np.asarray(batch['index']) if 'index' in batch
                else np.arange(start, start + len(flux))).astype(np.uint32)
       # Rows split over the devices when they divide evenly; otherwise all rows on every device.

@@ -2,7 +2,8 @@
 
 The network reads RAW combined flux (paper §3.1: continuum-normalised flux failed to converge).
 Like the authors' released code, non-finite flux becomes 0; a non-finite or negative error becomes
-BAD_PIXEL_ERROR so that Monte Carlo draws leave that pixel alone (PAPER.md §7).
+BAD_PIXEL_ERROR so that Monte Carlo draws leave that pixel alone (docs/paper_facts.md,
+"Released code").
 NumPy only: runs in input-pipeline workers without touching an accelerator.
 """
 

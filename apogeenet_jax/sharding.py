@@ -1,6 +1,6 @@
 """The one data-parallel mesh of training and evaluation: a 1-D mesh whose axis is DATA_AXIS.
 
-Training (``steps.make_train_step``) and prediction (``evaluation.predict_batches``) both shard
+Training (``steps.make_train_step``) and prediction (``prediction.predict_batches``) both shard
 the batch over this axis, and the loss / predictions reduce over it by name, so the name lives
 here once, with the placement of host data on the mesh: replicated (``replicate``) or split over
 the axis (``shard_batch``).

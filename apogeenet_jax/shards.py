@@ -22,7 +22,8 @@ import numpy as np
 from etils import epath
 
 from apogeenet_jax import checkpoint, input_pipeline
-from apogeenet_jax.prediction import EvaluationError, MCSettings, Shard
+from apogeenet_jax.prediction import EvaluationError, Shard
+from apogeenet_jax.uncertainty import MCSettings
 
 PART_NAME = 'part-{index:05d}-of-{count:05d}.npz'
 
@@ -42,13 +43,9 @@ def run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str, 
   that saw other inputs (another folder listing, another build of the data set).
   """
   standardizer = checkpoint.standardizer_from_meta(meta)
-  # 'mc' counts the draws actually made: none in linear mode.
+  # The σ settings as one dict (``MCSettings.record``: 'mc' counts the draws actually made).
   run = {'checkpoint': str(meta.get('checkpoint_dir', '')), 'step': meta.get('step'),
-         'sigma': settings.sigma, 'mc': int(settings.mc) if settings.sigma == 'mc' else 0,
-         'error_cap': settings.error_cap, 'seed': int(settings.seed),
-         'ensemble': checkpoint.ensemble_size(meta)}
-  if settings.sigma == 'linear':
-    run['linear_draws'] = int(settings.linear_draws)
+         **settings.record(), 'ensemble': checkpoint.ensemble_size(meta)}
   # Without 'path': only the process that stored the calibration knows it, the rest agree.
   cal = None if cal is None else {k: v for k, v in cal.items() if k != 'path'}
   return {'format': _PART_FORMAT, 'run': run, 'calibration': cal,

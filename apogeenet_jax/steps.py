@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax import lax
 from jax.sharding import Mesh
@@ -54,7 +53,7 @@ def members_unrolled(mesh: Mesh) -> bool:
   inside a while loop: ~15× slower, see ``make_train_steps``). On an accelerator the vmapped
   step batches the K small networks into wider kernels. Both layouts compute the same numbers.
   Measured (paper network, batch 128, 2 CPU cores, ``benchmarks/train_benchmark.py
-  --ensemble_sizes=1,2,4``): see README "The cost of K members".
+  --ensemble_sizes=1,2,4``): see docs/uncertainties.md, "The cost of K members".
   """
   return mesh.devices.flat[0].platform == 'cpu'
 
@@ -97,7 +96,7 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
       per_example = jnp.mean(jnp.square(pred - batch['targets']), axis=-1)  # MSE, §3.3
       # The GLOBAL mean, reduced over the axis INSIDE the differentiated function: the gradient of
       # a replicated input already carries the psum, so pmean-ing gradients afterwards would give
-      # N× the true gradient (STACK.md, "gradient trap").
+      # N× the true gradient (docs/jax_stack_notes.md, "The shard_map gradient trap").
       loss = lax.psum(jnp.sum(per_example * w), DATA_AXIS) / lax.psum(jnp.sum(w), DATA_AXIS)
       return loss, per_example
 
@@ -240,7 +239,7 @@ def compiled_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1):
 @functools.lru_cache(maxsize=8)
 def compiled_train_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh, resident: bool,
                          ensemble_size: int = 1):
-  """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key``, cached the same
-  way."""
-  tx = optimizer.create_optimizer(ml_collections.ConfigDict(dict(optimizer_key)))
+  """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key`` (the whole
+  ``config.optim`` and the batch size), cached the same way."""
+  tx = optimizer.from_key(optimizer_key)
   return make_train_steps(model, tx, mesh, resident=resident, ensemble_size=ensemble_size)

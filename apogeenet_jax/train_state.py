@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.model import APOGEENet, module_kwargs
 
 
 class TrainingError(RuntimeError):
@@ -25,7 +25,7 @@ class TrainingError(RuntimeError):
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resume needs, as one pytree of arrays (STYLE §4)."""
+  """Everything a resume needs, as one pytree of arrays (saved whole by ``checkpoint``)."""
 
   params: Any  # an ensemble's carry a leading member axis (K, …), as do opt_state and rng
   opt_state: Any
@@ -44,11 +44,8 @@ class TrainState:
 
 def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
   """APOGEENet with the config's dropout and optional reduced architecture (``config.model``)."""
-  kwargs = dict(config.get('model', {}))
-  for key in ('channels', 'hidden'):
-    if key in kwargs:
-      kwargs[key] = tuple(kwargs[key])
-  return APOGEENet(dropout_rate=config.dropout_rate, flux_scaling=config.flux_scaling, **kwargs)
+  return APOGEENet(dropout_rate=config.dropout_rate, flux_scaling=config.flux_scaling,
+                   **module_kwargs(config.model))
 
 
 def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation,
@@ -136,7 +133,7 @@ def last_layer_name(params: Any) -> str:
 def _init_fn(model: APOGEENet, init: str = 'torch', zero_last_layer: bool = False
              ) -> Callable[[jax.Array], Any]:
   """The jitted parameter initialiser of ``model``, compiled once per architecture (un-jitted
-  init takes seconds, STACK.md; compiling it takes seconds too).
+  init takes seconds, docs/jax_stack_notes.md; compiling it takes seconds too).
 
   ``init``: 'torch' = U(±1/√fan_in) for kernels and biases, PyTorch's default for Conv1d/Linear
   and so what the authors trained from (the paper names none); 'he' = ``he_params``; 'flax' =

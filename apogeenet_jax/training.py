@@ -26,7 +26,6 @@ checkpoint and ends with the same parameters as an uninterrupted run.
 """
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -132,10 +131,6 @@ class _Run:
     return jax.process_index() == 0
 
 
-def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
 def _standardizer(config, train_labels: np.ndarray, init_meta: Mapping | None) -> Standardizer:
   if init_meta is not None:  # Adaptation keeps the normalisation the model was trained with.
     return checkpoint.standardizer_from_meta(init_meta)
@@ -199,7 +194,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
       len(train_source), local_batch, jax.process_count()))
   model, init_params, init_meta = _initial_model(config, train_source)
   ensemble_size = int(config.get('ensemble_size', 1))
-  tx = optimizer.create_optimizer(config)
+  tx = optimizer.create_optimizer(config.optim, config.batch_size)
   state = replicate(create_ensemble_state(config.seed, model, tx, config.init, ensemble_size,
                                           config.get('zero_last_layer', False)), mesh)
   if init_params is not None:
@@ -219,7 +214,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
     latest, standardizer = None, _standardizer(config, train_meta['labels'], init_meta)
 
   meta = checkpoint.make_meta(
-      model, standardizer, ensemble_size=ensemble_size, config=_config_json(config),
+      model, standardizer, ensemble_size=ensemble_size, config=config,
       dataset={'data_dir': config.data_dir, 'name': config.dataset_name,
                'train_counts': counts, 'num_dev': len(dev_source)},
       init_from=config.init_from if config.adapt else '')

@@ -1,4 +1,4 @@
-"""Monte Carlo uncertainties (paper §3.5, PAPER.md §7): predictions on noisy copies of a spectrum.
+"""Monte Carlo uncertainties (paper §3.5; docs/uncertainties.md): predictions on noisy copies of a spectrum.
 
 For each star, N realisations ``flux + N(0, 1) · error`` per pixel go through the network; the
 catalogue reports their mean and standard deviation per label. Two error treatments:
@@ -48,8 +48,9 @@ paper-size network, batch 16: J(x) ~18× the speed of MC-100, E[J] with M = 2 ~8
 forward residuals of ``batch`` spectra (E[J]: M · batch) plus three backward passes at once.
 """
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -63,13 +64,13 @@ ERROR_CAP_FACTOR = 5.0
 ERROR_CAP_MODES = ('median', 'mean')
 # §3.5: 100 realisations per spectrum.
 PAPER_NUM_DRAWS = 100
-# How σ is estimated: 'mc' (paper §3.5, the default) or 'linear' (first-order propagation).
-ESTIMATORS = ('mc', 'linear')
 LINEAR_MODES = ('vjp', 'jacrev', 'jvp')
 # evaluate.py --uncertainty=linear: the noise-averaged Jacobian from 2 draws (measured on the demo
 # network: 0.88–0.89× the MC-100 σ at 8.5× its speed; the delta method, --linear_draws=0, 1.20–1.22×
-# at 18–21×; README "Results and measurements").
+# at 18–21×; docs/uncertainties.md).
 DEFAULT_LINEAR_DRAWS = 2
+# Draws evaluated together (device memory: batch · draw_chunk spectra); no effect on the numbers.
+DEFAULT_DRAW_CHUNK = 25
 
 
 class UncertaintyError(ValueError):
@@ -297,3 +298,105 @@ def model_apply_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
 
 def _apply(model, params, flux):
   return model.apply({'params': params}, flux, train=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The σ estimators and the settings of a run. Adding an estimator: its ``make_*_fn`` above, one
+# ``Estimator`` in ``ESTIMATORS`` and, if it has a setting of its own, a field of ``MCSettings``
+# named in ``Estimator.fields`` (and evaluate.py's flag for it). The flag choices, the
+# catalogue's column descriptions, the run header and the calibration record follow from here.
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """One way of making σ_noise.
+
+  make_fn: (settings, apply_fn) → ``fn(params, flux, noise_scale, star_index, key)`` → (z, σ_z).
+  pred_desc, err_desc: what the catalogue's *_PRED and *_ERR_NOISE columns then hold.
+  fields: the ``MCSettings`` fields of its own that change its numbers (recorded with the run).
+  draws: whether ``MCSettings.mc`` noisy draws are made (else 'mc' is recorded as 0).
+  """
+  make_fn: Callable[['MCSettings', Callable], Callable]
+  pred_desc: str
+  err_desc: str
+  fields: tuple[str, ...] = ()
+  draws: bool = False
+
+
+# --uncertainty's choices; 'mc' (§3.5, the default) first.
+ESTIMATORS: Mapping[str, Estimator] = {
+    'mc': Estimator(
+        lambda s, f: make_mc_fn(f, num_draws=s.mc, draw_chunk=s.draw_chunk,
+                                noiseless_first=(s.error_cap == 'median')),
+        'mean over ensemble members and MC draws',
+        'std of the MC noise draws, averaged over members (empty: no MC run)', draws=True),
+    'linear': Estimator(
+        lambda s, f: make_linear_fn(f, num_draws=s.linear_draws),
+        'noiseless prediction, mean over ensemble members',
+        'first-order propagation of the flux errors, averaged over members',
+        fields=('linear_draws',)),
+}
+# --mc=0: no σ at all, whatever the estimator.
+NO_SIGMA = 'none'
+_NOISELESS = Estimator(lambda s, f: make_predict_fn(f),
+                       'noiseless prediction, mean over ensemble members', 'not computed (empty)')
+# What can produce the σ columns (header keyword SIGMA) → its Estimator.
+SIGMA_SOURCES: Mapping[str, Estimator] = {**ESTIMATORS, NO_SIGMA: _NOISELESS}
+
+
+@dataclasses.dataclass(frozen=True)
+class MCSettings:
+  """How the prediction and its σ_noise are made (§3.5); the same settings, the same numbers.
+
+  mc: noisy draws per star (paper: 100); 0: the noiseless prediction, no σ.
+  estimator: a key of ``ESTIMATORS``: 'mc' (the draws) or 'linear' (first-order propagation of
+    the same capped errors; ``mc`` then only says whether a σ is wanted).
+  error_cap: 'median' (authors' code, draw 0 noiseless) or 'mean' (paper text).
+  seed: PRNG seed of the draws. draw_chunk: draws evaluated together (device memory).
+  linear_draws: 'linear' only: M ≥ 2 (default 2) = the noise-averaged Jacobian from M of the
+    MC's draws; 0 = the Jacobian at the spectrum (delta method) (``make_linear_fn``).
+  """
+  mc: int = PAPER_NUM_DRAWS
+  estimator: str = 'mc'
+  error_cap: str = 'median'
+  seed: int = 0
+  draw_chunk: int = DEFAULT_DRAW_CHUNK
+  linear_draws: int = DEFAULT_LINEAR_DRAWS
+
+  def __post_init__(self):
+    problems = [f'--{name} must be >= {least}, got {value}'
+                for name, value, least in (('mc', self.mc, 0), ('draw_chunk', self.draw_chunk, 1))
+                if value < least]
+    if self.linear_draws == 1 or self.linear_draws < 0:
+      problems.append(f'--linear_draws must be 0 or >= 2, got {self.linear_draws}')
+    problems += [f'--{name} must be one of {tuple(choices)}, got {value!r}'
+                 for name, value, choices in (('uncertainty', self.estimator, ESTIMATORS),
+                                              ('error_cap', self.error_cap, ERROR_CAP_MODES))
+                 if value not in choices]
+    if problems:
+      raise UncertaintyError('; '.join(problems))
+
+  @property
+  def sigma(self) -> str:
+    """What produced the σ columns: a key of ``SIGMA_SOURCES`` ('none' when mc == 0)."""
+    return NO_SIGMA if self.mc == 0 else self.estimator
+
+  def record(self) -> dict[str, Any]:
+    """The settings that define the numbers, as one JSON dict (the run header, the
+    calibration record): 'sigma', 'mc' (draws actually made), 'error_cap', 'seed' and the
+    estimator's own fields."""
+    source = SIGMA_SOURCES[self.sigma]
+    return {'sigma': self.sigma, 'mc': int(self.mc) if source.draws else 0,
+            'error_cap': self.error_cap, 'seed': int(self.seed),
+            **{name: getattr(self, name) for name in source.fields}}
+
+  def noise_scale(self, flux_err: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The per-pixel noise scale of a batch (``prepare_errors``); zeros when no σ is wanted."""
+    if self.sigma == NO_SIGMA:
+      return np.zeros(shape, np.float32)
+    return prepare_errors(flux_err, self.error_cap)
+
+  def make_fn(self, apply_fn: Callable, ensemble_size: int = 1) -> Callable:
+    """The jitted ``fn(params, flux, noise_scale, star_index, key)`` of these settings."""
+    fn = SIGMA_SOURCES[self.sigma].make_fn(self, apply_fn)
+    return make_ensemble_fn(fn) if ensemble_size > 1 else fn

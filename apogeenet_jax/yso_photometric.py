@@ -34,7 +34,7 @@ from astropy.table import Table
 
 from apogeenet_jax import checkpoint, epochs, sharding, steps, train_inputs, train_state
 from apogeenet_jax.label_sources import common, isochrones
-from apogeenet_jax.model import max_pool2
+from apogeenet_jax.model import max_pool2, module_kwargs
 from apogeenet_jax.normalization import Standardizer
 
 SOURCE = 'YSO'
@@ -119,12 +119,10 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None 
 
 
 def _meta(model: YSOPhotometricNet, standardizer: Standardizer, config, **extra) -> dict:
-  return {'kind': META_KIND, 'model': checkpoint.model_config(model),
-          'normalization': {'label_names': list(isochrones.TARGETS),
-                            'mean': standardizer.mean.tolist(), 'std': standardizer.std.tolist()},
-          'features': list(isochrones.FEATURES),
-          'input_scale': {k: list(v) for k, v in isochrones.INPUT_SCALE.items()},
-          'config': config.to_dict(), **extra}
+  return checkpoint.make_meta(
+      model, standardizer, label_names=isochrones.TARGETS, config=config, kind=META_KIND,
+      features=list(isochrones.FEATURES),
+      input_scale={k: list(v) for k, v in isochrones.INPUT_SCALE.items()}, **extra)
 
 
 def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -166,7 +164,7 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
     state, improved = epochs.update_early_stopping(state, dev['dev_loss'], config.min_delta)
     state = sharding.replicate(state, mesh)
     if improved:
-      checkpoint.save(manager, int(state.step), {'params': state.params}, meta,
+      checkpoint.save(manager, int(state.step), checkpoint.params_only(state.params), meta,
                       {checkpoint.BEST_METRIC: dev['dev_loss']})
     logging.info('YSO net epoch %d: dev loss %.5f%s', epoch + 1, dev['dev_loss'],
                  ' *' if improved else '')
@@ -211,9 +209,7 @@ def load(directory: str) -> tuple[Any, dict[str, Any]]:
 def predict(params: Any, meta: dict[str, Any], features: np.ndarray,
             batch_size: int = 4096) -> np.ndarray:
   """(n, 12) physical FEATURES → (n, 5) TARGETS in physical units."""
-  cfg = dict(meta['model'])
-  cfg['channels'] = tuple(cfg['channels'])
-  model = YSOPhotometricNet(**cfg)
+  model = YSOPhotometricNet(**module_kwargs(meta['model']))
   norm = meta['normalization']
   standardizer = Standardizer(mean=np.asarray(norm['mean']), std=np.asarray(norm['std']))
   x = isochrones.normalise_features(features)

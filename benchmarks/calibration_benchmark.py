@@ -6,10 +6,10 @@ r"""Does the σ calibration hold on stars it was not fitted on? A constant floor
 For each trained run (``--workdirs``; an ensemble is fine) it predicts the dev and test splits
 with ``--mc`` draws and the RAW σ (``evaluate.py --calibration=none``), or reads such a
 catalogue (``--catalogs``, with Dev and Test rows). Then, for each floor choice of
-``calibration.fit`` (``constant``: the issue's one (a, b) per label; ``auto``: constant or a
+``calibration.fit`` (``constant``: one (a, b) per label; ``auto``: constant or a
 function of the predicted labels, chosen per label by 5-fold CV on dev), it fits on the
 dev rows and prints, on the test rows, per label: the model chosen, calibrated coverage at 1σ and
-2σ (ideal 0.683 / 0.954; ✗ marks a figure outside issue 10's 0.68 ± 0.06 / 0.95 ± 0.04) and the
+2σ (ideal 0.683 / 0.954; ✗ marks a figure outside the target windows 0.68 ± 0.06 / 0.95 ± 0.04) and the
 Gaussian NLL (native units; lower is better), and per data type the 1σ coverage. The last lines
 sum over runs: figures inside the window, and the mean test NLL per label, per floor choice.
 Several runs (training seeds) show what one demo figure cannot: whether a method is right on
@@ -26,7 +26,7 @@ from astropy.table import Table
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from apogeenet_jax import calibration, checkpoint, evaluation, prediction, uncertainty
+from apogeenet_jax import calibration, checkpoint, evaluation, uncertainty
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
 from benchmarks.common import cpu_model
@@ -37,7 +37,7 @@ _DATA_DIR = flags.DEFINE_string('data_dir', 'data/demo/tfds', 'tfds data dir (wi
 _MC = flags.DEFINE_integer('mc', uncertainty.PAPER_NUM_DRAWS, 'Monte Carlo draws per star.')
 _FLOORS = flags.DEFINE_list('floors', ['constant', 'auto'], 'calibration.fit floor choices.')
 
-WINDOW = {1: (0.68, 0.06), 2: (0.95, 0.04)}  # issue 10: coverage_1sigma, coverage_2sigma
+WINDOW = {1: (0.68, 0.06), 2: (0.95, 0.04)}  # the target windows of coverage_1sigma, coverage_2sigma
 
 
 def _raw_catalogue(workdir: str) -> tuple[Table, np.ndarray]:
@@ -45,7 +45,7 @@ def _raw_catalogue(workdir: str) -> tuple[Table, np.ndarray]:
   params, meta = evaluation.load_checkpoint(workdir=workdir)
   with tempfile.TemporaryDirectory() as out:
     table = evaluation.evaluate(params=params, meta=meta, output_dir=out, splits=['dev', 'test'],
-                                data_dir=_DATA_DIR.value, settings=prediction.MCSettings(
+                                data_dir=_DATA_DIR.value, settings=uncertainty.MCSettings(
                                     mc=_MC.value), make_figures=False,
                                 calibration_mode='none')['table']
   return table, np.asarray(checkpoint.standardizer_from_meta(meta).std, np.float64)

@@ -29,8 +29,8 @@ from apogeenet_jax import (  # noqa: E402
     checkpoint,
     evaluation,
     input_pipeline,
-    prediction,
     training,
+    uncertainty,
 )
 from apogeenet_jax.metric_writer import read_metrics  # noqa: E402
 from benchmarks.common import cpu_model  # noqa: E402
@@ -87,7 +87,7 @@ def run_recipe(recipe: str, data_dir: pathlib.Path, workdir: pathlib.Path,
   params, meta = checkpoint.load_params(str(workdir / checkpoint.CHECKPOINT_DIR))
   result = evaluation.evaluate(params=params, meta=meta, output_dir=str(workdir / 'eval_test'),
                                splits=['test'], data_dir=str(data_dir),
-                               settings=prediction.MCSettings(mc=0),
+                               settings=uncertainty.MCSettings(mc=0),
                                make_figures=False)
   full = result['metrics']['splits']['test']['Full']
   out['test_mse'], out['scatter'] = full['mse_standardised'], full['scatter']

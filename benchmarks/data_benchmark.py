@@ -33,7 +33,7 @@ _READS = flags.DEFINE_integer('reads', 2000, 'Random-access reads to time.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'grain batch size (paper: 128).')
 _GRAIN_WORKERS = flags.DEFINE_integer('grain_workers', 2, 'grain worker processes (besides 0).')
 _EPOCHS = flags.DEFINE_integer('epochs', 3, 'Epochs of the train split read through grain.')
-TRAINING_RATE = 200.0  # spectra/s: fwd+bwd+SGD at batch 128 on 2 CPU cores (STACK.md).
+TRAINING_RATE = 200.0  # spectra/s: fwd+bwd+SGD at batch 128 on 2 CPU cores (docs/measurements.md).
 
 
 class _Preprocess(grain.MapTransform):

@@ -18,7 +18,8 @@ r"""Noise uncertainties: JAX MC and first-order ``linear`` against the paper's P
    once on ``jvp_stars`` stars outside the rounds: it is far too slow to interleave.
 2. σ_linear / σ_MC per star and label, for both linear estimators (median, p10, p90): on a split of the built data set with a
    trained checkpoint (``--workdir`` or ``--checkpoint``, ``--data_dir``, ``--split``), else on the
-   real apStar files of ``--apstar_dir`` (default ../shared/data/apstar) with the random network.
+   real apStar files of ``--apstar_dir`` (default: where the tests find the real samples,
+   tests/conftest.py) with the random network.
 3. Memory: ``prediction.predict_batches`` streams ``memory_stars`` synthetic in-memory spectra in
    a fresh subprocess each (separate high-water marks) and reports the peak RSS; flat means the
    peak does not grow with the star count. ``memory_mc`` draws keep it quick: the per-batch
@@ -59,7 +60,7 @@ _VECTORIZE = flags.DEFINE_bool('ensemble_vectorize', False, 'vmap the members in
                                'lax.map (make_ensemble_fn(vectorize=True)).')
 _MODEL = flags.DEFINE_enum('model', 'paper', ['paper', 'small'],
                            'paper: Appendix B; small: channels 8,8,16,16, hidden 64,64 (the demo '
-                           'network before issue 8).')
+                           'network of the early demo).')
 _LINEAR_MODES = flags.DEFINE_list('linear_modes', ['vjp', 'jacrev'],
                                   'make_linear_fn modes timed in the rounds (first: "JAX linear").')
 _JVP_STARS = flags.DEFINE_integer('jvp_stars', 1, 'Stars for the one-off forward-mode timing; '
@@ -183,13 +184,13 @@ def torch_runner(flux, err, mc, threads):
 
 
 def memory_child(n_stars, mc, batch_size, draw_chunk):
-  from apogeenet_jax import prediction
+  from apogeenet_jax import prediction, uncertainty
   from apogeenet_jax.normalization import PAPER_STANDARDIZER
   model, params = _jax_model()
   t0 = time.perf_counter()
   out = prediction.predict_batches(params, model, PAPER_STANDARDIZER,
                                    _batches(n_stars, batch_size),
-                                   prediction.MCSettings(mc=mc, draw_chunk=draw_chunk),
+                                   uncertainty.MCSettings(mc=mc, draw_chunk=draw_chunk),
                                    total=n_stars)
   seconds = time.perf_counter() - t0
   assert len(out['pred']) == n_stars
@@ -235,7 +236,7 @@ def _ratio_source():
 
 def sigma_ratios():
   """Prints σ_linear / σ_MC per label over the stars of ``_ratio_source``."""
-  from apogeenet_jax import prediction
+  from apogeenet_jax import prediction, uncertainty
   from apogeenet_jax.constants import LABEL_NAMES
   source = _ratio_source()
   if source is None:
@@ -244,8 +245,8 @@ def sigma_ratios():
   params, model, standardizer, batches, what = source
   out = {(est, m): prediction.predict_batches(
       params, model, standardizer, batches(),
-      prediction.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est,
-                            linear_draws=m), desc=f'{est} {m}')
+      uncertainty.MCSettings(mc=_MC.value, draw_chunk=_CHUNK.value, estimator=est,
+                             linear_draws=m), desc=f'{est} {m}')
          for est, m in {('linear', 0), ('mc', 0), ('linear', _LINEAR_DRAWS.value)}}
   variants = [(0, 'σ_linear')]
   if _LINEAR_DRAWS.value:

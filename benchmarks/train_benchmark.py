@@ -11,7 +11,7 @@ spectra/s (and per device for JAX) and the JAX/PyTorch ratio. Figures, never ass
 the members vmapped and/or unrolled: ``--ensemble_layouts``) against K separate single-network
 steps, interleaved in one run, and prints the time per step relative to K separate steps (< 1:
 the ensemble step is cheaper).
-``--model=small`` uses SMALL_NETWORK, the reduced network the demo used before issue 8.
+``--model=small`` uses SMALL_NETWORK, the reduced network the early demo used.
 """
 
 import pathlib
@@ -44,7 +44,7 @@ flags.DEFINE_enum('model', 'paper', ['paper', 'small'], 'paper: Appendix B; smal
 flags.DEFINE_list('ensemble_layouts', ['vmap', 'unrolled'], 'Members vmapped (GPU/TPU default) '
                   'and/or unrolled (CPU default, steps.members_unrolled).')
 FLAGS = flags.FLAGS
-# The reduced network of the demo before issue 8 (configs/demo.py then): quick ensemble timings.
+# The reduced network of the early demo (configs/demo.py then): quick ensemble timings.
 SMALL_NETWORK = {'channels': (8, 8, 16, 16), 'hidden': (64, 64)}
 
 
@@ -71,7 +71,7 @@ def jax_step_fn(batch: dict, ensemble_size: int = 1, unroll_members: bool | None
     config.model.update(SMALL_NETWORK)
   config.model.pool = FLAGS.pool
   model = train_state.create_model(config)
-  tx = optimizer.create_optimizer(config)
+  tx = optimizer.create_optimizer(config.optim, config.batch_size)
   mesh = sharding.make_mesh(FLAGS.num_devices)
   state = sharding.replicate(
       train_state.create_ensemble_state(0, model, tx, ensemble_size=ensemble_size), mesh)

@@ -7,11 +7,11 @@ Reads the built `apogee` tfds dataset (``python -m tfds_apogee.build --manual_di
 --data_dir=data/tfds``). One dev evaluation per epoch, early stopping after 5 evaluations
 without improvement (§3.3); the paper reaches standardised dev MSE 0.049 (Table 2) on ~180k DR14
 training spectra. On this 2-core CPU an epoch of 180k spectra takes ~15 minutes; use a GPU/TPU.
-Any field can be overridden: ``--config.batch_size=256``.
+Any field can be overridden: ``--config.batch_size=256``, ``--config.optim.learning_rate=3e-4``.
 
 The architecture is the paper's (Appendix B); the recipe is not its literal one, which barely
 learns (configs/paper.py). What was chosen, and the measurement behind it (4,000-star synthetic
-survey, batch 128, README "Training recipes", benchmarks/convergence_benchmark.py):
+survey, batch 128, docs/training.md "Training recipes", benchmarks/convergence_benchmark.py):
 - init 'he' + a zero output layer: at initialisation the fc2 features differ between real
   spectra (relative spread 0.78 vs 0.008 for PyTorch's U(±1/√fan_in));
 - input_scale = median training flux: the first layer sees O(1) inputs whatever the flux units;
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset_name = 'apogee'
   config.num_threads = 4  # grain reader threads per process
   config.prefetch_batches = 2  # batches prepared ahead of the device
-  # Input path (README "Training on GPUs/TPUs"): 'memory' reads each split once into arrays and
+  # Input path (docs/accelerators.md): 'memory' reads each split once into arrays and
   # gathers batches from them; 'stream' decodes every epoch through grain (data larger than RAM);
   # 'auto' takes memory when train + dev fit memory_budget_gb (host RAM per process).
   config.input_mode = 'auto'
@@ -50,19 +50,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 256
   # The recipe is what measured best for the Appendix-B network (module docstring); the
   # paper's literal one (plain SGD at 0.001 from U(±1/√fan_in) on raw flux) is configs/paper.py.
-  config.optimizer = 'adam'  # 'sgd' | 'adam' | 'adamw'
-  config.learning_rate = 1e-3  # peak rate, at lr_reference_batch
-  config.momentum = 0.0  # sgd only
-  config.weight_decay = 0.0  # adamw only
-  config.lr_schedule = 'constant'  # 'constant' | 'cosine' (over decay_steps after warm-up)
-  config.warmup_steps = 50  # linear warm-up from 0
-  config.decay_steps = 0  # cosine: 0 = to the end of the run (max_epochs; resolve_decay_steps)
-  config.lr_final_fraction = 0.0
-  config.grad_clip_norm = 1.0  # global-norm clipping; 0 = none
+  # The optimiser: every field here, and only here (optimizer.py reads them, never defaults
+  # them); the compiled step is cached on the whole sub-config (optimizer.optimizer_key).
+  config.optim = ml_collections.ConfigDict()
+  config.optim.optimizer = 'adam'  # 'sgd' | 'adam' | 'adamw'
+  config.optim.learning_rate = 1e-3  # peak rate, at lr_reference_batch
+  config.optim.momentum = 0.0  # sgd only
+  config.optim.weight_decay = 0.0  # adamw only
+  config.optim.lr_schedule = 'constant'  # 'constant' | 'cosine' (over decay_steps after warm-up)
+  config.optim.warmup_steps = 50  # linear warm-up from 0
+  config.optim.decay_steps = 0  # cosine: 0 = to the end of the run (resolve_decay_steps)
+  config.optim.lr_final_fraction = 0.0
+  config.optim.grad_clip_norm = 1.0  # global-norm clipping; 0 = none
   # Many devices → a larger global batch: the rate scales as 'linear', 'sqrt' or 'none' in
   # batch_size / lr_reference_batch ('sqrt' is the usual rule for Adam).
-  config.lr_batch_scaling = 'sqrt'
-  config.lr_reference_batch = 128
+  config.optim.lr_batch_scaling = 'sqrt'
+  config.optim.lr_reference_batch = 128
   config.dropout_rate = 0.1  # §3.3
   # Initialisation (the paper names none): 'he' = He-normal kernels, zero biases, which keep the
   # difference between spectra alive through the 12 ReLU convolutions; 'torch' = U(±1/√fan_in)

@@ -8,8 +8,8 @@ targets, one dev evaluation per epoch, early stopping after 5 without improvemen
 (input_scale 1.0) and PyTorch's default initialisation U(±1/√fan_in), which the authors' code
 trained from (the paper names none).
 
-What it does on the SYNTHETIC survey (benchmarks/convergence_benchmark.py, README "Training
-recipes"): through 12 ReLU convolutions the U(±1/√fan_in) start shrinks the difference between
+What it does on the SYNTHETIC survey (benchmarks/convergence_benchmark.py, docs/training.md
+"Training recipes"): through 12 ReLU convolutions the U(±1/√fan_in) start shrinks the difference between
 spectra by ~10⁴ by fc1, so the network only moves its output bias: dev MSE stays ≈ 1.0 for
 hundreds of steps. The paper's authors trained on 180k spectra for many epochs on a GPU; on the
 synthetic survey this recipe never leaves that plateau within the benchmark's budget.
@@ -20,13 +20,13 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.optimizer = 'sgd'
-  config.learning_rate = 0.001
-  config.momentum = 0.0
-  config.lr_schedule = 'constant'
-  config.warmup_steps = 0
-  config.grad_clip_norm = 0.0
-  config.lr_batch_scaling = 'none'
+  config.optim.optimizer = 'sgd'
+  config.optim.learning_rate = 0.001
+  config.optim.momentum = 0.0
+  config.optim.lr_schedule = 'constant'
+  config.optim.warmup_steps = 0
+  config.optim.grad_clip_norm = 0.0
+  config.optim.lr_batch_scaling = 'none'
   config.init = 'torch'
   config.zero_last_layer = False
   config.flux_scaling = 'none'

@@ -5,7 +5,7 @@ r"""A tiny variant for the tests (in-memory sources; seconds on a CPU).
 Reduced network (channels 4,4; hidden 16) with dropout 0 so runs are exactly reproducible. Built
 on the paper's recipe (configs/paper.py: plain SGD, raw flux) rather than the default's Adam:
 the logic tests need an optimiser whose step is proportional to the gradient — Adam's is scale
-invariant, so it would hide an N× gradient (STACK.md's shard_map trap) — and raw flux, so a huge
+invariant, so it would hide an N× gradient (docs/jax_stack_notes.md, the shard_map trap) — and raw flux, so a huge
 input gives a huge loss. The default recipe's own tests use configs/default.py directly.
 """
 
@@ -16,7 +16,7 @@ def get_config():
   config = paper.get_config()
   config.batch_size = 8
   config.eval_batch_size = 8
-  config.learning_rate = 0.01
+  config.optim.learning_rate = 0.01
   config.dropout_rate = 0.0
   config.max_epochs = 4
   config.patience = 5

@@ -7,7 +7,7 @@ r"""The YSO photometric network of paper §2.4, trained on synthetic stars from 
 The paper: ~42,000 synthetic training stars; on held-out synthetic stars log g to 0.01 dex and
 log Teff to 0.003 dex. It gives no widths, optimiser or schedule: the values in
 ``yso_photometric.default_config`` are ours. Accuracy and time on the FAKE test grid:
-``python benchmarks/yso_photometric_benchmark.py`` (figures in the README).
+``python benchmarks/yso_photometric_benchmark.py`` (figures in docs/data.md).
 """
 
 from apogeenet_jax import yso_photometric

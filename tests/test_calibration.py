@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from apogeenet_jax import calibration
+from apogeenet_jax import calibration, uncertainty
 
 
 @pytest.mark.parametrize('a, b', [(3.0, 0.5), (0.0, 1.0), (1.0, 0.0)])
@@ -186,3 +186,16 @@ def test_richer_floors_need_enough_stars():
     pred, labels, sigma, _ = _two_kinds_survey(rng, n, _dwarfs_worse)
     record = calibration.fit(pred, labels, sigma, STD)
     assert sorted(record['floor']['TEFF']['cv_nll']) == (sorted(tried) if len(tried) > 1 else [])
+
+
+@pytest.mark.parametrize('old, settings', [
+    ({'mc': 100, 'error_cap': 'median', 'seed': 0, 'estimator': 'mc', 'linear_draws': 2},
+     uncertainty.MCSettings()),
+    ({'mc': 100, 'error_cap': 'mean', 'seed': 3, 'estimator': 'linear', 'linear_draws': 0},
+     uncertainty.MCSettings(error_cap='mean', seed=3, estimator='linear', linear_draws=0)),
+])
+def test_records_from_before_the_settings_dict_read_as_their_settings(old, settings):
+  """Older calibration.json files hold the σ settings as loose keys: they still compare with a
+  run's settings (an 'mc' record never carried linear_draws)."""
+  assert calibration.fitted_settings({'a': {}, 'b': {}, **old}) == settings.record()
+  assert calibration.fitted_settings({'settings': settings.record()}) == settings.record()

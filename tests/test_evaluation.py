@@ -28,7 +28,7 @@ from apogeenet_jax import (
 from apogeenet_jax.constants import BAD_PIXEL_ERROR, DATA_TYPES, N_PIXELS
 from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
-from apogeenet_jax.prediction import MCSettings
+from apogeenet_jax.uncertainty import MCSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -287,6 +287,9 @@ def test_calibrate_stores_applies_and_can_be_switched_off(tiny_checkpoint, tmp_p
   record = evaluation.calibrate(params=params, meta=meta, data_dir='unused',
                                 settings=MCSettings(mc=4), batch_size=8)
   assert record['step'] == 3 and record['n']['TEFF'] == 24
+  # The σ settings as one dict, as the run header holds them.
+  assert record['settings'] == {'sigma': 'mc', 'mc': 4, 'error_cap': 'median', 'seed': 0}
+  assert calibration.fitted_settings(record) == MCSettings(mc=4).record()
   assert os.path.exists(os.path.join(directory, 'calibration.json'))
   # orbax still sees exactly its one step beside the sidecar.
   assert checkpoint.make_manager(directory, create=False).all_steps() == [3]
@@ -424,7 +427,7 @@ def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
   again = prediction.predict_batches(params, model, std, _fake_split(2 * n - 1, 3, 3),
                                      MCSettings(seed=5, estimator='linear', linear_draws=0))
   np.testing.assert_allclose(again['pred_err'], many['pred_err'], rtol=1e-5)
-  with pytest.raises(prediction.EvaluationError, match='--uncertainty'):
+  with pytest.raises(uncertainty.UncertaintyError, match='--uncertainty'):
     MCSettings(estimator='delta')
 
 
@@ -438,7 +441,7 @@ def test_noise_averaged_linear_over_fake_devices_is_recorded(tiny_checkpoint, tm
   scale = np.abs(delta['pred_z']).max()  # the prediction is the noiseless pass in both
   np.testing.assert_allclose(many['pred_z'], delta['pred_z'], rtol=1e-5, atol=1e-5 * scale)
   assert not np.allclose(many['pred_err'], delta['pred_err'], rtol=1e-3)
-  with pytest.raises(prediction.EvaluationError, match='--linear_draws'):
+  with pytest.raises(uncertainty.UncertaintyError, match='--linear_draws'):
     MCSettings(estimator='linear', linear_draws=1)
   _fake_splits(monkeypatch, 5)
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)

@@ -66,11 +66,17 @@ def sources():
   return {'train': fake_source(32, 0), 'dev': fake_source(12, 1)}
 
 
-def _config(**overrides):
+def _config(optim=None, **overrides):
+  """configs/test.py with top-level ``overrides`` and ``optim`` fields (``config.optim``)."""
   config = test_config.get_config()
   for k, v in overrides.items():
     setattr(config, k, v)
+  config.optim.update(optim or {})
   return config
+
+
+def _tx(config):
+  return optimizer.create_optimizer(config.optim, config.batch_size)
 
 
 def _leaves(tree):
@@ -98,7 +104,7 @@ def test_step_same_params_on_1_2_4_devices(n_devices):
   config.model.channels = (4, 4, 8, 8)
   config.model.input_length = 1024  # The step does not care about the length: keep it quick.
   model = train_state.create_model(config)
-  tx = optimizer.create_optimizer(config)
+  tx = _tx(config)
   batches = [fake_source(8, s) for s in (5, 6)]
   std = Standardizer.fit(np.stack([e['labels'] for b in batches for e in b]))
 
@@ -139,10 +145,10 @@ def _short_batches(seeds, length=1024):
 
 def _short_model(dropout_rate):
   # Plain SGD: Adam and gradient clipping would hide a gradient N× too large (the trap).
-  config = _config(dropout_rate=dropout_rate, optimizer='sgd', momentum=0.0, warmup_steps=0,
-                   grad_clip_norm=0.0)
+  config = _config(dropout_rate=dropout_rate, optim=dict(optimizer='sgd', momentum=0.0,
+                                                          warmup_steps=0, grad_clip_norm=0.0))
   config.model.input_length = 1024  # The step does not care about the length: keep it quick.
-  return train_state.create_model(config), optimizer.create_optimizer(config)
+  return train_state.create_model(config), _tx(config)
 
 
 def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
@@ -159,7 +165,7 @@ def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
 def test_ensemble_step_same_params_on_1_and_2_devices(unrolled, monkeypatch):
   """A K-member step on a 2-device mesh equals the 1-device step (the gradient trap under vmap),
   in both layouts of the members."""
-  monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
+  monkeypatch.setattr(steps, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.0)
   state = train_state.create_ensemble_state(0, model, tx, ensemble_size=3)
   batches = _short_batches((5, 6))
@@ -180,7 +186,7 @@ def test_ensemble_member_equals_single_run_with_its_seeds(unrolled, monkeypatch)
   """Member k of a K-member step == a single network from seed k (its init and dropout keys),
   same batches; dropout on, 2 devices, so the per-member, per-device dropout keys are checked.
   Both layouts of the members (vmap: GPU/TPU; unrolled: CPU, ``members_unrolled``)."""
-  monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
+  monkeypatch.setattr(steps, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.3)
   batches = _short_batches((5, 6, 7))
   ens, _ = _run_steps(model, tx, train_state.create_ensemble_state(0, model, tx, ensemble_size=3),
@@ -199,11 +205,11 @@ def test_ensemble_member_equals_single_run_with_its_seeds(unrolled, monkeypatch)
 
 def test_ensemble_training_resumes_exactly_and_member0_is_the_single_run(sources, tmp_path):
   # lr 0.001: at the test config's 0.01, plain SGD on raw flux diverges from member 1's start.
-  config = _config(max_epochs=2, ensemble_size=2, learning_rate=0.001)
+  config = _config(max_epochs=2, ensemble_size=2, optim=dict(learning_rate=0.001))
   full = training.train_and_evaluate(config, str(tmp_path / 'full'), sources=sources)
-  training.train_and_evaluate(_config(max_epochs=1, ensemble_size=2, learning_rate=0.001),
-                              str(tmp_path / 'split'),
-                              sources=sources)
+  training.train_and_evaluate(
+      _config(max_epochs=1, ensemble_size=2, optim=dict(learning_rate=0.001)),
+      str(tmp_path / 'split'), sources=sources)
   resumed = training.train_and_evaluate(config, str(tmp_path / 'split'), sources=sources)
   _assert_trees_equal(resumed.params, full.params)
   params, meta = checkpoint.load_params(str(tmp_path / 'full' / 'checkpoints'), best=False)
@@ -213,8 +219,8 @@ def test_ensemble_training_resumes_exactly_and_member0_is_the_single_run(sources
   for r in records:  # early stopping watches the members' mean dev loss
     assert r['dev_loss'] == pytest.approx((r['dev_loss_member0'] + r['dev_loss_member1']) / 2)
     assert r['dev_loss_member0'] != r['dev_loss_member1']
-  training.train_and_evaluate(_config(max_epochs=2, learning_rate=0.001), str(tmp_path / 'one'),
-                              sources=sources)
+  training.train_and_evaluate(_config(max_epochs=2, optim=dict(learning_rate=0.001)),
+                              str(tmp_path / 'one'), sources=sources)
   single, single_meta = checkpoint.load_params(str(tmp_path / 'one' / 'checkpoints'), best=False)
   assert single_meta['ensemble_size'] == 1 and single_meta['step'] == meta['step']
   # On a CPU the members are unrolled (steps.members_unrolled): member 0 runs the single
@@ -242,7 +248,7 @@ def test_pairwise_pool_same_outputs_and_gradients_as_reduce_window():
   fast = train_state.create_model(config)
   slow = fast.clone(pool='reduce_window')
   params = train_state.create_train_state(jax.random.PRNGKey(0), fast,
-                                       optimizer.create_optimizer(config)).params
+                                       _tx(config)).params
   flux = np.stack([e['flux'] for e in fake_source(2, 0)])
   np.testing.assert_array_equal(fast.apply({'params': params}, flux),
                                 slow.apply({'params': params}, flux))
@@ -255,7 +261,7 @@ def test_step_metrics_per_data_type_and_mask():
   mesh = sharding.make_mesh(2)
   params = sharding.replicate(
       train_state.create_train_state(jax.random.PRNGKey(0), model,
-                                  optimizer.create_optimizer(config)).params, mesh)
+                                  _tx(config)).params, mesh)
   eval_step = steps.make_eval_step(model, mesh)
   examples = fake_source(4, 3)
   batch = {'flux': np.stack([e['flux'] for e in examples]),
@@ -276,7 +282,7 @@ def test_step_metrics_per_data_type_and_mask():
 def test_torch_default_init_bounds():
   """init='torch' draws kernels and biases from U(±1/√fan_in) like PyTorch's Conv1d/Linear."""
   model = train_state.create_model(_config())
-  tx = optimizer.create_optimizer(_config())
+  tx = _tx(_config())
   params = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, 'torch').params
   fan_in = {'conv1': 3 * 1, 'conv2': 3 * 4, 'fc1': 4 * (N_PIXELS // 2), 'fc2': 16}
   for name, n in fan_in.items():
@@ -296,7 +302,7 @@ def test_torch_default_init_bounds():
 
 def test_update_early_stopping_counts():
   state = train_state.create_train_state(jax.random.PRNGKey(0), train_state.create_model(_config()),
-                                      optimizer.create_optimizer(_config()))
+                                      _tx(_config()))
   flags = []
   for loss in [1.0, 0.5, 0.5, 0.7, 0.4, 0.6]:
     state, improved = epochs.update_early_stopping(state, loss)
@@ -316,7 +322,7 @@ def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path
     out['dev_loss'] = next(script)
     return out
 
-  monkeypatch.setattr(training, 'evaluate_split', scripted)
+  monkeypatch.setattr(epochs, 'evaluate_split', scripted)
   config = _config(max_epochs=20, patience=5)
   state = training.train_and_evaluate(config, str(tmp_path), sources=sources)
   records = metric_writer.read_metrics(str(tmp_path))
@@ -728,7 +734,7 @@ def _fc2_relative_spread(config, flux: np.ndarray) -> float:
   features that reach the last layer): ~0 when the output hardly depends on the spectrum."""
   model = train_state.create_model(config).clone(
       input_scale=train_inputs.resolve_input_scale(config, [{'flux': f} for f in flux]))
-  tx = optimizer.create_optimizer(config)
+  tx = _tx(config)
   state = train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, config.init,
                                       config.zero_last_layer)
   _, inter = jax.jit(functools.partial(model.apply, capture_intermediates=True))(
@@ -762,7 +768,7 @@ def test_short_run_of_paper_network_learns_under_default_recipe(recipe, tmp_path
   config.num_threads = 2
   config.log_every_steps = 0
   if recipe == 'default':
-    config.warmup_steps = 8  # the default's warm-up, scaled to this 64-step run
+    config.optim.warmup_steps = 8  # the default's warm-up, scaled to this 64-step run
   training.train_and_evaluate(config, str(tmp_path), sources=srcs)
   records = metric_writer.read_metrics(str(tmp_path))
   best = min(r['dev_loss'] for r in records)
@@ -893,20 +899,22 @@ def test_resident_gather_matches_host_batches(n_devices):
 def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
   from configs import demo
   config = demo.get_config()
-  config.lr_schedule, config.decay_steps, config.warmup_steps = 'cosine', 0, 50
+  optim = config.optim
+  optim.lr_schedule, optim.decay_steps, optim.warmup_steps = 'cosine', 0, 50
   config.max_epochs = 16
   resolved = optimizer.resolve_decay_steps(config, batches_per_epoch=14)
-  assert resolved.decay_steps == 16 * 14 - 50 and config.decay_steps == 0  # a copy
-  schedule = optimizer.learning_rate_schedule(resolved)
-  peak = resolved.learning_rate  # batch 128 = the reference batch: no scaling
+  assert resolved.optim.decay_steps == 16 * 14 - 50 and optim.decay_steps == 0  # a copy
+  schedule = optimizer.learning_rate_schedule(resolved.optim, resolved.batch_size)
+  peak = optim.learning_rate  # batch 128 = the reference batch: no scaling
   assert float(schedule(50)) == pytest.approx(peak)
   assert float(schedule(16 * 14)) == pytest.approx(0.0, abs=1e-9)  # ends with the run
   assert 0 < float(schedule(16 * 14 - 20)) < 0.05 * peak
-  config.decay_steps = 100  # explicit: kept
+  optim.decay_steps = 100  # explicit: kept
   assert optimizer.resolve_decay_steps(config, 14) is config
-  config.lr_schedule, config.decay_steps = 'constant', 0
+  optim.lr_schedule, optim.decay_steps = 'constant', 0
   assert optimizer.resolve_decay_steps(config, 14) is config
-  config.lr_schedule, config.max_epochs = 'cosine', 2  # 6 steps, all inside the warm-up
+  optim.lr_schedule, config.max_epochs = 'cosine', 2  # 6 steps, all inside the warm-up
   short = optimizer.resolve_decay_steps(config, 3)
-  assert short.decay_steps == 1
-  assert float(optimizer.learning_rate_schedule(short)(5)) == pytest.approx(peak * 5 / 50)
+  assert short.optim.decay_steps == 1
+  assert float(optimizer.learning_rate_schedule(short.optim, 128)(5)) == pytest.approx(
+      peak * 5 / 50)

@@ -89,7 +89,7 @@ def main(argv):
 
 def run():
   """Entry point. Flags are defined here, not at import, so library users can import build()."""
-  flags.DEFINE_string('manual_dir', None, 'Catalogue + apStar files (see the README).')
+  flags.DEFINE_string('manual_dir', None, 'Catalogue + apStar files (docs/data.md).')
   flags.DEFINE_string('data_dir', None, 'Where TFDS data sets go.')
   flags.DEFINE_enum('file_format', apogee_dataset_builder.DEFAULT_FILE_FORMAT,
                     ['array_record', 'tfrecord'], 'Record file format (tfrecord needs TensorFlow).')

@@ -1,6 +1,6 @@
 """Payne labels (paper §2.2): Ting et al. 2019's DR14 catalogue, quality flag and the paper's cut.
 
-Layout (../shared/label_sources/payne_dr14_columns.txt; Leung & Bovy's public repackaging, one
+Layout (docs/paper_facts.md, "Label sources"; Leung & Bovy's public repackaging, one
 row per DR14 allStar row): ``APOGEE_ID``, ``payne`` — a float array
 [Teff, log g, C/H, …, Fe/H (index 19), …] with −9999 for "no value" — and ``good_flag``
 (1 good, 0 bad). Ting's original column names were not found in any stored source, so every name

@@ -1,10 +1,10 @@
 """Empirical M-dwarf relations of paper §2.3, with their sources and validity ranges.
 
-Coefficients come from ../shared/label_sources/ (each line there names repository, path and
-commit). Trust, highest first:
+Coefficients come from public code and data (docs/paper_facts.md, "Label sources", names each
+repository). Trust, highest first:
   * Mann et al. 2015 R(M_K) (eq. 4), M(M_K) (eq. 10), R(Teff), and the colour–Teff relations of
     Table 2 (erratum): the first author's own code and EXOFASTv2, high trust. M(M_K) uses the
-    unrounded coefficients from the first author's code (PAPER.md §5).
+    unrounded coefficients from the first author's code (docs/paper_facts.md, "M-dwarf labels").
   * Teff from M_K: Mann 2015 has no Teff(M_K) formula. Solving R(M_K) = R(Teff) on the branch
     where the R(Teff) cubic rises (Teff ≳ 2733 K) is an inference that matches the paper's quoted
     ranges (4.6 < M_K < 9.8, 2700 < Teff < 4100 K), not the paper's words.
@@ -31,7 +31,7 @@ from astropy import units as u
 
 from apogeenet_jax.label_sources.common import MissingUserDataError
 
-# Mann et al. 2015 (mann2015_relations.txt; PAPER.md §5). Polynomials in ascending powers.
+# Mann et al. 2015 (paper §2.3; docs/paper_facts.md). Polynomials in ascending powers.
 MANN_R_FROM_MK = (1.9515, -0.3520, 0.01680)  # eq. 4, R in R☉, scatter 2.89%
 MANN_M_FROM_MK = (0.585825902, 0.387151019, -0.121729937, 0.0105529583, -2.72615872e-4)  # eq. 10
 MANN_R_FROM_TEFF = (10.5440, -33.7546, 35.1909, -11.5928)  # X = Teff / 3500
