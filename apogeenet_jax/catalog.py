@@ -209,7 +209,7 @@ def _texts(values: Sequence[str] | None, n: int) -> list[str]:
 
 def write_fits(table: Table, path: str | os.PathLike) -> None:
   """Writes ``table`` to FITS atomically, keeping 'dex' units (TUNIT) and descriptions (TCOMM)."""
-  hdu = fits.table_to_hdu(_without_dex(table))
+  hdu = fits.table_to_hdu(_ascii_strings(_without_dex(table)))
   for i, col in enumerate(table.columns.values(), start=1):
     if col.unit is not None:
       hdu.header[f'TUNIT{i}'] = col.unit.to_string()
@@ -243,6 +243,18 @@ def read_catalog(path: str | os.PathLike) -> Table:
   for col in table.columns.values():
     if col.unit is not None and col.unit.to_string() == 'dex':
       col.unit = u.dex
+  return table
+
+
+def _ascii_strings(table: Table) -> Table:
+  """FITS strings are ASCII: a non-ASCII file name is stored with backslash escapes
+  ('donn\\xe9es'); the CSV catalogue keeps it as it is."""
+  for name in table.colnames:
+    col = table[name]
+    if col.dtype.kind == 'U' and not all(str(v).isascii() for v in col):
+      table[name] = np.asarray([str(v).encode('ascii', 'backslashreplace').decode()
+                                for v in col], dtype=str)
+      table[name].description = col.description
   return table
 
 

@@ -782,3 +782,52 @@ def test_checkpoint_outputs_parts_and_merge_on_object_storage(tiny_checkpoint, a
       assert epath.Path(f'{remote}/{name}').read_bytes() == (tmp_path / 'local' / name).read_bytes()
   assert sorted(p.name for p in epath.Path('gs://bucket/eval/figures').iterdir()) == [
       'kiel.png', 'sigma_vs_snr.png']
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 21: every output of a run is staged and moved into place only when all are written.
+
+
+def test_non_ascii_file_name_keeps_the_run(tiny_checkpoint, real_apstar_files, tmp_path):
+  d = tmp_path / 'données'
+  d.mkdir()
+  os.symlink(real_apstar_files[0], d / real_apstar_files[0].name)
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o'),
+                            apstar_files=_files(d), settings=MCSettings(mc=0),
+                            make_figures=False)
+  csv_table = catalog.read_catalog(out['catalog_csv'])
+  assert csv_table['FILE'][0] == str(d / real_apstar_files[0].name)  # the name, as given
+  fits_name = catalog.read_catalog(out['catalog_fits'])['FILE'][0]
+  assert fits_name.isascii() and 'donn' in fits_name and fits_name != csv_table['FILE'][0]
+
+
+def test_a_failing_write_leaves_every_earlier_output_whole(tiny_checkpoint, apstar_dir, tmp_path,
+                                                           monkeypatch):
+  # Issue 21 (9): disk full after the catalogue used to leave it beside the old figures.
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out_dir = tmp_path / 'out'
+  common = dict(params=params, meta=meta, output_dir=str(out_dir), batch_size=2,
+                apstar_files=_files(apstar_dir))
+  evaluation.evaluate(settings=MCSettings(mc=2), **common)
+  before = {str(p.relative_to(out_dir)): p.read_bytes() for p in out_dir.rglob('*') if p.is_file()}
+  assert 'figures/kiel.png' in before and 'skipped.csv' in before
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(evaluation.figures, 'plot_sigma_vs_snr', disk_full)
+  with pytest.raises(prediction.EvaluationError, match='No space left on device'):
+    evaluation.evaluate(settings=MCSettings(mc=3, seed=5), **common)
+  after = {str(p.relative_to(out_dir)): p.read_bytes() for p in out_dir.rglob('*') if p.is_file()}
+  assert after == before
+  assert sorted(os.listdir(out_dir)) == sorted(['catalog.csv', 'catalog.fits', 'figures',
+                                                'skipped.csv'])
+
+
+def test_a_directory_in_the_way_is_refused_before_predicting(tmp_path):
+  (tmp_path / 'o' / 'catalog.fits').mkdir(parents=True)
+  assert 'catalog.fits' in evaluation.output_dir_problem(tmp_path / 'o')
+  (tmp_path / 'p').mkdir()
+  (tmp_path / 'p' / 'figures').write_text('a file')
+  assert 'figures' in evaluation.output_dir_problem(tmp_path / 'p')
