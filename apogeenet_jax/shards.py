@@ -38,8 +38,9 @@ def run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str, 
                 ) -> dict[str, Any]:
   """What the catalogue and metrics need besides the per-star arrays; JSON, equal in all parts.
 
-  'inputs' (name, number of stars, digest of the apStar file list) lets a merge refuse parts
-  that saw other inputs (another folder listing, another build of the data set).
+  'inputs' (name, number of stars, digest of the apStar file list or the build's input
+  fingerprint: ``_digest``) lets a merge refuse parts that saw other inputs (another folder
+  listing, another build of the data set, even with equal split sizes).
   """
   standardizer = checkpoint.standardizer_from_meta(meta)
   # 'mc' counts the draws actually made: none in linear mode.
@@ -59,9 +60,14 @@ def run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str, 
 
 
 def _digest(source) -> str:
-  if not isinstance(source, input_pipeline.ApStarFiles):
-    return ''
-  return hashlib.sha256('\n'.join(source.paths).encode()).hexdigest()[:16]
+  """What identifies an input: the apStar file list, or for a split of the built data set the
+  build's input fingerprint (catalogue bytes, split seed, each file's size and mtime), so parts
+  of two builds of the same stars with other labels are told apart."""
+  if isinstance(source, input_pipeline.ApStarFiles):
+    return hashlib.sha256('\n'.join(source.paths).encode()).hexdigest()[:16]
+  info = getattr(source, 'dataset_info', None)
+  metadata = getattr(info, 'metadata', None) or {}
+  return str(metadata.get('input_fingerprint', ''))[:16]
 
 
 def part_bytes(part: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> bytes:

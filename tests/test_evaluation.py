@@ -831,3 +831,25 @@ def test_a_directory_in_the_way_is_refused_before_predicting(tmp_path):
   (tmp_path / 'p').mkdir()
   (tmp_path / 'p' / 'figures').write_text('a file')
   assert 'figures' in evaluation.output_dir_problem(tmp_path / 'p')
+
+
+class _BuiltSplit(list):
+  """A split source as tfds returns it: the build's DatasetInfo rides along."""
+
+  def __init__(self, records, fingerprint):
+    super().__init__(records)
+    self.dataset_info = type('Info', (), {'metadata': {'input_fingerprint': fingerprint}})()
+
+
+def test_merge_refuses_parts_of_another_build_of_the_same_size(tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
+  # Issue 21 (2): same split sizes, other labels: the parts used to merge into a mix.
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  common = dict(params=params, meta=meta, splits=['test'], data_dir='unused', batch_size=2,
+                make_figures=False, settings=MCSettings(mc=0), output_dir=str(tmp_path / 'p'))
+  for k, build in ((0, 'build-A'), (1, 'build-B')):
+    monkeypatch.setattr(input_pipeline, 'open_split',
+                        lambda data_dir, split, b=build: _BuiltSplit(_fake_source(6, 0), b))
+    evaluation.evaluate(shard=prediction.Shard(k, 2), **common)
+  with pytest.raises(prediction.EvaluationError, match='different runs: inputs differ'):
+    evaluation.merge([str(tmp_path / 'p')], str(tmp_path / 'x'))
