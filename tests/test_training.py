@@ -909,3 +909,24 @@ def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
   short = optimizer.resolve_decay_steps(config, 3)
   assert short.decay_steps == 1
   assert float(optimizer.learning_rate_schedule(short)(5)) == pytest.approx(peak * 5 / 50)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 21: a run that cannot learn, or a resume of another run, stops with a reason.
+
+
+def test_overflowing_gradient_norm_stops_the_run_naming_the_step(tmp_path):
+  # Issue 21 (4): 10 pixels at 3e38 in a star: the gradient norm overflows, clipping scales the
+  # update to zero while the loss (zero last layer) stays finite. Every star here has them, so
+  # no step learns: the run used to end "successfully" with its initial parameters.
+  train = fake_source(24, 0)
+  for e in train:
+    e['flux'] = e['flux'].copy()
+    e['flux'][100:110] = 3e38
+  config = default_config.get_config()
+  config.model.channels, config.model.hidden = (4, 4), (16,)
+  config.batch_size, config.eval_batch_size, config.max_epochs = 8, 8, 1
+  config.num_threads, config.log_every_steps = 2, 0
+  with pytest.raises(train_state.TrainingError, match=r'non-finite gradient norm at step \d+'):
+    training.train_and_evaluate(config, str(tmp_path), sources={'train': train,
+                                                                'dev': fake_source(8, 1)})
