@@ -254,3 +254,10 @@ def test_mstar_requires_a_way_to_exclude_star_forming_regions():
   with pytest.raises(common.SourceTableError, match='star-forming regions'):
     mstar.mstar_labels(table, feh)
   assert len(mstar.mstar_labels(table, feh, regions=mstar.NO_REGIONS)) == 1
+
+
+def test_feh_relation_with_a_fractional_exponent_is_refused(tmp_path):
+  # Issue 21 (8): an exponent of 1.5 was truncated to 1 without a word.
+  path = _feh_file(tmp_path, terms=((0.1, 0, 0), (-0.05, 1.5, 0)))
+  with pytest.raises(relations.MissingFehRelationError, match=r'feh\.json.*1\.5.*whole'):
+    relations.load_feh_relation(path)
