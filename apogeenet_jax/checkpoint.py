@@ -13,6 +13,7 @@ the arrays there through TensorStore's GCS driver).
 """
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
@@ -244,8 +246,20 @@ def load_params(directory: file_io.PathLike, *, step: int | None = None, best: b
   meta = _checked_meta(dict(out[META_ITEM]), where)
   meta['step'] = int(step)
   params = _checked_params(out[STATE_ITEM], ensemble_size(meta), where)
+  meta['params_digest'] = params_digest(params)
   _attach_calibration(meta, directory, step)
   return params, meta
+
+
+def params_digest(params: Any) -> str:
+  """sha256 (16 hex digits) of the parameters' names, shapes, dtypes and bytes: the identity
+  of a checkpoint's weights, which a step number is not (a retrained run reuses the numbers)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    array = np.asarray(leaf)
+    h.update(f'{jax.tree_util.keystr(path)}:{array.shape}:{array.dtype}'.encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+  return h.hexdigest()[:16]
 
 
 def _checked_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
@@ -270,14 +284,29 @@ def _checked_params(state: Any, k: int, where: str) -> Any:
 
 
 def _attach_calibration(meta: dict[str, Any], directory: epath.Path, step: int) -> None:
-  """meta['calibration'] = the directory's calibration.json when it was fitted for ``step``."""
-  record = calibration.load(directory)
+  """meta['calibration'] = the directory's calibration.json when it was fitted for ``step``
+  and these very parameters (``params_digest``).
+
+  A file that cannot be used goes to meta['calibration_problem'] instead of raising: loading
+  the weights must still work for ``--calibration=none`` and for ``--calibrate``, which
+  replaces it; ``evaluation`` refuses to run with the calibration on (``auto``) and says why.
+  """
+  log = logging.getLogger('absl')
+  try:
+    record = calibration.load(directory)
+  except calibration.CalibrationError as e:
+    meta['calibration_problem'] = str(e)
+    log.warning('%s', e)
+    return
   if record is None:
     return
-  if int(record['step']) == int(step):
-    meta['calibration'] = record
+  path = calibration.path_in(directory)
+  if int(record['step']) != int(step):
+    log.warning('%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
+                'evaluate.py --calibrate again).', path, record['step'], step)
+  elif record.get('params_digest') != meta['params_digest']:
+    log.warning('%s: calibration fitted for other weights at step %d (parameter digest %s, these '
+                'are %s; a retrained model?): ignored (run evaluate.py --calibrate again).',
+                path, step, record.get('params_digest', 'not recorded'), meta['params_digest'])
   else:
-    logging.getLogger('absl').warning(
-        '%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
-        'evaluate.py --calibrate again).', calibration.path_in(directory),
-        record['step'], step)
+    meta['calibration'] = record

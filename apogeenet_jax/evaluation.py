@@ -256,8 +256,14 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
   if settings.mc < 1:
     raise EvaluationError('--calibrate needs Monte Carlo draws (--mc >= 1): σ_noise is part of '
                           'the fitted total')
+  if settings.estimator == 'mc' and settings.mc < calibration.MIN_CALIBRATION_DRAWS:
+    raise EvaluationError(f'--calibrate needs at least --mc={calibration.MIN_CALIBRATION_DRAWS}'
+                          f' draws, got {settings.mc}: σ of fewer draws is mostly noise itself, '
+                          f'and the fit would replace a good one')
   if not data_dir:
     raise EvaluationError('--calibrate needs --data_dir (it fits on the dev split)')
+  if save and (problem := _calibration_unwritable(meta)):
+    raise EvaluationError(problem)  # Before minutes of prediction, not after.
   split = CALIBRATION_SPLIT
   part = prediction.predict_inputs(params, meta, settings, prediction.even_batch_size(batch_size),
                          prediction.input_sources([split], data_dir, ()), Shard())
@@ -268,7 +274,8 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
                              error_cap=settings.error_cap, seed=int(settings.seed),
                              estimator=settings.estimator,
                              linear_draws=int(settings.linear_draws),
-                             ensemble_size=checkpoint.ensemble_size(meta))
+                             ensemble_size=checkpoint.ensemble_size(meta),
+                             params_digest=meta.get('params_digest'))
   except calibration.CalibrationError as e:
     raise EvaluationError(f'{data_dir} {split} split: {e}') from e
   logging.info('Calibration: %s', calibration.describe(record))
@@ -276,14 +283,35 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
     if not meta.get('checkpoint_dir') or meta.get('step') is None:
       raise EvaluationError('cannot store a calibration: meta has no checkpoint_dir/step '
                             '(load it with load_checkpoint)')
-    record['path'] = calibration.save(meta['checkpoint_dir'], record)
+    try:
+      record['path'] = calibration.save(meta['checkpoint_dir'], record)
+    except calibration.CalibrationError as e:
+      raise EvaluationError(str(e)) from e
   return record
+
+
+def _calibration_unwritable(meta: Mapping[str, Any]) -> str | None:
+  """Why calibration.json cannot be written beside the checkpoint, or None (local folders only:
+  object storage shows its permissions when writing)."""
+  directory = meta.get('checkpoint_dir')
+  if not directory or file_io.is_remote(directory):
+    return None
+  path = calibration.path_in(directory)
+  if not os.access(directory, os.W_OK | os.X_OK) or (path.exists()
+                                                      and not os.access(path, os.W_OK)):
+    return (f'{path}: cannot store a calibration there (no write permission); copy the '
+            f'checkpoint to a writable folder and calibrate that copy')
+  return None
 
 
 def _calibration_in_use(meta: Mapping[str, Any], mode: str, settings: MCSettings
                         ) -> dict[str, Any] | None:
   if mode not in CALIBRATION_MODES:
     raise EvaluationError(f'--calibration must be one of {CALIBRATION_MODES}, got {mode!r}')
+  if mode == 'auto' and meta.get('calibration_problem') and 'calibration' not in meta:
+    raise EvaluationError(f'{meta["calibration_problem"]}. Fix or delete that file, fit a new '
+                          'one with evaluate.py --calibrate, or use --calibration=none for the '
+                          'raw σ')
   record = meta.get('calibration') if mode == 'auto' else None
   if record is None:
     return None

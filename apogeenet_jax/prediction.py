@@ -64,6 +64,8 @@ class MCSettings:
     problems = [f'--{name} must be >= {least}, got {value}'
                 for name, value, least in (('mc', self.mc, 0), ('draw_chunk', self.draw_chunk, 1))
                 if value < least]
+    if self.mc == 1 and self.estimator == 'mc':
+      problems.append('--mc must be 0 (no σ) or >= 2: the σ of one draw is 0')
     if self.linear_draws == 1 or self.linear_draws < 0:
       problems.append(f'--linear_draws must be 0 or >= 2, got {self.linear_draws}')
     problems += [f'--{name} must be one of {choices}, got {value!r}'

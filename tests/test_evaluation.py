@@ -340,10 +340,6 @@ def test_calibration_of_another_step_is_ignored(tiny_checkpoint, tmp_path):
                                'step': 99})
   _, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
   assert 'calibration' not in meta
-  with open(os.path.join(directory, 'calibration.json'), 'w') as f:
-    f.write('{"a": ')
-  with pytest.raises(calibration.CalibrationError, match=r'calibration\.json'):
-    evaluation.load_checkpoint(checkpoint_dir=directory)
 
 
 def test_ensemble_checkpoint_is_detected_from_meta(tmp_path, monkeypatch):
@@ -853,3 +849,75 @@ def test_merge_refuses_parts_of_another_build_of_the_same_size(tiny_checkpoint, 
     evaluation.evaluate(shard=prediction.Shard(k, 2), **common)
   with pytest.raises(prediction.EvaluationError, match='different runs: inputs differ'):
     evaluation.merge([str(tmp_path / 'p')], str(tmp_path / 'x'))
+
+
+_NAMES = ('LOGG', 'TEFF', 'FE_H')
+
+
+@pytest.mark.parametrize('content', ['{"a": ', 'NAN_A', 'NAN_FLOOR'])
+def test_a_broken_calibration_names_the_file_and_none_or_calibrate_work_past_it(
+    tiny_checkpoint, tmp_path, monkeypatch, content):
+  # Issue 21 (6): NaN coefficients blanked every *_ERR with exit 0; a file that failed validation
+  # raised from checkpoint loading, even under --calibration=none and --calibrate.
+  _fake_splits(monkeypatch, 24, {'dev': 2, 'test': 3})
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  good = evaluation.calibrate(params=params, meta=meta, data_dir='unused',
+                              settings=MCSettings(mc=4), batch_size=8, floor='constant')
+  path = os.path.join(directory, 'calibration.json')
+  record = json.load(open(path))
+  if content == 'NAN_A':
+    record['a']['TEFF'] = float('nan')
+    content = json.dumps(record)
+  elif content == 'NAN_FLOOR':
+    record['floor']['FE_H']['coef'] = [float('nan')]
+    content = json.dumps(record)
+  with open(path, 'w') as f:
+    f.write(content)
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  assert 'calibration' not in meta
+  with pytest.raises(prediction.EvaluationError, match=r'calibration\.json.*--calibration=none'):
+    _calibrated_and_raw(params, meta, tmp_path)
+  raw = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'none'),
+                            splits=['test'], data_dir='unused', settings=MCSettings(mc=4),
+                            make_figures=False, calibration_mode='none')
+  assert np.all(np.isfinite(raw['table']['TEFF_ERR']))
+  again = evaluation.calibrate(params=params, meta=meta, data_dir='unused',
+                               settings=MCSettings(mc=4), batch_size=8, floor='constant')
+  assert again['a'] == good['a']
+  assert evaluation.load_checkpoint(checkpoint_dir=directory)[1]['calibration']['a'] == good['a']
+
+
+def test_calibration_of_a_retrained_model_at_the_same_step_is_ignored(tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
+  # Issue 21 (6): the record named the step only; a retrained model's best step had that number.
+  _fake_splits(monkeypatch, 24, {'dev': 2})
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  evaluation.calibrate(params=params, meta=meta, data_dir='unused', settings=MCSettings(mc=4),
+                       batch_size=8)
+  model = APOGEENet(channels=(4, 4), hidden=(16,))
+  other = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, N_PIXELS)))['params']
+  retrained = tmp_path / 'retrained'
+  checkpoint.save(checkpoint.make_manager(str(retrained)), 3, {'params': other},
+                  checkpoint.make_meta(model, PAPER_STANDARDIZER))
+  shutil.copy(os.path.join(directory, 'calibration.json'), retrained / 'calibration.json')
+  assert 'calibration' in evaluation.load_checkpoint(checkpoint_dir=directory)[1]
+  assert 'calibration' not in evaluation.load_checkpoint(checkpoint_dir=str(retrained))[1]
+
+
+def test_mc_too_small_for_a_sigma_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
+  # Issue 21 (6): --mc=1 wrote σ ≡ 0, and --calibrate --mc=1 replaced a good fit by a = 0.0025.
+  with pytest.raises(prediction.EvaluationError, match='--mc'):
+    MCSettings(mc=1)
+  MCSettings(mc=1, estimator='linear')  # linear: mc only asks for a σ
+  _fake_splits(monkeypatch, 24, {'dev': 2})
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  evaluation.calibrate(params=params, meta=meta, data_dir='unused', settings=MCSettings(mc=4),
+                       batch_size=8)
+  before = open(os.path.join(directory, 'calibration.json')).read()
+  with pytest.raises(prediction.EvaluationError, match='--calibrate needs at least'):
+    evaluation.calibrate(params=params, meta=meta, data_dir='unused',
+                         settings=MCSettings(mc=2), batch_size=8)
+  assert open(os.path.join(directory, 'calibration.json')).read() == before
