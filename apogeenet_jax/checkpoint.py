@@ -207,8 +207,25 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any, *,
     return None
   listing = '; '.join(f'{step_dir(manager, s)}: {r}' for s, r in failures)
   raise CheckpointError(
-      f'{manager.directory}: no step restores ({listing}). Restore the folder from a backup, or '
-      f'start afresh in a new workdir (or move {manager.directory} away).')
+      f'{manager.directory}: no step restores ({listing}). If this run\'s config differs from '
+      f'the one that saved them (model, ensemble_size), the steps may be intact: rerun with that '
+      f'config. Otherwise restore the folder from a backup, or start afresh in a new workdir '
+      f'(or move {manager.directory} away).')
+
+
+def newest_meta(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
+  """The ``meta`` item of the newest step whose meta reads (no arrays restored), or None.
+
+  A resume compares it with the new run's before restoring the state: a state saved by another
+  model shape cannot restore, and that must not read as a damaged checkpoint.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      out = manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+    except _RESTORE_ERRORS:
+      continue
+    return dict(out[META_ITEM])
+  return None
 
 
 def _reason(e: BaseException) -> str:

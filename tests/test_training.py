@@ -930,3 +930,41 @@ def test_overflowing_gradient_norm_stops_the_run_naming_the_step(tmp_path):
   with pytest.raises(train_state.TrainingError, match=r'non-finite gradient norm at step \d+'):
     training.train_and_evaluate(config, str(tmp_path), sources={'train': train,
                                                                 'dev': fake_source(8, 1)})
+
+
+def _steps_on_disk(workdir):
+  return sorted(p.name for p in (workdir / 'checkpoints').iterdir())
+
+
+def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_path, caplog):
+  # Issue 21 (5): another data_dir, configs/adapt.py, other channels or ensemble_size in a
+  # workdir used to resume (or fail with "restore from a backup") instead of being refused.
+  workdir = tmp_path / 'run'
+  training.train_and_evaluate(_config(max_epochs=1), str(workdir), sources=sources)
+  before = _steps_on_disk(workdir)
+  model = _config().model
+  for change, named in (({'data_dir': str(tmp_path / 'other')}, 'data_dir'),
+                        ({'model': {**model.to_dict(), 'channels': (4, 8)}}, 'model.channels'),
+                        ({'ensemble_size': 2}, 'ensemble_size'),
+                        ({'adapt': True, 'init_from': str(tmp_path / 'base')}, 'adapt')):
+    config = _config(max_epochs=2)
+    for k, v in change.items():
+      setattr(config, k, v)
+    with pytest.raises(training.ResumeMismatchError, match=rf'{workdir}.*{named}'):
+      training.train_and_evaluate(config, str(workdir), sources=sources)
+    assert _steps_on_disk(workdir) == before
+  with caplog.at_level('WARNING'):
+    training.train_and_evaluate(_config(max_epochs=2, log_every_steps=5), str(workdir),
+                                sources=sources)
+  assert any('log_every_steps' in r.getMessage() for r in caplog.records)
+  assert len(metric_writer.read_metrics(str(workdir))) == 2
+
+
+def test_init_from_its_own_workdir_is_refused(sources, tmp_path):
+  workdir = tmp_path / 'run'
+  training.train_and_evaluate(_config(max_epochs=1), str(workdir), sources=sources)
+  config = _config(adapt=True, init_from=str(workdir))
+  with pytest.raises(train_state.TrainingError, match="init_from.*run's own workdir"):
+    training.train_and_evaluate(config, str(workdir), sources=sources)
+  with pytest.raises(train_state.TrainingError, match="init_from.*run's own workdir"):
+    training.train_and_evaluate(config, str(tmp_path / 'run' / '.' ), sources=sources)
