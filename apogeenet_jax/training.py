@@ -53,7 +53,7 @@ from apogeenet_jax import (
 )
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.metric_writer import MetricWriter
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.model import PAPER_CHANNELS, PAPER_HIDDEN, APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.preemption import StopRequest
 from apogeenet_jax.sharding import make_mesh, replicate
@@ -96,7 +96,10 @@ def _check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any
   """Refuses a resume with another data set, model or optimiser; warns on other changes."""
   if 'config' not in saved_meta:
     return  # Checkpoints without a config (converted weights): nothing to compare.
-  old, new = _flat(saved_meta['config']), _flat(config_json)
+  # Runs saved before config.model listed the paper's architecture had an empty config.model.
+  defaults = {'model.channels': list(PAPER_CHANNELS), 'model.hidden': list(PAPER_HIDDEN)}
+  old = {**defaults, **_flat(saved_meta['config'])}
+  new = {**defaults, **_flat(config_json)}
   changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
   refused = [k for k in changed if k in _RUN_DEFINING or k.startswith('model.')]
   if refused:

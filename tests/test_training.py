@@ -964,7 +964,51 @@ def test_init_from_its_own_workdir_is_refused(sources, tmp_path):
   workdir = tmp_path / 'run'
   training.train_and_evaluate(_config(max_epochs=1), str(workdir), sources=sources)
   config = _config(adapt=True, init_from=str(workdir))
-  with pytest.raises(train_state.TrainingError, match="init_from.*run's own workdir"):
+  with pytest.raises(train_state.TrainingError, match=r"init_from.*run's own workdir"):
     training.train_and_evaluate(config, str(workdir), sources=sources)
-  with pytest.raises(train_state.TrainingError, match="init_from.*run's own workdir"):
+  with pytest.raises(train_state.TrainingError, match=r"init_from.*run's own workdir"):
     training.train_and_evaluate(config, str(tmp_path / 'run' / '.' ), sources=sources)
+
+
+_TRAIN_CLI = """
+import sys
+from absl import app
+import train
+from apogeenet_jax import train_inputs
+if sys.argv.pop(1) == 'fake':  # Sources that open: the config checks come next.
+  train_inputs.open_sources = lambda config, sources: ([{}] * 16, [{}] * 8)
+app.run(train.main)
+"""
+
+
+def test_train_py_shows_config_and_path_problems_as_one_line(tmp_path):
+  # Issue 21: each of these was a raw traceback (the model.channels override a KeyError).
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, 'PYTHONPATH': str(root), 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  (tmp_path / 'a_file').write_text('not a folder')
+  config = f'--config={root}/configs/test.py'
+  cases = [
+      ('fake', ['--config.input_mode=bogus'], "input_mode must be 'auto'"),
+      ('fake', ['--config.memory_dtype=int8'], 'memory_dtype'),
+      ('fake', ['--config.steps_per_call=0'], 'steps_per_call must be'),
+      ('fake', ['--config.steps_per_call=-2'], 'steps_per_call must be'),
+      ('real', [f'--config.data_dir={tmp_path}/none'], f'{tmp_path}/none'),
+      ('real', [], 'config.data_dir is empty'),
+      ('real', [f'--config.data_dir={tmp_path}/none', '--config.model.channels=(8,8)'],
+       f'{tmp_path}/none'),
+  ]
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _TRAIN_CLI, mode, config, f'--workdir={tmp_path}/w{k}', *flags],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+      for k, (mode, flags, _) in enumerate(cases)]
+  procs.append(subprocess.Popen(
+      [sys.executable, '-c', _TRAIN_CLI, 'real', config, f'--workdir={tmp_path}/a_file'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+  cases.append(('real', [], 'is a file, not a directory'))
+  for proc, (_, flags, message) in zip(procs, cases, strict=True):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, flags
+    assert 'Traceback' not in err, (flags, err[-2000:])
+    assert err.strip().splitlines()[-1].startswith('FATAL'), (flags, err[-500:])
+    assert message in err, (flags, err[-500:])
