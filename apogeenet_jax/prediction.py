@@ -66,8 +66,10 @@ class MCSettings:
                 if value < least]
     if self.mc == 1 and self.estimator == 'mc':
       problems.append('--mc must be 0 (no σ) or >= 2: the σ of one draw is 0')
-    if self.linear_draws == 1 or self.linear_draws < 0:
-      problems.append(f'--linear_draws must be 0 or >= 2, got {self.linear_draws}')
+    if (self.linear_draws == 1 or self.linear_draws < 0
+        or self.linear_draws > uncertainty.MAX_LINEAR_DRAWS):
+      problems.append(f'--linear_draws must be 0 or 2 … {uncertainty.MAX_LINEAR_DRAWS} (the '
+                      f'draws are held at once), got {self.linear_draws}')
     problems += [f'--{name} must be one of {choices}, got {value!r}'
                  for name, value, choices in (
                      ('uncertainty', self.estimator, uncertainty.ESTIMATORS),

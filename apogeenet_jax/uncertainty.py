@@ -70,6 +70,9 @@ LINEAR_MODES = ('vjp', 'jacrev', 'jvp')
 # network: 0.88–0.89× the MC-100 σ at 8.5× its speed; the delta method, --linear_draws=0, 1.20–1.22×
 # at 18–21×; README "Results and measurements").
 DEFAULT_LINEAR_DRAWS = 2
+# The M noisy Jacobians of a batch are held at once (M × 3 × batch × 8575 floats): 100000 ran
+# out of memory. Beyond this many the MC estimator (--uncertainty=mc) is the cheaper way.
+MAX_LINEAR_DRAWS = 100
 
 
 class UncertaintyError(ValueError):

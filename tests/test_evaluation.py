@@ -921,3 +921,59 @@ def test_mc_too_small_for_a_sigma_is_refused(tiny_checkpoint, tmp_path, monkeypa
     evaluation.calibrate(params=params, meta=meta, data_dir='unused',
                          settings=MCSettings(mc=2), batch_size=8)
   assert open(os.path.join(directory, 'calibration.json')).read() == before
+
+
+_EVALUATE_CLI = """
+import runpy, sys
+import numpy as np
+from apogeenet_jax import input_pipeline
+from apogeenet_jax.constants import N_PIXELS
+rng = np.random.default_rng(0)
+# A built data set of 3 stars per split: too few to calibrate on.
+input_pipeline.open_split = lambda data_dir, split, name='apogee': [
+    {'flux': rng.normal(300, 30, N_PIXELS).astype(np.float32),
+     'flux_err': np.ones(N_PIXELS, np.float32), 'labels': np.array([4.0, 3500.0, 0.0], np.float32),
+     'data_type': 0, 'apogee_id': f'2M{i}', 'snr': 50.0, 'ra': 1.0, 'dec': 2.0} for i in range(3)]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_evaluate_py_shows_each_user_error_as_one_line(tiny_checkpoint, tmp_path, monkeypatch):
+  # Issue 21: each of these was a raw traceback (--linear_draws=100000 ran out of memory).
+  (tmp_path / 'o1' / 'catalog.fits').mkdir(parents=True)
+  (tmp_path / 'o2').mkdir()
+  (tmp_path / 'o2' / 'figures').write_text('a file')
+  ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  common = [f'--checkpoint={ckpt}', '--data_dir=unused', '--mc=4', '--nofigures']
+  cases = [
+      ([*common, '--split=bogus', f'--output_dir={tmp_path}/o'], "'bogus' is not one of"),
+      ([*common, '--split=test', '--uncertainty=linear', '--linear_draws=1',
+        f'--output_dir={tmp_path}/o'], '--linear_draws must be 0 or 2'),
+      ([*common, '--split=test', '--uncertainty=linear', '--linear_draws=100000',
+        f'--output_dir={tmp_path}/o'], 'linear_draws'),
+      ([*common, '--calibrate', f'--output_dir={tmp_path}/o'], 'need at least'),
+      ([*common, '--split=test', f'--output_dir={tmp_path}/o1'], 'catalog.fits is a directory'),
+      ([*common, '--split=test', f'--output_dir={tmp_path}/o2'], 'figures is a file'),
+  ]
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, '-c', _EVALUATE_CLI,
+                             os.path.join(ROOT, 'evaluate.py'), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for flags, _ in cases]
+  for proc, (flags, message) in zip(procs, cases, strict=True):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, flags
+    assert 'Traceback' not in err, (flags, err[-2000:])
+    assert message in err, (flags, err[-800:])
+    assert 'FATAL' in err, (flags, err[-500:])  # FATAL …, or absl's FATAL Flags parsing error
+
+
+def test_calibrate_on_a_read_only_checkpoint_stops_before_predicting(tiny_checkpoint, tmp_path,
+                                                                     monkeypatch):
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  monkeypatch.setattr(evaluation.os, 'access', lambda path, mode: False)  # root ignores chmod
+  monkeypatch.setattr(prediction, 'predict_inputs', lambda *a, **k: pytest.fail('predicted'))
+  with pytest.raises(prediction.EvaluationError, match='no write permission'):
+    evaluation.calibrate(params=params, meta=meta, data_dir='unused', settings=MCSettings(mc=4))
