@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,8 +84,10 @@ def read_part(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str,
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
       header = json.loads(str(z['header']))
       part = {k.removeprefix('star_'): z[k] for k in z.files if k.startswith('star_')}
-  except (OSError, ValueError, KeyError) as e:
-    raise EvaluationError(f'{where}: not a part file of evaluate.py ({e})') from e
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    # A truncated or damaged file: BadZipFile names no file by itself.
+    raise EvaluationError(f'{where}: not a part file of evaluate.py, or a damaged one '
+                          f'({type(e).__name__}: {e}); rerun its shard') from e
   if header.get('format') != _PART_FORMAT:
     raise EvaluationError(f'{where}: part format {header.get("format")}, expected '
                           f'{_PART_FORMAT}')

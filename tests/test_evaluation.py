@@ -977,3 +977,12 @@ def test_calibrate_on_a_read_only_checkpoint_stops_before_predicting(tiny_checkp
   monkeypatch.setattr(prediction, 'predict_inputs', lambda *a, **k: pytest.fail('predicted'))
   with pytest.raises(prediction.EvaluationError, match='no write permission'):
     evaluation.calibrate(params=params, meta=meta, data_dir='unused', settings=MCSettings(mc=4))
+
+
+def test_a_truncated_part_file_is_named(tmp_path):
+  from apogeenet_jax import shards
+  data = shards.part_bytes({'pred': np.zeros((4, 3))}, {'format': 1})
+  path = tmp_path / 'part-00000-of-00002.npz'
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(prediction.EvaluationError, match=rf'{path}: not a part file'):
+    evaluation.merge([str(path)], str(tmp_path / 'o'))
