@@ -117,10 +117,23 @@ def make_manager(directory: file_io.PathLike, *, keep_latest: int = 1, create: b
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, Any],
          metrics: Mapping[str, float] | None = None, *, force: bool = False) -> None:
-  manager.save(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(dict(meta))}),
-               metrics=dict(metrics) if metrics is not None else None, force=force)
-  manager.wait_until_finished()
+  """Saves ``step``; a failure (disk full, permissions) is one CheckpointError, and orbax's
+  temporary folder of the step is removed: the earlier steps stay as they were."""
+  try:
+    manager.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(dict(meta))}),
+                 metrics=dict(metrics) if metrics is not None else None, force=force)
+    manager.wait_until_finished()
+  except Exception as e:  # OSError, or tensorstore's and orbax's own wrappers of it.
+    directory = epath.Path(manager.directory)
+    if jax.process_index() == 0 and directory.is_dir():
+      for tmp in directory.iterdir():
+        if tmp.name.startswith(f'{step}.orbax-checkpoint-tmp'):
+          tmp.rmtree(missing_ok=True)
+    raise CheckpointError(
+        f'{directory}: cannot save step {step}: {_reason(e)}. The earlier steps are intact: '
+        f'free space (or fix the folder) and rerun the same command to resume from the '
+        f'newest one.') from e
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
