@@ -13,6 +13,9 @@ writes into ``output_dir``:
   skipped.csv                 apStar files that could not be read, and why (apStar mode), in the
                               layout of the builder's report (``labels.write_problems``)
 
+All of them are written to a staging folder and moved into ``output_dir`` only when every one is
+written (``file_io.staged_outputs``): a failed run leaves the previous run's outputs whole.
+
 The pieces: ``prediction`` (MC settings, streaming batches through the jitted function, shards of
 the inputs), ``metrics`` (Tables 2–3, coverage), ``shards`` (part files and their merge),
 ``calibration`` (the σ calibration on dev), ``catalog`` and ``figures``. A shard predicts its stars
