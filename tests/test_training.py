@@ -159,7 +159,7 @@ def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
 def test_ensemble_step_same_params_on_1_and_2_devices(unrolled, monkeypatch):
   """A K-member step on a 2-device mesh equals the 1-device step (the gradient trap under vmap),
   in both layouts of the members."""
-  monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
+  monkeypatch.setattr(steps, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.0)
   state = train_state.create_ensemble_state(0, model, tx, ensemble_size=3)
   batches = _short_batches((5, 6))
@@ -180,7 +180,7 @@ def test_ensemble_member_equals_single_run_with_its_seeds(unrolled, monkeypatch)
   """Member k of a K-member step == a single network from seed k (its init and dropout keys),
   same batches; dropout on, 2 devices, so the per-member, per-device dropout keys are checked.
   Both layouts of the members (vmap: GPU/TPU; unrolled: CPU, ``members_unrolled``)."""
-  monkeypatch.setattr(training, 'members_unrolled', lambda mesh: unrolled)
+  monkeypatch.setattr(steps, 'members_unrolled', lambda mesh: unrolled)
   model, tx = _short_model(0.3)
   batches = _short_batches((5, 6, 7))
   ens, _ = _run_steps(model, tx, train_state.create_ensemble_state(0, model, tx, ensemble_size=3),
@@ -316,7 +316,7 @@ def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path
     out['dev_loss'] = next(script)
     return out
 
-  monkeypatch.setattr(training, 'evaluate_split', scripted)
+  monkeypatch.setattr(epochs, 'evaluate_split', scripted)
   config = _config(max_epochs=20, patience=5)
   state = training.train_and_evaluate(config, str(tmp_path), sources=sources)
   records = metric_writer.read_metrics(str(tmp_path))
