@@ -49,8 +49,11 @@ from ml_collections import config_flags
 
 from apogeenet_jax import (
     calibration,
+    catalog,
     checkpoint,
     evaluation,
+    file_io,
+    input_pipeline,
     metrics,
     prediction,
     sharding,
@@ -75,7 +78,8 @@ flags.DEFINE_enum('uncertainty', 'mc', list(uncertainty.ESTIMATORS),
 flags.DEFINE_integer('linear_draws', uncertainty.DEFAULT_LINEAR_DRAWS,
                      '--uncertainty=linear: M >= 2 = the noise-averaged Jacobian from M noise '
                      'draws (a lower bound on the MC σ; M times the cost); 0 = the Jacobian at '
-                     'the spectrum (delta method, deterministic).', lower_bound=0)
+                     'the spectrum (delta method, deterministic).', lower_bound=0,
+                     upper_bound=uncertainty.MAX_LINEAR_DRAWS)
 flags.DEFINE_enum('error_cap', 'median', list(uncertainty.ERROR_CAP_MODES),
                   'median: authors\' code (5× median, draw 0 noiseless); mean: paper text.')
 flags.DEFINE_integer('seed', 0, 'PRNG seed of the draws: same seed, same catalogue.')
@@ -133,9 +137,22 @@ def _check_shards(values):
   return True
 
 
+# Problems of the inputs, the checkpoint, the flags or the output folder, not bugs: one line.
+_USER_ERRORS = (checkpoint.CheckpointError, prediction.EvaluationError,
+                input_pipeline.InputPipelineError, calibration.CalibrationError,
+                catalog.CatalogError, file_io.StagedOutputError, uncertainty.UncertaintyError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  try:
+    _main()
+  except _USER_ERRORS as e:
+    raise SystemExit(f'FATAL {e}') from None
+
+
+def _main():
   if FLAGS.merge:
     _report(_run_or_exit(evaluation.merge, FLAGS.merge, FLAGS.output_dir,
                          make_figures=FLAGS.figures))
@@ -180,8 +197,7 @@ def _inputs():
 def _run_or_exit(fn, *args, **kwargs):
   try:
     return fn(*args, **kwargs)
-  except (checkpoint.CheckpointError, prediction.EvaluationError,
-          uncertainty.UncertaintyError) as e:
+  except _USER_ERRORS as e:
     # A problem of the checkpoint, the parts or the σ settings, not a bug: one line that says what is wrong.
     raise SystemExit(f'FATAL {e}') from None
 

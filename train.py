@@ -21,7 +21,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apogeenet_jax import checkpoint, sharding, training, workdir_lock
+from apogeenet_jax import (
+  checkpoint,
+  file_io,
+  input_pipeline,
+  sharding,
+  train_state,
+  training,
+  workdir_lock,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://…) for checkpoints, metrics and '
@@ -35,14 +43,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   config = FLAGS.config
+  workdir = file_io.as_path(FLAGS.workdir)
+  if not file_io.is_remote(workdir) and workdir.exists() and not workdir.is_dir():
+    raise SystemExit(f'FATAL --workdir {workdir} is a file, not a directory')
   if config.multihost:
     sharding.initialize_distributed()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
     training.train_and_evaluate(config, FLAGS.workdir)
-  except (workdir_lock.WorkdirLockedError, checkpoint.CheckpointError) as e:
-    # Problems of the workdir, not bugs: one line that says what to do, not a traceback.
+  except (workdir_lock.WorkdirLockedError, checkpoint.CheckpointError,
+          train_state.TrainingError, input_pipeline.InputPipelineError) as e:
+    # Problems of the workdir, the config or the data, not bugs: one line that says what to do,
+    # not a traceback.
     raise SystemExit(f'FATAL {e}') from None
 
 

@@ -38,9 +38,11 @@ was the alternative; it could not be applied to new stars. ``metrics.json``
 reports the coverage per data type, so a type that the fit misses shows up there.
 
 Storage: ``calibration.json`` in the checkpoint directory (beside orbax's step folders, which
-orbax ignores), written atomically, tied to the checkpoint step it was fitted for.
-``checkpoint.load_params`` puts it into ``meta['calibration']`` when the step matches; a newer
-best step (training went on) makes it stale and it is ignored with a warning. Per label the
+orbax ignores), written atomically, tied to the checkpoint step it was fitted for and to the
+digest of that step's parameters (``checkpoint.params_digest``).
+``checkpoint.load_params`` puts it into ``meta['calibration']`` when both match; a newer best
+step (training went on), or a retrained model whose best step has the same number, makes it
+stale and it is ignored with a warning. A record without finite coefficients is refused. Per label the
 record holds ``a``, ``b`` (the median floor over the dev stars, the floor itself when constant:
 a summary), ``floor`` {'model', 'coef' (native units: b² = exp(Φ·coef) in K² or dex²),
 'cv_nll' per candidate tried} and ``features`` (centre, scale, lo, hi of the three predicted
@@ -87,6 +89,11 @@ FLOOR_CHOICES = ('auto', *FLOOR_MODELS)  # 'auto': chosen per label by cross-val
 CV_FOLDS = 5
 _CV_SEED = 0  # the folds are a fixed permutation: the same dev split gives the same choice
 _LOG_CLIP = (-80.0, 80.0)  # exponents of the variance terms stay finite in float64
+
+
+# Fewest MC draws a fit is made on: σ_noise of fewer draws is mostly the draws' own scatter
+# (with error_cap='median' draw 0 is noiseless, so --mc=1 gives σ ≡ 0). Ours, not the paper's.
+MIN_CALIBRATION_DRAWS = 4
 
 
 class CalibrationError(ValueError):
@@ -421,9 +428,16 @@ def load(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
       missing = [n for n in LABEL_NAMES if n not in record[key]]
       if missing:
         raise CalibrationError(f'{path}: {key!r} lacks {missing}')
+    for key in ('a', 'b'):
+      bad = [n for n in LABEL_NAMES if not _finite_number(record[key][n])
+             or record[key][n] < 0 or (key == 'a' and record[key][n] == 0)]
+      if bad:
+        raise CalibrationError(f'{path}: {key!r} of {bad} is not a finite '
+                               f'{"positive" if key == "a" else "non-negative"} number: '
+                               f'{[record[key][n] for n in bad]}')
     for name, floor in record.get('floor', {}).items():
       _check_floor(path, name, floor, record.get('features', {}).get(name))
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, json.JSONDecodeError, TypeError, AttributeError) as e:
     raise CalibrationError(f'{path}: cannot read the calibration: {e}') from e
   return record
 
@@ -438,7 +452,14 @@ def _check_floor(path, name: str, floor: Mapping[str, Any], features: Mapping[st
   if len(floor.get('coef', ())) != width:
     raise CalibrationError(f'{path}: {name} {model!r} floor needs {width} coefficients, '
                            f'has {len(floor.get("coef", ()))}')
+  if not all(_finite_number(c) for c in floor.get('coef', ())):
+    raise CalibrationError(f'{path}: {name} floor coefficients are not all finite numbers: '
+                           f'{floor.get("coef")}')
   if model != 'constant' and (features is None or any(
       len(features.get(k, ())) != len(LABEL_NAMES) for k in ('centre', 'scale', 'lo', 'hi'))):
     raise CalibrationError(f'{path}: {name} {model!r} floor lacks its features\' '
                            'centre/scale/lo/hi')
+
+
+def _finite_number(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

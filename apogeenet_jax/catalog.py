@@ -61,6 +61,8 @@ FLAG_COLUMNS = ('FLAG_TEFF_GT_6700', 'FLAG_LOW_SNR_UNPHYSICAL', 'YSO_CANDIDATE',
 # DATA_SET column: the split's name capitalised ('train' → 'Train').
 DATA_SET_NAMES = {s: s.capitalize() for s in SPLITS}
 _UNITS = {'dex': u.dex, 'K': u.K}
+# How a unit FITS cannot hold ends a FITS column description (TCOMMn).
+_UNIT_NOTE = ' [unit: {}]'
 _LABEL_DESC = {'LOGG': 'surface gravity log g', 'TEFF': 'effective temperature',
                'FE_H': 'metallicity [Fe/H]'}
 
@@ -162,7 +164,7 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
     what = _LABEL_DESC[name]
     for suffix, arr, desc in (('', labels[:, j], f'{what}: reference label (empty: unlabelled)'),
                               ('_PRED', pred[:, j], f'{what}: APOGEE Net, {pred_desc}'),
-                              ('_ERR', pred_err[:, j], f'{what}: {total_desc} (empty: no σ)'),
+                              ('_ERR', pred_err[:, j], f'{what}: {total_desc} (empty: no sigma)'),
                               ('_ERR_NOISE', noise[:, j], f'{what}: {err_desc}'),
                               ('_ERR_MODEL', model[:, j],
                                f'{what}: std of the ensemble members\' means '
@@ -204,14 +206,25 @@ def _texts(values: Sequence[str] | None, n: int) -> list[str]:
 
 
 def write_fits(table: Table, path: str | os.PathLike) -> None:
-  """Writes ``table`` to FITS atomically, keeping 'dex' units (TUNIT) and descriptions (TCOMM)."""
-  hdu = fits.table_to_hdu(_without_dex(table))
+  """Writes ``table`` to FITS atomically: units FITS readers parse in TUNITn, descriptions in
+  TCOMMn.
+
+  FITS (and astropy's FITS reader) has no 'dex' nor log() units: a logarithmic column (log g,
+  [Fe/H] and their σ) gets no TUNIT, and its unit goes at the end of its description
+  (``_UNIT_NOTE``), from which ``read_catalog`` restores it. Read with plain astropy, the file
+  gives no unit warning.
+  """
+  hdu = fits.table_to_hdu(_ascii_strings(_without_dex(table)))
   for i, col in enumerate(table.columns.values(), start=1):
+    description = col.description or ''
     if col.unit is not None:
-      hdu.header[f'TUNIT{i}'] = col.unit.to_string()
-    if col.description:
+      try:
+        hdu.header[f'TUNIT{i}'] = col.unit.to_string('fits')
+      except ValueError:
+        description += _UNIT_NOTE.format(col.unit.to_string())
+    if description:
       # FITS headers are ASCII; long comments continue on CONTINUE cards.
-      hdu.header[f'TCOMM{i}'] = col.description.encode('ascii', 'replace').decode()
+      hdu.header[f'TCOMM{i}'] = description.encode('ascii', 'replace').decode()
   try:
     with file_io.atomic_path(path) as tmp:
       fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp, overwrite=True)
@@ -229,16 +242,37 @@ def write_csv(table: Table, path: str | os.PathLike) -> None:
 
 
 def read_catalog(path: str | os.PathLike) -> Table:
-  """Reads a catalogue written by ``write_fits`` or ``write_csv``."""
+  """Reads a catalogue written by ``write_fits`` or ``write_csv``, with its units and column
+  descriptions (FITS: from TCOMMn, and the units FITS cannot hold from them)."""
   path = os.fspath(path)
   if path.endswith('.csv'):
     return Table.read(path, format='ascii.ecsv')
   with warnings.catch_warnings():
-    warnings.simplefilter('ignore', u.UnitsWarning)  # 'dex' is not a FITS unit: restored below
+    warnings.simplefilter('ignore', u.UnitsWarning)  # Files written before TCOMM held 'dex'.
     table = Table.read(path)
-  for col in table.columns.values():
+  header = fits.getheader(path, 1)
+  for i, col in enumerate(table.columns.values(), start=1):
+    description = str(header.get(f'TCOMM{i}', ''))
+    for unit in ('dex',):
+      if description.endswith(_UNIT_NOTE.format(unit)):
+        description = description[:-len(_UNIT_NOTE.format(unit))]
+        col.unit = u.Unit(unit)
     if col.unit is not None and col.unit.to_string() == 'dex':
       col.unit = u.dex
+    if description:
+      col.description = description
+  return table
+
+
+def _ascii_strings(table: Table) -> Table:
+  """FITS strings are ASCII: a non-ASCII file name is stored with backslash escapes
+  ('donn\\xe9es'); the CSV catalogue keeps it as it is."""
+  for name in table.colnames:
+    col = table[name]
+    if col.dtype.kind == 'U' and not all(str(v).isascii() for v in col):
+      table[name] = np.asarray([str(v).encode('ascii', 'backslashreplace').decode()
+                                for v in col], dtype=str)
+      table[name].description = col.description
   return table
 
 

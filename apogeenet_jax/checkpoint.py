@@ -15,6 +15,7 @@ the arrays there through TensorStore's GCS driver).
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
@@ -124,11 +126,25 @@ def make_manager(directory: file_io.PathLike, *, keep_latest: int = 1, create: b
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, Any],
          metrics: Mapping[str, float] | None = None, *, force: bool = False) -> None:
   """Writes one step: ``state`` (a saved TrainState, ``to_saved``, or ``params_only``) and
-  ``meta`` (``make_meta``); ``metrics`` with ``BEST_METRIC`` make it a candidate for best."""
-  manager.save(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(dict(meta))}),
-               metrics=dict(metrics) if metrics is not None else None, force=force)
-  manager.wait_until_finished()
+  ``meta`` (``make_meta``); ``metrics`` with ``BEST_METRIC`` make it a candidate for best.
+
+  A failure (disk full, permissions) is one CheckpointError, and orbax's
+  temporary folder of the step is removed: the earlier steps stay as they were."""
+  try:
+    manager.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(dict(meta))}),
+                 metrics=dict(metrics) if metrics is not None else None, force=force)
+    manager.wait_until_finished()
+  except Exception as e:  # OSError, or tensorstore's and orbax's own wrappers of it.
+    directory = epath.Path(manager.directory)
+    if jax.process_index() == 0 and directory.is_dir():
+      for tmp in directory.iterdir():
+        if tmp.name.startswith(f'{step}.orbax-checkpoint-tmp'):
+          tmp.rmtree(missing_ok=True)
+    raise CheckpointError(
+        f'{directory}: cannot save step {step}: {_reason(e)}. The earlier steps are intact: '
+        f'free space (or fix the folder) and rerun the same command to resume from the '
+        f'newest one.') from e
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
@@ -221,8 +237,25 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any, *,
     return None
   listing = '; '.join(f'{step_dir(manager, s)}: {r}' for s, r in failures)
   raise CheckpointError(
-      f'{manager.directory}: no step restores ({listing}). Restore the folder from a backup, or '
-      f'start afresh in a new workdir (or move {manager.directory} away).')
+      f'{manager.directory}: no step restores ({listing}). If this run\'s config differs from '
+      f'the one that saved them (model, ensemble_size), the steps may be intact: rerun with that '
+      f'config. Otherwise restore the folder from a backup, or start afresh in a new workdir '
+      f'(or move {manager.directory} away).')
+
+
+def newest_meta(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
+  """The ``meta`` item of the newest step whose meta reads (no arrays restored), or None.
+
+  A resume compares it with the new run's before restoring the state: a state saved by another
+  model shape cannot restore, and that must not read as a damaged checkpoint.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      out = manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+    except _RESTORE_ERRORS:
+      continue
+    return dict(out[META_ITEM])
+  return None
 
 
 def _reason(e: BaseException) -> str:
@@ -260,8 +293,20 @@ def load_params(directory: file_io.PathLike, *, step: int | None = None, best: b
   meta = _checked_meta(dict(out[META_ITEM]), where)
   meta['step'] = int(step)
   params = _checked_params(out[STATE_ITEM], ensemble_size(meta), where)
+  meta['params_digest'] = params_digest(params)
   _attach_calibration(meta, directory, step)
   return params, meta
+
+
+def params_digest(params: Any) -> str:
+  """sha256 (16 hex digits) of the parameters' names, shapes, dtypes and bytes: the identity
+  of a checkpoint's weights, which a step number is not (a retrained run reuses the numbers)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    array = np.asarray(leaf)
+    h.update(f'{jax.tree_util.keystr(path)}:{array.shape}:{array.dtype}'.encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+  return h.hexdigest()[:16]
 
 
 def _checked_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
@@ -286,14 +331,29 @@ def _checked_params(state: Any, k: int, where: str) -> Any:
 
 
 def _attach_calibration(meta: dict[str, Any], directory: epath.Path, step: int) -> None:
-  """meta['calibration'] = the directory's calibration.json when it was fitted for ``step``."""
-  record = calibration.load(directory)
+  """meta['calibration'] = the directory's calibration.json when it was fitted for ``step``
+  and these very parameters (``params_digest``).
+
+  A file that cannot be used goes to meta['calibration_problem'] instead of raising: loading
+  the weights must still work for ``--calibration=none`` and for ``--calibrate``, which
+  replaces it; ``evaluation`` refuses to run with the calibration on (``auto``) and says why.
+  """
+  log = logging.getLogger('absl')
+  try:
+    record = calibration.load(directory)
+  except calibration.CalibrationError as e:
+    meta['calibration_problem'] = str(e)
+    log.warning('%s', e)
+    return
   if record is None:
     return
-  if int(record['step']) == int(step):
-    meta['calibration'] = record
+  path = calibration.path_in(directory)
+  if int(record['step']) != int(step):
+    log.warning('%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
+                'evaluate.py --calibrate again).', path, record['step'], step)
+  elif record.get('params_digest') != meta['params_digest']:
+    log.warning('%s: calibration fitted for other weights at step %d (parameter digest %s, these '
+                'are %s; a retrained model?): ignored (run evaluate.py --calibrate again).',
+                path, step, record.get('params_digest', 'not recorded'), meta['params_digest'])
   else:
-    logging.getLogger('absl').warning(
-        '%s: calibration fitted for step %s, not for the restored step %d: ignored (run '
-        'evaluate.py --calibrate again).', calibration.path_in(directory),
-        record['step'], step)
+    meta['calibration'] = record

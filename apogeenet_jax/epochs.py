@@ -85,8 +85,14 @@ def adaptation_indices(data_type: np.ndarray, *, fraction: float, seed: int, ada
 
 
 def check_finite(losses: Any, first_step: int) -> float:
-  """Raises at the first non-finite loss of a call that began after ``first_step`` steps;
-  returns the call's last loss."""
+  """Raises at the first non-finite loss or gradient norm of a call that began after
+  ``first_step`` steps; returns the call's last loss.
+
+  ``losses``: {'loss': (k,), 'grad_norm': (k,)} (``steps.make_train_steps``) or a (k,) loss.
+  """
+  norms = None
+  if isinstance(losses, Mapping):
+    losses, norms = losses['loss'], np.asarray(losses['grad_norm']).reshape(-1)
   losses = np.asarray(losses).reshape(-1)
   bad = np.flatnonzero(~np.isfinite(losses))
   if len(bad):
@@ -94,6 +100,13 @@ def check_finite(losses: Any, first_step: int) -> float:
         f'non-finite training loss {losses[bad[0]]} at step {first_step + bad[0] + 1}: stopping '
         f'(lower the learning rate, check the inputs for huge fluxes, or resume from the last '
         f'good checkpoint)')
+  bad = np.flatnonzero(~np.isfinite(norms)) if norms is not None else ()
+  if len(bad):
+    # Clipping would scale this update, and every later one like it, to zero: no learning.
+    raise TrainingError(
+        f'non-finite gradient norm at step {first_step + bad[0] + 1} (loss {losses[bad[0]]:.4g}):'
+        f' stopping, the update would be zero. A spectrum with absurd flux (e.g. 1e38) is the '
+        f'usual cause: rebuild the data set, whose flux range check skips such files.')
   return float(losses[-1])
 
 

@@ -13,6 +13,9 @@ writes into ``output_dir``:
   skipped.csv                 apStar files that could not be read, and why (apStar mode), in the
                               layout of the builder's report (``labels.write_problems``)
 
+All of them are written to a staging folder and moved into ``output_dir`` only when every one is
+written (``file_io.staged_outputs``): a failed run leaves the previous run's outputs whole.
+
 The pieces: ``prediction`` (MC settings, streaming batches through the jitted function, shards of
 the inputs), ``metrics`` (Tables 2–3, coverage), ``shards`` (part files and their merge),
 ``calibration`` (the σ calibration on dev), ``catalog`` and ``figures``. A shard predicts its stars
@@ -64,6 +67,10 @@ SKIPPED_CSV = 'skipped.csv'
 FIGURES_DIR = 'figures'
 
 
+# A run that read no star writes its report here when an earlier run's catalogue is in the folder.
+FAILED_SKIPPED_CSV = 'skipped-failed-run.csv'
+
+
 CALIBRATION_MODES = ('auto', 'none')  # auto: apply the checkpoint's calibration when it has one
 
 
@@ -81,6 +88,11 @@ def output_dir_problem(path: str | epath.PathLike) -> str | None:
     return None
   if path.exists() and not path.is_dir():
     return f'{path} exists and is not a directory'
+  for name in (CATALOG_FITS, CATALOG_CSV, METRICS_JSON, SKIPPED_CSV):
+    if (path / name).is_dir():
+      return f'{path / name} is a directory; the run writes a file there (move it away)'
+  if (path / FIGURES_DIR).exists() and not (path / FIGURES_DIR).is_dir():
+    return f'{path / FIGURES_DIR} is a file; the run writes its figures into a folder there'
   # The nearest existing ancestor is where the folder would be created.
   existing = path.resolve()
   while not existing.exists():
@@ -166,29 +178,44 @@ def _remove_stale_outputs(output_dir: epath.Path, out: Mapping[str, Any]) -> Non
 
 def _write_outputs(merged: Mapping[str, np.ndarray], header: Mapping[str, Any],
                    output_dir: epath.Path, make_figures: bool) -> dict[str, Any]:
-  """Writes skipped.csv, the catalogue, metrics.json and the figures; returns what it wrote."""
-  output_dir.mkdir(parents=True, exist_ok=True)
+  """Writes skipped.csv, the catalogue, metrics.json and the figures; returns what it wrote.
+
+  All of them go to a staging folder first and move into ``output_dir`` only when every one is
+  written (``file_io.staged_outputs``): a failure (disk full, a folder in the way) leaves the
+  previous run's outputs whole and adds nothing of this one.
+  """
   out = {'catalog_fits': None, 'catalog_csv': None, 'metrics_json': None, 'skipped_csv': None,
          'figures': [], 'metrics': None, 'part': None, 'n_skipped': len(merged['problems'])}
-  if header['apstar']:
-    # Written before anything can fail: when no file at all is readable, this says why.
-    out['skipped_csv'] = str(output_dir / SKIPPED_CSV)
-    write_problems([Problem(*row) for row in merged['problems'].tolist()], out['skipped_csv'])
+  problems = [Problem(*row) for row in merged['problems'].tolist()]
   if len(merged['pred']) == 0:
+    # A failed run: the report says why, beside (never over) an earlier run's catalogue.
+    out['skipped_csv'] = (output_dir / (SKIPPED_CSV if not (output_dir / CATALOG_FITS).exists()
+                                        else FAILED_SKIPPED_CSV))
+    if header['apstar']:
+      write_problems(problems, out['skipped_csv'])
     raise EvaluationError(f'no star could be read ({out["n_skipped"]} files skipped, listed in '
                           f'{out["skipped_csv"]})')
   table = _build_table(merged, header)
-  out['catalog_fits'] = str(output_dir / CATALOG_FITS)
-  out['catalog_csv'] = str(output_dir / CATALOG_CSV)
-  catalog.write_fits(table, out['catalog_fits'])
-  catalog.write_csv(table, out['catalog_csv'])
-  if header['splits']:
-    out['metrics'] = metrics.catalog_metrics(merged, header)
-    out['metrics_json'] = str(output_dir / METRICS_JSON)
-    _write_json_atomic(out['metrics'], output_dir / METRICS_JSON)
-  if make_figures:
-    out['figures'] = figures.make_figures(table, str(output_dir / FIGURES_DIR),
-                                          with_labels=bool(header['splits']))
+  try:
+    with file_io.staged_outputs(output_dir) as stage:
+      if header['apstar']:
+        out['skipped_csv'] = str(output_dir / SKIPPED_CSV)
+        write_problems(problems, stage / SKIPPED_CSV)
+      catalog.write_fits(table, stage / CATALOG_FITS)
+      catalog.write_csv(table, stage / CATALOG_CSV)
+      out['catalog_fits'] = str(output_dir / CATALOG_FITS)
+      out['catalog_csv'] = str(output_dir / CATALOG_CSV)
+      if header['splits']:
+        out['metrics'] = metrics.catalog_metrics(merged, header)
+        out['metrics_json'] = str(output_dir / METRICS_JSON)
+        _write_json_atomic(out['metrics'], stage / METRICS_JSON)
+      if make_figures:
+        staged = figures.make_figures(table, str(stage / FIGURES_DIR),
+                                      with_labels=bool(header['splits']))
+        out['figures'] = [str(output_dir / FIGURES_DIR / os.path.basename(p)) for p in staged]
+  except (OSError, catalog.CatalogError, UnicodeError) as e:
+    raise EvaluationError(f'{output_dir}: the outputs of this run could not be written, the '
+                          f'earlier ones are unchanged: {e}') from e
   _remove_stale_outputs(output_dir, out)
   out.update(n_stars=len(table), table=table, sigma=header['run']['sigma'],
              calibrated=header['calibration'] is not None)
@@ -234,8 +261,14 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
   if settings.mc < 1:
     raise EvaluationError('--calibrate needs Monte Carlo draws (--mc >= 1): σ_noise is part of '
                           'the fitted total')
+  if settings.estimator == 'mc' and settings.mc < calibration.MIN_CALIBRATION_DRAWS:
+    raise EvaluationError(f'--calibrate needs at least --mc={calibration.MIN_CALIBRATION_DRAWS}'
+                          f' draws, got {settings.mc}: σ of fewer draws is mostly noise itself, '
+                          f'and the fit would replace a good one')
   if not data_dir:
     raise EvaluationError('--calibrate needs --data_dir (it fits on the dev split)')
+  if save and (problem := _calibration_unwritable(meta)):
+    raise EvaluationError(problem)  # Before minutes of prediction, not after.
   split = CALIBRATION_SPLIT
   part = prediction.predict_inputs(params, meta, settings, prediction.even_batch_size(batch_size),
                          prediction.input_sources([split], data_dir, ()), Shard())
@@ -244,7 +277,8 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
     record = calibration.fit(part['pred'], part['labels'], part['pred_err'], standardizer.std,
                              floor=floor, step=meta.get('step'), split=split,
                              settings=settings.record(),
-                             ensemble_size=checkpoint.ensemble_size(meta))
+                             ensemble_size=checkpoint.ensemble_size(meta),
+                             params_digest=meta.get('params_digest'))
   except calibration.CalibrationError as e:
     raise EvaluationError(f'{data_dir} {split} split: {e}') from e
   logging.info('Calibration: %s', calibration.describe(record))
@@ -252,14 +286,35 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
     if not meta.get('checkpoint_dir') or meta.get('step') is None:
       raise EvaluationError('cannot store a calibration: meta has no checkpoint_dir/step '
                             '(load it with load_checkpoint)')
-    record['path'] = calibration.save(meta['checkpoint_dir'], record)
+    try:
+      record['path'] = calibration.save(meta['checkpoint_dir'], record)
+    except calibration.CalibrationError as e:
+      raise EvaluationError(str(e)) from e
   return record
+
+
+def _calibration_unwritable(meta: Mapping[str, Any]) -> str | None:
+  """Why calibration.json cannot be written beside the checkpoint, or None (local folders only:
+  object storage shows its permissions when writing)."""
+  directory = meta.get('checkpoint_dir')
+  if not directory or file_io.is_remote(directory):
+    return None
+  path = calibration.path_in(directory)
+  if not os.access(directory, os.W_OK | os.X_OK) or (path.exists()
+                                                      and not os.access(path, os.W_OK)):
+    return (f'{path}: cannot store a calibration there (no write permission); copy the '
+            f'checkpoint to a writable folder and calibrate that copy')
+  return None
 
 
 def _calibration_in_use(meta: Mapping[str, Any], mode: str, settings: MCSettings
                         ) -> dict[str, Any] | None:
   if mode not in CALIBRATION_MODES:
     raise EvaluationError(f'--calibration must be one of {CALIBRATION_MODES}, got {mode!r}')
+  if mode == 'auto' and meta.get('calibration_problem') and 'calibration' not in meta:
+    raise EvaluationError(f'{meta["calibration_problem"]}. Fix or delete that file, fit a new '
+                          'one with evaluate.py --calibrate, or use --calibration=none for the '
+                          'raw σ')
   record = meta.get('calibration') if mode == 'auto' else None
   if record is None or settings.sigma == NO_SIGMA:
     return record

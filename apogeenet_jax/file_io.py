@@ -106,3 +106,63 @@ def _remote_atomic_path(path: epath.Path) -> Iterator[str]:
             dst.closed = True
         raise
       dst.close()
+
+
+class StagedOutputError(OSError):
+  """The outputs of a run cannot be moved into place (a folder or file is in the way)."""
+
+
+def _files_below(root: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(d, name), root)
+                for d, _, names in os.walk(root) for name in names)
+
+
+def _in_the_way(directory: epath.Path, relative: str) -> str | None:
+  """Why ``directory / relative`` cannot receive a file (a folder there, a file above), or None."""
+  target = directory / relative
+  if target.is_dir():
+    return f'{target} is a directory'
+  for parent in target.parents:
+    if parent == directory or len(str(parent)) < len(str(directory)):
+      break
+    if parent.exists() and not parent.is_dir():
+      return f'{parent} is a file, not a directory'
+  return None
+
+
+@contextlib.contextmanager
+def staged_outputs(directory: PathLike) -> Iterator[epath.Path]:
+  """Yields an empty staging folder for ALL the outputs of one run; when the body succeeds, each
+  file written below it moves to the same relative path under ``directory``. A body that fails
+  (disk full, an unencodable name, a crash) leaves ``directory`` as it was: never half of one run
+  beside half of another.
+
+  Locally the staging folder is a hidden ``.staging-*`` folder inside ``directory`` (same file
+  system: each move is an ``os.replace``), and every target is checked before the first move, so
+  a folder in the way stops the run with nothing moved. On object storage the files are staged
+  in a local temporary folder and uploaded one by one (each upload atomic, ``atomic_path``).
+  Raises StagedOutputError naming the path in the way.
+  """
+  if is_remote(directory):
+    remote = epath.Path(directory)
+    with tempfile.TemporaryDirectory(prefix='apogeenet-stage-') as local:
+      yield epath.Path(local)
+      for relative in _files_below(local):
+        with atomic_path(remote / relative) as tmp:
+          shutil.copyfile(os.path.join(local, relative), tmp)
+    return
+  target = as_path(directory)
+  target.mkdir(parents=True, exist_ok=True)
+  stage = tempfile.mkdtemp(dir=os.fspath(target), prefix='.staging-')
+  try:
+    yield epath.Path(stage)
+    written = _files_below(stage)
+    problems = [p for p in (_in_the_way(target, r) for r in written) if p]
+    if problems:
+      raise StagedOutputError(f'{target}: cannot put the outputs in place, nothing was '
+                              f'changed: {"; ".join(problems)}')
+    for relative in written:
+      os.makedirs(os.path.dirname(os.fspath(target / relative)), exist_ok=True)
+      os.replace(os.path.join(stage, relative), os.fspath(target / relative))
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)

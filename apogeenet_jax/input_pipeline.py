@@ -97,7 +97,36 @@ def open_split(data_dir: str | os.PathLike, split: str, name: str = DEFAULT_NAME
         f'{builder_dir}: no split {split!r} (has {sorted(builder.info.splits.keys())})')
   source = builder.as_data_source(split=split)
   logging.info('Opened %s split %r: %d examples.', builder_dir, split, len(source))
-  return source
+  return _BuiltSplit(source, builder_dir, split, name)
+
+
+class _BuiltSplit(Sequence[Mapping[str, Any]]):
+  """A split of the built data set whose read errors name its shard files (a truncated or
+  bit-flipped array_record shard raises riegeli's RuntimeError, which names none). Every other
+  attribute (``dataset_info`` …) is the TFDS data source's."""
+
+  def __init__(self, source: Sequence, builder_dir: epath.Path, split: str, name: str):
+    self._source, self._builder_dir, self._split, self._name = source, builder_dir, split, name
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    try:
+      return self._source[index]
+    except IndexError:
+      raise
+    except Exception as e:  # riegeli, array_record and TFDS decoding raise various types.
+      shards = sorted(str(p) for p in self._builder_dir.iterdir()
+                      if p.name.startswith(f'{self._name}-{self._split}.'))
+      first = (str(e).strip().splitlines() or [''])[0][:300]
+      raise InputPipelineError(
+          f'{self._builder_dir}: record {index} of the {self._split!r} split cannot be read '
+          f'({type(e).__name__}: {first}); its shard file is damaged: {", ".join(shards)}. '
+          f'Rebuild the data set (python -m tfds_apogee.build … --overwrite).') from e
+
+  def __getattr__(self, attribute):
+    return getattr(self._source, attribute)
 
 
 class ApStarFiles(Sequence[Mapping[str, Any]]):

@@ -32,6 +32,11 @@ REQUIRED_COLUMNS = ('APOGEE_ID', *constants.LABEL_NAMES, 'DATA_TYPE')
 SKIP_REPORT_COLUMNS = ('file', 'apogee_id', 'reason')
 # ASPCAP and friends write -9999 for "no value"; such a label must never reach training.
 _SENTINEL = -9999.0
+# Physical range of each label (ours: wide enough for every star of §2.2–2.4, from brown-dwarf
+# boundary M dwarfs to hot stars, giants to dwarfs, the most metal-poor to super-solar). A value
+# outside it is a units mix-up or a corrupt row: it would dominate the standardiser and the loss
+# (TEFF = 1e30 trains with a Teff mean of 1e28; 1e39 overflows float32).
+LABEL_RANGES = {'LOGG': (-1.5, 6.5), 'TEFF': (1000.0, 60000.0), 'FE_H': (-5.0, 2.0)}
 # Excel's "CSV UTF-8" starts with a byte-order mark, which astropy would glue to the first name.
 _UTF8_BOM = b'\xef\xbb\xbf'
 
@@ -108,7 +113,7 @@ def read_label_catalog(path: str | os.PathLike) -> list[LabelledStar]:
 
   Raises:
     LabelCatalogError: unreadable, missing columns, duplicate IDs, non-finite or -9999 labels,
-      unknown DATA_TYPE or SPLIT.
+      labels outside ``LABEL_RANGES`` (naming the rows), unknown DATA_TYPE or SPLIT.
   """
   path = pathlib.Path(path)
   table = _read_table(path)
@@ -175,6 +180,13 @@ def _read_labels(path: pathlib.Path, table: Table, by_upper: dict[str, str], ids
       raise LabelCatalogError(
           f'{path}: {len(rows)} non-finite, empty or -9999 {name} value(s), e.g. '
           f'{[ids[i] for i in rows[:5]]}; remove those rows')
+    lo, hi = LABEL_RANGES[name]
+    rows = np.flatnonzero((values < lo) | (values > hi))
+    if len(rows):
+      listed = ', '.join(f'row {i} ({ids[i]}: {values[i]:g})' for i in rows[:5])
+      raise LabelCatalogError(
+          f'{path}: {len(rows)} {name} outside its physical range [{lo:g}, {hi:g}]: {listed}'
+          f'{" …" if len(rows) > 5 else ""}; fix or remove those rows')
     labels[:, j] = values
   return labels
 

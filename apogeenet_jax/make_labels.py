@@ -25,6 +25,9 @@ how far each relation can be trusted:
     PROVENANCE and ALSO_IN columns; validated with ``apogeenet_jax.labels.read_label_catalog``.
 Outputs: --output (FITS), and beside it labels_report.csv (rows each cut removed) and
 labels_summary.json (counts, the MStar log g cross-check, the YSO network's synthetic test).
+The three are written to a staging folder and validated first, then moved into place together
+(``file_io.staged_outputs``): a failed run leaves an earlier catalogue and its reports as they
+were. An --output that is also one of the inputs is refused.
 """
 
 import csv
@@ -38,6 +41,8 @@ import ml_collections
 from absl import app, flags, logging
 from astropy.table import Table
 
+from apogeenet_jax import file_io
+from apogeenet_jax import labels as label_catalog
 from apogeenet_jax.label_sources import common, isochrones, merge, mstar, relations
 from apogeenet_jax.label_sources import payne as payne_source
 
@@ -85,8 +90,25 @@ def _yso_network(request: LabelRequest) -> dict[str, Any]:
   return yso_photometric.train(iso, request.yso_workdir, config)
 
 
+def _refuse_output_over_inputs(request: LabelRequest) -> None:
+  """--output (or a report beside it) must not replace one of the tables it is made from."""
+  directory = os.path.dirname(os.path.abspath(request.output))
+  outputs = {os.path.realpath(p) for p in (request.output, os.path.join(directory, REPORT_NAME),
+                                           os.path.join(directory, SUMMARY_NAME))}
+  feh = request.feh_relation if isinstance(request.feh_relation, str | os.PathLike) else None
+  for given in (request.payne, request.photometry, feh, request.yso_members,
+                *request.isochrones):
+    if given and os.path.realpath(given) in outputs:
+      raise common.SourceTableError(f'{given}: the output {request.output} (or its report) is '
+                                    'also an input; write the catalogue elsewhere')
+
+
 def make_labels(request: LabelRequest) -> tuple[Table, list[common.Cut], dict[str, Any]]:
-  """Builds, writes and validates the catalogue. Returns (table, cut report, summary)."""
+  """Builds, validates and writes the catalogue. Returns (table, cut report, summary).
+
+  The catalogue, labels_report.csv and labels_summary.json appear together or not at all.
+  """
+  _refuse_output_over_inputs(request)
   # Fail on missing user data before any long step.
   feh = request.feh_relation
   if request.photometry is not None and not callable(feh):
@@ -114,13 +136,19 @@ def make_labels(request: LabelRequest) -> tuple[Table, list[common.Cut], dict[st
     parts.append(yso_photometric.yso_labels(request.yso_members, request.yso_workdir,
                                             fe_h=request.yso_fe_h, report=report))
   table = merge.merge(parts, report)
-  stars = merge.write_labels(table, request.output)
   directory = os.path.dirname(os.path.abspath(request.output))
-  common.write_cut_report(report, os.path.join(directory, REPORT_NAME))
-  summary['counts'] = {t: int(sum(s.data_type == t for s in stars)) for t in merge.PRECEDENCE}
-  summary['output'] = os.path.abspath(request.output)
-  with open(os.path.join(directory, SUMMARY_NAME), 'w') as f:
-    json.dump(summary, f, indent=1)
+  with file_io.staged_outputs(directory) as stage:
+    # Validated (read back) in the staging folder: a catalogue that fails never replaces one.
+    staged = stage / os.path.basename(request.output)
+    try:
+      stars = merge.write_labels(table, staged)
+    except label_catalog.LabelCatalogError as e:
+      raise label_catalog.LabelCatalogError(
+          f'{str(e).replace(str(staged), request.output)} (nothing was written)') from None
+    common.write_cut_report(report, stage / REPORT_NAME)
+    summary['counts'] = {t: int(sum(s.data_type == t for s in stars)) for t in merge.PRECEDENCE}
+    summary['output'] = os.path.abspath(request.output)
+    (stage / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
   logging.info('Wrote %s: %s', request.output, summary['counts'])
   return table, report, summary
 
@@ -169,7 +197,8 @@ def main(argv):
       yso_workdir=f.yso_workdir, yso_config=f.yso_config, yso_fe_h=f.yso_fe_h)
   try:
     _, _, summary = make_labels(request)
-  except (common.MissingUserDataError, common.SourceTableError) as e:
+  except (common.MissingUserDataError, common.SourceTableError,
+          label_catalog.LabelCatalogError, file_io.StagedOutputError) as e:
     raise app.UsageError(str(e)) from e
   print(json.dumps(summary['counts']))
 

@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,8 +40,9 @@ def run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str, 
                 ) -> dict[str, Any]:
   """What the catalogue and metrics need besides the per-star arrays; JSON, equal in all parts.
 
-  'inputs' (name, number of stars, digest of the apStar file list) lets a merge refuse parts
-  that saw other inputs (another folder listing, another build of the data set).
+  'inputs' (name, number of stars, digest of the apStar file list or the build's input
+  fingerprint: ``_digest``) lets a merge refuse parts that saw other inputs (another folder
+  listing, another build of the data set, even with equal split sizes).
   """
   standardizer = checkpoint.standardizer_from_meta(meta)
   # The σ settings as one dict (``MCSettings.record``: 'mc' counts the draws actually made).
@@ -56,9 +58,14 @@ def run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str, 
 
 
 def _digest(source) -> str:
-  if not isinstance(source, input_pipeline.ApStarFiles):
-    return ''
-  return hashlib.sha256('\n'.join(source.paths).encode()).hexdigest()[:16]
+  """What identifies an input: the apStar file list, or for a split of the built data set the
+  build's input fingerprint (catalogue bytes, split seed, each file's size and mtime), so parts
+  of two builds of the same stars with other labels are told apart."""
+  if isinstance(source, input_pipeline.ApStarFiles):
+    return hashlib.sha256('\n'.join(source.paths).encode()).hexdigest()[:16]
+  info = getattr(source, 'dataset_info', None)
+  metadata = getattr(info, 'metadata', None) or {}
+  return str(metadata.get('input_fingerprint', ''))[:16]
 
 
 def part_bytes(part: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> bytes:
@@ -74,8 +81,10 @@ def read_part(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str,
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
       header = json.loads(str(z['header']))
       part = {k.removeprefix('star_'): z[k] for k in z.files if k.startswith('star_')}
-  except (OSError, ValueError, KeyError) as e:
-    raise EvaluationError(f'{where}: not a part file of evaluate.py ({e})') from e
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    # A truncated or damaged file: BadZipFile names no file by itself.
+    raise EvaluationError(f'{where}: not a part file of evaluate.py, or a damaged one '
+                          f'({type(e).__name__}: {e}); rerun its shard') from e
   if header.get('format') != _PART_FORMAT:
     raise EvaluationError(f'{where}: part format {header.get("format")}, expected '
                           f'{_PART_FORMAT}')

@@ -101,10 +101,14 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
       return loss, per_example
 
     (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    # An overflowing norm (absurd but finite flux) makes clipping scale every update to zero
+    # while the loss stays finite: a silent no-op. It is returned, and the host stops on it.
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = _masked_sums(lax.stop_gradient(per_example), batch['data_type'], batch['mask'])
     metrics['loss'] = loss
+    metrics['grad_norm'] = grad_norm
     return params, opt_state, metrics
 
   def local_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -169,7 +173,7 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
                      resident: bool = False, ensemble_size: int = 1
                      ) -> Callable[[TrainState, Any], tuple]:
   """k SGD steps in one jitted ``lax.scan``: (state, xs) → (state, metrics summed over the k
-  steps, (k,) loss of each step).
+  steps, {'loss': (k,), 'grad_norm': (k,)} of each step).
 
   ``resident=False``: xs is k stacked global batches, {'flux': (k, B, 8575), 'targets' (k, B, 3),
   'data_type', 'mask'} sharded over the 'data' axis on dimension 1 (``put_chunk``).
@@ -201,7 +205,7 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
     else:
       state, per_step = lax.scan(lambda st, x: local_step(st, batch_of(x)), state, seq,
                                  unroll=unroll)
-    losses = per_step.pop('loss')
+    losses = {'loss': per_step.pop('loss'), 'grad_norm': per_step.pop('grad_norm')}
     return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), per_step), losses
 
   xs_spec = ((RESIDENT_SPECS, P()) if resident else P(None, DATA_AXIS))

@@ -26,6 +26,8 @@ checkpoint and ends with the same parameters as an uninterrupted run.
 """
 
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -51,7 +53,7 @@ from apogeenet_jax import (
 )
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.metric_writer import MetricWriter
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.model import PAPER_CHANNELS, PAPER_HIDDEN, APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.preemption import StopRequest
 from apogeenet_jax.sharding import make_mesh, replicate
@@ -62,6 +64,52 @@ from apogeenet_jax.train_state import (
     create_model,
     init_opt_state,
 )
+
+
+class ResumeMismatchError(TrainingError):
+  """A workdir holds checkpoints of another run (other data, model or optimiser)."""
+
+
+# Config fields a resume may not change: they define the data, the model or the optimiser the
+# checkpoints were made with (any ``model.*`` too). Any other change (log frequency, threads,
+# input mode, max_epochs, patience …) is logged as a warning and the run resumes.
+_RUN_DEFINING = frozenset({
+    'data_dir', 'dataset_name', 'ensemble_size', 'flux_scaling', 'input_scale', 'init',
+    'zero_last_layer', 'dropout_rate', 'standardizer', 'seed', 'adapt', 'init_from',
+    'payne_fraction', 'batch_size'})
+# Every field of these sub-configs defines the run too.
+_RUN_DEFINING_GROUPS = ('model.', 'optim.')
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any],
+                    workdir: epath.Path) -> None:
+  """Refuses a resume with another data set, model or optimiser; warns on other changes."""
+  if 'config' not in saved_meta:
+    return  # Checkpoints without a config (converted weights): nothing to compare.
+  # Runs saved before config.model listed the paper's architecture had an empty config.model.
+  defaults = {'model.channels': list(PAPER_CHANNELS), 'model.hidden': list(PAPER_HIDDEN)}
+  old = {**defaults, **_flat(saved_meta['config'])}
+  new = {**defaults, **_flat(config_json)}
+  changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+  refused = [k for k in changed if k in _RUN_DEFINING or k.startswith(_RUN_DEFINING_GROUPS)]
+  if refused:
+    listing = ', '.join(f'{k}: {old.get(k)!r} → {new.get(k)!r}' for k in refused)
+    raise ResumeMismatchError(
+        f'{workdir} holds checkpoints of another run: {listing}. Resume it with its own config, '
+        f'or give this run a new --workdir (nothing was changed).')
+  for k in changed:
+    logging.warning('Resuming %s with %s changed: %r → %r (does not change the run).', workdir,
+                    k, old.get(k), new.get(k))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: file_io.PathLike, *,
@@ -152,6 +200,13 @@ def _batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[int, in
   return config.batch_size // processes, eval_batch // processes
 
 
+def _same_place(a: file_io.PathLike, b: file_io.PathLike) -> bool:
+  a, b = file_io.as_path(a), file_io.as_path(b)
+  if file_io.is_remote(a) or file_io.is_remote(b):
+    return str(a).rstrip('/') == str(b).rstrip('/')
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
                    ) -> tuple[APOGEENet, Any, dict[str, Any] | None]:
   """(model, params to start from or None, their checkpoint meta or None).
@@ -179,6 +234,10 @@ def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
 def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
            sources: Mapping[str, Sequence] | None) -> tuple[_Run, TrainState, bool]:
   """Reads the data, builds or restores the state; returns (run, state, resumed)."""
+  if config.adapt and config.init_from and _same_place(config.init_from, workdir):
+    raise TrainingError(f'config.init_from={config.init_from} is this run\'s own workdir: '
+                        f'adaptation starts from another run (configs/default.py); give it '
+                        f'that run\'s workdir')
   mesh = make_mesh(config.get('num_devices', 0))
   local_batch, local_eval_batch = _batch_sizes(config, mesh)
   train_source, dev_source = train_inputs.open_sources(config, sources)
@@ -192,6 +251,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   config = optimizer.resolve_decay_steps(config, input_pipeline.num_train_batches(
       len(train_source), local_batch, jax.process_count()))
+  # Two latest (plus the best): a damaged newest step still leaves one to resume from.
+  manager = checkpoint.make_manager(checkpoint.workdir_checkpoints(workdir), keep_latest=2)
+  saved_meta = checkpoint.newest_meta(manager)
+  if saved_meta is not None:  # Before anything is built from this config or init_from.
+    _check_same_run(saved_meta, json.loads(config.to_json_best_effort()), workdir)
   model, init_params, init_meta = _initial_model(config, train_source)
   ensemble_size = int(config.get('ensemble_size', 1))
   tx = optimizer.create_optimizer(config.optim, config.batch_size)
@@ -201,8 +265,6 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
     state = replicate(state.replace(params=init_params, opt_state=init_opt_state(
         tx, init_params, ensemble_size)), mesh)
   abstract_state = checkpoint.abstract_state(state, mesh)
-  # Two latest (plus the best): a damaged newest step still leaves one to resume from.
-  manager = checkpoint.make_manager(checkpoint.workdir_checkpoints(workdir), keep_latest=2)
   restored = checkpoint.restore_newest(manager, checkpoint.to_saved(abstract_state),
                                        set_aside=jax.process_index() == 0)
   if restored is not None:

@@ -71,6 +71,9 @@ LINEAR_MODES = ('vjp', 'jacrev', 'jvp')
 DEFAULT_LINEAR_DRAWS = 2
 # Draws evaluated together (device memory: batch · draw_chunk spectra); no effect on the numbers.
 DEFAULT_DRAW_CHUNK = 25
+# The M noisy Jacobians of a batch are held at once (M × 3 × batch × 8575 floats): 100000 ran
+# out of memory. Beyond this many the MC estimator (--uncertainty=mc) is the cheaper way.
+MAX_LINEAR_DRAWS = 100
 
 
 class UncertaintyError(ValueError):
@@ -367,8 +370,11 @@ class MCSettings:
     problems = [f'--{name} must be >= {least}, got {value}'
                 for name, value, least in (('mc', self.mc, 0), ('draw_chunk', self.draw_chunk, 1))
                 if value < least]
-    if self.linear_draws == 1 or self.linear_draws < 0:
-      problems.append(f'--linear_draws must be 0 or >= 2, got {self.linear_draws}')
+    if self.mc == 1 and self.estimator == 'mc':
+      problems.append('--mc must be 0 (no σ) or >= 2: the σ of one draw is 0')
+    if self.linear_draws == 1 or self.linear_draws < 0 or self.linear_draws > MAX_LINEAR_DRAWS:
+      problems.append(f'--linear_draws must be 0 or 2 … {MAX_LINEAR_DRAWS} (the draws are held '
+                      f'at once), got {self.linear_draws}')
     problems += [f'--{name} must be one of {tuple(choices)}, got {value!r}'
                  for name, value, choices in (('uncertainty', self.estimator, ESTIMATORS),
                                               ('error_cap', self.error_cap, ERROR_CAP_MODES))

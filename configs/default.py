@@ -23,6 +23,8 @@ survey, batch 128, docs/training.md "Training recipes", benchmarks/convergence_b
 
 import ml_collections
 
+from apogeenet_jax.model import PAPER_CHANNELS, PAPER_HIDDEN
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -93,8 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Targets (§3.1): 'fit' = μ, σ of this training split (the paper's rule); 'paper' = the
   # authors' released μ, σ (normalization.PAPER_STANDARDIZER).
   config.standardizer = 'fit'
-  # Model: empty = the paper's architecture (Appendix B); tests set smaller channels/hidden.
-  config.model = ml_collections.ConfigDict()
+  # Model: the paper's architecture (Appendix B); tests set smaller channels/hidden. Both are
+  # present so that --config.model.channels=… overrides them from the command line.
+  config.model = ml_collections.ConfigDict({'channels': PAPER_CHANNELS, 'hidden': PAPER_HIDDEN})
   # Adaptation (§3.4): off here, see configs/adapt.py.
   config.adapt = False
   config.init_from = ''

@@ -136,3 +136,22 @@ def test_outputs_get_the_umask_mode_not_0600(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / 'catalog.fits').st_mode) == 0o640
   finally:
     os.umask(old)
+
+
+def test_fits_catalogue_reads_back_without_warnings_and_keeps_descriptions(tmp_path):
+  # Issue 21: astropy warned twice that 'dex' did not parse as a FITS unit, and the column
+  # descriptions did not come back.
+  import warnings
+
+  from astropy.table import Table
+  table = _table()
+  path = str(tmp_path / 'catalog.fits')
+  catalog.write_fits(table, path)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    plain = Table.read(path)
+  assert plain['TEFF'].unit == u.K and plain['RA'].unit == u.deg
+  back = catalog.read_catalog(path)
+  for name in table.colnames:
+    assert back[name].description == table[name].description, name
+  assert back['LOGG'].unit == u.dex and back['FE_H_ERR'].unit == u.dex

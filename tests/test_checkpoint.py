@@ -136,3 +136,18 @@ def test_load_params_wraps_every_corruption(tmp_path, corruption):
   CORRUPTIONS[corruption](tmp_path / 'ckpt' / '1')  # the best step, which evaluation loads
   with pytest.raises(checkpoint.CheckpointError, match=r'ckpt.*step 1 cannot be restored'):
     checkpoint.load_params(str(tmp_path / 'ckpt'))
+
+
+def test_a_failed_save_is_one_clear_error_and_leaves_no_temp_folder(tmp_path, monkeypatch):
+  # Issue 21: disk full during a save gave a raw traceback and left orbax's temp folder behind.
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, 1, _state(0)[1], {'note': 'good'})
+
+  def disk_full(step, *args, **kwargs):
+    (tmp_path / f'{step}.orbax-checkpoint-tmp-1234').mkdir()
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(manager, 'save', disk_full)
+  with pytest.raises(checkpoint.CheckpointError, match=r'step 2.*No space left.*resume'):
+    checkpoint.save(manager, 2, _state(1)[1], {'note': 'new'})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1']

@@ -184,3 +184,97 @@ def test_rebuild_with_changed_inputs_stops_unless_overwrite(tmp_path):
   star.write_bytes(star.read_bytes() + b'\0' * 2880)
   with pytest.raises(apogee_dataset_builder.StaleDatasetError):
     _build(manual, data)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 21: builds that produced nothing usable, or absurd flux, are named, not passed on.
+
+
+def _survey(tmp_path, n=6, splits=None):
+  manual = tmp_path / 'manual'
+  synthetic.write_survey(manual, num_stars=n, seed=4, show_progress=False)
+  table = Table.read(manual / 'labels.fits')
+  if splits is not None:
+    table['SPLIT'] = splits
+  table.write(manual / 'labels.fits', overwrite=True)
+  return manual, table
+
+
+def test_no_catalogue_row_matching_a_file_is_an_error(tmp_path):
+  manual, table = _survey(tmp_path)
+  table['APOGEE_ID'] = [f'2M0{i}' for i in range(len(table))]
+  del table['FILE']
+  table.write(manual / 'labels.fits', overwrite=True)
+  with pytest.raises(apogee_dataset_builder.BuildError, match=r'none of the 6 catalogue rows'):
+    _build(manual, tmp_path / 'data')
+
+
+def test_a_split_whose_files_are_all_unreadable_is_an_error_with_a_report(tmp_path):
+  manual, table = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  (manual / table['FILE'][4]).write_bytes(b'not a fits file')
+  with pytest.raises(apogee_dataset_builder.BuildError, match=r"'dev' split.*none of its 1 "
+                     r'file.*skipped-failed-build\.csv'):
+    _build(manual, tmp_path / 'data')
+  report = labels.read_problems(tmp_path / 'data' / 'skipped-failed-build.csv')
+  assert [p.apogee_id for p in report] == [table['APOGEE_ID'][4]]
+
+
+def test_absurd_flux_is_skipped_at_build(tmp_path):
+  # Issue 21 (4): 10 pixels at 3e38 passed the build and made training a silent no-op.
+  manual, table = _survey(tmp_path)
+  path = manual / table['FILE'][1]
+  with fits.open(path) as hdul:
+    hdul = fits.HDUList([h.copy() for h in hdul])
+  flux = hdul[1].data
+  (flux[0] if flux.ndim == 2 else flux)[100:110] = 3e38
+  hdul.writeto(path, overwrite=True)
+  builder = _build(manual, tmp_path / 'data')
+  assert sum(s.num_examples for s in builder.info.splits.values()) == 5
+  report = labels.read_problems(builder.data_path / apogee_dataset_builder.SKIP_REPORT)
+  assert [p.apogee_id for p in report] == [table['APOGEE_ID'][1]]
+  assert '3e+38' in report[0].reason and 'flux' in report[0].reason
+
+
+def test_build_cli_failure_is_one_line_and_readers_die_with_the_build(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root}
+  manual, table = _survey(tmp_path)
+  table['APOGEE_ID'] = [f'2M0{i}' for i in range(len(table))]
+  del table['FILE']
+  table.write(manual / 'labels.fits', overwrite=True)
+  run = subprocess.run([sys.executable, '-m', 'tfds_apogee.build', f'--manual_dir={manual}',
+                        f'--data_dir={tmp_path}/data'], capture_output=True, text=True, env=env,
+                       timeout=300)
+  assert run.returncode != 0 and 'Traceback' not in run.stderr
+  assert 'FATAL' in run.stderr and 'none of the 6 catalogue rows' in run.stderr
+  # The readers of a killed build: a parent that is gone (kill -9, or SIGTERM's default) must
+  # not leave them running.
+  script = ('import concurrent.futures, multiprocessing, os, time\n'
+            'from tfds_apogee.apogee import apogee_dataset_builder as b\n'
+            "pool = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing."
+            "get_context('spawn'), initializer=b.exit_with_parent, initargs=(os.getpid(),))\n"
+            'print(*{f.result() for f in [pool.submit(os.getpid) for _ in range(8)]}, flush=True)\n'
+            'time.sleep(600)\n')
+  proc = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True,
+                          env=env)
+  workers = [int(p) for p in proc.stdout.readline().split()]
+  assert workers
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+
+  def alive(pid):
+    try:
+      with open(f'/proc/{pid}/status') as f:
+        return 'State:\tZ' not in f.read()
+    except FileNotFoundError:
+      return False
+
+  deadline = time.time() + 20
+  while any(map(alive, workers)) and time.time() < deadline:
+    time.sleep(0.5)
+  assert not any(map(alive, workers))

@@ -343,10 +343,6 @@ def test_calibration_of_another_step_is_ignored(tiny_checkpoint, tmp_path):
                                'step': 99})
   _, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
   assert 'calibration' not in meta
-  with open(os.path.join(directory, 'calibration.json'), 'w') as f:
-    f.write('{"a": ')
-  with pytest.raises(calibration.CalibrationError, match=r'calibration\.json'):
-    evaluation.load_checkpoint(checkpoint_dir=directory)
 
 
 def test_ensemble_checkpoint_is_detected_from_meta(tmp_path, monkeypatch):
@@ -785,3 +781,211 @@ def test_checkpoint_outputs_parts_and_merge_on_object_storage(tiny_checkpoint, a
       assert epath.Path(f'{remote}/{name}').read_bytes() == (tmp_path / 'local' / name).read_bytes()
   assert sorted(p.name for p in epath.Path('gs://bucket/eval/figures').iterdir()) == [
       'kiel.png', 'sigma_vs_snr.png']
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 21: every output of a run is staged and moved into place only when all are written.
+
+
+def test_non_ascii_file_name_keeps_the_run(tiny_checkpoint, real_apstar_files, tmp_path):
+  d = tmp_path / 'données'
+  d.mkdir()
+  os.symlink(real_apstar_files[0], d / real_apstar_files[0].name)
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'o'),
+                            apstar_files=_files(d), settings=MCSettings(mc=0),
+                            make_figures=False)
+  csv_table = catalog.read_catalog(out['catalog_csv'])
+  assert csv_table['FILE'][0] == str(d / real_apstar_files[0].name)  # the name, as given
+  fits_name = catalog.read_catalog(out['catalog_fits'])['FILE'][0]
+  assert fits_name.isascii() and 'donn' in fits_name and fits_name != csv_table['FILE'][0]
+
+
+def test_a_failing_write_leaves_every_earlier_output_whole(tiny_checkpoint, apstar_dir, tmp_path,
+                                                           monkeypatch):
+  # Issue 21 (9): disk full after the catalogue used to leave it beside the old figures.
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out_dir = tmp_path / 'out'
+  common = dict(params=params, meta=meta, output_dir=str(out_dir), batch_size=2,
+                apstar_files=_files(apstar_dir))
+  evaluation.evaluate(settings=MCSettings(mc=2), **common)
+  before = {str(p.relative_to(out_dir)): p.read_bytes() for p in out_dir.rglob('*') if p.is_file()}
+  assert 'figures/kiel.png' in before and 'skipped.csv' in before
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(evaluation.figures, 'plot_sigma_vs_snr', disk_full)
+  with pytest.raises(prediction.EvaluationError, match='No space left on device'):
+    evaluation.evaluate(settings=MCSettings(mc=3, seed=5), **common)
+  after = {str(p.relative_to(out_dir)): p.read_bytes() for p in out_dir.rglob('*') if p.is_file()}
+  assert after == before
+  assert sorted(os.listdir(out_dir)) == sorted(['catalog.csv', 'catalog.fits', 'figures',
+                                                'skipped.csv'])
+
+
+def test_a_directory_in_the_way_is_refused_before_predicting(tmp_path):
+  (tmp_path / 'o' / 'catalog.fits').mkdir(parents=True)
+  assert 'catalog.fits' in evaluation.output_dir_problem(tmp_path / 'o')
+  (tmp_path / 'p').mkdir()
+  (tmp_path / 'p' / 'figures').write_text('a file')
+  assert 'figures' in evaluation.output_dir_problem(tmp_path / 'p')
+
+
+class _BuiltSplit(list):
+  """A split source as tfds returns it: the build's DatasetInfo rides along."""
+
+  def __init__(self, records, fingerprint):
+    super().__init__(records)
+    self.dataset_info = type('Info', (), {'metadata': {'input_fingerprint': fingerprint}})()
+
+
+def test_merge_refuses_parts_of_another_build_of_the_same_size(tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
+  # Issue 21 (2): same split sizes, other labels: the parts used to merge into a mix.
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  common = dict(params=params, meta=meta, splits=['test'], data_dir='unused', batch_size=2,
+                make_figures=False, settings=MCSettings(mc=0), output_dir=str(tmp_path / 'p'))
+  for k, build in ((0, 'build-A'), (1, 'build-B')):
+    monkeypatch.setattr(input_pipeline, 'open_split',
+                        lambda data_dir, split, b=build: _BuiltSplit(_fake_source(6, 0), b))
+    evaluation.evaluate(shard=prediction.Shard(k, 2), **common)
+  with pytest.raises(prediction.EvaluationError, match='different runs: inputs differ'):
+    evaluation.merge([str(tmp_path / 'p')], str(tmp_path / 'x'))
+
+
+_NAMES = ('LOGG', 'TEFF', 'FE_H')
+
+
+@pytest.mark.parametrize('content', ['{"a": ', 'NAN_A', 'NAN_FLOOR'])
+def test_a_broken_calibration_names_the_file_and_none_or_calibrate_work_past_it(
+    tiny_checkpoint, tmp_path, monkeypatch, content):
+  # Issue 21 (6): NaN coefficients blanked every *_ERR with exit 0; a file that failed validation
+  # raised from checkpoint loading, even under --calibration=none and --calibrate.
+  _fake_splits(monkeypatch, 24, {'dev': 2, 'test': 3})
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  good = evaluation.calibrate(params=params, meta=meta, data_dir='unused',
+                              settings=MCSettings(mc=4), batch_size=8, floor='constant')
+  path = os.path.join(directory, 'calibration.json')
+  record = json.load(open(path))
+  if content == 'NAN_A':
+    record['a']['TEFF'] = float('nan')
+    content = json.dumps(record)
+  elif content == 'NAN_FLOOR':
+    record['floor']['FE_H']['coef'] = [float('nan')]
+    content = json.dumps(record)
+  with open(path, 'w') as f:
+    f.write(content)
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  assert 'calibration' not in meta
+  with pytest.raises(prediction.EvaluationError, match=r'calibration\.json.*--calibration=none'):
+    _calibrated_and_raw(params, meta, tmp_path)
+  raw = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / 'none'),
+                            splits=['test'], data_dir='unused', settings=MCSettings(mc=4),
+                            make_figures=False, calibration_mode='none')
+  assert np.all(np.isfinite(raw['table']['TEFF_ERR']))
+  again = evaluation.calibrate(params=params, meta=meta, data_dir='unused',
+                               settings=MCSettings(mc=4), batch_size=8, floor='constant')
+  assert again['a'] == good['a']
+  assert evaluation.load_checkpoint(checkpoint_dir=directory)[1]['calibration']['a'] == good['a']
+
+
+def test_calibration_of_a_retrained_model_at_the_same_step_is_ignored(tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
+  # Issue 21 (6): the record named the step only; a retrained model's best step had that number.
+  _fake_splits(monkeypatch, 24, {'dev': 2})
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  evaluation.calibrate(params=params, meta=meta, data_dir='unused', settings=MCSettings(mc=4),
+                       batch_size=8)
+  model = APOGEENet(channels=(4, 4), hidden=(16,))
+  other = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, N_PIXELS)))['params']
+  retrained = tmp_path / 'retrained'
+  checkpoint.save(checkpoint.make_manager(str(retrained)), 3, {'params': other},
+                  checkpoint.make_meta(model, PAPER_STANDARDIZER))
+  shutil.copy(os.path.join(directory, 'calibration.json'), retrained / 'calibration.json')
+  assert 'calibration' in evaluation.load_checkpoint(checkpoint_dir=directory)[1]
+  assert 'calibration' not in evaluation.load_checkpoint(checkpoint_dir=str(retrained))[1]
+
+
+def test_mc_too_small_for_a_sigma_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
+  # Issue 21 (6): --mc=1 wrote σ ≡ 0, and --calibrate --mc=1 replaced a good fit by a = 0.0025.
+  with pytest.raises(prediction.EvaluationError, match='--mc'):
+    MCSettings(mc=1)
+  MCSettings(mc=1, estimator='linear')  # linear: mc only asks for a σ
+  _fake_splits(monkeypatch, 24, {'dev': 2})
+  directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
+  evaluation.calibrate(params=params, meta=meta, data_dir='unused', settings=MCSettings(mc=4),
+                       batch_size=8)
+  before = open(os.path.join(directory, 'calibration.json')).read()
+  with pytest.raises(prediction.EvaluationError, match='--calibrate needs at least'):
+    evaluation.calibrate(params=params, meta=meta, data_dir='unused',
+                         settings=MCSettings(mc=2), batch_size=8)
+  assert open(os.path.join(directory, 'calibration.json')).read() == before
+
+
+_EVALUATE_CLI = """
+import runpy, sys
+import numpy as np
+from apogeenet_jax import input_pipeline
+from apogeenet_jax.constants import N_PIXELS
+rng = np.random.default_rng(0)
+# A built data set of 3 stars per split: too few to calibrate on.
+input_pipeline.open_split = lambda data_dir, split, name='apogee': [
+    {'flux': rng.normal(300, 30, N_PIXELS).astype(np.float32),
+     'flux_err': np.ones(N_PIXELS, np.float32), 'labels': np.array([4.0, 3500.0, 0.0], np.float32),
+     'data_type': 0, 'apogee_id': f'2M{i}', 'snr': 50.0, 'ra': 1.0, 'dec': 2.0} for i in range(3)]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_evaluate_py_shows_each_user_error_as_one_line(tiny_checkpoint, tmp_path, monkeypatch):
+  # Issue 21: each of these was a raw traceback (--linear_draws=100000 ran out of memory).
+  (tmp_path / 'o1' / 'catalog.fits').mkdir(parents=True)
+  (tmp_path / 'o2').mkdir()
+  (tmp_path / 'o2' / 'figures').write_text('a file')
+  ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
+  common = [f'--checkpoint={ckpt}', '--data_dir=unused', '--mc=4', '--nofigures']
+  cases = [
+      ([*common, '--split=bogus', f'--output_dir={tmp_path}/o'], "'bogus' is not one of"),
+      ([*common, '--split=test', '--uncertainty=linear', '--linear_draws=1',
+        f'--output_dir={tmp_path}/o'], '--linear_draws must be 0 or 2'),
+      ([*common, '--split=test', '--uncertainty=linear', '--linear_draws=100000',
+        f'--output_dir={tmp_path}/o'], 'linear_draws'),
+      ([*common, '--calibrate', f'--output_dir={tmp_path}/o'], 'need at least'),
+      ([*common, '--split=test', f'--output_dir={tmp_path}/o1'], 'catalog.fits is a directory'),
+      ([*common, '--split=test', f'--output_dir={tmp_path}/o2'], 'figures is a file'),
+  ]
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, '-c', _EVALUATE_CLI,
+                             os.path.join(ROOT, 'evaluate.py'), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for flags, _ in cases]
+  for proc, (flags, message) in zip(procs, cases, strict=True):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, flags
+    assert 'Traceback' not in err, (flags, err[-2000:])
+    assert message in err, (flags, err[-800:])
+    assert 'FATAL' in err, (flags, err[-500:])  # FATAL …, or absl's FATAL Flags parsing error
+
+
+def test_calibrate_on_a_read_only_checkpoint_stops_before_predicting(tiny_checkpoint, tmp_path,
+                                                                     monkeypatch):
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  monkeypatch.setattr(evaluation.os, 'access', lambda path, mode: False)  # root ignores chmod
+  monkeypatch.setattr(prediction, 'predict_inputs', lambda *a, **k: pytest.fail('predicted'))
+  with pytest.raises(prediction.EvaluationError, match='no write permission'):
+    evaluation.calibrate(params=params, meta=meta, data_dir='unused', settings=MCSettings(mc=4))
+
+
+def test_a_truncated_part_file_is_named(tmp_path):
+  from apogeenet_jax import shards
+  data = shards.part_bytes({'pred': np.zeros((4, 3))}, {'format': 1})
+  path = tmp_path / 'part-00000-of-00002.npz'
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(prediction.EvaluationError, match=rf'{path}: not a part file'):
+    evaluation.merge([str(path)], str(tmp_path / 'o'))

@@ -193,3 +193,25 @@ def test_open_split_reads_built_records(built_dir):
   assert len(input_pipeline.open_split(str(version_dir), 'train')) == len(sources['train'])
   with pytest.raises(input_pipeline.InputPipelineError, match='no split'):
     input_pipeline.open_split(str(built_dir), 'validation')
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip'])
+def test_a_damaged_shard_is_named_and_the_build_fingerprint_rides_along(built_dir, tmp_path,
+                                                                        damage):
+  # Issue 21: a truncated or bit-flipped array_record shard gave riegeli's RuntimeError, no path.
+  import shutil
+  copy = tmp_path / 'tfds'
+  shutil.copytree(built_dir, copy)
+  source = input_pipeline.open_split(str(copy), 'train')
+  assert source.dataset_info.metadata['input_fingerprint']  # what a merge compares
+  shard = next(p for p in (copy / 'apogee').glob('*/apogee-train.array_record-*'))
+  data = bytearray(shard.read_bytes())
+  if damage == 'truncate':
+    data = data[:len(data) // 2]
+  else:
+    data[len(data) // 3:len(data) // 3 + 64] = bytes(64)
+  shard.write_bytes(bytes(data))
+  source = input_pipeline.open_split(str(copy), 'train')
+  with pytest.raises(input_pipeline.InputPipelineError, match=rf'{shard}.*--overwrite'):
+    for _ in input_pipeline.eval_batches(source, 4):
+      pass

@@ -254,3 +254,38 @@ def test_mstar_requires_a_way_to_exclude_star_forming_regions():
   with pytest.raises(common.SourceTableError, match='star-forming regions'):
     mstar.mstar_labels(table, feh)
   assert len(mstar.mstar_labels(table, feh, regions=mstar.NO_REGIONS)) == 1
+
+
+def test_feh_relation_with_a_fractional_exponent_is_refused(tmp_path):
+  # Issue 21 (8): an exponent of 1.5 was truncated to 1 without a word.
+  path = _feh_file(tmp_path, terms=((0.1, 0, 0), (-0.05, 1.5, 0)))
+  with pytest.raises(relations.MissingFehRelationError, match=r'feh\.json.*1\.5.*whole'):
+    relations.load_feh_relation(path)
+
+
+def test_isochrones_gzipped_or_without_any_logte_name_the_file(tmp_path):
+  # Issue 21: a .dat.gz gave UnicodeDecodeError, an all-NaN logTe a zero-size ValueError.
+  import gzip
+
+  from apogeenet_jax.label_sources import fake_isochrones, isochrones
+  paths = fake_isochrones.write(tmp_path / 'iso')
+  plain = isochrones.read_isochrones(paths)
+  zipped = tmp_path / 'iso.dat.gz'
+  zipped.write_bytes(gzip.compress(open(paths[0], 'rb').read()))
+  assert len(isochrones.read_isochrones([str(zipped), *paths[1:]])) == len(plain)
+  garbage = tmp_path / 'garbage.dat'
+  garbage.write_bytes(bytes(range(256)) * 4)
+  with pytest.raises(common.SourceTableError, match=r'garbage\.dat'):
+    isochrones.read_isochrones([str(garbage)])
+  lines = open(paths[0]).read().splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith('#') and 'logTe' in line)
+  column = lines[header].lstrip('#').split().index('logTe')
+  for i in range(header + 1, len(lines)):
+    values = lines[i].split()
+    if values and not lines[i].startswith('#'):
+      values[column] = 'nan'
+      lines[i] = ' '.join(values)
+  no_teff = tmp_path / 'no_teff.dat'
+  no_teff.write_text('\n'.join(lines) + '\n')
+  with pytest.raises(common.SourceTableError, match=r'no_teff\.dat.*logTe'):
+    isochrones.read_isochrones([str(no_teff), *paths[1:]])

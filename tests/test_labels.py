@@ -183,3 +183,16 @@ def test_near_miss_names_are_reported_unless_given_in_file(tmp_path):
   assert sorted(s.apogee_id for s, _ in matched) == ['2M02+2', '2M03-3']
   near = [p for p in problems if 'named like an apStar file' in p.reason]
   assert [p.file for p in near] == ['apStar-2M01+1.fits']
+
+
+@pytest.mark.parametrize('column, bad', [('TEFF', 1e39), ('TEFF', 1e30), ('LOGG', 12.0),
+                                         ('FE_H', -20.0)])
+def test_label_outside_its_physical_range_raises_naming_the_row(tmp_path, column, bad):
+  # Issue 21 (7): TEFF = 1e39 became inf in float32; 1e30 trained with a Teff mean of 2.4e28.
+  t = _table()
+  t[column][2] = bad
+  t.write(tmp_path / 'labels.fits')
+  lo, hi = labels.LABEL_RANGES[column]
+  with pytest.raises(labels.LabelCatalogError,
+                     match=rf'{column} outside .*{lo:g}.*{hi:g}.*row 2 \(2M03-3'):
+    labels.read_label_catalog(tmp_path / 'labels.fits')

@@ -130,3 +130,35 @@ def test_star_forming_region_flags(tmp_path):
   (tmp_path / 'bad.csv').write_text('name,ra\nx,1\n')
   with pytest.raises(common.SourceTableError, match=r'bad\.csv'):
     make_labels.regions_from_flags('none', str(tmp_path / 'bad.csv'))
+
+
+def _payne_table(path, teff, flag):
+  arr = np.zeros((len(teff), 22))
+  arr[:, 0], arr[:, 1] = teff, 2.5
+  Table({'APOGEE_ID': [f'2M{i:08d}+0000000' for i in range(len(teff))], 'payne': arr,
+         'good_flag': flag}).write(path, overwrite=True)
+
+
+def test_a_failed_run_leaves_the_good_catalogue_and_its_reports(tmp_path):
+  # Issue 21 (1): every row cut used to leave a 0-row labels.fits beside the old reports.
+  _payne_table(tmp_path / 'payne.fits', [5000.0, 4800.0], [1, 1])
+  out = tmp_path / 'm' / 'labels.fits'
+  run = _cli(f'--output={out}', f'--payne={tmp_path}/payne.fits')
+  assert run.returncode == 0, run.stderr[-2000:]
+  names = ('labels.fits', make_labels.REPORT_NAME, make_labels.SUMMARY_NAME)
+  before = {n: (out.parent / n).read_bytes() for n in names}
+  _payne_table(tmp_path / 'payne.fits', [5000.0, 4800.0], [0, 0])  # every row cut
+  run = _cli(f'--output={out}', f'--payne={tmp_path}/payne.fits')
+  assert run.returncode != 0 and 'Traceback' not in run.stderr
+  assert 'no rows' in run.stderr
+  assert {n: (out.parent / n).read_bytes() for n in names} == before
+  assert sorted(os.listdir(out.parent)) == sorted(names)  # no staging folder left
+
+
+def test_output_over_an_input_is_refused(tmp_path):
+  _payne_table(tmp_path / 'payne.fits', [5000.0], [1])
+  before = (tmp_path / 'payne.fits').read_bytes()
+  run = _cli(f'--output={tmp_path}/payne.fits', f'--payne={tmp_path}/payne.fits')
+  assert run.returncode != 0 and 'Traceback' not in run.stderr
+  assert 'is also an input' in run.stderr
+  assert (tmp_path / 'payne.fits').read_bytes() == before

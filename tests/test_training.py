@@ -918,3 +918,106 @@ def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
   assert short.optim.decay_steps == 1
   assert float(optimizer.learning_rate_schedule(short.optim, 128)(5)) == pytest.approx(
       peak * 5 / 50)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 21: a run that cannot learn, or a resume of another run, stops with a reason.
+
+
+def test_overflowing_gradient_norm_stops_the_run_naming_the_step(tmp_path):
+  # Issue 21 (4): 10 pixels at 3e38 in a star: the gradient norm overflows, clipping scales the
+  # update to zero while the loss (zero last layer) stays finite. Every star here has them, so
+  # no step learns: the run used to end "successfully" with its initial parameters.
+  train = fake_source(24, 0)
+  for e in train:
+    e['flux'] = e['flux'].copy()
+    e['flux'][100:110] = 3e38
+  config = default_config.get_config()
+  config.model.channels, config.model.hidden = (4, 4), (16,)
+  config.batch_size, config.eval_batch_size, config.max_epochs = 8, 8, 1
+  config.num_threads, config.log_every_steps = 2, 0
+  with pytest.raises(train_state.TrainingError, match=r'non-finite gradient norm at step \d+'):
+    training.train_and_evaluate(config, str(tmp_path), sources={'train': train,
+                                                                'dev': fake_source(8, 1)})
+
+
+def _steps_on_disk(workdir):
+  return sorted(p.name for p in (workdir / 'checkpoints').iterdir())
+
+
+def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_path, caplog):
+  # Issue 21 (5): another data_dir, configs/adapt.py, other channels or ensemble_size in a
+  # workdir used to resume (or fail with "restore from a backup") instead of being refused.
+  workdir = tmp_path / 'run'
+  training.train_and_evaluate(_config(max_epochs=1), str(workdir), sources=sources)
+  before = _steps_on_disk(workdir)
+  model = _config().model
+  for change, named in (({'data_dir': str(tmp_path / 'other')}, 'data_dir'),
+                        ({'model': {**model.to_dict(), 'channels': (4, 8)}}, 'model.channels'),
+                        ({'ensemble_size': 2}, 'ensemble_size'),
+                        ({'adapt': True, 'init_from': str(tmp_path / 'base')}, 'adapt')):
+    config = _config(max_epochs=2)
+    for k, v in change.items():
+      setattr(config, k, v)
+    with pytest.raises(training.ResumeMismatchError, match=rf'{workdir}.*{named}'):
+      training.train_and_evaluate(config, str(workdir), sources=sources)
+    assert _steps_on_disk(workdir) == before
+  with caplog.at_level('WARNING'):
+    training.train_and_evaluate(_config(max_epochs=2, log_every_steps=5), str(workdir),
+                                sources=sources)
+  assert any('log_every_steps' in r.getMessage() for r in caplog.records)
+  assert len(metric_writer.read_metrics(str(workdir))) == 2
+
+
+def test_init_from_its_own_workdir_is_refused(sources, tmp_path):
+  workdir = tmp_path / 'run'
+  training.train_and_evaluate(_config(max_epochs=1), str(workdir), sources=sources)
+  config = _config(adapt=True, init_from=str(workdir))
+  with pytest.raises(train_state.TrainingError, match=r"init_from.*run's own workdir"):
+    training.train_and_evaluate(config, str(workdir), sources=sources)
+  with pytest.raises(train_state.TrainingError, match=r"init_from.*run's own workdir"):
+    training.train_and_evaluate(config, str(tmp_path / 'run' / '.' ), sources=sources)
+
+
+_TRAIN_CLI = """
+import sys
+from absl import app
+import train
+from apogeenet_jax import train_inputs
+if sys.argv.pop(1) == 'fake':  # Sources that open: the config checks come next.
+  train_inputs.open_sources = lambda config, sources: ([{}] * 16, [{}] * 8)
+app.run(train.main)
+"""
+
+
+def test_train_py_shows_config_and_path_problems_as_one_line(tmp_path):
+  # Issue 21: each of these was a raw traceback (the model.channels override a KeyError).
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, 'PYTHONPATH': str(root), 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  (tmp_path / 'a_file').write_text('not a folder')
+  config = f'--config={root}/configs/test.py'
+  cases = [
+      ('fake', ['--config.input_mode=bogus'], "input_mode must be 'auto'"),
+      ('fake', ['--config.memory_dtype=int8'], 'memory_dtype'),
+      ('fake', ['--config.steps_per_call=0'], 'steps_per_call must be'),
+      ('fake', ['--config.steps_per_call=-2'], 'steps_per_call must be'),
+      ('real', [f'--config.data_dir={tmp_path}/none'], f'{tmp_path}/none'),
+      ('real', [], 'config.data_dir is empty'),
+      ('real', [f'--config.data_dir={tmp_path}/none', '--config.model.channels=(8,8)'],
+       f'{tmp_path}/none'),
+  ]
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _TRAIN_CLI, mode, config, f'--workdir={tmp_path}/w{k}', *flags],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+      for k, (mode, flags, _) in enumerate(cases)]
+  procs.append(subprocess.Popen(
+      [sys.executable, '-c', _TRAIN_CLI, 'real', config, f'--workdir={tmp_path}/a_file'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+  cases.append(('real', [], 'is a file, not a directory'))
+  for proc, (_, flags, message) in zip(procs, cases, strict=True):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, flags
+    assert 'Traceback' not in err, (flags, err[-2000:])
+    assert err.strip().splitlines()[-1].startswith('FATAL'), (flags, err[-500:])
+    assert message in err, (flags, err[-500:])

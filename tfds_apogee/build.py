@@ -15,7 +15,10 @@ docs/building_at_scale.md.
 
 A data set already in data_dir is reused only if it was built from the same inputs (catalogue
 bytes, split seed, size and mtime of each apStar file used); otherwise the build stops with
-StaleDatasetError, and --overwrite deletes the old data set and builds it again.
+StaleDatasetError, and --overwrite deletes the old data set and builds it again. A build that
+yields nothing usable (no catalogue row matches a file, a split without one readable file) stops
+with one line, and the skip report goes to <data_dir>/skipped-failed-build.csv. Reader processes
+exit with the build process, however it ends (SIGTERM, kill -9).
 """
 
 import os
@@ -78,6 +81,9 @@ def main(argv):
                     overwrite=f.overwrite, beam_pipeline_options=f.beam_pipeline_options)
   except apogee_dataset_builder.StaleDatasetError as e:
     raise app.UsageError(str(e)) from None
+  except (apogee_dataset_builder.BuildError, labels.LabelCatalogError) as e:
+    # Problems of the inputs, not bugs: one line that says what is wrong.
+    raise SystemExit(f'FATAL {e}') from None
   report = epath.Path(builder.data_dir) / apogee_dataset_builder.SKIP_REPORT
   n_skipped = len(labels.read_problems(report)) if report.exists() else 0
   counts = {name: split.num_examples for name, split in builder.info.splits.items()}
@@ -85,6 +91,10 @@ def main(argv):
                builder.data_dir, counts, n_skipped, report)
   print(f'apogee data set: {builder.data_dir}\nexamples: {counts}\n'
         f'skipped: {n_skipped} (report: {report})')
+  missing = [s for s in ('train', 'dev') if s not in counts]
+  if missing:
+    print(f'warning: no {" and no ".join(missing)} split: train.py and evaluate.py --calibrate '
+          f'need both; add stars (or SPLIT values) to the catalogue and rebuild with --overwrite')
 
 
 def run():

@@ -27,6 +27,7 @@ group's convention, not a statement of the paper. NumPy + astropy only.
 """
 
 import dataclasses
+import gzip
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -93,30 +94,41 @@ def read_cmd_file(path: str | os.PathLike) -> Table:
   path = pathlib.Path(path)
   if not path.is_file():
     raise MissingIsochronesError(f'{path}: no such isochrone file. {PARSEC_HELP}')
+  try:
+    # CMD output may come gzipped ('.dat.gz'); astropy's own opener would not split its
+    # repeated headers.
+    opener = gzip.open if path.suffix == '.gz' else open
+    with opener(path, 'rt') as f:
+      return _parse_cmd(path, f)
+  except (UnicodeDecodeError, OSError, EOFError) as e:
+    raise common.SourceTableError(f'{path}: not a readable CMD isochrone text file '
+                                  f'({type(e).__name__}: {e})') from e
+
+
+def _parse_cmd(path: pathlib.Path, f) -> Table:
   names, rows = None, []
   header = None
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      text = line.strip()
-      if not text:
-        continue
-      if text.startswith('#'):
-        header = text.lstrip('#').split()
-        continue
-      values = text.split()
-      if names is None:
-        if header is None or len(header) != len(values):
-          raise common.SourceTableError(
-              f'{path}:{number}: no "#" header line with {len(values)} column names before '
-              f'the data (is this CMD output?)')
-        names = header
-      if len(values) != len(names):
-        raise common.SourceTableError(f'{path}:{number}: {len(values)} values, expected '
-                                      f'{len(names)}')
-      try:
-        rows.append([float(v) for v in values])
-      except ValueError as e:
-        raise common.SourceTableError(f'{path}:{number}: not a number ({e})') from e
+  for number, line in enumerate(f, 1):
+    text = line.strip()
+    if not text:
+      continue
+    if text.startswith('#'):
+      header = text.lstrip('#').split()
+      continue
+    values = text.split()
+    if names is None:
+      if header is None or len(header) != len(values):
+        raise common.SourceTableError(
+            f'{path}:{number}: no "#" header line with {len(values)} column names before '
+            f'the data (is this CMD output?)')
+      names = header
+    if len(values) != len(names):
+      raise common.SourceTableError(f'{path}:{number}: {len(values)} values, expected '
+                                    f'{len(names)}')
+    try:
+      rows.append([float(v) for v in values])
+    except ValueError as e:
+      raise common.SourceTableError(f'{path}:{number}: not a number ({e})') from e
   if not rows:
     raise common.SourceTableError(f'{path}: no isochrone rows')
   table = Table(np.asarray(rows), names=names)
@@ -159,8 +171,16 @@ def read_isochrones(paths: Sequence[str | os.PathLike] | None,
       raise common.SourceTableError(
           f'{", ".join(str(p) for p in paths)}: no column {" or ".join(candidates)} for {name}; '
           f'include the Gaia DR2 and 2MASS + WISE systems in the CMD query')
+  for name in out.colnames:
+    if not np.isfinite(np.asarray(out[name])).any():
+      raise common.SourceTableError(
+          f'{", ".join(str(p) for p in paths)}: {name} (column {wanted.get(name, name)}) has no '
+          f'finite value; check the CMD query')
   finite = np.all([np.isfinite(np.asarray(out[c])) for c in out.colnames], axis=0)
   out = out[finite]
+  if len(out) == 0:
+    raise common.SourceTableError(f'{", ".join(str(p) for p in paths)}: no isochrone row is '
+                                  'finite in every column')
   out.sort(['LOG_AGE', 'MINI'])
   return out
 

@@ -197,6 +197,12 @@ class PolynomialFehRelation:
       raise MissingFehRelationError(f'{path}: no such [Fe/H] relation file. {FEH_HELP}')
     try:
       d = json.loads(path.read_text())
+      for term in d['terms']:
+        _, *powers = term
+        if any(float(p) != int(p) or p < 0 for p in powers):
+          raise MissingFehRelationError(
+              f'{path}: term {term}: the powers of (g−K) and (J−K) must be whole numbers ≥ 0, '
+              f'got {powers}. {FEH_HELP}')
       terms = tuple((float(c), int(i), int(j)) for c, i, j in d['terms'])
       source = str(d['source'])
       fe_h_range = tuple(float(v) for v in d.get('fe_h_range', HEJAZI_FEH_RANGE))

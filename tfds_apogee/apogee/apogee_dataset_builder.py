@@ -25,6 +25,8 @@ import json
 import multiprocessing
 import os
 import pathlib
+import threading
+import time
 from typing import ClassVar
 
 import numpy as np
@@ -45,8 +47,21 @@ _WINDOW_PER_WORKER = 256
 
 _EXACT = tfds.features.Encoding.BYTES
 
+# Largest |flux| a spectrum may hold (1e-17 erg/s/cm²/Å; ours). Real apStar flux is orders of
+# magnitude below it; 3e38 in a few pixels overflows the gradient norm, and clipping then zeroes
+# every update of training (a silent no-op). Such a file is skipped, with the reason.
+FLUX_LIMIT = 1e10
+# Where a build that fails for want of readable files leaves its report, in data_dir.
+FAILED_SKIP_REPORT = 'skipped-failed-build.csv'
+
+
 class StaleDatasetError(RuntimeError):
   """A data set exists in data_dir but was built from other inputs than manual_dir holds now."""
+
+
+class BuildError(RuntimeError):
+  """The inputs make no usable data set: no catalogue row matches a file, or a split has no
+  readable file."""
 
 
 def input_fingerprint(catalog: pathlib.Path, matched: list[tuple[labels.LabelledStar, str]],
@@ -66,6 +81,18 @@ def input_fingerprint(catalog: pathlib.Path, matched: list[tuple[labels.Labelled
   return h.hexdigest()
 
 
+def exit_with_parent(parent: int) -> None:
+  """Reader-process initializer: exits when the build process is gone (SIGTERM, kill -9), so no
+  reader is left behind, and with the readers gone multiprocessing's resource tracker exits too."""
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True, name='exit-with-parent').start()
+
+
 def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, str | None]:
   """Reads one apStar file into a TFDS example; never raises.
 
@@ -82,6 +109,12 @@ def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, s
     return apogee_id, None, str(e)
   except Exception as e:  # One odd file must never kill a survey-sized build.
     return apogee_id, None, f'{path}: unexpected {type(e).__name__}: {e}'
+  with np.errstate(invalid='ignore'):
+    absurd = np.abs(spectrum.flux) > FLUX_LIMIT
+  if absurd.any():
+    return apogee_id, None, (f'{path}: {int(absurd.sum())} pixel(s) with |flux| above '
+                             f'{FLUX_LIMIT:g}, e.g. {float(spectrum.flux[absurd][0]):g} at pixel '
+                             f'{int(np.flatnonzero(absurd)[0])}: not a real spectrum')
   if spectrum.apogee_id != apogee_id:
     return apogee_id, None, (f'{path}: header APOGEE ID {spectrum.apogee_id} differs from the '
                              f'catalogue APOGEE_ID {apogee_id}')
@@ -215,6 +248,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     stars = labels.read_label_catalog(catalog)
     matched, problems = labels.match_files(stars, manual_dir)
     self._problems.extend(problems)
+    if not matched:
+      report = self._write_failed_report()
+      raise BuildError(f'{catalog}: none of the {len(stars)} catalogue rows matched an apStar file '
+                       f'below {manual_dir} (by FILE or by the ID in the file name); the reasons '
+                       f'are in {report}')
     logging.info('apogee: catalogue %s: %d rows, %d matched to files, %d problem(s) in matching',
                  catalog, len(stars), len(matched), len(problems))
     tasks = {split: [] for split in constants.SPLITS}
@@ -236,10 +274,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self.info.metadata['label_units'] = list(constants.LABEL_UNITS)
     empty = [s for s, t in tasks.items() if not t]
     if empty:
-      logging.warning('apogee: no stars in split(s) %s; they are left out', empty)
+      logging.warning('apogee: no stars in split(s) %s; they are left out (training and '
+                      'evaluate.py --calibrate need a dev split)', empty)
+    self.info.metadata['empty_splits'] = empty
     return {split: self._generate_examples(t, split) for split, t in tasks.items() if t}
 
-  def _generate_examples(self, tasks, split: str):
+  def _write_failed_report(self) -> epath.Path:
+    """The skip report of a build that stops: in data_dir, as TFDS removes its temporary
+    folder."""
+    report = epath.Path(self._data_dir_root) / FAILED_SKIP_REPORT
+    labels.write_problems(self._problems, report)
+    return report
+
+  def _generate_examples(self, tasks, split: str = ''):
     """(APOGEE ID, example) pairs of one split; unreadable files land in the skip report instead.
 
     A generator (local reader processes), or with Beam a PTransform that TFDS runs in its
@@ -247,7 +294,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """
     if self._use_beam:
       return self._beam_generate(tasks, split)
-    return self._generate_local(tasks)
+    return self._generate_local(tasks, split)
 
   def _beam_generate(self, tasks, split: str):
     work = epath.Path(self.data_dir) / _BEAM_WORK_DIR  # data_dir may be gs://…: workers see it.
@@ -275,13 +322,27 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self._n_unreadable += len(skipped)
     work.rmtree()
 
-  def _generate_local(self, tasks):
+  def _generate_local(self, tasks, split: str):
+    """Yields (APOGEE ID, example) from the local reader processes."""
+    n = 0
+    for key_example in self._read_all(tasks):
+      n += 1
+      yield key_example
+    if n == 0:
+      # TFDS would stop with a bare AssertionError on the empty split, and no report.
+      report = self._write_failed_report()
+      raise BuildError(f'the {split!r} split has no readable file: none of its {len(tasks)} '
+                       f'file(s) could be read; the reasons are in {report}')
+
+  def _read_all(self, tasks):
     if self._num_workers > 1 and len(tasks) > 1:
       # Parsing FITS is CPU-bound Python: processes, not threads. 'spawn', not 'fork': the
       # caller may have started JAX's or TensorFlow's threads, and forking a multithreaded
       # process can deadlock the child.
       context = multiprocessing.get_context('spawn')
-      with concurrent.futures.ProcessPoolExecutor(self._num_workers, mp_context=context) as pool:
+      with concurrent.futures.ProcessPoolExecutor(
+          self._num_workers, mp_context=context, initializer=exit_with_parent,
+          initargs=(os.getpid(),)) as pool:
         # Executor.map would submit every file at once and hold every finished spectrum in
         # memory (~70 kB each: 18 GB for DR14) while the writer catches up: go window by window.
         window = _WINDOW_PER_WORKER * self._num_workers
