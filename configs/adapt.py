@@ -26,4 +26,8 @@ def get_config():
   config.patience = 5
   config.adapt_patience = 1
   config.max_adapt_rounds = 50
+  # Rounds restart from the best checkpoint with its optimiser state, so a cosine over the run
+  # would leave later rounds a rate near 0: adaptation keeps a constant rate and a loose cap.
+  config.optim.lr_schedule = 'constant'
+  config.max_epochs = 200
   return config

@@ -390,10 +390,10 @@ def test_linear_equals_mc_on_real_spectra_with_errors_scaled_down(real_apstar_fi
   model = APOGEENet(channels=(4, 4), hidden=(16,))
   params = jax.jit(model.init)(jax.random.PRNGKey(2), jnp.zeros((1, N_PIXELS)))['params']
   files = [str(p) for p in real_apstar_files]
-  n_draws = 1000
+  n_draws = 3000
   run = lambda estimator, draws: prediction.predict_batches(  # noqa: E731
       params, model, PAPER_STANDARDIZER, _small_error_batches(files, 4, 1000.0),
-      MCSettings(mc=n_draws, draw_chunk=100, estimator=estimator, linear_draws=draws))
+      MCSettings(mc=n_draws, draw_chunk=250, estimator=estimator, linear_draws=draws))
   mc = run('mc', 0)
   for draws in (0, uncertainty.DEFAULT_LINEAR_DRAWS):
     _check_linear_against_mc(run('linear', draws), mc, n_draws)
@@ -405,10 +405,13 @@ def _check_linear_against_mc(linear, mc, n_draws):
   assert np.all(z.std(axis=0) > 0.05 * np.abs(z).max(axis=0)), z
   np.testing.assert_allclose(mc['pred'], linear['pred'], rtol=1e-4)
   ratio = linear['pred_err'] / mc['pred_err']
-  # MC sampling error of one σ: 1/√(2·1000) = 2.2%; over the 12 stars per label: ~0.65%.
+  # MC sampling error of one σ: 1/√(2·n_draws) (1.3% at 3000 draws); the median of n stars
+  # has ~1.25× the error of their mean. With 1000 draws and a fixed 2% bound the median sat at
+  # 2.6 of its standard errors on one CPU and passed on another: the bound is now 4 of them.
   se = 1 / np.sqrt(2 * n_draws)
   assert np.all(np.abs(ratio - 1) < 5 * se), ratio
-  assert np.all(np.abs(np.median(ratio, axis=0) - 1) < 0.02), np.median(ratio, axis=0)
+  se_median = 1.25 * se / np.sqrt(len(ratio))
+  assert np.all(np.abs(np.median(ratio, axis=0) - 1) < 4 * se_median), np.median(ratio, axis=0)
 
 
 def test_linear_over_fake_devices_equals_one_device(tiny_checkpoint):
