@@ -28,8 +28,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from apogeenet_jax import synthetic
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, manual_dir_or_survey
 from tfds_apogee import build as build_lib
 
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Existing manual_dir; else synthetic.')
@@ -57,13 +56,7 @@ def main(argv):
   # Other processes on the machine slow every build; the load average says how busy it was.
   print(f'load average (1, 5, 15 min) at start: {os.getloadavg()}')
   with tempfile.TemporaryDirectory() as tmp:
-    manual_dir = _MANUAL_DIR.value
-    if manual_dir is None:
-      manual_dir = os.path.join(tmp, 'manual')
-      start = time.perf_counter()
-      synthetic.write_survey(manual_dir, _NUM_STARS.value, seed=0, show_progress=False)
-      elapsed = time.perf_counter() - start
-      print(f'synthetic survey: {_NUM_STARS.value} stars in {elapsed:.1f} s')
+    manual_dir = manual_dir_or_survey(_MANUAL_DIR.value, tmp, _NUM_STARS.value)
 
     rates = {label: [] for label, _, _ in MODES}
     for round_ in range(_REPEATS.value):

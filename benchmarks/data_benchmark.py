@@ -23,7 +23,8 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from apogeenet_jax import preprocessing, synthetic
+from apogeenet_jax import preprocessing
+from benchmarks.common import manual_dir_or_survey
 from tfds_apogee import build as build_lib
 
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Existing manual_dir; else synthetic.')
@@ -48,14 +49,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   with tempfile.TemporaryDirectory() as tmp:
-    manual_dir = _MANUAL_DIR.value
-    if manual_dir is None:
-      manual_dir = os.path.join(tmp, 'manual')
-      start = time.perf_counter()
-      synthetic.write_survey(manual_dir, _NUM_STARS.value, seed=0, show_progress=False)
-      elapsed = time.perf_counter() - start
-      print(f'synthetic survey: {_NUM_STARS.value} stars in {elapsed:.1f} s '
-            f'({_NUM_STARS.value / elapsed:.0f} files/s)')
+    manual_dir = manual_dir_or_survey(_MANUAL_DIR.value, tmp, _NUM_STARS.value)
 
     data_dir = os.path.join(tmp, 'data')
     start = time.perf_counter()

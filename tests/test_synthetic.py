@@ -92,15 +92,20 @@ def test_each_label_changes_the_flux(index):
   assert change > 0.005, (constants.LABEL_NAMES[index], change)
 
 
-def test_labels_are_learnable_from_noisy_flux():
-  """A ridge regression on median-normalised noisy flux already recovers all three labels."""
+def _stars_and_combined_flux(n: int):
+  """(star, combined flux row) of n stars of every kind in turn, seed 0."""
   rng = np.random.default_rng(0)
-  x, y = [], []
-  for i in range(400):
+  for i in range(n):
     kind, data_type, _ = synthetic.KINDS[i % len(synthetic.KINDS)]
     star = synthetic.draw_star(i, 0, kind, data_type, rng)
     flux, _, _, _ = synthetic.simulate_rows(star, rng)
-    f = flux[0]
+    yield star, flux[0]
+
+
+def test_labels_are_learnable_from_noisy_flux():
+  """A ridge regression on median-normalised noisy flux already recovers all three labels."""
+  x, y = [], []
+  for star, f in _stars_and_combined_flux(400):
     x.append(f[::4] / np.median(f[f > 0]))
     y.append((star.logg, star.teff, star.fe_h))
   x, y = np.array(x), np.array(y)
@@ -122,13 +127,9 @@ def test_kind_mix_exact_for_small_surveys(tmp_path):
 def test_flux_levels_and_continuum_shapes_vary_like_real_files():
   """Real apStar median fluxes span ~15 to ~15,000 and their chip-to-chip flux ratios vary by
   ~±10% beyond Teff: the survey's scale spreads over three decades and its response varies."""
-  rng = np.random.default_rng(0)
   medians, ratios = [], []
-  for i in range(400):
-    kind, data_type, _ = synthetic.KINDS[i % len(synthetic.KINDS)]
-    star = synthetic.draw_star(i, 0, kind, data_type, rng)
-    flux, _, _, _ = synthetic.simulate_rows(star, rng)
-    medians.append(np.median(flux[0][flux[0] > 0]))
+  for star, f in _stars_and_combined_flux(400):
+    medians.append(np.median(f[f > 0]))
     r = synthetic.response(star.response)  # the shape that is not the labels' Planck slope
     ratios.append(r[:3300].mean() / r[3544:6113].mean())
   assert np.percentile(medians, 95) / np.percentile(medians, 5) > 300
