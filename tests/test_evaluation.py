@@ -992,3 +992,25 @@ def test_a_truncated_part_file_is_named(tmp_path):
   path.write_bytes(data[:len(data) // 2])
   with pytest.raises(prediction.EvaluationError, match=rf'{path}: not a part file'):
     evaluation.merge([str(path)], str(tmp_path / 'o'))
+
+
+@pytest.mark.parametrize('estimator', ['mc', 'linear'])
+def test_flux_scaling_applies_alike_to_prediction_mc_and_linear_sigma(estimator):
+  """Flux and errors of every star ×500: under flux_scaling='median' the prediction and its σ
+  (Monte Carlo draws or the first-order σ) are unchanged, because the scaling is part of the
+  network and the noise is drawn on the raw flux it scales; after a checkpoint round trip too."""
+  model = APOGEENet(channels=(4, 4), hidden=(16,), flux_scaling='median')
+  params = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, N_PIXELS)))['params']
+  params = {**params, 'conv1': jax.tree.map(lambda x: 30 * x, params['conv1'])}
+  meta = checkpoint.make_meta(model, PAPER_STANDARDIZER)
+  restored = checkpoint.model_from_meta(meta)
+  assert restored.flux_scaling == 'median'
+  source = _fake_source(6, 0)
+  bright = [{**r, 'flux': r['flux'] * 500, 'flux_err': r['flux_err'] * 500} for r in source]
+  settings = MCSettings(mc=50, estimator=estimator)
+  a, b = (prediction.predict_batches(params, restored, PAPER_STANDARDIZER,
+                                     input_pipeline.eval_batches(s, 3), settings)
+          for s in (source, bright))
+  assert np.ptp(a['pred_z'], axis=0).min() > 1e-3
+  np.testing.assert_allclose(a['pred'], b['pred'], rtol=1e-4)
+  np.testing.assert_allclose(a['pred_err'], b['pred_err'], rtol=2e-3)

@@ -58,3 +58,38 @@ def test_constructor_arguments_change_the_network():
   p = small.init(jax.random.key(0), jnp.zeros((1, 64)))['params']
   assert p['fc1']['kernel'].shape == (4 * 32, 16)
   assert p['fc2']['kernel'].shape == (16, 3)
+
+
+def _spectra(n=6, seed=0):
+  """Spectra with lines, levels 20 to 20,000 and bad pixels (exactly 0), like apStar flux."""
+  rng = np.random.default_rng(seed)
+  shape = 1 + 0.3 * np.sin(np.arange(8575) / rng.uniform(5, 50, (n, 1)))
+  flux = 10 ** rng.uniform(1.3, 4.3, (n, 1)) * shape
+  flux[:, :200] = 0
+  return flux.astype(np.float32)
+
+
+@pytest.mark.parametrize('scaling', ['median', 'log_median'])
+def test_per_spectrum_scaling_makes_the_network_blind_to_the_flux_level(scaling):
+  """A spectrum ×1000 gives the same output under a per-spectrum scaling, not under raw flux
+  (the first layer's weights are scaled up so that raw-flux outputs differ between spectra)."""
+  flux = _spectra()
+  outputs = {}
+  for s in ('none', scaling):
+    model = APOGEENet(channels=(4, 4), hidden=(16,), flux_scaling=s)
+    p = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8575)))['params']
+    p = {**p, 'conv1': jax.tree.map(lambda x: 30 * x, p['conv1'])}
+    out, out_bright = (np.asarray(model.apply({'params': p}, f)) for f in (flux, flux * 1000))
+    assert np.ptp(out, axis=0).min() > 1e-3  # outputs differ between spectra
+    outputs[s] = (out, out_bright)
+  np.testing.assert_allclose(*outputs[scaling], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(*outputs['none'], rtol=1e-2)
+
+
+def test_median_scaling_divides_by_the_good_pixels_median():
+  from apogeenet_jax.model import scale_flux
+  flux = _spectra()
+  scaled = np.asarray(scale_flux(jnp.asarray(flux), 'median'))
+  np.testing.assert_allclose(np.median(scaled[:, 200:], axis=1), 1.0, rtol=1e-6)
+  assert np.all(scaled[:, :200] == 0)  # bad pixels stay 0, and do not pull the median down
+  np.testing.assert_array_equal(np.asarray(scale_flux(jnp.asarray(flux), 'none')), flux)
