@@ -14,11 +14,12 @@ learns (configs/paper.py). What was chosen, and the measurement behind it (4,000
 survey, batch 128, docs/training.md "Training recipes", benchmarks/convergence_benchmark.py):
 - init 'he' + a zero output layer: at initialisation the fc2 features differ between real
   spectra (relative spread 0.78 vs 0.008 for PyTorch's U(±1/√fan_in));
-- flux_scaling 'median': each spectrum divided by the median of its good pixels inside the
-  module (recorded in the checkpoint), so the first layer sees O(1) inputs over the three decades
-  of flux level real apStar files span; on a 5,000-star synthetic survey with that spread the
-  residual / Cramér–Rao bound fell from 26 / 19 / 29 (one constant input_scale) to the figures in
-  docs/training.md "Closer to the information limit" (benchmarks/recipe_benchmark.py);
+- flux_scaling 'log_median': the log of each spectrum over the median of its good pixels,
+  inside the module (recorded in the checkpoint): O(1) inputs over the three decades of flux
+  level real apStar files span, and absorption lines that add to a smooth continuum. On a
+  5,000-star synthetic survey with that spread (demo config), residual / Cramér–Rao bound
+  (log g, Teff, [Fe/H]): one constant input_scale 26 / 19 / 29, the median ratio 14 / 8.6 / 15,
+  its log 6.5 / 5.3 / 10.6 (docs/training.md, benchmarks/recipe_benchmark.py);
 - a cosine decay of the learning rate over max_epochs = 30 (early stopping still watches dev):
   under a constant rate the dev loss jumps from epoch to epoch and patience 5 stops the run early;
 - Adam 1e-3 after a 50-step warm-up, clipping at global norm 1.0: dev MSE 0.51 / 0.17 / 0.055 /
@@ -83,10 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.zero_last_layer = True
   # Before the first layer (both saved in the checkpoint's model config, so evaluation, the MC
   # draws and the linear σ scale the flux the same way): each spectrum divided by its own level,
-  # flux_scaling = 'median' (median of its good pixels) or 'none' (raw flux, the paper's); then
+  # flux_scaling = 'log_median' (log of flux over the median of its good pixels), 'median' (the
+  # ratio itself) or 'none' (raw flux, the paper's); then
   # by one constant, input_scale: 0 = 1.0 after a per-spectrum scaling, else the median flux of
   # the training set; 1.0 = raw flux as in the paper.
-  config.flux_scaling = 'median'
+  config.flux_scaling = 'log_median'
   config.input_scale = 0.0
   config.seed = 0
   # Deep ensemble (not in the paper): K networks trained together in one vmapped step, member k
