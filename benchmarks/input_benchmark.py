@@ -118,9 +118,14 @@ def _resident_consumer(mesh):
 
 
 @functools.cache
+def _resolved_default():
+  """configs/default.py with its cosine decay resolved (100 batches per epoch stand in)."""
+  return optimizer.resolve_decay_steps(default.get_config(), 100)
+
+
 def _train_steps(model, mesh, resident: bool):
   """Compiled once per model and path kind, as in training (``steps.compiled_train_steps``)."""
-  tx = optimizer.from_key(optimizer.optimizer_key(default.get_config()))
+  tx = optimizer.from_key(optimizer.optimizer_key(_resolved_default()))
   return steps.make_train_steps(model, tx, mesh, resident=resident)
 
 
@@ -142,7 +147,7 @@ def deliver(paths: Paths, path: str, num_epochs: int) -> float:
 def loop(paths: Paths, path: str, model, k: int, num_epochs: int, max_steps: int | None = None
          ) -> float:
   """Spectra/s through ``epochs.train_epoch`` (first epoch of a fresh state untimed: compile)."""
-  tx = optimizer.from_key(optimizer.optimizer_key(default.get_config()))
+  tx = optimizer.from_key(optimizer.optimizer_key(_resolved_default()))
   train_steps = _train_steps(model, paths.mesh, path.startswith('memory, device'))
   state = sharding.replicate(train_state.create_train_state(jax.random.PRNGKey(0), model, tx),
                              paths.mesh)
