@@ -914,7 +914,7 @@ def test_calibration_of_a_retrained_model_at_the_same_step_is_ignored(tiny_check
 
 def test_mc_too_small_for_a_sigma_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
   # Issue 21 (6): --mc=1 wrote σ ≡ 0, and --calibrate --mc=1 replaced a good fit by a = 0.0025.
-  with pytest.raises(prediction.EvaluationError, match='--mc'):
+  with pytest.raises(uncertainty.UncertaintyError, match='--mc'):
     MCSettings(mc=1)
   MCSettings(mc=1, estimator='linear')  # linear: mc only asks for a σ
   _fake_splits(monkeypatch, 24, {'dev': 2})
