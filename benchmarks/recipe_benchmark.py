@@ -34,6 +34,7 @@ CANDIDATES = {
     'median_16_epochs': {'flux_scaling': 'median', 'max_epochs': 16},
     'log_median_16_epochs': {'flux_scaling': 'log_median', 'max_epochs': 16},
     'median_batch_64': {'flux_scaling': 'median', 'batch_size': 64},
+    'log_median_no_dropout': {'flux_scaling': 'log_median', 'dropout_rate': 0.0},
 }
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of a built SYNTHETIC survey.')
