@@ -421,25 +421,35 @@ def load(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
     return None
   try:
     record = json.loads(path.read_text())
-    for key in ('a', 'b', 'step'):
-      if key not in record:
-        raise CalibrationError(f'{path}: no {key!r} entry')
-    for key in ('a', 'b'):
-      missing = [n for n in LABEL_NAMES if n not in record[key]]
-      if missing:
-        raise CalibrationError(f'{path}: {key!r} lacks {missing}')
-    for key in ('a', 'b'):
-      bad = [n for n in LABEL_NAMES if not _finite_number(record[key][n])
-             or record[key][n] < 0 or (key == 'a' and record[key][n] == 0)]
-      if bad:
-        raise CalibrationError(f'{path}: {key!r} of {bad} is not a finite '
-                               f'{"positive" if key == "a" else "non-negative"} number: '
-                               f'{[record[key][n] for n in bad]}')
-    for name, floor in record.get('floor', {}).items():
-      _check_floor(path, name, floor, record.get('features', {}).get(name))
+    _check_record(path, record)
   except (OSError, json.JSONDecodeError, TypeError, AttributeError) as e:
     raise CalibrationError(f'{path}: cannot read the calibration: {e}') from e
   return record
+
+
+def _check_record(path, record: Mapping[str, Any]) -> None:
+  """A stored record with finite positive a, non-negative b for every label, a step and valid
+  floors, or a CalibrationError naming the file."""
+  for key in ('a', 'b', 'step'):
+    if key not in record:
+      raise CalibrationError(f'{path}: no {key!r} entry')
+  for key in ('a', 'b'):
+    _check_coefficients(path, key, record[key])
+  for name, floor in record.get('floor', {}).items():
+    _check_floor(path, name, floor, record.get('features', {}).get(name))
+
+
+def _check_coefficients(path, key: str, values: Mapping[str, Any]) -> None:
+  """Every label's a (finite, positive) or b (finite, non-negative), or a CalibrationError."""
+  missing = [n for n in LABEL_NAMES if n not in values]
+  if missing:
+    raise CalibrationError(f'{path}: {key!r} lacks {missing}')
+  bad = [n for n in LABEL_NAMES if not _finite_number(values[n])
+         or values[n] < 0 or (key == 'a' and values[n] == 0)]
+  if bad:
+    raise CalibrationError(f'{path}: {key!r} of {bad} is not a finite '
+                           f'{"positive" if key == "a" else "non-negative"} number: '
+                           f'{[values[n] for n in bad]}')
 
 
 def _check_floor(path, name: str, floor: Mapping[str, Any], features: Mapping[str, Any] | None):

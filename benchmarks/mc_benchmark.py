@@ -18,8 +18,7 @@ r"""Noise uncertainties: JAX MC and first-order ``linear`` against the paper's P
    once on ``jvp_stars`` stars outside the rounds: it is far too slow to interleave.
 2. σ_linear / σ_MC per star and label, for both linear estimators (median, p10, p90): on a split of the built data set with a
    trained checkpoint (``--workdir`` or ``--checkpoint``, ``--data_dir``, ``--split``), else on the
-   real apStar files of ``--apstar_dir`` (default: where the tests find the real samples,
-   tests/conftest.py) with the random network.
+   real apStar files of ``--apstar_dir`` with the random network (skipped when neither is given).
 3. Memory: ``prediction.predict_batches`` streams ``memory_stars`` synthetic in-memory spectra in
    a fresh subprocess each (separate high-water marks) and reports the peak RSS; flat means the
    peak does not grow with the star count. ``memory_mc`` draws keep it quick: the per-batch
@@ -75,8 +74,8 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'σ ratio: this orbax chec
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'σ ratio: tfds data dir of the built data set.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'σ ratio: split of --data_dir.')
 _APSTAR_DIR = flags.DEFINE_string(
-    'apstar_dir', str(pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'apstar'),
-    'σ ratio without a checkpoint: real apStar files, random paper-size network.')
+    'apstar_dir', '',
+    'σ ratio without a checkpoint: a folder of real apStar files, random paper-size network.')
 
 N_PIX = 8575
 
@@ -260,15 +259,10 @@ def sigma_ratios():
       print(f'  {name:5s} median {med:.3f}  p10 {p10:.3f}  p90 {p90:.3f}')
 
 
-def main(argv):
-  del argv
-  if _CHILD.value:
-    memory_child(_CHILD.value, _MEM_MC.value, _BATCH.value, _CHUNK.value)
-    return
+def _runners(flux: np.ndarray, err: np.ndarray) -> tuple[dict, list[int], list[str]]:
+  """The timed sides: JAX MC, ensembles, the linear estimators, and PyTorch when installed."""
   import jax
   print(f'devices: {jax.devices()}; {os.cpu_count()} CPUs')
-  flux, err = _spectra(_NUM_STARS.value, seed=1)
-  n = len(flux)
   runners = {'JAX': jax_runner(flux, err, _MC.value, _BATCH.value, _CHUNK.value)}
   sizes = [int(k) for k in _ENSEMBLES.value.split(',') if k.strip() and int(k) > 1]
   for k in sizes:
@@ -290,13 +284,22 @@ def main(argv):
       runners['PyTorch'] = torch_runner(flux, err, _MC.value, _THREADS.value)
     except ImportError:
       print('PyTorch not installed: no reference (pip install -e ".[torch]")')
-  # Interleaved rounds: on a shared machine all sides then see the same load; the order rotates
-  # each round so that no side always runs right after the same other one.
+  return runners, sizes, linear_names
+
+
+def _interleaved(runners: dict) -> dict[str, list[float]]:
+  """Seconds per round of each side. On a shared machine all sides then see the same load; the
+  order rotates each round so that no side always runs right after the same other one."""
   times = {name: [] for name in runners}
   names = list(runners)
   for r in range(_ROUNDS.value):
     for name in names[r % len(names):] + names[:r % len(names)]:
       times[name].append(runners[name]())
+  return times
+
+
+def _print_rates(times: dict[str, list[float]], n: int, sizes: list[int],
+                 linear_names: list[str]) -> None:
   rate = {name: n / float(np.median(t)) for name, t in times.items()}
 
   def per_round(num, den):
@@ -330,6 +333,16 @@ def main(argv):
     print(f'{name} / JAX MC-{_MC.value}: {rate[name] / rate["JAX"]:.2f}'
           + (f'; / PyTorch MC-{_MC.value}: {rate[name] / rate["PyTorch"]:.2f}'
              if 'PyTorch' in rate else ''))
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    memory_child(_CHILD.value, _MEM_MC.value, _BATCH.value, _CHUNK.value)
+    return
+  flux, err = _spectra(_NUM_STARS.value, seed=1)
+  runners, sizes, linear_names = _runners(flux, err)
+  _print_rates(_interleaved(runners), len(flux), sizes, linear_names)
   if _JVP_STARS.value > 0:
     sec = jvp_seconds_per_star(flux, err, _JVP_STARS.value)
     print(f'JAX linear jvp   : {1 / sec:7.3f} stars/s (forward mode, 8575 tangents per star, '

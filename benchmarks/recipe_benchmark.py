@@ -35,6 +35,8 @@ CANDIDATES = {
     'log_median_16_epochs': {'flux_scaling': 'log_median', 'max_epochs': 16},
     'median_batch_64': {'flux_scaling': 'median', 'batch_size': 64},
     'log_median_no_dropout': {'flux_scaling': 'log_median', 'dropout_rate': 0.0},
+    'no_dropout_batch_64': {'flux_scaling': 'log_median', 'dropout_rate': 0.0, 'batch_size': 64},
+    'no_dropout_batch_32': {'flux_scaling': 'log_median', 'dropout_rate': 0.0, 'batch_size': 32},
 }
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of a built SYNTHETIC survey.')

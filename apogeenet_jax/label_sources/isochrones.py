@@ -147,6 +147,27 @@ def read_isochrones(paths: Sequence[str | os.PathLike] | None,
   if not paths:
     raise MissingIsochronesError(f'no isochrone files given. {PARSEC_HELP}')
   tables = [read_cmd_file(p) for p in paths]
+  where = ', '.join(str(p) for p in paths)
+  wanted = {'MASS': columns.mass, 'LOGL': columns.log_l, 'LOG_TEFF': columns.log_teff,
+            'LOGG': columns.logg, **{b: columns.bands[b] for b in BANDS}}
+  out = Table(_common_grid(tables, columns))
+  for name, candidates in wanted.items():
+    out[name] = _first_column(tables, candidates, where, name)
+  for name in out.colnames:
+    if not np.isfinite(np.asarray(out[name])).any():
+      raise common.SourceTableError(
+          f'{where}: {name} (column {wanted.get(name, name)}) has no finite value; check the '
+          'CMD query')
+  finite = np.all([np.isfinite(np.asarray(out[c])) for c in out.colnames], axis=0)
+  out = out[finite]
+  if len(out) == 0:
+    raise common.SourceTableError(f'{where}: no isochrone row is finite in every column')
+  out.sort(['LOG_AGE', 'MINI'])
+  return out
+
+
+def _common_grid(tables: Sequence[Table], columns: IsochroneColumns) -> dict[str, np.ndarray]:
+  """The (log age, initial mass) grid that every table shares, or a SourceTableError."""
   grid = {}
   for t in tables:
     age = common.float_column(t, columns.log_age)
@@ -158,31 +179,19 @@ def read_isochrones(paths: Sequence[str | os.PathLike] | None,
       raise common.SourceTableError(
           f'{common.table_name(t)}: not on the same (log age, initial mass) grid as '
           f'{common.table_name(tables[0])}; query CMD with identical age and mass settings')
-  wanted = {'MASS': columns.mass, 'LOGL': columns.log_l, 'LOG_TEFF': columns.log_teff,
-            'LOGG': columns.logg, **{b: columns.bands[b] for b in BANDS}}
-  out = Table(grid)
-  for name, candidates in wanted.items():
-    for t in tables:
-      found = common.find_column(t, candidates, required=False)
-      if found is not None:
-        out[name] = common.float_column(t, found)
-        break
-    else:
-      raise common.SourceTableError(
-          f'{", ".join(str(p) for p in paths)}: no column {" or ".join(candidates)} for {name}; '
-          f'include the Gaia DR2 and 2MASS + WISE systems in the CMD query')
-  for name in out.colnames:
-    if not np.isfinite(np.asarray(out[name])).any():
-      raise common.SourceTableError(
-          f'{", ".join(str(p) for p in paths)}: {name} (column {wanted.get(name, name)}) has no '
-          f'finite value; check the CMD query')
-  finite = np.all([np.isfinite(np.asarray(out[c])) for c in out.colnames], axis=0)
-  out = out[finite]
-  if len(out) == 0:
-    raise common.SourceTableError(f'{", ".join(str(p) for p in paths)}: no isochrone row is '
-                                  'finite in every column')
-  out.sort(['LOG_AGE', 'MINI'])
-  return out
+  return grid
+
+
+def _first_column(tables: Sequence[Table], candidates: Sequence[str], where: str,
+                  name: str) -> np.ndarray:
+  """The first of ``candidates`` found in any table, as float, or a SourceTableError."""
+  for t in tables:
+    found = common.find_column(t, candidates, required=False)
+    if found is not None:
+      return common.float_column(t, found)
+  raise common.SourceTableError(
+      f'{where}: no column {" or ".join(candidates)} for {name}; include the Gaia DR2 and '
+      '2MASS + WISE systems in the CMD query')
 
 
 def check_coverage(iso: Table, age_range_myr: Sequence[float] = AGE_RANGE_MYR) -> np.ndarray:
