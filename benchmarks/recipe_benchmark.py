@@ -37,6 +37,7 @@ CANDIDATES = {
     'log_median_no_dropout': {'flux_scaling': 'log_median', 'dropout_rate': 0.0},
     'no_dropout_batch_64': {'flux_scaling': 'log_median', 'dropout_rate': 0.0, 'batch_size': 64},
     'no_dropout_batch_32': {'flux_scaling': 'log_median', 'dropout_rate': 0.0, 'batch_size': 32},
+    'no_dropout_batch_16': {'flux_scaling': 'log_median', 'dropout_rate': 0.0, 'batch_size': 16},
 }
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of a built SYNTHETIC survey.')

@@ -902,13 +902,14 @@ def test_resident_gather_matches_host_batches(n_devices):
 def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
   from configs import demo
   config = demo.get_config()
+  config.batch_size = 128  # the reference batch: no rate scaling
   optim = config.optim
   optim.lr_schedule, optim.decay_steps, optim.warmup_steps = 'cosine', 0, 50
   config.max_epochs = 16
   resolved = optimizer.resolve_decay_steps(config, batches_per_epoch=14)
   assert resolved.optim.decay_steps == 16 * 14 - 50 and optim.decay_steps == 0  # a copy
   schedule = optimizer.learning_rate_schedule(resolved.optim, resolved.batch_size)
-  peak = optim.learning_rate  # batch 128 = the reference batch: no scaling
+  peak = optim.learning_rate
   assert float(schedule(50)) == pytest.approx(peak)
   assert float(schedule(16 * 14)) == pytest.approx(0.0, abs=1e-9)  # ends with the run
   assert 0 < float(schedule(16 * 14 - 20)) < 0.05 * peak
