@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,6 +49,45 @@ class _QuietOrbaxInfo(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_QuietOrbaxInfo())
+
+
+class _QuietFailedWrites(logging.Filter):
+  """Drops the ERROR lines of a failed checkpoint write: orbax's writer threads each log the
+  whole traceback (naming the step's temporary folder), some after ``save`` has raised, and
+  asyncio logs the sibling writes' futures as 'never retrieved' when they are collected at
+  exit. ``save`` reports the failure as one CheckpointError."""
+
+  MARKS = ('.orbax-checkpoint-tmp', 'No space left on device')
+
+  def __init__(self, source: str = ''):
+    super().__init__()
+    self.source = source  # a part of the logging file's path, '' for any
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or self.source not in record.pathname:
+      return True
+    text = record.getMessage()
+    return not any(mark in text for mark in self.MARKS)
+
+
+logging.getLogger('absl').addFilter(_QuietFailedWrites(f'{os.sep}orbax{os.sep}'))
+logging.getLogger('asyncio').addFilter(_QuietFailedWrites())
+
+
+def _drop_closed_loop_callbacks(previous):
+  """After a failed write, TensorStore's completion callbacks still arrive for the event loop
+  that orbax made for the save and has closed; each prints 'Event loop is closed' through
+  ``sys.unraisablehook``. Nothing waits for them, so they are dropped; all else goes on."""
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+      previous(unraisable)
+
+  return hook
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 # The folder of a workdir that holds the orbax steps: defined here only.
 CHECKPOINT_DIR = 'checkpoints'
@@ -260,7 +300,10 @@ def newest_meta(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
 
 def _reason(e: BaseException) -> str:
   """One line: tensorstore's messages run over many lines of JSON spec."""
-  lines = str(e).strip().splitlines()
+  text = str(e)
+  if 'No space left on device' in text or "os_error_code='28'" in text:
+    return 'No space left on device'
+  lines = text.strip().splitlines()
   return f'{type(e).__name__}: {lines[0][:200] if lines else ""}'
 
 

@@ -1,6 +1,10 @@
 """Orbax checkpoints carry params plus the meta needed to predict."""
 
+import logging
+import os
 import shutil
+import sys
+import types
 
 import flax
 import jax
@@ -151,3 +155,42 @@ def test_a_failed_save_is_one_clear_error_and_leaves_no_temp_folder(tmp_path, mo
   with pytest.raises(checkpoint.CheckpointError, match=r'step 2.*No space left.*resume'):
     checkpoint.save(manager, 2, _state(1)[1], {'note': 'new'})
   assert sorted(p.name for p in tmp_path.iterdir()) == ['1']
+
+
+def _log(logger_name, pathname, message):
+  try:
+    raise OSError(28, 'No space left on device')
+  except OSError:
+    record = logging.makeLogRecord({
+        'name': logger_name, 'levelno': logging.ERROR, 'levelname': 'ERROR',
+        'pathname': pathname, 'msg': message, 'exc_info': sys.exc_info()})
+  logging.getLogger(logger_name).handle(record)
+
+
+def test_a_failed_save_shows_none_of_orbaxs_thread_tracebacks(caplog):
+  # Issue 21: a real disk-full save printed each orbax writer thread's traceback, asyncio's
+  # 'exception was never retrieved' for the sibling writes, then the one FATAL line.
+  future_py = f'{os.sep}venv{os.sep}orbax{os.sep}checkpoint{os.sep}_src{os.sep}future.py'
+  tmp = '"W/checkpoints/36.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/d/c314"'
+  with caplog.at_level(logging.INFO):
+    _log('absl', future_py, f'_SignalingThread.run() raised: RESOURCE_EXHAUSTED writing {tmp}')
+    _log('absl', future_py, '_SignalingThread.run() raised: [Errno 28] No space left on device')
+    _log('asyncio', 'base_events.py', f'Future exception was never retrieved: {tmp}')
+    _log('asyncio', 'base_events.py', "Future exception was never retrieved: OSError(28, "
+         "'No space left on device')")
+    assert caplog.records == []
+    # Other errors still show: orbax's own, asyncio's, and a disk-full outside orbax.
+    _log('absl', future_py, 'restore failed: bad metadata')
+    _log('asyncio', 'base_events.py', 'Task exception was never retrieved: KeyError')
+    _log('absl', 'train.py', 'cannot write metrics.jsonl: No space left on device')
+  assert len(caplog.records) == 3
+
+
+def test_closed_loop_callbacks_after_a_failed_save_are_dropped_and_others_kept():
+  # ... and TensorStore's late completion callbacks printed 'Event loop is closed' tracebacks.
+  seen = []
+  hook = checkpoint._drop_closed_loop_callbacks(lambda u: seen.append(str(u.exc_value)))
+  for message in ('Event loop is closed', 'something else'):
+    hook(types.SimpleNamespace(exc_value=RuntimeError(message)))
+  hook(types.SimpleNamespace(exc_value=ValueError('Event loop is closed')))
+  assert seen == ['something else', 'Event loop is closed']
