@@ -199,7 +199,8 @@ def main(argv):
     _, _, summary = make_labels(request)
   except (common.MissingUserDataError, common.SourceTableError,
           label_catalog.LabelCatalogError, file_io.StagedOutputError) as e:
-    raise app.UsageError(str(e)) from e
+    # A problem of the data, not of the command line: one line, without the flags' help.
+    raise SystemExit(f'FATAL {e}') from None
   print(json.dumps(summary['counts']))
 
 

@@ -151,6 +151,9 @@ def test_a_failed_run_leaves_the_good_catalogue_and_its_reports(tmp_path):
   run = _cli(f'--output={out}', f'--payne={tmp_path}/payne.fits')
   assert run.returncode != 0 and 'Traceback' not in run.stderr
   assert 'no rows' in run.stderr
+  # One line naming the problem, not the flags' help before it.
+  assert run.stderr.strip().splitlines()[-1].startswith('FATAL ')
+  assert '--payne_array' not in run.stderr
   assert {n: (out.parent / n).read_bytes() for n in names} == before
   assert sorted(os.listdir(out.parent)) == sorted(names)  # no staging folder left
 
