@@ -44,6 +44,10 @@ CANDIDATES = {
     'no_dropout_batch_64': {**_LOG_NO_DROPOUT, 'batch_size': 64},
     'no_dropout_batch_32': {**_LOG_NO_DROPOUT, 'batch_size': 32},  # the default
     'no_dropout_batch_16': {**_LOG_NO_DROPOUT, 'batch_size': 16},
+    # On top of the default (no dropout, batch 32): weight decay, and a deep ensemble of 4.
+    'adamw_1e-4': {**_LOG_NO_DROPOUT, 'batch_size': 32, 'optim.optimizer': 'adamw',
+                   'optim.weight_decay': 1e-4},
+    'ensemble_4': {**_LOG_NO_DROPOUT, 'batch_size': 32, 'ensemble_size': 4},
 }
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of a built SYNTHETIC survey.')
