@@ -182,15 +182,18 @@ def _main():
 def _inputs():
   """(output_dir, data_dir, splits, apStar files, files left out) from the flags."""
   output_dir = FLAGS.output_dir or str(epath.Path(FLAGS.workdir) / 'eval')
-  if problem := evaluation.output_dir_problem(output_dir):  # The WORKDIR/eval default.
-    raise app.UsageError(f'--output_dir: {problem}')
   data_dir = FLAGS.data_dir or (FLAGS.config.data_dir if FLAGS.config else None)
   splits = [s.strip() for s in FLAGS.split or () if s.strip()]
   files, skipped = evaluation.apstar_inputs(FLAGS.apstar_dir, FLAGS.apstar_list)
-  if not splits and not files and not skipped and not FLAGS.calibrate:
-    raise app.UsageError('Nothing to evaluate: give --split or --apstar_dir/--apstar_list '
-                         '(an --apstar_dir without apStar-*.fits files counts as nothing), '
-                         'or --calibrate.')
+  if not splits and not files and not skipped:
+    if not FLAGS.calibrate:
+      raise app.UsageError('Nothing to evaluate: give --split or --apstar_dir/--apstar_list '
+                           '(an --apstar_dir without apStar-*.fits files counts as nothing), '
+                           'or --calibrate.')
+  elif problem := evaluation.output_dir_problem(output_dir):  # The WORKDIR/eval default.
+    # Checked only when a catalogue will be written there: --calibrate alone writes beside the
+    # checkpoint.
+    raise SystemExit(f'FATAL --output_dir {output_dir}: {problem}')
   return output_dir, data_dir, splits, files, skipped
 
 

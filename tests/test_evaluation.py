@@ -579,6 +579,26 @@ def test_bad_output_dir_is_refused_when_flags_are_parsed(tmp_path, monkeypatch):
   assert not (tmp_path / 'new').exists()
 
 
+def test_the_default_output_dir_is_checked_only_when_something_is_written_there(tmp_path):
+  # Issue 21: --calibrate alone (it writes beside the checkpoint) was refused, with the flags'
+  # help, because WORKDIR/eval could not be written.
+  from absl import flags
+  evaluate = pytest.importorskip('evaluate')
+  (tmp_path / 'eval').write_text('a file where WORKDIR/eval would go')
+  argv = ['evaluate.py', f'--workdir={tmp_path}', '--data_dir=d', '--calibrate']
+  for extra, refused in (([], False), (['--split=test'], True)):
+    flags.FLAGS.unparse_flags()
+    try:
+      flags.FLAGS([*argv, *extra])
+      if refused:
+        with pytest.raises(SystemExit, match=r'^FATAL --output_dir .*eval: .*not a directory'):
+          evaluate._inputs()
+      else:
+        assert evaluate._inputs()[2:4] == ([], [])
+    finally:
+      flags.FLAGS.unparse_flags()
+
+
 def test_outputs_of_an_earlier_run_of_another_mode_are_removed(tiny_checkpoint, apstar_dir,
                                                                tmp_path, monkeypatch):
   # Issue 13 item 9: the output folder describes one run, not the union of several.
