@@ -48,6 +48,7 @@ CANDIDATES = {
     'adamw_1e-4': {**_LOG_NO_DROPOUT, 'batch_size': 32, 'optim.optimizer': 'adamw',
                    'optim.weight_decay': 1e-4},
     'ensemble_4': {**_LOG_NO_DROPOUT, 'batch_size': 32, 'ensemble_size': 4},
+    'lr_2e-3': {**_LOG_NO_DROPOUT, 'batch_size': 32, 'optim.learning_rate': 2e-3},
 }
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of a built SYNTHETIC survey.')
