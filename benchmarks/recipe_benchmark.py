@@ -44,6 +44,8 @@ CANDIDATES = {
     'no_dropout_batch_64': {**_LOG_NO_DROPOUT, 'batch_size': 64},
     'no_dropout_batch_32': {**_LOG_NO_DROPOUT, 'batch_size': 32},  # the default
     'no_dropout_batch_16': {**_LOG_NO_DROPOUT, 'batch_size': 16},
+    'no_dropout_batch_8': {**_LOG_NO_DROPOUT, 'batch_size': 8},
+    'batch_16_12_epochs': {**_LOG_NO_DROPOUT, 'batch_size': 16, 'max_epochs': 12},
     # On top of the default (no dropout, batch 32): weight decay, and a deep ensemble of 4.
     'adamw_1e-4': {**_LOG_NO_DROPOUT, 'batch_size': 32, 'optim.optimizer': 'adamw',
                    'optim.weight_decay': 1e-4},
