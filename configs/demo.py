@@ -7,9 +7,12 @@ r"""The paper's network on the embedded SYNTHETIC survey, end to end in minutes 
 The default recipe (configs/default.py) with a cosine learning-rate decay over the run, and the
 full Appendix-B network — channels
 8,8,16,16,16,16,32,32,32,32,64,64, hidden 512,512 — with an epoch cap sized to a CPU demo.
-Measured (5,000 stars, 2 quiet CPU cores, Intel Xeon): training 114 s, test MSE 0.011, scatter
-0.106 dex / 98 K / 0.026 dex, best dev MSE 0.0102 at step 216; calibrated σ coverage of the 669
-test stars 0.680 / 0.692 / 0.679 at 1σ; the whole chain 283 s (README "Results", docs/uncertainties.md).
+Global batch 16 (the default's 32 suits accelerators; on a CPU a spectrum costs the same at
+16, and the network gains with the number of updates). Measured on the demo survey against its
+Cramér–Rao bound (log g, Teff, [Fe/H]; docs/training.md, benchmarks/recipe_benchmark.py, AMD
+EPYC, 2 shared cores): residual / bound 3.49 / 3.29 / 5.55 at batch 16 against 3.74 / 3.38 /
+6.00 at 32; test MSE 0.0010, scatter 0.023 dex / 35 K / 0.0068 dex; calibrated σ coverage of the
+669 test stars 0.674 / 0.694 / 0.671 at 1σ, 0.948 / 0.943 / 0.933 at 2σ.
 Leaves the best checkpoint in workdirs/demo/checkpoints for ``evaluate.py --workdir=workdirs/demo``.
 """
 
@@ -19,11 +22,10 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data_dir = 'data/demo/tfds'
-  # 27 steps of 128 per epoch on the 5000-star demo survey: 8 epochs (216 steps) keep the demo
-  # within minutes on 2 CPU cores (early stopping rarely triggers this early). The 2,500-star
-  # survey of 16 epochs of 14 steps before gave the same accuracy (test MSE 0.0100 against
-  # 0.0109) from as many steps, but dev and test splits of ~340 stars: too few to measure the σ
-  # coverage to ±0.04 at 2σ.
+  # 223 steps of 16 per epoch on the 5000-star demo survey: 8 epochs keep the demo within
+  # minutes on 2 CPU cores. 12 epochs gave 3.29 / 3.06 / 5.19 × the bound, in 1.5× the time.
+  # 5,000 stars: dev and test splits of ~700, enough to measure the σ coverage to ±0.04 at 2σ.
+  config.batch_size = 16
   config.max_epochs = 8
   # A run of known length: the learning rate decays to 0 along a cosine over the whole run
   # (decay_steps 0 = to max_epochs, resolved from the data). Measured on the 2,500-star survey:
