@@ -93,3 +93,32 @@ def test_median_scaling_divides_by_the_good_pixels_median():
   np.testing.assert_allclose(np.median(scaled[:, 200:], axis=1), 1.0, rtol=1e-6)
   assert np.all(scaled[:, :200] == 0)  # bad pixels stay 0, and do not pull the median down
   np.testing.assert_array_equal(np.asarray(scale_flux(jnp.asarray(flux), 'none')), flux)
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float16])
+def test_the_good_pixel_median_is_nanmedians_bit_for_bit_with_its_derivative(dtype):
+  """The sort-free median (bisection on the bit patterns) against jnp.nanmedian of the positive
+  pixels: values, forward and reverse derivatives, with ties, odd and even counts, rows with one
+  or no good pixel."""
+  from apogeenet_jax.model import good_pixel_median
+
+  def reference(f):
+    return jnp.nanmedian(jnp.where(f > 0, f, jnp.nan), axis=1)
+
+  def checked(fn):  # value, forward derivative along t, gradient of the rows with a good pixel
+    return jax.jit(lambda f, t: (*jax.jvp(fn, (f,), (t,)),
+                                 jax.grad(lambda x: fn(x)[1:].sum())(f)))
+
+  rng = np.random.default_rng(0)
+  for trial, length in enumerate((1, 2, 9, 9, 16, 16)):  # odd and even counts
+    f = rng.normal(1, 1, (8, length)).astype(dtype)
+    if trial % 2:
+      f = np.round(f, 1).astype(dtype)  # ties at the middle ranks
+    f[0], f[1] = 0, -1  # no good pixel
+    f[1, 0] = 3  # one good pixel
+    flux, tangent = jnp.asarray(f), jnp.asarray(rng.normal(size=f.shape).astype(dtype))
+    (value, deriv, grad), (value_ref, deriv_ref, grad_ref) = (
+        checked(fn)(flux, tangent) for fn in (good_pixel_median, reference))
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(value_ref))
+    np.testing.assert_array_equal(np.asarray(deriv)[1:], np.asarray(deriv_ref)[1:])
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(grad_ref))
