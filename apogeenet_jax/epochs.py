@@ -51,16 +51,20 @@ def summarize(sums: Mapping[str, Any], prefix: str) -> dict[str, float]:
   return out
 
 
-def update_early_stopping(state: TrainState, stop_loss: float, min_delta: float = 0.0
-                          ) -> tuple[TrainState, bool]:
-  """Records one dev evaluation (§3.3): improved resets the counter, else it counts up."""
+def update_early_stopping(state: TrainState, stop_loss: float, min_delta: float = 0.0,
+                          counts: bool = True) -> tuple[TrainState, bool]:
+  """Records one dev evaluation (§3.3): improved resets the counter, else it counts up.
+
+  ``counts`` False (an epoch before ``config.early_stopping_from_epoch``): the best loss is
+  still tracked, but an evaluation without improvement does not count against the patience.
+  """
   best = float(state.best_stop_loss)
   improved = bool(stop_loss < best - min_delta)
   if improved:
     return state.replace(best_stop_loss=jnp.float32(stop_loss),
                          evals_without_improvement=jnp.int32(0)), True
-  return state.replace(
-      evals_without_improvement=jnp.int32(int(state.evals_without_improvement) + 1)), False
+  without = int(state.evals_without_improvement) + 1 if counts else 0
+  return state.replace(evals_without_improvement=jnp.int32(without)), False
 
 
 def should_stop_early(state: TrainState, patience: int) -> bool:

@@ -420,7 +420,9 @@ def _train_one_epoch(run: _Run, state: TrainState, stop: StopRequest
     return state, True
   dev = run.evaluate(state.params)
   state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
-  state, improved = epochs.update_early_stopping(state, dev[run.stop_loss_key], config.min_delta)
+  state, improved = epochs.update_early_stopping(
+      state, dev[run.stop_loss_key], config.min_delta,
+      counts=config.adapt or epoch + 1 >= config.early_stopping_from_epoch)
   state = replicate(state, run.mesh)
   scalars = {'epoch': epoch + 1, 'adapt_round': int(state.adapt_round),
              'epoch_seconds': time.perf_counter() - t0,
