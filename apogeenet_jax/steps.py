@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh
@@ -74,10 +75,24 @@ def _over_members(fn: Callable, unrolled: bool, in_axes: tuple) -> Callable:
   return unrolled_fn
 
 
+def _label_mse(pred: jax.Array, targets: jax.Array, loss_weights: tuple[float, ...] | None
+               ) -> jax.Array:
+  """Per-example mean over the labels of the squared standardised residual (§3.3), each label
+  weighted by ``loss_weights`` scaled to mean 1 (None or all equal: the paper's MSE exactly)."""
+  square = jnp.square(pred - targets)
+  if loss_weights is not None and len(set(loss_weights)) > 1:
+    w = np.asarray(loss_weights, np.float64)
+    square = square * jnp.asarray(w / w.mean(), square.dtype)
+  return jnp.mean(square, axis=-1)
+
+
 def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemble_size: int = 1,
-                      unroll_members: bool = False
+                      unroll_members: bool = False, loss_weights: tuple[float, ...] | None = None
                       ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The per-device SGD step, to run under ``shard_map`` over the 'data' axis.
+
+  ``loss_weights``: one weight per label on the training loss (``_label_mse``), which the
+  train-loss metrics report; the dev loss (early stopping, Table 2) stays the paper's MSE.
 
   ``ensemble_size`` K > 1: the state's params, opt_state and rng carry a leading member axis;
   every member takes its step on the same batch (vmap inside the per-device function, or K
@@ -93,7 +108,7 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
     def loss_fn(params):
       pred = model.apply({'params': params}, batch['flux'], train=True,
                          rngs={'dropout': dropout_rng})
-      per_example = jnp.mean(jnp.square(pred - batch['targets']), axis=-1)  # MSE, §3.3
+      per_example = _label_mse(pred, batch['targets'], loss_weights)  # MSE, §3.3
       # The GLOBAL mean, reduced over the axis INSIDE the differentiated function: the gradient of
       # a replicated input already carries the psum, so pmean-ing gradients afterwards would give
       # N× the true gradient (docs/jax_stack_notes.md, "The shard_map gradient trap").
@@ -130,13 +145,16 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
 
 
 def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh,
-                    ensemble_size: int = 1, unroll_members: bool | None = None
+                    ensemble_size: int = 1, unroll_members: bool | None = None,
+                    loss_weights: tuple[float, ...] | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics); for
-  ``ensemble_size`` see ``_local_train_step``; ``unroll_members`` None: ``members_unrolled``."""
+  ``ensemble_size`` and ``loss_weights`` see ``_local_train_step``; ``unroll_members`` None:
+  ``members_unrolled``."""
   if unroll_members is None:
     unroll_members = members_unrolled(mesh)
-  step = jax.shard_map(_local_train_step(model, tx, ensemble_size, unroll_members), mesh=mesh,
+  local_step = _local_train_step(model, tx, ensemble_size, unroll_members, loss_weights)
+  step = jax.shard_map(local_step, mesh=mesh,
                        in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0)
 
@@ -170,7 +188,8 @@ def gather_resident(data: Mapping[str, jax.Array], idx: jax.Array, n_dev: int
 
 
 def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh, *,
-                     resident: bool = False, ensemble_size: int = 1
+                     resident: bool = False, ensemble_size: int = 1,
+                     loss_weights: tuple[float, ...] | None = None
                      ) -> Callable[[TrainState, Any], tuple]:
   """k SGD steps in one jitted ``lax.scan``: (state, xs) → (state, metrics summed over the k
   steps, {'loss': (k,), 'grad_norm': (k,)} of each step).
@@ -180,13 +199,13 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
   ``resident=True``: xs = (split, idx): a split placed on the devices by ``place_split`` and
   idx (k, B) int32 global rows, replicated; each step gathers its batch on the device.
   k comes from the input's shape (a shorter last chunk compiles once more). One scan step is the
-  same computation as ``make_train_step`` (``ensemble_size`` likewise); fusing k of them saves
-  k − 1 host round trips.
+  same computation as ``make_train_step`` (``ensemble_size`` likewise, ``loss_weights`` see
+  ``_local_train_step``); fusing k of them saves k − 1 host round trips.
   """
   # The CPU's two straight-line rules (convolutions are slow inside loops and grouped): the
   # scan over steps and the ensemble's members are both unrolled there.
   unroll = members_unrolled(mesh)
-  local_step = _local_train_step(model, tx, ensemble_size, unroll)
+  local_step = _local_train_step(model, tx, ensemble_size, unroll, loss_weights)
   n_dev = mesh.shape[DATA_AXIS]
 
   def run(state, xs):
@@ -242,8 +261,9 @@ def compiled_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1):
 
 @functools.lru_cache(maxsize=8)
 def compiled_train_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh, resident: bool,
-                         ensemble_size: int = 1):
+                         ensemble_size: int = 1, loss_weights: tuple[float, ...] | None = None):
   """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key`` (the whole
   ``config.optim`` and the batch size), cached the same way."""
   tx = optimizer.from_key(optimizer_key)
-  return make_train_steps(model, tx, mesh, resident=resident, ensemble_size=ensemble_size)
+  return make_train_steps(model, tx, mesh, resident=resident, ensemble_size=ensemble_size,
+                          loss_weights=loss_weights)

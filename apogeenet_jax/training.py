@@ -76,7 +76,7 @@ class ResumeMismatchError(TrainingError):
 _RUN_DEFINING = frozenset({
     'data_dir', 'dataset_name', 'ensemble_size', 'flux_scaling', 'input_scale', 'init',
     'zero_last_layer', 'dropout_rate', 'standardizer', 'seed', 'adapt', 'init_from',
-    'payne_fraction', 'batch_size'})
+    'payne_fraction', 'batch_size', 'loss_weights'})
 # Every field of these sub-configs defines the run too.
 _RUN_DEFINING_GROUPS = ('model.', 'optim.')
 
@@ -292,8 +292,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
              train_data=train_data, train_data_type=np.asarray(train_meta['data_type']),
              local_batch=local_batch, evaluate=evaluate,
              train_steps=steps.compiled_train_steps(model, optimizer.optimizer_key(config), mesh,
-                                                     on_device,
-                                               ensemble_size))
+                                                     on_device, ensemble_size,
+                                                     tuple(config.loss_weights)))
   return run, state, restored is not None
 
 

@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   # batch_size / lr_reference_batch ('sqrt' is the usual rule for Adam).
   config.optim.lr_batch_scaling = 'sqrt'
   config.optim.lr_reference_batch = 128
+  # Weights of the labels (log g, Teff, [Fe/H]) in the training loss, scaled to mean 1; the dev
+  # loss, early stopping and the reported MSE stay unweighted. Equal = the paper's MSE (§3.3).
+  config.loss_weights = (1.0, 1.0, 1.0)
   config.dropout_rate = 0.0  # §3.3 has 0.1 (configs/paper.py): measured worse, docstring
   # Initialisation (the paper names none): 'he' = He-normal kernels, zero biases, which keep the
   # difference between spectra alive through the 12 ReLU convolutions; 'torch' = U(±1/√fan_in)

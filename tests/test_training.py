@@ -97,6 +97,31 @@ def _assert_trees_equal(a, b, **tol):
 # The step.
 
 
+@pytest.mark.parametrize('weights, expected', [((0.0, 0.0, 1.0), 'fe_h'), ((2.0, 2.0, 2.0), 'mse')])
+def test_the_loss_weights_weight_the_training_loss(weights, expected):
+  """(0, 0, 1): the step's loss is the [Fe/H] squared residual alone; equal weights: the
+  paper's MSE bit for bit (the outputs are made to differ between spectra first)."""
+  config = _config(dropout_rate=0.0)
+  config.model.input_length = 1024
+  model = train_state.create_model(config)
+  tx = _tx(config)
+  examples = fake_source(8, 5)
+  std = Standardizer.fit(np.stack([e['labels'] for e in examples]))
+  batch = {'flux': np.stack([e['flux'][:1024] for e in examples]),
+           'labels': np.stack([e['labels'] for e in examples]),
+           'data_type': np.array([e['data_type'] for e in examples], np.int32)}
+  mesh = sharding.make_mesh(1)
+  state = train_state.create_train_state(jax.random.PRNGKey(0), model, tx)
+  state = state.replace(params=jax.tree.map(lambda p: 3 * p, state.params))
+  pred = np.asarray(model.apply({'params': state.params}, batch['flux']))
+  assert np.ptp(pred, axis=0).min() > 1e-2
+  square = np.square(pred - std.transform(batch['labels']))
+  want = square[:, 2].mean() if expected == 'fe_h' else square.mean()
+  step = steps.make_train_step(model, tx, mesh, loss_weights=weights)
+  _, metrics = step(sharding.replicate(state, mesh), train_inputs.device_batch(batch, std, mesh))
+  np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
+
+
 @pytest.mark.parametrize('n_devices', [2, 4])
 def test_step_same_params_on_1_2_4_devices(n_devices):
   """Same global batch → same parameters on 1 and N devices (catches the N× gradient trap)."""
