@@ -54,6 +54,9 @@ CANDIDATES = {
     # The demo (batch 16, 8 epochs) with the training loss weighted towards the labels furthest
     # from their bound: about 1 / σ_CRB² in standardised units (log g, Teff, [Fe/H]).
     'loss_weights_1_0.2_1.4': {**_LOG_NO_DROPOUT, 'batch_size': 16, 'loss_weights': '1,0.2,1.4'},
+    'loss_weights_1_0.2_2.8': {**_LOG_NO_DROPOUT, 'batch_size': 16, 'loss_weights': '1,0.2,2.8'},
+    'loss_weights_10_epochs': {**_LOG_NO_DROPOUT, 'batch_size': 16, 'loss_weights': '1,0.2,1.4',
+                               'max_epochs': 10},
 }
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of a built SYNTHETIC survey.')
