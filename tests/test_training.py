@@ -750,6 +750,7 @@ def test_demo_config_trains_the_paper_network(tmp_path):
   # decades), so no global constant is needed.
   assert meta['model']['flux_scaling'] == 'log_median'
   assert meta['model']['input_scale'] == 1.0
+  assert meta['config']['loss_weights'] == [1.0, 0.2, 1.4]  # the demo's recipe, recorded
   # Appendix B's layers and shapes: 12 convolutions, fc1 reading 64 channels × 133 pixels.
   assert sorted(params) == sorted([f'conv{i}' for i in range(1, 13)] + ['fc1', 'fc2', 'fc3'])
   assert params['conv1']['kernel'].shape == (3, 1, PAPER_CHANNELS[0])
