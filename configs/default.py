@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluations of the epochs before this one do not count against the patience (the best
   # checkpoint is still kept): while the cosine rate is high the dev loss of the last iterate
   # jumps by 2× between epochs, and patience 5 stopped a 20,000-star run at batch 16 after 10 of
-  # 30 epochs at 1.7× the residual of the full schedule (docs/training.md). 0 = from the start
+  # 30 epochs at 1.5-2× the residual of the full schedule (docs/training.md). 0 = from the start
   # (the paper, configs/paper.py; adaptation rounds always count).
   config.early_stopping_from_epoch = 15
   # The paper gives no epoch cap. With the cosine decay the rate reaches 0 at max_epochs; early
