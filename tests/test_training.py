@@ -339,11 +339,9 @@ def test_update_early_stopping_counts():
   assert float(state.best_stop_loss) == pytest.approx(0.4)
 
 
-def test_epochs_before_early_stopping_from_epoch_do_not_count_against_patience(
-    sources, tmp_path, monkeypatch):
-  """The same script with early_stopping_from_epoch=5: epochs 3-4 do not count, so the five
-  evaluations without improvement are epochs 5-9 and the run stops after epoch 9, epoch 2 best."""
-  script = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.6, 0.7, 0.1, 0.1])
+def _script_dev_losses(monkeypatch, losses):
+  """The dev evaluation runs, but reports these losses, one per epoch."""
+  script = iter(losses)
   real = epochs.evaluate_split
 
   def scripted(*args, **kwargs):
@@ -352,6 +350,13 @@ def test_epochs_before_early_stopping_from_epoch_do_not_count_against_patience(
     return out
 
   monkeypatch.setattr(epochs, 'evaluate_split', scripted)
+
+
+def test_epochs_before_early_stopping_from_epoch_do_not_count_against_patience(
+    sources, tmp_path, monkeypatch):
+  """The same script with early_stopping_from_epoch=5: epochs 3-4 do not count, so the five
+  evaluations without improvement are epochs 5-9 and the run stops after epoch 9, epoch 2 best."""
+  _script_dev_losses(monkeypatch, [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.6, 0.7, 0.1, 0.1])
   config = _config(max_epochs=20, patience=5, early_stopping_from_epoch=5)
   state = training.train_and_evaluate(config, str(tmp_path), sources=sources)
   assert int(state.epoch) == 9
@@ -362,15 +367,7 @@ def test_epochs_before_early_stopping_from_epoch_do_not_count_against_patience(
 
 def test_early_stopping_stops_after_patience_and_restores_best(sources, tmp_path, monkeypatch):
   """Scripted dev losses: best at epoch 2, then 5 worse → stop after epoch 7 with epoch-2 params."""
-  script = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.1, 0.1])
-  real = epochs.evaluate_split
-
-  def scripted(*args, **kwargs):
-    out = real(*args, **kwargs)
-    out['dev_loss'] = next(script)
-    return out
-
-  monkeypatch.setattr(epochs, 'evaluate_split', scripted)
+  _script_dev_losses(monkeypatch, [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.1, 0.1])
   config = _config(max_epochs=20, patience=5)
   state = training.train_and_evaluate(config, str(tmp_path), sources=sources)
   records = metric_writer.read_metrics(str(tmp_path))
