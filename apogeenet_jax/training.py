@@ -96,8 +96,10 @@ def _check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any
   """Refuses a resume with another data set, model or optimiser; warns on other changes."""
   if 'config' not in saved_meta:
     return  # Checkpoints without a config (converted weights): nothing to compare.
-  # Runs saved before config.model listed the paper's architecture had an empty config.model.
-  defaults = {'model.channels': list(PAPER_CHANNELS), 'model.hidden': list(PAPER_HIDDEN)}
+  # Runs saved before config.model listed the paper's architecture had an empty config.model;
+  # runs saved before config.loss_weights trained on the plain MSE.
+  defaults = {'model.channels': list(PAPER_CHANNELS), 'model.hidden': list(PAPER_HIDDEN),
+              'loss_weights': [1.0, 1.0, 1.0]}
   old = {**defaults, **_flat(saved_meta['config'])}
   new = {**defaults, **_flat(config_json)}
   changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))

@@ -1005,6 +1005,7 @@ def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_p
   for change, named in (({'data_dir': str(tmp_path / 'other')}, 'data_dir'),
                         ({'model': {**model.to_dict(), 'channels': (4, 8)}}, 'model.channels'),
                         ({'ensemble_size': 2}, 'ensemble_size'),
+                        ({'loss_weights': (1.0, 0.2, 1.4)}, 'loss_weights'),
                         ({'adapt': True, 'init_from': str(tmp_path / 'base')}, 'adapt')):
     config = _config(max_epochs=2)
     for k, v in change.items():
@@ -1017,6 +1018,15 @@ def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_p
                                 sources=sources)
   assert any('log_every_steps' in r.getMessage() for r in caplog.records)
   assert len(metric_writer.read_metrics(str(workdir))) == 2
+
+
+def test_a_run_saved_before_loss_weights_resumes_with_the_plain_mse_only(tmp_path):
+  saved = {'config': {'data_dir': 'D', 'batch_size': 32}}  # no loss_weights: the plain MSE
+  training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+                                   'loss_weights': [1.0, 1.0, 1.0]}, tmp_path)
+  with pytest.raises(training.ResumeMismatchError, match='loss_weights'):
+    training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+                                     'loss_weights': [1.0, 0.2, 1.4]}, tmp_path)
 
 
 def test_init_from_its_own_workdir_is_refused(sources, tmp_path):
