@@ -239,7 +239,7 @@ def make_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1
 
   def member_eval(params: Any, batch: dict) -> dict:
     pred = model.apply({'params': params}, batch['flux'], train=False)
-    per_example = jnp.mean(jnp.square(pred - batch['targets']), axis=-1)
+    per_example = _label_mse(pred, batch['targets'], None)  # the dev loss: unweighted
     return _masked_sums(per_example, batch['data_type'], batch['mask'])
 
   def local_eval(params: Any, batch: dict) -> dict:
