@@ -12,6 +12,8 @@ same ``decode_example`` and ``preprocess_flux`` as the stream, into
   labels     (n, 3)  float32  (log g, Teff, [Fe/H]) in native units, every row of the split
   data_type  (n,)    int32    index into ``constants.DATA_TYPES``, every row
   apogee_id  (n,)    str
+  noise      (n_held, 8575) storage dtype, or None: the per-pixel noise scale of each held row
+             (``noise_scale`` of its preprocessed errors), held only for noise augmentation
 
 Labels and data types of the whole split are kept because the Standardizer and the adaptation
 subsets need them (16 bytes a spectrum); only flux is restricted to the rows a process holds.
@@ -26,7 +28,7 @@ NumPy only (``ml_dtypes`` provides bfloat16): ``training`` places the arrays on 
 """
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
@@ -35,7 +37,7 @@ from absl import logging
 
 from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS
 from apogeenet_jax.input_pipeline import InputPipelineError, read_metadata
-from apogeenet_jax.preprocessing import preprocess_flux
+from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
 
 STORAGE_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
                   'float16': np.dtype(np.float16)}
@@ -50,9 +52,10 @@ def storage_dtype(name: str) -> np.dtype:
   return STORAGE_DTYPES[name]
 
 
-def bytes_per_spectrum(dtype: str = 'float32') -> int:
-  """Memory one held spectrum costs: flux in the storage dtype plus labels and data type."""
-  return N_PIXELS * storage_dtype(dtype).itemsize + _PER_SPECTRUM_EXTRA_BYTES
+def bytes_per_spectrum(dtype: str = 'float32', noise: bool = False) -> int:
+  """Memory one held spectrum costs: flux (and with ``noise`` its noise scale) in the storage
+  dtype, plus labels and data type."""
+  return (1 + noise) * N_PIXELS * storage_dtype(dtype).itemsize + _PER_SPECTRUM_EXTRA_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,7 @@ class SplitArrays:
   apogee_id: np.ndarray
   # Relative rounding of the storage dtype over the non-zero pixels: {'max': …, 'rms': …}.
   rounding: Mapping[str, float]
+  noise: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -88,13 +92,20 @@ class SplitArrays:
   def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """A batch (any leading shape) of source ``indices``: float32 flux, labels, data_type."""
     indices = np.asarray(indices, np.int64)
-    return {'flux': self.flux[self.positions(indices)].astype(np.float32, copy=False),
-            'labels': self.labels[indices], 'data_type': self.data_type[indices]}
+    positions = self.positions(indices)
+    batch = {'flux': self.flux[positions].astype(np.float32, copy=False),
+             'labels': self.labels[indices], 'data_type': self.data_type[indices]}
+    if self.noise is not None:  # sharding.NOISE_KEY (this module stays free of JAX)
+      batch['noise'] = self.noise[positions].astype(np.float32, copy=False)
+    return batch
 
 
 def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None = None,
-               dtype: str = 'float32', num_threads: int = 8, name: str = 'split') -> SplitArrays:
-  """Reads every record of ``source`` once; keeps the preprocessed flux of ``rows`` (default all).
+               dtype: str = 'float32', num_threads: int = 8, name: str = 'split',
+               noise_scale: Callable[[np.ndarray], np.ndarray] | None = None) -> SplitArrays:
+  """Reads every record of ``source`` once; keeps the preprocessed flux of ``rows`` (default all)
+  and, given ``noise_scale`` (preprocessed errors (1, 8575) → per-pixel noise scale), the noise
+  scale of the same rows.
 
   ``name`` only labels errors and log lines (e.g. the split and data dir).
   """
@@ -104,6 +115,7 @@ def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None =
     raise ValueError(f'{name}: rows outside [0, {n})')
   store = storage_dtype(dtype)
   flux = np.empty((len(rows), N_PIXELS), store)
+  noise = None if noise_scale is None else np.empty((len(rows), N_PIXELS), store)
   position = np.full(n, -1, np.int64)
   position[rows] = np.arange(len(rows))
   err_max, err_sq, err_count = 0.0, 0.0, 0
@@ -126,13 +138,19 @@ def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None =
         err_sq += float(np.sum(np.square(rel, dtype=np.float64)))
         err_count += rel.size
     flux[position[i]] = q
+    if noise is not None:
+      scale = noise_scale(preprocess_error(example['flux_err'])[None])[0].astype(store)
+      if not np.all(np.isfinite(scale)):
+        raise InputPipelineError(f'{name}: record {i} ({example["apogee_id"]}) has a noise scale '
+                                 f'beyond the range of {dtype}; use memory_dtype float32')
+      noise[position[i]] = scale
 
   meta = read_metadata(source, num_threads=num_threads, visit=keep)
   rounding = {'max': err_max, 'rms': float(np.sqrt(err_sq / err_count)) if err_count else 0.0}
   logging.info('%s: %d of %d spectra in memory as %s (%.2f GB); relative rounding max %.2g, '
                'rms %.2g.', name, len(rows), n, dtype, flux.nbytes / 1e9, rounding['max'],
                rounding['rms'])
-  return SplitArrays(flux=flux, rows=rows, rounding=rounding, **meta)
+  return SplitArrays(flux=flux, rows=rows, rounding=rounding, noise=noise, **meta)
 
 
 def eval_batches(arrays: SplitArrays, batch_size: int, *, indices: np.ndarray | None = None,

@@ -16,10 +16,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
-# Keys of a batch that go to the devices (strings and catalogue columns stay on the host).
+# Keys of a batch that go to the devices (strings and catalogue columns stay on the host), and
+# the one that joins them when a run trains with noise augmentation: the MC noise scale.
 DEVICE_KEYS = ('flux', 'targets', 'data_type', 'mask')
-# A split resident on the devices: flux rows in one block per device, the small arrays on all.
+NOISE_KEY = 'noise'
+# A split resident on the devices: flux rows (and noise scales) in one block per device, the small
+# arrays on all.
+BLOCKED_KEYS = ('flux', NOISE_KEY)
 RESIDENT_SPECS = {'flux': P(DATA_AXIS), 'targets': P(), 'data_type': P()}
+
+
+def resident_specs(with_noise: bool = False) -> dict[str, P]:
+  """The shard_map specs of a resident split (``train_inputs.place_split``)."""
+  return {**RESIDENT_SPECS, NOISE_KEY: P(DATA_AXIS)} if with_noise else dict(RESIDENT_SPECS)
 
 
 class MeshError(ValueError):
@@ -75,7 +84,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's rows → one global array per key, split over the 'data' axis."""
+  """This process's rows → one global array per key (``device_keys``), split over 'data'."""
   sharding = NamedSharding(mesh, P(DATA_AXIS))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in DEVICE_KEYS}
+          for k in device_keys(batch)}
+
+
+def device_keys(batch: Mapping[str, Any]) -> tuple[str, ...]:
+  """The keys of a host batch that go to the devices: ``DEVICE_KEYS``, and the noise scale when
+  the batch carries one (noise augmentation)."""
+  return (*DEVICE_KEYS, NOISE_KEY) if NOISE_KEY in batch else DEVICE_KEYS

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from apogeenet_jax import optimizer
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.model import APOGEENet
-from apogeenet_jax.sharding import DATA_AXIS, RESIDENT_SPECS
+from apogeenet_jax.sharding import BLOCKED_KEYS, DATA_AXIS, NOISE_KEY, resident_specs
 from apogeenet_jax.train_state import TrainState
 
 
@@ -86,13 +86,34 @@ def _label_mse(pred: jax.Array, targets: jax.Array, loss_weights: tuple[float, .
   return jnp.mean(square, axis=-1)
 
 
+def add_training_noise(flux: jax.Array, noise_scale: jax.Array, rng: jax.Array,
+                       noise_augmentation: float) -> jax.Array:
+  """A fresh noisy copy of the batch: flux + a · N(0, 1) · noise_scale per pixel.
+
+  ``noise_scale`` is the Monte Carlo's (``uncertainty.prepare_errors``: errors capped at 5× the
+  spectrum's median, no noise where the error is BAD_PIXEL_ERROR), so with a = 1 every step sees
+  spectra drawn like the MC draws of evaluation, and a network cannot learn the one noise
+  realisation of each training spectrum by heart.
+  """
+  eps = jax.random.normal(rng, flux.shape, flux.dtype)
+  return flux + jnp.asarray(noise_augmentation, flux.dtype) * eps * noise_scale.astype(flux.dtype)
+
+
+# fold_in of the per-step dropout key that gives the training noise its own stream.
+_NOISE_STREAM = 1
+
+
 def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemble_size: int = 1,
-                      unroll_members: bool = False, loss_weights: tuple[float, ...] | None = None
+                      unroll_members: bool = False, loss_weights: tuple[float, ...] | None = None,
+                      noise_augmentation: float = 0.0
                       ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The per-device SGD step, to run under ``shard_map`` over the 'data' axis.
 
   ``loss_weights``: one weight per label on the training loss (``_label_mse``), which the
   train-loss metrics report; the dev loss (early stopping, Table 2) stays the paper's MSE.
+  ``noise_augmentation`` a > 0: the batch carries 'noise' (its MC noise scale) and the step trains
+  on ``add_training_noise`` of it, fresh noise every step, reproducible from (rng, step, device);
+  0 trains on the spectra as stored (the paper), bit for bit as before this option.
 
   ``ensemble_size`` K > 1: the state's params, opt_state and rng carry a leading member axis;
   every member takes its step on the same batch (vmap inside the per-device function, or K
@@ -104,10 +125,15 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
     # Different dropout masks per device, reproducible from (rng, step).
     dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(DATA_AXIS))
     w = batch['mask'].astype(jnp.float32)
+    flux = batch['flux']
+    if noise_augmentation:
+      if NOISE_KEY not in batch:
+        raise ValueError(f'noise_augmentation > 0 needs the batch\'s noise scale ({NOISE_KEY!r})')
+      flux = add_training_noise(flux, batch[NOISE_KEY],
+                                jax.random.fold_in(dropout_rng, _NOISE_STREAM), noise_augmentation)
 
     def loss_fn(params):
-      pred = model.apply({'params': params}, batch['flux'], train=True,
-                         rngs={'dropout': dropout_rng})
+      pred = model.apply({'params': params}, flux, train=True, rngs={'dropout': dropout_rng})
       per_example = _label_mse(pred, batch['targets'], loss_weights)  # MSE, §3.3
       # The GLOBAL mean, reduced over the axis INSIDE the differentiated function: the gradient of
       # a replicated input already carries the psum, so pmean-ing gradients afterwards would give
@@ -146,14 +172,15 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
 
 def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh,
                     ensemble_size: int = 1, unroll_members: bool | None = None,
-                    loss_weights: tuple[float, ...] | None = None
+                    loss_weights: tuple[float, ...] | None = None, noise_augmentation: float = 0.0
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics); for
-  ``ensemble_size`` and ``loss_weights`` see ``_local_train_step``; ``unroll_members`` None:
-  ``members_unrolled``."""
+  ``ensemble_size``, ``loss_weights`` and ``noise_augmentation`` see ``_local_train_step``;
+  ``unroll_members`` None: ``members_unrolled``."""
   if unroll_members is None:
     unroll_members = members_unrolled(mesh)
-  local_step = _local_train_step(model, tx, ensemble_size, unroll_members, loss_weights)
+  local_step = _local_train_step(model, tx, ensemble_size, unroll_members, loss_weights,
+                                 noise_augmentation)
   step = jax.shard_map(local_step, mesh=mesh,
                        in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0)
@@ -172,25 +199,28 @@ def gather_resident(data: Mapping[str, jax.Array], idx: jax.Array, n_dev: int
   local_batch = idx.shape[0] // n_dev
   device = lax.axis_index(DATA_AXIS)
   mine = lax.dynamic_slice_in_dim(idx, device * local_batch, local_batch)
-  flux = data['flux']
-  if n_dev == 1:
-    flux = jnp.take(flux, mine, axis=0)
-  else:
-    block = flux.shape[0]
+
+  def rows_of(blocked):  # this device's rows of a (rows, 8575) array held in blocks
+    if n_dev == 1:
+      return jnp.take(blocked, mine, axis=0).astype(jnp.float32)
+    block = blocked.shape[0]
     local = idx - device * block
     owned = (local >= 0) & (local < block)
-    rows = jnp.take(flux, jnp.where(owned, local, 0), axis=0)
-    flux = jnp.where(owned[:, None], rows, jnp.zeros((), rows.dtype))
-    flux = lax.psum_scatter(flux, DATA_AXIS, scatter_dimension=0, tiled=True)
-  return {'flux': flux.astype(jnp.float32), 'targets': jnp.take(data['targets'], mine, axis=0),
+    rows = jnp.take(blocked, jnp.where(owned, local, 0), axis=0)
+    rows = jnp.where(owned[:, None], rows, jnp.zeros((), rows.dtype))
+    return lax.psum_scatter(rows, DATA_AXIS, scatter_dimension=0, tiled=True).astype(jnp.float32)
+
+  # The noise scale of noise augmentation, when the split carries it, travels like the flux.
+  return {**{k: rows_of(data[k]) for k in BLOCKED_KEYS if k in data},
+          'targets': jnp.take(data['targets'], mine, axis=0),
           'data_type': jnp.take(data['data_type'], mine, axis=0),
           'mask': jnp.ones(local_batch, bool)}
 
 
 def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh, *,
                      resident: bool = False, ensemble_size: int = 1,
-                     loss_weights: tuple[float, ...] | None = None
-                     ) -> Callable[[TrainState, Any], tuple]:
+                     loss_weights: tuple[float, ...] | None = None,
+                     noise_augmentation: float = 0.0) -> Callable[[TrainState, Any], tuple]:
   """k SGD steps in one jitted ``lax.scan``: (state, xs) → (state, metrics summed over the k
   steps, {'loss': (k,), 'grad_norm': (k,)} of each step).
 
@@ -198,14 +228,18 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
   'data_type', 'mask'} sharded over the 'data' axis on dimension 1 (``put_chunk``).
   ``resident=True``: xs = (split, idx): a split placed on the devices by ``place_split`` and
   idx (k, B) int32 global rows, replicated; each step gathers its batch on the device.
+  With ``noise_augmentation`` > 0 the batches (or the resident split, ``resident_specs``) also
+  carry 'noise', the MC noise scale of each spectrum.
   k comes from the input's shape (a shorter last chunk compiles once more). One scan step is the
-  same computation as ``make_train_step`` (``ensemble_size`` likewise, ``loss_weights`` see
-  ``_local_train_step``); fusing k of them saves k − 1 host round trips.
+  same computation as ``make_train_step`` (``ensemble_size`` likewise, ``loss_weights`` and
+  ``noise_augmentation`` see ``_local_train_step``); fusing k of them saves k − 1 host round
+  trips.
   """
   # The CPU's two straight-line rules (convolutions are slow inside loops and grouped): the
   # scan over steps and the ensemble's members are both unrolled there.
   unroll = members_unrolled(mesh)
-  local_step = _local_train_step(model, tx, ensemble_size, unroll, loss_weights)
+  local_step = _local_train_step(model, tx, ensemble_size, unroll, loss_weights,
+                                 noise_augmentation)
   n_dev = mesh.shape[DATA_AXIS]
 
   def run(state, xs):
@@ -227,7 +261,7 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
     losses = {'loss': per_step.pop('loss'), 'grad_norm': per_step.pop('grad_norm')}
     return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), per_step), losses
 
-  xs_spec = ((RESIDENT_SPECS, P()) if resident else P(None, DATA_AXIS))
+  xs_spec = ((resident_specs(noise_augmentation > 0), P()) if resident else P(None, DATA_AXIS))
   return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), xs_spec),
                                out_specs=(P(), P(), P())), donate_argnums=0)
 
@@ -261,9 +295,10 @@ def compiled_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1):
 
 @functools.lru_cache(maxsize=8)
 def compiled_train_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh, resident: bool,
-                         ensemble_size: int = 1, loss_weights: tuple[float, ...] | None = None):
+                         ensemble_size: int = 1, loss_weights: tuple[float, ...] | None = None,
+                         noise_augmentation: float = 0.0):
   """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key`` (the whole
   ``config.optim`` and the batch size), cached the same way."""
   tx = optimizer.from_key(optimizer_key)
   return make_train_steps(model, tx, mesh, resident=resident, ensemble_size=ensemble_size,
-                          loss_weights=loss_weights)
+                          loss_weights=loss_weights, noise_augmentation=noise_augmentation)

@@ -16,10 +16,10 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apogeenet_jax import input_pipeline, memory_data
+from apogeenet_jax import input_pipeline, memory_data, uncertainty
 from apogeenet_jax.constants import N_PIXELS
 from apogeenet_jax.normalization import Standardizer
-from apogeenet_jax.sharding import DATA_AXIS, DEVICE_KEYS, replicate, shard_batch
+from apogeenet_jax.sharding import DATA_AXIS, NOISE_KEY, device_keys, replicate, shard_batch
 from apogeenet_jax.train_state import TrainingError
 
 
@@ -42,7 +42,7 @@ def put_chunk(chunk: Mapping[str, np.ndarray], standardizer: Standardizer, mesh:
     chunk['mask'] = np.ones(chunk['labels'].shape[:2], bool)
   sharding = NamedSharding(mesh, P(None, DATA_AXIS))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(chunk[k]))
-          for k in DEVICE_KEYS}
+          for k in device_keys(chunk)}
 
 
 def _flux_blocks(num_spectra: int, mesh: Mesh) -> tuple[tuple[int, int], NamedSharding]:
@@ -62,34 +62,49 @@ def resident_rows(num_spectra: int, mesh: Mesh) -> np.ndarray:
 
 def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mesh: Mesh
                 ) -> dict[str, jax.Array]:
-  """A split in memory → device-resident arrays (``RESIDENT_SPECS``): flux in its storage dtype,
-  one block of rows per device; standardised targets (n, 3) and data types on every device."""
+  """A split in memory → device-resident arrays (``sharding.resident_specs``): flux (and the
+  noise scale, when held) in its storage dtype, one block of rows per device; standardised
+  targets (n, 3) and data types on every device."""
   shape, sharding = _flux_blocks(len(arrays), mesh)
   n = len(arrays)
 
-  def block(index):
-    start, stop = index[0].start or 0, index[0].stop or shape[0]
-    held = np.arange(start, min(stop, n))
-    first = arrays.positions(held[:1])[0] if len(held) else 0
-    rows = arrays.flux[first:first + len(held)]  # A view: rows are held in ascending order.
-    if len(held) == stop - start:
-      return rows
-    return np.concatenate([rows, np.zeros((stop - start - len(held), N_PIXELS), rows.dtype)])
+  def blocks_of(held_rows: np.ndarray):
+    def block(index):
+      start, stop = index[0].start or 0, index[0].stop or shape[0]
+      held = np.arange(start, min(stop, n))
+      first = arrays.positions(held[:1])[0] if len(held) else 0
+      rows = held_rows[first:first + len(held)]  # A view: rows are held in ascending order.
+      if len(held) == stop - start:
+        return rows
+      return np.concatenate([rows, np.zeros((stop - start - len(held), N_PIXELS), rows.dtype)])
+    return jax.make_array_from_callback(shape, sharding, block)
 
-  flux = jax.make_array_from_callback(shape, sharding, block)
-  return {'flux': flux,
+  blocked = {'flux': blocks_of(arrays.flux)}
+  if arrays.noise is not None:
+    blocked[NOISE_KEY] = blocks_of(arrays.noise)
+  return {**blocked,
           **replicate({'targets': standardizer.transform(arrays.labels),
                        'data_type': np.asarray(arrays.data_type, np.int32)}, mesh)}
 
 
 def stream_inputs(batches: Iterable[Mapping[str, np.ndarray]], standardizer: Standardizer,
-                  mesh: Mesh, steps_per_call: int = 1) -> Iterator[tuple[dict, int]]:
-  """Host batches (``input_pipeline.train_batches``) stacked k at a time and sharded."""
+                  mesh: Mesh, steps_per_call: int = 1, noise: bool = False
+                  ) -> Iterator[tuple[dict, int]]:
+  """Host batches (``input_pipeline.train_batches``) stacked k at a time and sharded; with
+  ``noise``, each batch's MC noise scale (``training_noise_scale`` of its errors) goes along."""
   batches = iter(batches)
+  keys = ('flux', 'labels', 'data_type', 'mask')
   while chunk := list(itertools.islice(batches, steps_per_call)):
-    stacked = {k: np.stack([b[k] for b in chunk]) for k in ('flux', 'labels', 'data_type', 'mask')
-               if k in chunk[0]}
+    stacked = {k: np.stack([b[k] for b in chunk]) for k in keys if k in chunk[0]}
+    if noise:
+      stacked[NOISE_KEY] = np.stack([training_noise_scale(b['flux_err']) for b in chunk])
     yield put_chunk(stacked, standardizer, mesh), len(chunk)
+
+
+def training_noise_scale(flux_err: np.ndarray) -> np.ndarray:
+  """The per-pixel noise scale of noise augmentation: the Monte Carlo's (the authors' median
+  cap, no noise on BAD_PIXEL_ERROR pixels), so training noise is drawn like the MC draws."""
+  return uncertainty.prepare_errors(flux_err, 'median')
 
 
 def memory_inputs(arrays: memory_data.SplitArrays, batch_indices: np.ndarray,
@@ -175,14 +190,16 @@ def choose_input(config: ml_collections.ConfigDict, num_train: int, num_dev: int
                         f'{config.data_on_device!r}')
   if config.steps_per_call < 1:
     raise TrainingError(f'config.steps_per_call must be ≥ 1, got {config.steps_per_call}')
+  with_noise = noise_augmentation(config) > 0
   try:
     per_spectrum = memory_data.bytes_per_spectrum(config.memory_dtype)
+    per_train_spectrum = memory_data.bytes_per_spectrum(config.memory_dtype, noise=with_noise)
   except ValueError as e:
     raise TrainingError(f'config.memory_dtype: {e}') from e
   if mode == 'stream':
     return 'stream', False
   processes = jax.process_count()
-  host_bytes = (num_train + num_dev) * per_spectrum / processes
+  host_bytes = (num_train * per_train_spectrum + num_dev * per_spectrum) / processes
   if host_bytes > config.memory_budget_gb * 1e9:
     if mode == 'auto':
       logging.info('Streaming: the splits need %.1f GB, over memory_budget_gb=%g.',
@@ -190,7 +207,7 @@ def choose_input(config: ml_collections.ConfigDict, num_train: int, num_dev: int
       return 'stream', False
     logging.warning('input_mode=memory: %.1f GB per process, over memory_budget_gb=%g.',
                     host_bytes / 1e9, config.memory_budget_gb)
-  flux_bytes = N_PIXELS * memory_data.storage_dtype(config.memory_dtype).itemsize
+  flux_bytes = (1 + with_noise) * N_PIXELS * memory_data.storage_dtype(config.memory_dtype).itemsize
   device_bytes = -(-num_train // mesh.devices.size) * flux_bytes + num_train * 16
   on_device = (on_device_option == 'true' or
                (on_device_option == 'auto' and device_bytes <= _device_budget_bytes(config)))
@@ -223,7 +240,8 @@ def read_splits(config: ml_collections.ConfigDict, train_source: Sequence, dev_s
                            num_threads=config.num_threads)
   where = f' of {config.data_dir}' if config.data_dir else ''
   arrays = load(train_source, name=f'train split{where}',
-                rows=resident_rows(len(train_source), mesh) if on_device else None)
+                rows=resident_rows(len(train_source), mesh) if on_device else None,
+                noise_scale=training_noise_scale if noise_augmentation(config) > 0 else None)
   return ({'arrays': arrays}, arrays.metadata(),
           load(dev_source, rows=dev_indices, name=f'dev split{where}'))
 
@@ -247,4 +265,18 @@ def epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
       data['source'], local_batch, seed=config.seed, epoch=epoch, indices=indices,
       start_batch=start_batch, num_threads=config.num_threads,
       prefetch_batches=config.prefetch_batches, **shard)
-  return stream_inputs(batches, standardizer, mesh, k)
+  return stream_inputs(batches, standardizer, mesh, k, noise=noise_augmentation(config) > 0)
+
+
+def noise_augmentation(config: ml_collections.ConfigDict) -> float:
+  """``config.noise_augmentation`` (0 when absent): the scale of the training noise, a finite
+  number ≥ 0 (``steps.add_training_noise``)."""
+  value = config.get('noise_augmentation', 0.0)
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    value = float('nan')
+  if not np.isfinite(value) or value < 0:
+    raise TrainingError(f'config.noise_augmentation must be a finite number ≥ 0 (0: off, 1: noise '
+                        f'drawn like the Monte Carlo draws), got {config.get("noise_augmentation")!r}')
+  return value

@@ -76,7 +76,7 @@ class ResumeMismatchError(TrainingError):
 _RUN_DEFINING = frozenset({
     'data_dir', 'dataset_name', 'ensemble_size', 'flux_scaling', 'input_scale', 'init',
     'zero_last_layer', 'dropout_rate', 'standardizer', 'seed', 'adapt', 'init_from',
-    'payne_fraction', 'batch_size', 'loss_weights'})
+    'payne_fraction', 'batch_size', 'loss_weights', 'noise_augmentation'})
 # Every field of these sub-configs defines the run too.
 _RUN_DEFINING_GROUPS = ('model.', 'optim.')
 
@@ -97,9 +97,10 @@ def _check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any
   if 'config' not in saved_meta:
     return  # Checkpoints without a config (converted weights): nothing to compare.
   # Runs saved before config.model listed the paper's architecture had an empty config.model;
-  # runs saved before config.loss_weights trained on the plain MSE.
+  # runs saved before config.loss_weights trained on the plain MSE, and those saved before
+  # config.noise_augmentation on the stored spectra.
   defaults = {'model.channels': list(PAPER_CHANNELS), 'model.hidden': list(PAPER_HIDDEN),
-              'loss_weights': [1.0, 1.0, 1.0]}
+              'loss_weights': [1.0, 1.0, 1.0], 'noise_augmentation': 0.0}
   old = {**defaults, **_flat(saved_meta['config'])}
   new = {**defaults, **_flat(config_json)}
   changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
@@ -295,7 +296,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
              local_batch=local_batch, evaluate=evaluate,
              train_steps=steps.compiled_train_steps(model, optimizer.optimizer_key(config), mesh,
                                                      on_device, ensemble_size,
-                                                     tuple(config.loss_weights)))
+                                                     tuple(config.loss_weights),
+                                                     train_inputs.noise_augmentation(config)))
   return run, state, restored is not None
 
 

@@ -34,10 +34,12 @@ from apogeenet_jax import (
     train_inputs,
     train_state,
     training,
+    uncertainty,
     workdir_lock,
 )
 from apogeenet_jax.constants import DATA_TYPES, N_PIXELS
 from apogeenet_jax.normalization import Standardizer
+from apogeenet_jax.preprocessing import preprocess_error
 from configs import default as default_config
 from configs import paper as paper_config
 from configs import test as test_config
@@ -97,10 +99,9 @@ def _assert_trees_equal(a, b, **tol):
 # The step.
 
 
-@pytest.mark.parametrize('weights, expected', [((0.0, 0.0, 1.0), 'fe_h'), ((2.0, 2.0, 2.0), 'mse')])
-def test_the_loss_weights_weight_the_training_loss(weights, expected):
-  """(0, 0, 1): the step's loss is the [Fe/H] squared residual alone; equal weights: the
-  paper's MSE bit for bit (the outputs are made to differ between spectra first)."""
+def _one_batch_step_setup():
+  """(model, tx, standardizer, batch, mesh, state) for one step of a short-input test model on 8
+  spectra, its weights scaled 3× so that the outputs differ between spectra."""
   config = _config(dropout_rate=0.0)
   config.model.input_length = 1024
   model = train_state.create_model(config)
@@ -110,9 +111,16 @@ def test_the_loss_weights_weight_the_training_loss(weights, expected):
   batch = {'flux': np.stack([e['flux'][:1024] for e in examples]),
            'labels': np.stack([e['labels'] for e in examples]),
            'data_type': np.array([e['data_type'] for e in examples], np.int32)}
-  mesh = sharding.make_mesh(1)
   state = train_state.create_train_state(jax.random.PRNGKey(0), model, tx)
   state = state.replace(params=jax.tree.map(lambda p: 3 * p, state.params))
+  return model, tx, std, batch, sharding.make_mesh(1), state
+
+
+@pytest.mark.parametrize('weights, expected', [((0.0, 0.0, 1.0), 'fe_h'), ((2.0, 2.0, 2.0), 'mse')])
+def test_the_loss_weights_weight_the_training_loss(weights, expected):
+  """(0, 0, 1): the step's loss is the [Fe/H] squared residual alone; equal weights: the
+  paper's MSE bit for bit (the outputs are made to differ between spectra first)."""
+  model, tx, std, batch, mesh, state = _one_batch_step_setup()
   pred = np.asarray(model.apply({'params': state.params}, batch['flux']))
   assert np.ptp(pred, axis=0).min() > 1e-2
   square = np.square(pred - std.transform(batch['labels']))
@@ -120,6 +128,40 @@ def test_the_loss_weights_weight_the_training_loss(weights, expected):
   step = steps.make_train_step(model, tx, mesh, loss_weights=weights)
   _, metrics = step(sharding.replicate(state, mesh), train_inputs.device_batch(batch, std, mesh))
   np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
+
+
+def test_noise_augmentation_trains_on_a_fresh_noisy_copy_with_the_mc_noise_scale():
+  """The step's loss is the MSE of flux + a · N(0, 1) · noise_scale, the noise drawn from the
+  step's own key (so each step sees new noise); a = 0 leaves the stored spectra alone."""
+  model, tx, std, batch, mesh, state = _one_batch_step_setup()
+  # Per-row, per-pixel scales, so a row or pixel mix-up changes the loss.
+  batch['noise'] = np.random.default_rng(0).uniform(0.5, 8.0, (8, 1024)).astype(np.float32)
+  state = state.replace(step=jnp.int32(7))
+  targets = std.transform(batch['labels'])
+
+  def mse(flux):
+    return float(np.mean(np.square(np.asarray(model.apply({'params': state.params}, flux))
+                                   - targets)))
+
+  def step_loss(a):
+    step = steps.make_train_step(model, tx, mesh, noise_augmentation=a)
+    fresh = sharding.replicate(jax.tree.map(jnp.copy, state), mesh)  # the step donates it
+    _, metrics = step(fresh, train_inputs.device_batch(batch, std, mesh))
+    return float(metrics['loss'])
+
+  # The key the step draws from: fold_in(fold_in(rng, step), device) as for dropout, then its
+  # own stream.
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(state.rng, 7), 0), 1)
+  eps = np.asarray(jax.random.normal(key, batch['flux'].shape))
+  clean = mse(batch['flux'])
+  noisy = mse(batch['flux'] + 2.0 * eps * batch['noise'])
+  assert abs(noisy - clean) > 1e-3 * clean  # the noise matters, far above the tolerance
+  np.testing.assert_allclose(step_loss(2.0), noisy, rtol=1e-5)
+  np.testing.assert_allclose(step_loss(0.0), clean, rtol=1e-5)
+  with pytest.raises(ValueError, match='noise scale'):
+    steps.make_train_step(model, tx, mesh, noise_augmentation=1.0)(
+        sharding.replicate(jax.tree.map(jnp.copy, state), mesh),
+        train_inputs.device_batch({k: v for k, v in batch.items() if k != 'noise'}, std, mesh))
 
 
 @pytest.mark.parametrize('n_devices', [2, 4])
@@ -748,6 +790,7 @@ def test_demo_config_trains_the_paper_network(tmp_path):
   assert meta['model']['flux_scaling'] == 'log_median'
   assert meta['model']['input_scale'] == 1.0
   assert meta['config']['loss_weights'] == [1.0, 0.2, 1.4]  # the demo's recipe, recorded
+  assert meta['config']['noise_augmentation'] == 1.0
   # Appendix B's layers and shapes: 12 convolutions, fc1 reading 64 channels × 133 pixels.
   assert sorted(params) == sorted([f'conv{i}' for i in range(1, 13)] + ['fc1', 'fc2', 'fc3'])
   assert params['conv1']['kernel'].shape == (3, 1, PAPER_CHANNELS[0])
@@ -829,13 +872,30 @@ def test_short_run_of_paper_network_learns_under_default_recipe(recipe, tmp_path
 # Input modes (memory / stream) and steps fused per call.
 
 
+def _with_varied_errors(examples, seed):
+  """The examples with per-pixel errors that differ between spectra (and a few bad pixels)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for e in examples:
+    err = rng.uniform(0.5, 3.0, N_PIXELS).astype(np.float32)
+    err[rng.integers(0, N_PIXELS, 20)] = np.inf
+    out.append({**e, 'flux_err': err})
+  return out
+
+
 @pytest.mark.parametrize('on_device', ['false', 'true'])
-def test_memory_and_stream_end_with_the_same_parameters(sources, tmp_path, on_device):
-  """Same batches in the same order: memory (host or device-resident) == stream after 2 epochs."""
-  stream = training.train_and_evaluate(_config(max_epochs=2, input_mode='stream'),
-                                       str(tmp_path / 'stream'), sources=sources)
+@pytest.mark.parametrize('noise', [0.0, 1.0])
+def test_memory_and_stream_end_with_the_same_parameters(sources, tmp_path, on_device, noise):
+  """Same batches in the same order: memory (host or device-resident) == stream after 2 epochs,
+  with noise augmentation too (the noise scale travels with its spectrum in every mode)."""
+  if noise:
+    sources = {k: _with_varied_errors(v, i) for i, (k, v) in enumerate(sources.items())}
+  stream = training.train_and_evaluate(
+      _config(max_epochs=2, input_mode='stream', noise_augmentation=noise),
+      str(tmp_path / 'stream'), sources=sources)
   memory = training.train_and_evaluate(
-      _config(max_epochs=2, input_mode='memory', data_on_device=on_device),
+      _config(max_epochs=2, input_mode='memory', data_on_device=on_device,
+              noise_augmentation=noise),
       str(tmp_path / 'memory'), sources=sources)
   assert int(memory.step) == int(stream.step) == 8
   _assert_trees_equal(memory.params, stream.params, rtol=1e-5, atol=1e-7)
@@ -914,8 +974,16 @@ def test_choose_input_budgets(sources):
   assert choose(device_memory_budget_gb=device_need * 0.99) == ('memory', False)
   assert choose(device_memory_budget_gb=device_need * 1.01) == ('memory', True)
   assert choose(input_mode='stream') == ('stream', False)
+  # Noise augmentation holds each training spectrum's noise scale beside its flux.
+  noisy_need = (1000 * memory_data.bytes_per_spectrum('float32', noise=True) + 100 * row) / 1e9
+  assert noisy_need > 1100 * row / 1e9 * 1.9
+  assert choose(noise_augmentation=1.0, memory_budget_gb=noisy_need * 0.99) == ('stream', False)
+  assert choose(noise_augmentation=1.0, memory_budget_gb=noisy_need * 1.01)[0] == 'memory'
+  assert choose(noise_augmentation=1.0, device_memory_budget_gb=device_need * 1.01) == (
+      'memory', False)
   for bad in ({'input_mode': 'ram'}, {'data_on_device': 'maybe'}, {'steps_per_call': 0},
-              {'memory_dtype': 'int8'}):
+              {'memory_dtype': 'int8'}, {'noise_augmentation': -1.0},
+              {'noise_augmentation': float('nan')}):
     with pytest.raises(train_state.TrainingError):
       choose(**bad)
 
@@ -927,18 +995,24 @@ def test_resident_gather_matches_host_batches(n_devices):
   if len(jax.devices()) < n_devices:
     pytest.skip(f'needs {n_devices} devices')
   mesh = sharding.make_mesh(n_devices)
-  arrays = memory_data.load_split(fake_source(22, 2), num_threads=2)
+  arrays = memory_data.load_split(_with_varied_errors(fake_source(22, 2), 3), num_threads=2,
+                                  noise_scale=train_inputs.training_noise_scale)
   std = Standardizer.fit(arrays.labels)
   split = train_inputs.place_split(arrays, std, mesh)
   rows = train_inputs.global_batch_indices(np.arange(22), 8, seed=0, epoch=3, mesh=mesh)
   gather = jax.jit(jax.shard_map(
       lambda s, i: steps.gather_resident(s, i, n_devices), mesh=mesh,
-      in_specs=(sharding.RESIDENT_SPECS, jax.sharding.PartitionSpec()),
+      in_specs=(sharding.resident_specs(with_noise=True), jax.sharding.PartitionSpec()),
       out_specs=jax.sharding.PartitionSpec(sharding.DATA_AXIS)))
   for batch_rows in rows:
     got = jax.device_get(gather(split, jnp.asarray(batch_rows, jnp.int32)))
     want = arrays.gather(batch_rows)
     np.testing.assert_array_equal(got['flux'], want['flux'])
+    np.testing.assert_array_equal(got['noise'], want['noise'])
+    # The MC's noise scale of each spectrum: no noise on bad pixels, none above 5 medians.
+    errors = preprocess_error(np.stack([_with_varied_errors(fake_source(22, 2), 3)[i]['flux_err']
+                                        for i in batch_rows]))
+    np.testing.assert_array_equal(want['noise'], uncertainty.prepare_errors(errors))
     np.testing.assert_array_equal(got['targets'], std.transform(want['labels']))
     np.testing.assert_array_equal(got['data_type'], want['data_type'])
 
@@ -1006,6 +1080,7 @@ def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_p
                         ({'model': {**model.to_dict(), 'channels': (4, 8)}}, 'model.channels'),
                         ({'ensemble_size': 2}, 'ensemble_size'),
                         ({'loss_weights': (1.0, 0.2, 1.4)}, 'loss_weights'),
+                        ({'noise_augmentation': 1.0}, 'noise_augmentation'),
                         ({'adapt': True, 'init_from': str(tmp_path / 'base')}, 'adapt')):
     config = _config(max_epochs=2)
     for k, v in change.items():
@@ -1027,6 +1102,12 @@ def test_a_run_saved_before_loss_weights_resumes_with_the_plain_mse_only(tmp_pat
   with pytest.raises(training.ResumeMismatchError, match='loss_weights'):
     training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                      'loss_weights': [1.0, 0.2, 1.4]}, tmp_path)
+  # Nor noise_augmentation: it trained on the stored spectra.
+  training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+                                   'noise_augmentation': 0.0}, tmp_path)
+  with pytest.raises(training.ResumeMismatchError, match='noise_augmentation'):
+    training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+                                     'noise_augmentation': 1.0}, tmp_path)
 
 
 def test_init_from_its_own_workdir_is_refused(sources, tmp_path):
