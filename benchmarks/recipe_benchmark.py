@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import cpu_model  # noqa: E402
 
 # The recipe before the flux scaling and batch were measured: dropout 0.1 and batch 128, as in
-# configs/paper.py, 8 epochs, the plain MSE. Each candidate states all it changes, so a row
-# means the same whatever the base config's defaults are now (configs/demo.py: no dropout,
-# batch 16, 10 epochs, loss weights 1, 0.2, 1.4).
-_BEFORE = {'dropout_rate': 0.1, 'batch_size': 128, 'max_epochs': 8, 'loss_weights': '1,1,1'}
+# configs/paper.py, 8 epochs, the plain MSE, no noise augmentation. Each candidate states all it
+# changes, so a row means the same whatever the base config's defaults are now (configs/demo.py).
+_BEFORE = {'dropout_rate': 0.1, 'batch_size': 128, 'max_epochs': 8, 'loss_weights': '1,1,1',
+           'noise_augmentation': 0.0}
 _LOG_NO_DROPOUT = {'flux_scaling': 'log_median', 'dropout_rate': 0.0, 'max_epochs': 8,
-                   'loss_weights': '1,1,1'}
+                   'loss_weights': '1,1,1', 'noise_augmentation': 0.0}
 
 # name → config overrides (train.py flags without the --config. prefix).
 CANDIDATES = {
@@ -60,6 +60,14 @@ CANDIDATES = {
     'loss_weights_1_0.2_2.8': {**_LOG_NO_DROPOUT, 'batch_size': 16, 'loss_weights': '1,0.2,2.8'},
     'loss_weights_10_epochs': {**_LOG_NO_DROPOUT, 'batch_size': 16, 'loss_weights': '1,0.2,1.4',
                                'max_epochs': 10},
+    # On top of that: noise augmentation, a fresh noisy copy of every batch (a × the MC's noise).
+    'noise_augmentation_0.5': {**_LOG_NO_DROPOUT, 'batch_size': 16, 'loss_weights': '1,0.2,1.4',
+                               'max_epochs': 10, 'noise_augmentation': 0.5},
+    'noise_augmentation_1': {**_LOG_NO_DROPOUT, 'batch_size': 16, 'loss_weights': '1,0.2,1.4',
+                             'max_epochs': 10, 'noise_augmentation': 1.0},
+    'noise_augmentation_1_8_epochs': {**_LOG_NO_DROPOUT, 'batch_size': 16,
+                                      'loss_weights': '1,0.2,1.4', 'max_epochs': 8,
+                                      'noise_augmentation': 1.0},
 }
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of a built SYNTHETIC survey.')

@@ -26,6 +26,7 @@ def get_config():
   config.optim.lr_schedule = 'constant'
   config.early_stopping_from_epoch = 0  # §3.3: every evaluation counts
   config.loss_weights = (1.0, 1.0, 1.0)  # §3.3: the plain MSE of the standardised labels
+  config.noise_augmentation = 0.0  # §3.3 trains on the spectra as they are
   config.optim.warmup_steps = 0
   config.optim.grad_clip_norm = 0.0
   config.optim.lr_batch_scaling = 'none'
