@@ -1,7 +1,8 @@
 r"""How close is the network to the information in the spectra? Its scatter against the Cramér–Rao bound.
 
     python benchmarks/information_limit.py --data_dir=D [--workdir=W] [--split=test] \
-        [--max_stars=N] [--ml_fit_stars=300] [--nuisances=scale,response,telluric]
+        [--max_stars=N] [--ml_fit_stars=300] [--nuisances=scale,response,telluric] \
+        [--each_member]
 
 For each star of a split of a built SYNTHETIC survey (``apogeenet_jax.synthetic``, whose forward
 model ``forward_model`` is known) it computes the Cramér–Rao bound σ_CRB on (log g, Teff,
@@ -10,7 +11,9 @@ per-pixel σ as stored in the records (bad pixels weight 0), the ``--nuisances``
 their maximum-likelihood values for the true labels (the files' true nuisances are not in the
 records). With ``--workdir`` it predicts the split with that run's best checkpoint (no MC noise)
 and prints, per label, rms σ_CRB, the network's rms residual and their ratio, for all stars, per
-data type and in S/N bins (header SNR). Without it, only the bound.
+data type and in S/N bins (header SNR). Without it, only the bound. For a deep ensemble the
+network is the members' mean; ``--each_member`` also prints each member's ratio (member k is the
+single network of seed + k, so this is the spread of the recipe over seeds).
 
 The proof that the bound is right: a maximum-likelihood fit of the forward model
 (Levenberg–Marquardt, all of the parameters the bound treats as unknown) to the first
@@ -48,6 +51,8 @@ _NUISANCES = flags.DEFINE_list('nuisances', list(cramer_rao.DEFAULT_NUISANCES),
                                'telluric.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 50, 'Stars per vmapped batch.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the ML fit starting offsets.')
+_EACH_MEMBER = flags.DEFINE_bool('each_member', False, 'For an ensemble checkpoint, also print '
+                                 "each member's residual / Cramér–Rao.")
 
 # Starting offsets of the ML fit from the true labels: N(0, these), several σ_CRB away.
 START_OFFSET = np.array([0.05, 50.0, 0.02])
@@ -55,14 +60,24 @@ SNR_BINS = ((0, 50), (50, 100), (100, 200), (200, np.inf))
 
 
 def _network(source, n: int) -> dict[str, np.ndarray]:
-  """Noiseless predictions of the first n stars by the checkpoint of --workdir (float32)."""
+  """Noiseless predictions of the first n stars by the checkpoint of --workdir (float32); with
+  --each_member and an ensemble, each member's too ('member_pred': (K, n, 3))."""
   params, meta = evaluation.load_checkpoint(workdir=_WORKDIR.value)
-  out = prediction.predict_batches(
-      params, checkpoint.model_from_meta(meta), checkpoint.standardizer_from_meta(meta),
-      input_pipeline.eval_batches(source, _BATCH_SIZE.value, indices=np.arange(n)),
-      prediction.MCSettings(mc=0), total=n, desc=_SPLIT.value,
-      stream=SPLITS.index(_SPLIT.value), ensemble_size=checkpoint.ensemble_size(meta))
-  print(f'network: checkpoint {meta["checkpoint_dir"]}')
+  size = checkpoint.ensemble_size(meta)
+
+  def predict(p, ensemble_size):
+    return prediction.predict_batches(
+        p, checkpoint.model_from_meta(meta), checkpoint.standardizer_from_meta(meta),
+        input_pipeline.eval_batches(source, _BATCH_SIZE.value, indices=np.arange(n)),
+        prediction.MCSettings(mc=0), total=n, desc=_SPLIT.value,
+        stream=SPLITS.index(_SPLIT.value), ensemble_size=ensemble_size)
+
+  out = predict(params, size)
+  if _EACH_MEMBER.value and size > 1:
+    out['member_pred'] = np.stack([predict(jax.tree.map(lambda x, k=k: x[k], params), 1)['pred']
+                                   for k in range(size)])
+  print(f'network: checkpoint {meta["checkpoint_dir"]}' + (f', ensemble of {size}' if size > 1
+                                                             else ''))
   return out
 
 
@@ -192,6 +207,9 @@ def main(argv):
     _ml_check(bound, fns)
   crb = _rms(bound['sigma'])
   print(f'\nCramér–Rao bound (rms), {_names()}: {_fmt(crb, 4)}')
+  for k, pred in enumerate(network.get('member_pred', ()) if network else ()):
+    print(f'member {k} (seed + {k}): residual / Cramér–Rao (rms), {_names()}: '
+          f'{_fmt(_rms(pred - bound["labels"]) / crb, 3)}')
   if residual is not None:
     print(f'residual / Cramér–Rao (rms), {_names()}: {_fmt(_rms(residual) / crb, 3)}')
 

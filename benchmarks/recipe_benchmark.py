@@ -79,7 +79,8 @@ _CANDIDATES = flags.DEFINE_list('candidates', list(CANDIDATES), 'Names from CAND
 _BASE = flags.DEFINE_string('base_config', 'configs/demo.py', 'Config the overrides apply to.')
 _MAX_STARS = flags.DEFINE_integer('max_stars', 0, 'Test stars measured (0: all).')
 
-_LAST = re.compile(r'residual / Cramér–Rao \(rms\), LOGG TEFF FE_H: (\S+) (\S+) (\S+)')
+# Anchored: with --each_member, member lines carry the same words before the network's own line.
+_LAST = re.compile(r'^residual / Cramér–Rao \(rms\), LOGG TEFF FE_H: (\S+) (\S+) (\S+)', re.M)
 _BOUND = re.compile(r'Cramér–Rao bound \(rms\), LOGG TEFF FE_H: (\S+) (\S+) (\S+)')
 
 
