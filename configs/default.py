@@ -30,8 +30,9 @@ survey, batch 128, docs/training.md "Training recipes", benchmarks/convergence_b
 - a cosine decay of the learning rate over max_epochs = 30 (early stopping still watches dev):
   under a constant rate the dev loss jumps from epoch to epoch and patience 5 stops the run early;
   the same jumps under the cosine's high early rate stopped a 20,000-star run at batch 16 after
-  10 of 30 epochs, so only the evaluations from epoch 20 on count against the patience
-  (early_stopping_from_epoch; the best checkpoint is kept from the first);
+  10 of 30 epochs, so only the evaluations from epoch 20 on, the schedule's last third, count
+  against the patience (early_stopping_from_epoch; from epoch 15 a run with noise augmentation
+  still stopped at epoch 19; the best checkpoint is kept from the first);
 - the training loss weighted (log g, Teff, [Fe/H]) = (1, 0.2, 1.4), about 1/σ_CRB² in
   standardised units (the paper's plain MSE spends its gradient on Teff, already the closest to
   its bound): on the 20,000-star survey to the end of the schedule 2.37 / 2.21 / 2.86 × the
