@@ -52,10 +52,14 @@ def storage_dtype(name: str) -> np.dtype:
   return STORAGE_DTYPES[name]
 
 
+def row_bytes(dtype: str = 'float32', noise: bool = False) -> int:
+  """Bytes of one held row: its flux (and with ``noise`` its noise scale) in the storage dtype."""
+  return (1 + noise) * N_PIXELS * storage_dtype(dtype).itemsize
+
+
 def bytes_per_spectrum(dtype: str = 'float32', noise: bool = False) -> int:
-  """Memory one held spectrum costs: flux (and with ``noise`` its noise scale) in the storage
-  dtype, plus labels and data type."""
-  return (1 + noise) * N_PIXELS * storage_dtype(dtype).itemsize + _PER_SPECTRUM_EXTRA_BYTES
+  """Memory one held spectrum costs: ``row_bytes`` plus labels and data type."""
+  return row_bytes(dtype, noise) + _PER_SPECTRUM_EXTRA_BYTES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -207,8 +207,8 @@ def choose_input(config: ml_collections.ConfigDict, num_train: int, num_dev: int
       return 'stream', False
     logging.warning('input_mode=memory: %.1f GB per process, over memory_budget_gb=%g.',
                     host_bytes / 1e9, config.memory_budget_gb)
-  flux_bytes = (1 + with_noise) * N_PIXELS * memory_data.storage_dtype(config.memory_dtype).itemsize
-  device_bytes = -(-num_train // mesh.devices.size) * flux_bytes + num_train * 16
+  device_bytes = (-(-num_train // mesh.devices.size) *
+                  memory_data.row_bytes(config.memory_dtype, noise=with_noise) + num_train * 16)
   on_device = (on_device_option == 'true' or
                (on_device_option == 'auto' and device_bytes <= _device_budget_bytes(config)))
   if processes > 1 and not on_device:
