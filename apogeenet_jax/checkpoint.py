@@ -34,9 +34,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apogeenet_jax import calibration, file_io
+from apogeenet_jax import calibration, file_io, models
 from apogeenet_jax.constants import LABEL_NAMES
-from apogeenet_jax.model import APOGEENet, module_kwargs
 from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.train_state import TrainState
 
@@ -106,12 +105,6 @@ class CheckpointError(RuntimeError):
   """A checkpoint directory is missing, empty, incomplete or damaged."""
 
 
-def model_config(model: APOGEENet) -> dict[str, Any]:
-  """The constructor arguments of ``model`` as JSON-able values."""
-  return {f.name: (list(v) if isinstance(v := getattr(model, f.name), tuple | list) else v)
-          for f in dataclasses.fields(model) if f.name not in ('parent', 'name')}
-
-
 def make_meta(model: nn.Module, standardizer: Standardizer, *, ensemble_size: int = 1,
               label_names: Sequence[str] = LABEL_NAMES,
               config: ml_collections.ConfigDict | None = None, **extra: Any) -> dict[str, Any]:
@@ -120,7 +113,7 @@ def make_meta(model: nn.Module, standardizer: Standardizer, *, ensemble_size: in
   ``config`` (as JSON) and any ``extra`` entries."""
   meta = {'label_names': list(label_names),
           'normalization': {**standardizer.to_dict(), 'label_names': list(label_names)},
-          'model': model_config(model), 'ensemble_size': int(ensemble_size), **extra}
+          'model': models.model_config(model), 'ensemble_size': int(ensemble_size), **extra}
   if config is not None:
     meta['config'] = json.loads(config.to_json_best_effort())
   return meta
@@ -131,8 +124,13 @@ def ensemble_size(meta: Mapping[str, Any]) -> int:
   return int(meta.get('ensemble_size', 1))
 
 
-def model_from_meta(meta: Mapping[str, Any]) -> APOGEENet:
-  return APOGEENet(**module_kwargs(meta['model']))
+def model_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+  """The module of a checkpoint: its family (meta['model']['name']; none: APOGEE Net I, as
+  written before the model registry) built from the recorded constructor arguments."""
+  try:
+    return models.from_meta(meta)
+  except models.ModelError as e:
+    raise CheckpointError(f'checkpoint meta: {e}') from e
 
 
 def standardizer_from_meta(meta: Mapping[str, Any]) -> Standardizer:

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from apogeenet_jax import checkpoint, file_io
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.models.apogee_net import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 
 _LAYER = re.compile(r'^(conv|fc)(\d+)\.(weight|bias)$')

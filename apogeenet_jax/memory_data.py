@@ -99,8 +99,8 @@ class SplitArrays:
     positions = self.positions(indices)
     batch = {'flux': self.flux[positions].astype(np.float32, copy=False),
              'labels': self.labels[indices], 'data_type': self.data_type[indices]}
-    if self.noise is not None:  # sharding.NOISE_KEY (this module stays free of JAX)
-      batch['noise'] = self.noise[positions].astype(np.float32, copy=False)
+    if self.noise is not None:  # sharding.NOISE_KEY: the flux's (this module stays free of JAX)
+      batch['noise'] = {'flux': self.noise[positions].astype(np.float32, copy=False)}
     return batch
 
 

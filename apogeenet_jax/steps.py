@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from apogeenet_jax import optimizer
 from apogeenet_jax.constants import DATA_TYPES
-from apogeenet_jax.model import APOGEENet
-from apogeenet_jax.sharding import BLOCKED_KEYS, DATA_AXIS, NOISE_KEY, resident_specs
+from apogeenet_jax.sharding import DATA_AXIS, INPUTS_KEY, NOISE_KEY, resident_specs
 from apogeenet_jax.train_state import TrainState
 
 
@@ -86,24 +86,31 @@ def _label_mse(pred: jax.Array, targets: jax.Array, loss_weights: tuple[float, .
   return jnp.mean(square, axis=-1)
 
 
-def add_training_noise(flux: jax.Array, noise_scale: jax.Array, rng: jax.Array,
-                       noise_augmentation: float) -> jax.Array:
-  """A fresh noisy copy of the batch: flux + a · N(0, 1) · noise_scale per pixel.
+def add_training_noise(inputs: Mapping[str, jax.Array], noise_scale: Mapping[str, jax.Array],
+                       rng: jax.Array, noise_augmentation: float) -> dict[str, jax.Array]:
+  """A fresh noisy copy of the batch's inputs: x + a · N(0, 1) · noise_scale per value, for each
+  input that has a noise scale (the others pass unchanged).
 
-  ``noise_scale`` is the Monte Carlo's (``uncertainty.prepare_errors``: errors capped at 5× the
-  spectrum's median, no noise where the error is BAD_PIXEL_ERROR), so with a = 1 every step sees
-  spectra drawn like the MC draws of evaluation, and a network cannot learn the one noise
-  realisation of each training spectrum by heart.
+  ``noise_scale`` of the flux is the Monte Carlo's (``uncertainty.prepare_errors``: errors capped
+  at 5× the spectrum's median, no noise where the error is BAD_PIXEL_ERROR), so with a = 1 every
+  step sees spectra drawn like the MC draws of evaluation, and a network cannot learn the one
+  noise realisation of each training spectrum by heart. The first noisy input (in name order)
+  draws from ``rng`` itself, input j > 0 from ``fold_in(rng, j)``.
   """
-  eps = jax.random.normal(rng, flux.shape, flux.dtype)
-  return flux + jnp.asarray(noise_augmentation, flux.dtype) * eps * noise_scale.astype(flux.dtype)
+  out = dict(inputs)
+  for j, name in enumerate(sorted(noise_scale)):
+    x = inputs[name]
+    key = rng if j == 0 else jax.random.fold_in(rng, j)
+    eps = jax.random.normal(key, x.shape, x.dtype)
+    out[name] = x + jnp.asarray(noise_augmentation, x.dtype) * eps * noise_scale[name].astype(x.dtype)
+  return out
 
 
 # fold_in of the per-step dropout key that gives the training noise its own stream.
 _NOISE_STREAM = 1
 
 
-def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemble_size: int = 1,
+def _local_train_step(model: nn.Module, tx: optax.GradientTransformation, ensemble_size: int = 1,
                       unroll_members: bool = False, loss_weights: tuple[float, ...] | None = None,
                       noise_augmentation: float = 0.0
                       ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -125,15 +132,15 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
     # Different dropout masks per device, reproducible from (rng, step).
     dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(DATA_AXIS))
     w = batch['mask'].astype(jnp.float32)
-    flux = batch['flux']
+    inputs = batch[INPUTS_KEY]
     if noise_augmentation:
       if NOISE_KEY not in batch:
         raise ValueError(f'noise_augmentation > 0 needs the batch\'s noise scale ({NOISE_KEY!r})')
-      flux = add_training_noise(flux, batch[NOISE_KEY],
-                                jax.random.fold_in(dropout_rng, _NOISE_STREAM), noise_augmentation)
+      inputs = add_training_noise(inputs, batch[NOISE_KEY],
+                                  jax.random.fold_in(dropout_rng, _NOISE_STREAM), noise_augmentation)
 
     def loss_fn(params):
-      pred = model.apply({'params': params}, flux, train=True, rngs={'dropout': dropout_rng})
+      pred = model.apply({'params': params}, **inputs, train=True, rngs={'dropout': dropout_rng})
       per_example = _label_mse(pred, batch['targets'], loss_weights)  # MSE, §3.3
       # The GLOBAL mean, reduced over the axis INSIDE the differentiated function: the gradient of
       # a replicated input already carries the psum, so pmean-ing gradients afterwards would give
@@ -170,7 +177,7 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
   return local_step
 
 
-def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     ensemble_size: int = 1, unroll_members: bool | None = None,
                     loss_weights: tuple[float, ...] | None = None, noise_augmentation: float = 0.0
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -190,41 +197,41 @@ def gather_resident(data: Mapping[str, jax.Array], idx: jax.Array, n_dev: int
                      ) -> dict[str, jax.Array]:
   """This device's slice of the global batch ``idx`` (B,) from a split placed by ``place_split``.
 
-  Runs under ``shard_map``. Each device holds one block of flux rows, so it gathers the rows of
+  Runs under ``shard_map``. Each device holds one block of rows of every input, so it gathers the rows of
   the global batch that fall in its block (zeros elsewhere) and a reduce-scatter hands every
   device the sum for its own slice: exactly its rows, as every other device contributed zeros.
-  The traffic is one global batch of flux per step (4.4 MB at batch 128), whatever the split
+  The traffic is one global batch of inputs per step (4.4 MB of flux at batch 128), whatever the split
   size, and each process only ever holds its own block.
   """
   local_batch = idx.shape[0] // n_dev
   device = lax.axis_index(DATA_AXIS)
   mine = lax.dynamic_slice_in_dim(idx, device * local_batch, local_batch)
 
-  def rows_of(blocked):  # this device's rows of a (rows, 8575) array held in blocks
+  def rows_of(blocked):  # this device's rows of a (rows, …) array held in blocks
     if n_dev == 1:
       return jnp.take(blocked, mine, axis=0).astype(jnp.float32)
     block = blocked.shape[0]
     local = idx - device * block
     owned = (local >= 0) & (local < block)
     rows = jnp.take(blocked, jnp.where(owned, local, 0), axis=0)
-    rows = jnp.where(owned[:, None], rows, jnp.zeros((), rows.dtype))
+    rows = jnp.where(owned.reshape(-1, *(1,) * (rows.ndim - 1)), rows, jnp.zeros((), rows.dtype))
     return lax.psum_scatter(rows, DATA_AXIS, scatter_dimension=0, tiled=True).astype(jnp.float32)
 
-  # The noise scale of noise augmentation, when the split carries it, travels like the flux.
-  return {**{k: rows_of(data[k]) for k in BLOCKED_KEYS if k in data},
+  # The noise scales of noise augmentation, when the split carries them, travel like the inputs.
+  return {**{k: jax.tree.map(rows_of, data[k]) for k in (INPUTS_KEY, NOISE_KEY) if k in data},
           'targets': jnp.take(data['targets'], mine, axis=0),
           'data_type': jnp.take(data['data_type'], mine, axis=0),
           'mask': jnp.ones(local_batch, bool)}
 
 
-def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh, *,
+def make_train_steps(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                      resident: bool = False, ensemble_size: int = 1,
                      loss_weights: tuple[float, ...] | None = None,
                      noise_augmentation: float = 0.0) -> Callable[[TrainState, Any], tuple]:
   """k SGD steps in one jitted ``lax.scan``: (state, xs) → (state, metrics summed over the k
   steps, {'loss': (k,), 'grad_norm': (k,)} of each step).
 
-  ``resident=False``: xs is k stacked global batches, {'flux': (k, B, 8575), 'targets' (k, B, 3),
+  ``resident=False``: xs is k stacked global batches, {'inputs': {'flux': (k, B, 8575), …}, 'targets' (k, B, 3),
   'data_type', 'mask'} sharded over the 'data' axis on dimension 1 (``put_chunk``).
   ``resident=True``: xs = (split, idx): a split placed on the devices by ``place_split`` and
   idx (k, B) int32 global rows, replicated; each step gathers its batch on the device.
@@ -266,13 +273,13 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
                                out_specs=(P(), P(), P())), donate_argnums=0)
 
 
-def make_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1
+def make_eval_step(model: nn.Module, mesh: Mesh, ensemble_size: int = 1
                    ) -> Callable[[Any, dict], dict]:
   """The jitted data-parallel evaluation: (params, padded global batch) → summed metrics
   (for K > 1 the members' mean, with 'member_loss_sum' (K,))."""
 
   def member_eval(params: Any, batch: dict) -> dict:
-    pred = model.apply({'params': params}, batch['flux'], train=False)
+    pred = model.apply({'params': params}, **batch[INPUTS_KEY], train=False)
     per_example = _label_mse(pred, batch['targets'], None)  # the dev loss: unweighted
     return _masked_sums(per_example, batch['data_type'], batch['mask'])
 
@@ -287,14 +294,14 @@ def make_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1
 
 
 @functools.lru_cache(maxsize=4)
-def compiled_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1):
+def compiled_eval_step(model: nn.Module, mesh: Mesh, ensemble_size: int = 1):
   """``make_eval_step``, cached so repeated runs in one process (tests, notebooks, resumes)
   reuse the compiled executable."""
   return make_eval_step(model, mesh, ensemble_size)
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_train_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh, resident: bool,
+def compiled_train_steps(model: nn.Module, optimizer_key: tuple, mesh: Mesh, resident: bool,
                          ensemble_size: int = 1, loss_weights: tuple[float, ...] | None = None,
                          noise_augmentation: float = 0.0):
   """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key`` (the whole

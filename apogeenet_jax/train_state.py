@@ -10,13 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from apogeenet_jax.model import APOGEENet, module_kwargs
+from apogeenet_jax import models
 
 
 class TrainingError(RuntimeError):
@@ -42,13 +43,22 @@ class TrainState:
   adapt_rounds_without_improvement: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
-  """APOGEENet with the config's dropout and optional reduced architecture (``config.model``)."""
-  return APOGEENet(dropout_rate=config.dropout_rate, flux_scaling=config.flux_scaling,
-                   **module_kwargs(config.model))
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The module of the family ``config.model.name`` built from ``config.model`` (``models``).
+
+  ``input_scale`` 0 means "from the training data" (``train_inputs.resolve_input_scale``): the
+  module is built with 1.0 and training clones it with the resolved value.
+  """
+  cfg = config.model.to_dict()
+  if cfg.get('input_scale') == 0:
+    cfg['input_scale'] = 1.0
+  try:
+    return models.create(cfg)
+  except models.ModelError as e:
+    raise TrainingError(str(e)) from e
 
 
-def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation,
+def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
                        init: str = 'torch', zero_last_layer: bool = False) -> TrainState:
   """Fresh parameters (``init_params``) and counters; rng is a raw PRNG key."""
   init_rng, state_rng = jax.random.split(rng)
@@ -60,7 +70,7 @@ def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTrans
       best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
 
 
-def create_ensemble_state(seed: int, model: APOGEENet, tx: optax.GradientTransformation,
+def create_ensemble_state(seed: int, model: nn.Module, tx: optax.GradientTransformation,
                           init: str = 'torch', ensemble_size: int = 1,
                           zero_last_layer: bool = False) -> TrainState:
   """``create_train_state`` for K members: member k from ``PRNGKey(seed + k)``, stacked.
@@ -130,7 +140,7 @@ def last_layer_name(params: Any) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _init_fn(model: APOGEENet, init: str = 'torch', zero_last_layer: bool = False
+def _init_fn(model: nn.Module, init: str = 'torch', zero_last_layer: bool = False
              ) -> Callable[[jax.Array], Any]:
   """The jitted parameter initialiser of ``model``, compiled once per architecture (un-jitted
   init takes seconds, docs/jax_stack_notes.md; compiling it takes seconds too).
@@ -146,7 +156,8 @@ def _init_fn(model: APOGEENet, init: str = 'torch', zero_last_layer: bool = Fals
 
   def fn(key):
     flax_key, init_key = jax.random.split(key)
-    params = model.init(flax_key, jnp.zeros((1, model.input_length), jnp.float32))['params']
+    dummy = models.family_of(model).dummy_inputs(model)
+    params = model.init(flax_key, **dummy)['params']
     params = _INITS[init](init_key, params)
     if zero_last_layer:
       last = last_layer_name(params)

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,28 +42,29 @@ from etils import epath
 from jax.sharding import Mesh
 
 from apogeenet_jax import (
-    checkpoint,
-    epochs,
-    file_io,
-    input_pipeline,
-    memory_data,
-    optimizer,
-    steps,
-    train_inputs,
-    workdir_lock,
+  checkpoint,
+  epochs,
+  file_io,
+  input_pipeline,
+  memory_data,
+  models,
+  optimizer,
+  steps,
+  train_inputs,
+  workdir_lock,
 )
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.metric_writer import MetricWriter
-from apogeenet_jax.model import PAPER_CHANNELS, PAPER_HIDDEN, APOGEENet
+from apogeenet_jax.models.apogee_net import PAPER_CHANNELS, PAPER_HIDDEN
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.preemption import StopRequest
 from apogeenet_jax.sharding import make_mesh, replicate
 from apogeenet_jax.train_state import (
-    TrainingError,
-    TrainState,
-    create_ensemble_state,
-    create_model,
-    init_opt_state,
+  TrainingError,
+  TrainState,
+  create_ensemble_state,
+  create_model,
+  init_opt_state,
 )
 
 
@@ -70,15 +72,24 @@ class ResumeMismatchError(TrainingError):
   """A workdir holds checkpoints of another run (other data, model or optimiser)."""
 
 
-# Config fields a resume may not change: they define the data, the model or the optimiser the
-# checkpoints were made with (any ``model.*`` too). Any other change (log frequency, threads,
-# input mode, max_epochs, patience …) is logged as a warning and the run resumes.
-_RUN_DEFINING = frozenset({
-    'data_dir', 'dataset_name', 'ensemble_size', 'flux_scaling', 'input_scale', 'init',
-    'zero_last_layer', 'dropout_rate', 'standardizer', 'seed', 'adapt', 'init_from',
-    'payne_fraction', 'batch_size', 'loss_weights', 'noise_augmentation'})
-# Every field of these sub-configs defines the run too.
-_RUN_DEFINING_GROUPS = ('model.', 'optim.')
+# Config fields a resume may change: how the run is executed (threads, input path, devices,
+# logging) and when it stops. Every other field defines the run — the data, the whole
+# ``config.model`` and ``config.optim``, the recipe — and a resume refuses a change of it, so a
+# field added later is protected without being listed anywhere.
+_RESUMABLE = frozenset({
+    'num_threads', 'prefetch_batches', 'input_mode', 'memory_budget_gb', 'memory_dtype',
+    'data_on_device', 'device_memory_budget_gb', 'steps_per_call', 'eval_batch_size',
+    'max_epochs', 'patience', 'min_delta', 'early_stopping_from_epoch', 'adapt_patience',
+    'max_adapt_rounds', 'num_devices', 'multihost', 'log_every_steps'})
+# Fields that runs saved by earlier versions lack, and the value they trained with: before
+# config.model listed the paper's architecture it was empty; before config.loss_weights the loss
+# was the plain MSE; before config.noise_augmentation the spectra were used as stored; before the
+# model registry every run was an APOGEE Net I.
+_SAVED_DEFAULTS = {'model.name': 'apogee_net', 'model.channels': list(PAPER_CHANNELS),
+                   'model.hidden': list(PAPER_HIDDEN), 'loss_weights': [1.0, 1.0, 1.0],
+                   'noise_augmentation': 0.0}
+# Fields that moved into config.model with the registry: their old top-level names.
+_MOVED_TO_MODEL = ('flux_scaling', 'input_scale', 'dropout_rate')
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -91,20 +102,23 @@ def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def _upgraded(saved: dict[str, Any]) -> dict[str, Any]:
+  """A flat saved config in today's layout (``_MOVED_TO_MODEL``)."""
+  for key in _MOVED_TO_MODEL:
+    if key in saved:
+      saved.setdefault(f'model.{key}', saved.pop(key))
+  return saved
+
+
 def _check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any],
                     workdir: epath.Path) -> None:
   """Refuses a resume with another data set, model or optimiser; warns on other changes."""
   if 'config' not in saved_meta:
     return  # Checkpoints without a config (converted weights): nothing to compare.
-  # Runs saved before config.model listed the paper's architecture had an empty config.model;
-  # runs saved before config.loss_weights trained on the plain MSE, and those saved before
-  # config.noise_augmentation on the stored spectra.
-  defaults = {'model.channels': list(PAPER_CHANNELS), 'model.hidden': list(PAPER_HIDDEN),
-              'loss_weights': [1.0, 1.0, 1.0], 'noise_augmentation': 0.0}
-  old = {**defaults, **_flat(saved_meta['config'])}
-  new = {**defaults, **_flat(config_json)}
+  old = {**_SAVED_DEFAULTS, **_upgraded(_flat(saved_meta['config']))}
+  new = {**_SAVED_DEFAULTS, **_flat(config_json)}
   changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
-  refused = [k for k in changed if k in _RUN_DEFINING or k.startswith(_RUN_DEFINING_GROUPS)]
+  refused = [k for k in changed if k not in _RESUMABLE]
   if refused:
     listing = ', '.join(f'{k}: {old.get(k)!r} → {new.get(k)!r}' for k in refused)
     raise ResumeMismatchError(
@@ -167,6 +181,7 @@ class _Run:
   standardizer: Standardizer
   writer: MetricWriter
   train_data: dict[str, Any]  # {'source'}, {'arrays'} or {'resident'}: see ``train_inputs.epoch_inputs``
+  input_names: tuple[str, ...]  # the model's named inputs (``models.Family.inputs``)
   train_data_type: np.ndarray  # (n_train,) DATA_TYPES index of each training spectrum
   local_batch: int  # this process's share of config.batch_size
   train_steps: Callable
@@ -211,15 +226,16 @@ def _same_place(a: file_io.PathLike, b: file_io.PathLike) -> bool:
 
 
 def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
-                   ) -> tuple[APOGEENet, Any, dict[str, Any] | None]:
+                   ) -> tuple[nn.Module, Any, dict[str, Any] | None]:
   """(model, params to start from or None, their checkpoint meta or None).
 
   Adaptation continues the init_from model: its architecture and normalisation, this config's
   dropout and optimiser.
   """
   if not config.adapt:
-    scale = train_inputs.resolve_input_scale(config, train_source)
-    model = create_model(config).clone(input_scale=scale)
+    model = create_model(config)
+    if 'input_scale' in config.model:  # A family that scales its flux by one constant.
+      model = model.clone(input_scale=train_inputs.resolve_input_scale(config, train_source))
     return model, None, None
   if not config.init_from:
     raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
@@ -230,7 +246,7 @@ def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
     raise TrainingError(f'{init_dir}: an ensemble of {checkpoint.ensemble_size(init_meta)}, '
                         f'but config.ensemble_size is {ensemble_size}')
   logging.info('Adaptation starts from %s step %d.', init_dir, init_meta['step'])
-  model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.dropout_rate)
+  model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.model.dropout_rate)
   return model, init_params, init_meta
 
 
@@ -288,11 +304,13 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
   eval_step = steps.compiled_eval_step(model, mesh, ensemble_size)
   if on_device:  # The host copy of the flux goes once the devices hold theirs.
     train_data = {'resident': train_inputs.place_split(train_data.pop('arrays'), standardizer, mesh)}
+  input_names = tuple(models.family_of(model).input_shapes(model))
   evaluate = _dev_evaluator(config, dev_source, dev_arrays, dev_indices, local_eval_batch,
-                            eval_step, standardizer, mesh)
+                            eval_step, input_names, standardizer, mesh)
   run = _Run(config=config, workdir=workdir, mesh=mesh, manager=manager,
              abstract_state=abstract_state, meta=meta, standardizer=standardizer, writer=writer,
-             train_data=train_data, train_data_type=np.asarray(train_meta['data_type']),
+             train_data=train_data, input_names=input_names,
+             train_data_type=np.asarray(train_meta['data_type']),
              local_batch=local_batch, evaluate=evaluate,
              train_steps=steps.compiled_train_steps(model, optimizer.optimizer_key(config), mesh,
                                                      on_device, ensemble_size,
@@ -303,7 +321,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 def _dev_evaluator(config: ml_collections.ConfigDict, dev_source: Sequence, dev_arrays: Any,
                    dev_indices: np.ndarray, local_eval_batch: int, eval_step: Callable,
-                   standardizer: Standardizer, mesh: Mesh) -> Callable[[Any], dict[str, float]]:
+                   input_names: Sequence[str], standardizer: Standardizer, mesh: Mesh
+                   ) -> Callable[[Any], dict[str, float]]:
   """params → dev metrics, from memory (``dev_arrays``) or streamed from ``dev_source``."""
   process_count = jax.process_count()
   # Every process must run the same number of eval steps: pad to the largest shard.
@@ -318,7 +337,8 @@ def _dev_evaluator(config: ml_collections.ConfigDict, dev_source: Sequence, dev_
       batches = input_pipeline.eval_batches(
           dev_source, local_eval_batch, indices=dev_indices, num_batches=num_batches,
           num_threads=config.num_threads)
-    return epochs.evaluate_split(params, eval_step, batches, standardizer, mesh, 'dev')
+    return epochs.evaluate_split(params, eval_step, batches, input_names, standardizer, mesh,
+                                 'dev')
 
   return evaluate
 
@@ -411,6 +431,7 @@ def _train_one_epoch(run: _Run, state: TrainState, stop: StopRequest
   if num_batches == 0:
     raise TrainingError(f'{len(indices)} training spectra make no batch of {config.batch_size}')
   inputs = train_inputs.epoch_inputs(config, run.train_data, run.standardizer, run.mesh,
+                         input_names=run.input_names,
                          local_batch=run.local_batch, epoch=epoch, indices=indices,
                          start_batch=int(state.epoch_step))
   t0 = time.perf_counter()

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from apogeenet_jax.models.apogee_net import APOGEENet
 
 from apogeenet_jax import checkpoint
-from apogeenet_jax.model import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
 
 

@@ -1,0 +1,190 @@
+"""The model registry: each network family in one file of this package, chosen by name.
+
+A family (``Family``) declares everything the rest of the package needs to train, checkpoint,
+predict and import it, so that the trainer, the steps, the σ estimators and the checkpoint code
+never name a model class (big_vision's ``models/<name>.py`` + ``config.model_name`` layout):
+
+  module        its Flax module, built as ``module(**config.model without 'name')``;
+  inputs        its NAMED inputs and their per-example shapes, e.g. {'flux': (8575,)}: batches
+                carry an ``inputs`` dict with these keys and the model is applied as
+                ``module.apply(variables, **inputs, train=…)``;
+  noisy_inputs  the inputs that carry per-pixel noise (their errors travel beside them): what the
+                Monte Carlo draws, the first-order σ and noise augmentation perturb;
+  label_space   what the network predicts before standardisation, and the map to the
+                catalogue's units (Teff in K always).
+
+Adding a family: one file here that defines its module and calls ``register``, one import line
+at the bottom of this file, and a config whose ``config.model.name`` names it
+(docs/architecture.md, "Adding a family").
+
+The checkpoint meta records the module's constructor arguments with the family's name
+(``model_config``); ``from_meta`` rebuilds the module from them. A meta written before the
+registry has no name: it is an APOGEE Net I, ``DEFAULT_FAMILY``.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# The family of a checkpoint whose meta names none (written before the registry).
+DEFAULT_FAMILY = 'apogee_net'
+LN10 = float(np.log(10.0))
+
+
+class ModelError(ValueError):
+  """An unknown family, or a model config that does not fit it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+  """The labels a network predicts (before standardisation) and the catalogue's.
+
+  names: the catalogue's label names, in the network's output order.
+  log10: the names predicted as log10 of the catalogue's value (APOGEE Net II/III: 'TEFF').
+  """
+  names: tuple[str, ...]
+  log10: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    unknown = set(self.log10) - set(self.names)
+    if unknown:
+      raise ModelError(f'log10 labels {sorted(unknown)} are not among {self.names}')
+
+  @property
+  def name(self) -> str:
+    """'teff' (all labels as in the catalogue) or e.g. 'log_teff'."""
+    return '_'.join(['log', *(n.lower() for n in self.log10)]) if self.log10 else 'linear'
+
+  def _columns(self) -> np.ndarray:
+    return np.asarray([n in self.log10 for n in self.names], bool)
+
+  def from_catalogue(self, labels: np.ndarray) -> np.ndarray:
+    """(n, k) labels in catalogue units → the network's label space (float64)."""
+    labels = np.asarray(labels, np.float64)
+    if not self.log10:
+      return labels
+    with np.errstate(divide='ignore', invalid='ignore'):
+      return np.where(self._columns(), np.log10(labels), labels)
+
+  def to_catalogue(self, values: np.ndarray, sigma: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values, σ) in the network's label space → catalogue units; a log10 label's σ goes
+    through the exponent to first order: σ_x = x · ln 10 · σ_log10(x)."""
+    values = np.asarray(values, np.float64)
+    if not self.log10:
+      return values, (None if sigma is None else np.asarray(sigma, np.float64))
+    log = self._columns()
+    out = np.where(log, 10.0 ** values, values)
+    if sigma is None:
+      return out, None
+    sigma = np.asarray(sigma, np.float64)
+    return out, np.where(log, out * LN10 * sigma, sigma)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One network family: its module and its input and label contract (module docstring)."""
+  name: str
+  module: type[nn.Module]
+  inputs: Mapping[str, tuple[int, ...]]
+  noisy_inputs: tuple[str, ...]
+  label_space: LabelSpace
+  description: str = ''
+
+  def __post_init__(self):
+    missing = set(self.noisy_inputs) - set(self.inputs)
+    if missing:
+      raise ModelError(f'family {self.name!r}: noisy inputs {sorted(missing)} are not inputs')
+
+  def input_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The per-example input shapes of this instance: ``inputs``, or the module's own
+    ``input_shapes`` where its size is an argument (a shorter spectrum in tests)."""
+    return dict(getattr(model, 'input_shapes', self.inputs))
+
+  def dummy_inputs(self, model: nn.Module, batch: int = 1, dtype=jnp.float32
+                   ) -> dict[str, jnp.ndarray]:
+    """Zeros of every input of ``model``, (batch, *shape): what ``model.init`` traces."""
+    return {k: jnp.zeros((batch, *shape), dtype) for k, shape in self.input_shapes(model).items()}
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+  if family.name in _REGISTRY and _REGISTRY[family.name] != family:
+    raise ModelError(f'family {family.name!r} is registered twice')
+  _REGISTRY[family.name] = family
+  return family
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def get(name: str) -> Family:
+  if name not in _REGISTRY:
+    raise ModelError(f'unknown model family {name!r}: expected one of {sorted(_REGISTRY)}')
+  return _REGISTRY[name]
+
+
+def family_of(model: nn.Module) -> Family:
+  """The family whose module ``model`` is."""
+  for family in _REGISTRY.values():
+    if type(model) is family.module:
+      return family
+  raise ModelError(f'{type(model).__name__} is not the module of a registered family')
+
+
+def module_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """Constructor arguments from a config or a checkpoint meta's 'model' (its 'name' dropped):
+  sequences (JSON lists) become tuples, as flax modules must be hashable."""
+  return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in dict(cfg).items()
+          if k != 'name'}
+
+
+def create(model_config: Mapping[str, Any]) -> nn.Module:
+  """The module of family ``model_config['name']`` (default ``DEFAULT_FAMILY``) built from the
+  rest of ``model_config``: a config's ``config.model`` or a checkpoint meta's 'model'."""
+  family = get(dict(model_config).get('name', DEFAULT_FAMILY))
+  kwargs = module_kwargs(model_config)
+  fields = {f.name for f in dataclasses.fields(family.module)} - {'parent', 'name'}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ModelError(f'config.model: {", ".join(unknown)} not arguments of family '
+                     f'{family.name!r} (its arguments: {", ".join(sorted(fields))})')
+  return family.module(**kwargs)
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+  """The family name and constructor arguments of ``model`` as JSON-able values (the checkpoint
+  meta's 'model'; ``create`` inverts it)."""
+  out = {'name': family_of(model).name}
+  for f in dataclasses.fields(model):
+    if f.name not in ('parent', 'name'):
+      value = getattr(model, f.name)
+      out[f.name] = list(value) if isinstance(value, tuple | list) else value
+  return out
+
+
+def from_meta(meta: Mapping[str, Any]) -> nn.Module:
+  """The module a checkpoint's meta describes (no name: ``DEFAULT_FAMILY``, or the YSO network
+  for the meta of ``kind`` 'yso_photometric' written before the registry)."""
+  cfg = dict(meta['model'])
+  if 'name' not in cfg and meta.get('kind') in _LEGACY_KINDS:
+    cfg['name'] = _LEGACY_KINDS[meta['kind']]
+  return create(cfg)
+
+
+def family_from_meta(meta: Mapping[str, Any]) -> Family:
+  return family_of(from_meta(meta))
+
+
+# Checkpoints of networks that rode along before the registry, by their meta's 'kind'.
+_LEGACY_KINDS = {'yso_photometric': 'yso_photometric'}
+
+# The families. Each module registers itself on import.
+from apogeenet_jax.models import apogee_net, yso_photometric  # noqa: E402, F401
