@@ -94,6 +94,15 @@ class Family:
   noisy_inputs: tuple[str, ...]
   label_space: LabelSpace
   description: str = ''
+  # Importing the authors' PyTorch weights (``convert_torch``), where they are public:
+  # torch_keys: state-dict keys that only this family's networks have (detection);
+  # from_torch(arrays {key: float32 ndarray}) → (module, Flax variables {'params': …, and any
+  #   other collection such as 'batch_stats'}), raising ModelError naming every bad key;
+  # authors_labels: the authors' label (μ, σ) in this family's label space, which their
+  #   weights were trained with.
+  torch_keys: frozenset[str] = frozenset()
+  from_torch: Any = None
+  authors_labels: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
   def __post_init__(self):
     missing = set(self.noisy_inputs) - set(self.inputs)
@@ -181,6 +190,19 @@ def from_meta(meta: Mapping[str, Any]) -> nn.Module:
 
 def family_from_meta(meta: Mapping[str, Any]) -> Family:
   return family_of(from_meta(meta))
+
+
+def family_of_state_dict(keys) -> Family:
+  """The family whose ``torch_keys`` a PyTorch state dict holds (the most specific one when
+  several match: Net II holds every key of Net I)."""
+  keys = set(keys)
+  matches = [f for f in _REGISTRY.values()
+             if f.from_torch is not None and f.torch_keys and f.torch_keys <= keys]
+  if not matches:
+    importable = sorted(f.name for f in _REGISTRY.values() if f.from_torch is not None)
+    raise ModelError(f'the state dict matches no family that imports PyTorch weights '
+                     f'({", ".join(importable)}); its keys begin {sorted(keys)[:6]}')
+  return max(matches, key=lambda f: len(f.torch_keys))
 
 
 # Checkpoints of networks that rode along before the registry, by their meta's 'kind'.

@@ -17,14 +17,19 @@ see the same scaling: it is part of the function of raw flux that the module com
 Output: (batch, 3) standardised (log g, Teff, [Fe/H]) — see ``normalization``.
 """
 
-from collections.abc import Sequence
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS
-from apogeenet_jax.models import Family, LabelSpace, register
+from apogeenet_jax.models import Family, LabelSpace, ModelError, register
 from apogeenet_jax.models.layers import max_pool2, scale_flux
+from apogeenet_jax.normalization import PAPER_STANDARDIZER
 
 # Appendix B of the paper.
 PAPER_CHANNELS = (8, 8, 16, 16, 16, 16, 32, 32, 32, 32, 64, 64)
@@ -95,7 +100,72 @@ class APOGEENet(nn.Module):
     return nn.Dense(self.num_targets, name=f'fc{len(self.hidden) + 1}')(x)
 
 
+# The authors' released label normalisation (their inference code; Table 1 rounds it).
+AUTHORS_LABELS = (tuple(PAPER_STANDARDIZER.mean), tuple(PAPER_STANDARDIZER.std))
+_TORCH_LAYER = re.compile(r'^(conv|fc)(\d+)\.(weight|bias)$')
+
+
+def expected_torch_shapes(model: APOGEENet) -> dict[str, tuple[int, ...]]:
+  """The state_dict keys and shapes of the PyTorch model that ``model`` mirrors."""
+  shapes, c_in = {}, 1
+  for i, c_out in enumerate(model.channels, start=1):
+    shapes[f'conv{i}.weight'], shapes[f'conv{i}.bias'] = (c_out, c_in, 3), (c_out,)
+    c_in = c_out
+  length = model.input_length
+  for _ in range(len(model.channels) // 2):
+    length //= 2
+  widths = [c_in * length, *model.hidden, model.num_targets]
+  for i, (w_in, w_out) in enumerate(itertools.pairwise(widths), start=1):
+    shapes[f'fc{i}.weight'], shapes[f'fc{i}.bias'] = (w_out, w_in), (w_out,)
+  return shapes
+
+
+def check_torch_shapes(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple],
+                       what: str) -> None:
+  """Raises ModelError listing every missing, unexpected or mis-shaped key."""
+  problems = []
+  if missing := sorted(set(expected) - set(arrays)):
+    problems.append(f'missing keys: {missing}')
+  if unexpected := sorted(set(arrays) - set(expected)):
+    problems.append(f'unexpected keys: {unexpected}')
+  problems += [f'{k}: shape {arrays[k].shape}, expected {s}' for k, s in expected.items()
+               if k in arrays and arrays[k].shape != tuple(s)]
+  if problems:
+    raise ModelError(f'state_dict does not match {what}: ' + '; '.join(problems))
+
+
+def torch_layer(key: str, value: np.ndarray) -> tuple[str, str, np.ndarray]:
+  """(Flax layer name, leaf name, array) of one Conv1d / Linear state-dict entry 'name.weight'
+  or 'name.bias': Conv1d weight (out, in, k) → kernel (k, in, out); Linear (out, in) → (in, out)."""
+  layer, what = key.rsplit('.', 1)
+  if what == 'bias':
+    return layer, 'bias', value
+  if value.ndim == 3:
+    return layer, 'kernel', np.ascontiguousarray(value.transpose(2, 1, 0))
+  return layer, 'kernel', np.ascontiguousarray(value.T)
+
+
+def params_from_torch(arrays: Mapping[str, np.ndarray], model: APOGEENet | None = None
+                      ) -> dict[str, Any]:
+  """A PyTorch APOGEE Net state_dict (float32 arrays) → Flax params for ``model`` (default: the
+  paper's). fc1 needs no row permutation because the module flattens channel-major."""
+  model = model or APOGEENet()
+  check_torch_shapes(arrays, expected_torch_shapes(model), 'APOGEE Net (Appendix B)')
+  params: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in arrays.items():
+    layer, leaf, array = torch_layer(key, value)
+    params.setdefault(layer, {})[leaf] = array
+  return params
+
+
+def _from_torch(arrays: Mapping[str, np.ndarray]) -> tuple[APOGEENet, dict[str, Any]]:
+  model = APOGEENet()  # the authors' network reads raw flux (flux_scaling 'none')
+  return model, {'params': params_from_torch(arrays, model)}
+
+
 FAMILY = register(Family(
     name='apogee_net', module=APOGEENet, inputs={'flux': (N_PIXELS,)}, noisy_inputs=('flux',),
     label_space=LabelSpace(LABEL_NAMES),
-    description='APOGEE Net I (Olney et al. 2020, Appendix B): the spectrum alone, Teff in K'))
+    description='APOGEE Net I (Olney et al. 2020, Appendix B): the spectrum alone, Teff in K',
+    torch_keys=frozenset({'conv1.weight', 'conv12.weight', 'fc3.weight'}),
+    from_torch=_from_torch, authors_labels=AUTHORS_LABELS))
