@@ -17,6 +17,9 @@ Every batch is a dict of NumPy arrays:
 Eval batches (``eval_batches``) also carry
   'index'     (B,)      int64    each row's position in its source (the per-star PRNG key's index)
   'problem'   (B,)      str      why a row could not be read ('' when it was; such rows are masked)
+and, when every record of the batch carries them (``VECTOR_KEYS``),
+  'metadata'  (B, 7)    float32  [Gaia parallax mas, G, BP, RP, J, H, K] as given (NaN missing)
+  'metadata_err' (B, 7) float32  their errors
 
 Inference on apStar files reads them through the same machinery: ``ApStarFiles`` is a
 random-access source over a file list, like a tfds data source, so ``eval_batches`` serves a
@@ -37,6 +40,10 @@ from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, N_PIXELS
 from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
 
 DEFAULT_NAME = 'apogee'
+# Per-star vectors that records may carry beside the spectrum, passed through as they are:
+# the photometry of APOGEE Net II ([Gaia parallax, G, BP, RP, J, H, K], NaN where missing) and
+# its errors.
+VECTOR_KEYS = ('metadata', 'metadata_err')
 # data_type of a record without labels (an apStar file given for inference).
 UNLABELLED = -1
 # Per-star scalars and their dtypes: RA/Dec stay float64 (float32 rounds them by ~0.05″).
@@ -210,6 +217,9 @@ def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
   }
   for key, dtype in _SCALAR_KEYS.items():
     example[key] = dtype(record.get(key, np.nan))
+  for key in VECTOR_KEYS:  # Only in records that carry them (the builder's version 1.1.0 on).
+    if key in record:
+      example[key] = np.asarray(record[key], np.float32)
   return example
 
 
@@ -226,6 +236,9 @@ def collate(examples: Sequence[Mapping[str, Any]], mask: np.ndarray | None = Non
   }
   for key, dtype in _SCALAR_KEYS.items():
     batch[key] = np.asarray([e[key] for e in examples], dtype)
+  for key in VECTOR_KEYS:
+    if all(key in e for e in examples):
+      batch[key] = np.stack([e[key] for e in examples]).astype(np.float32)
   batch['mask'] = np.ones(len(examples), bool) if mask is None else np.asarray(mask, bool)
   return batch
 

@@ -178,9 +178,11 @@ def _per_star(keep: Mapping[str, list], outputs: Sequence[tuple[np.ndarray, ...]
     mean_z, noise_z, model_z = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
   else:
     mean_z = noise_z = model_z = np.zeros((0, len(LABEL_NAMES)), np.float32)
+  # Catalogue units (Teff in K) whatever the family's label space; a log10 label's spread
+  # through the exponent at the prediction (``Standardizer.inverse_sigma``).
   result['pred'] = standardizer.inverse(mean_z)
-  result['pred_err_noise'] = standardizer.inverse_scale(noise_z)
-  result['pred_err_model'] = standardizer.inverse_scale(model_z)
+  result['pred_err_noise'] = standardizer.inverse_sigma(mean_z, noise_z)
+  result['pred_err_model'] = standardizer.inverse_sigma(mean_z, model_z)
   result['pred_err'] = np.sqrt(result['pred_err_noise'] ** 2
                                + np.nan_to_num(result['pred_err_model']) ** 2)
   result['pred_z'] = mean_z.astype(np.float64)

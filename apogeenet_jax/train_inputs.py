@@ -79,15 +79,21 @@ def resident_rows(num_spectra: int, mesh: Mesh) -> np.ndarray:
   return np.unique(np.concatenate(rows))
 
 
-def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mesh: Mesh
-                ) -> dict[str, jax.Array]:
-  """A split in memory → device-resident arrays (``sharding.resident_specs``): flux (and the
-  noise scale, when held) in its storage dtype, one block of rows per device; standardised
+def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mesh: Mesh,
+                input_names: Sequence[str] = ('flux',)) -> dict[str, Any]:
+  """A split in memory → device-resident arrays (``sharding.resident_specs``): the model's
+  inputs ``input_names`` (the flux in its storage dtype, small vectors such as 'metadata' in
+  float32) and the flux's noise scale, when held, one block of rows per device; standardised
   targets (n, 3) and data types on every device."""
+  missing = [k for k in input_names if k != 'flux' and k not in arrays.vectors]
+  if missing:
+    raise TrainingError(f'the split in memory holds no {missing}, inputs of the model')
   shape, sharding = _flux_blocks(len(arrays), mesh)
   n = len(arrays)
 
   def blocks_of(held_rows: np.ndarray):
+    full = (shape[0], *held_rows.shape[1:])
+
     def block(index):
       start, stop = index[0].start or 0, index[0].stop or shape[0]
       held = np.arange(start, min(stop, n))
@@ -95,10 +101,12 @@ def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mes
       rows = held_rows[first:first + len(held)]  # A view: rows are held in ascending order.
       if len(held) == stop - start:
         return rows
-      return np.concatenate([rows, np.zeros((stop - start - len(held), N_PIXELS), rows.dtype)])
-    return jax.make_array_from_callback(shape, sharding, block)
+      pad = np.zeros((stop - start - len(held), *held_rows.shape[1:]), rows.dtype)
+      return np.concatenate([rows, pad])
+    return jax.make_array_from_callback(full, sharding, block)
 
-  blocked = {INPUTS_KEY: {'flux': blocks_of(arrays.flux)}}
+  blocked = {INPUTS_KEY: {k: blocks_of(arrays.flux if k == 'flux' else arrays.vectors[k])
+                          for k in input_names}}
   if arrays.noise is not None:
     blocked[NOISE_KEY] = {'flux': blocks_of(arrays.noise)}
   return {**blocked,

@@ -95,24 +95,46 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any, ensemble_size:
   return tx.init(params) if ensemble_size == 1 else jax.vmap(tx.init)(params)
 
 
+def _layers(params: Any) -> dict[tuple[str, ...], dict[str, Any]]:
+  """The layers of a parameter tree that have a 'kernel' (Conv and Dense, at any depth), by
+  their path, sorted: what the initialisers redraw. Other leaves (batch norm's scale and bias)
+  keep Flax's initial values."""
+  flat = flax.traverse_util.flatten_dict(params)
+  layers: dict[tuple[str, ...], dict[str, Any]] = {}
+  for path, leaf in flat.items():
+    layers.setdefault(path[:-1], {})[path[-1]] = leaf
+  return {path: layer for path, layer in sorted(layers.items()) if 'kernel' in layer}
+
+
+def _redraw(params: Any, rng: jax.Array, draw: Callable) -> Any:
+  """``params`` with each kernelled layer replaced by ``draw(key, layer)`` (one key per layer,
+  in path order; for a flat tree of layers the order of their names, as before nesting)."""
+  layers = _layers(params)
+  keys = jax.random.split(rng, len(layers))
+  flat = flax.traverse_util.flatten_dict(params)
+  for key, (path, layer) in zip(keys, layers.items(), strict=True):
+    for leaf, value in draw(key, layer).items():
+      flat[(*path, leaf)] = value
+  return flax.traverse_util.unflatten_dict(flat)
+
+
 def torch_default_params(rng: jax.Array, params: Any) -> Any:
   """Redraws every 'kernel' and 'bias' from U(±1/√fan_in), fan_in of the layer's kernel.
 
   PyTorch's Conv1d/Linear defaults (kaiming_uniform with a=√5 gives exactly this bound).
   Kernels: conv (k, C_in, C_out) → fan_in k·C_in; dense (in, out) → fan_in in.
   """
-  layers = sorted(params)
-  keys = jax.random.split(rng, len(layers))
-  out = {}
-  for key, name in zip(keys, layers, strict=True):
-    layer = params[name]
+  def draw(key, layer):
     kernel = layer['kernel']
     bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
     k_key, b_key = jax.random.split(key)
-    out[name] = {'kernel': jax.random.uniform(k_key, kernel.shape, kernel.dtype, -bound, bound),
-                 'bias': jax.random.uniform(b_key, layer['bias'].shape, layer['bias'].dtype,
-                                            -bound, bound)}
-  return out
+    out = {'kernel': jax.random.uniform(k_key, kernel.shape, kernel.dtype, -bound, bound)}
+    if 'bias' in layer:
+      out['bias'] = jax.random.uniform(b_key, layer['bias'].shape, layer['bias'].dtype,
+                                       -bound, bound)
+    return out
+
+  return _redraw(params, rng, draw)
 
 
 def he_params(rng: jax.Array, params: Any) -> Any:
@@ -124,11 +146,14 @@ def he_params(rng: jax.Array, params: Any) -> Any:
   tests/test_training.py::test_default_init_features_differ_between_spectra).
   """
   init = jax.nn.initializers.he_normal()
-  layers = sorted(params)
-  keys = jax.random.split(rng, len(layers))
-  return {name: {'kernel': init(key, params[name]['kernel'].shape, params[name]['kernel'].dtype),
-                 'bias': jnp.zeros_like(params[name]['bias'])}
-          for key, name in zip(keys, layers, strict=True)}
+
+  def draw(key, layer):
+    out = {'kernel': init(key, layer['kernel'].shape, layer['kernel'].dtype)}
+    if 'bias' in layer:
+      out['bias'] = jnp.zeros_like(layer['bias'])
+    return out
+
+  return _redraw(params, rng, draw)
 
 
 _INITS = {'torch': torch_default_params, 'he': he_params, 'flax': lambda rng, params: params}

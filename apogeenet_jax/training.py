@@ -56,7 +56,7 @@ from apogeenet_jax import (
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.metric_writer import MetricWriter
 from apogeenet_jax.models.apogee_net import PAPER_CHANNELS, PAPER_HIDDEN
-from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
+from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.preemption import StopRequest
 from apogeenet_jax.sharding import make_mesh, replicate
 from apogeenet_jax.train_state import (
@@ -198,12 +198,19 @@ class _Run:
 
 
 def _standardizer(config, train_labels: np.ndarray, init_meta: Mapping | None) -> Standardizer:
+  """The label normalisation, in the label space of the config's family (log10 Teff for Nets
+  II and III): 'fit' on the training split (§3.1) or the family's authors' values ('paper')."""
   if init_meta is not None:  # Adaptation keeps the normalisation the model was trained with.
     return checkpoint.standardizer_from_meta(init_meta)
+  family = models.get(config.model.get('name', models.DEFAULT_FAMILY))
   if config.standardizer == 'paper':
-    return PAPER_STANDARDIZER
+    if family.authors_labels is None:
+      raise TrainingError(f"config.standardizer='paper': family {family.name!r} has no "
+                          f"published label normalisation; use 'fit'")
+    mean, std = family.authors_labels
+    return Standardizer(mean=np.asarray(mean), std=np.asarray(std), space=family.label_space)
   if config.standardizer == 'fit':
-    return Standardizer.fit(train_labels)
+    return Standardizer.fit(train_labels, family.label_space)
   raise TrainingError(f"config.standardizer must be 'fit' or 'paper', got "
                       f'{config.standardizer!r}')
 
@@ -302,9 +309,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.discard_after(latest)  # Rows of epochs after the checkpoint are done again.
   eval_step = steps.compiled_eval_step(model, mesh, ensemble_size)
-  if on_device:  # The host copy of the flux goes once the devices hold theirs.
-    train_data = {'resident': train_inputs.place_split(train_data.pop('arrays'), standardizer, mesh)}
   input_names = tuple(models.family_of(model).input_shapes(model))
+  if on_device:  # The host copy of the flux goes once the devices hold theirs.
+    train_data = {'resident': train_inputs.place_split(train_data.pop('arrays'), standardizer,
+                                                       mesh, input_names)}
   evaluate = _dev_evaluator(config, dev_source, dev_arrays, dev_indices, local_eval_batch,
                             eval_step, input_names, standardizer, mesh)
   run = _Run(config=config, workdir=workdir, mesh=mesh, manager=manager,

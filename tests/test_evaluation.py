@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from apogeenet_jax.models.apogee_net import APOGEENet
 from etils import epath
 
 from apogeenet_jax import (
@@ -27,6 +26,7 @@ from apogeenet_jax import (
   uncertainty,
 )
 from apogeenet_jax.constants import BAD_PIXEL_ERROR, DATA_TYPES, N_PIXELS
+from apogeenet_jax.models.apogee_net import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.uncertainty import MCSettings
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from apogeenet_jax.models.apogee_net import APOGEENet
 
 PAPER_PARAM_COUNT = 4_655_275

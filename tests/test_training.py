@@ -306,6 +306,7 @@ def test_pairwise_pool_same_outputs_and_gradients_as_reduce_window():
   """model.pool='pairwise' (the fast default) vs nn.max_pool: equal forward AND gradients,
   ties (ReLU zeros) included, odd lengths floored."""
   import flax.linen as nn
+
   from apogeenet_jax.models.layers import max_pool2
   x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (3, 101, 4)))
   ref = lambda x: nn.max_pool(x, (2,), (2,), padding='VALID')  # noqa: E731
@@ -769,9 +770,8 @@ def test_demo_config_trains_the_paper_network(tmp_path):
   """configs/demo.py end to end on a small synthetic survey built with the TF-free builder: the
   demo trains the full Appendix-B network (learning itself: the short-run recipe test below)."""
   build = pytest.importorskip('tfds_apogee.build')
-  from apogeenet_jax.models.apogee_net import PAPER_CHANNELS, PAPER_HIDDEN
-
   from apogeenet_jax import synthetic
+  from apogeenet_jax.models.apogee_net import PAPER_CHANNELS, PAPER_HIDDEN
   from configs import demo
   raw, tfds_dir = tmp_path / 'raw', tmp_path / 'tfds'
   synthetic.write_survey(raw, num_stars=600, seed=0, show_progress=False)
@@ -1059,7 +1059,7 @@ def test_overflowing_gradient_norm_stops_the_run_naming_the_step(tmp_path):
   config = default_config.get_config()
   config.model.channels, config.model.hidden = (4, 4), (16,)
   # Raw flux: a per-spectrum log scaling would bring 3e38 down to ~88 and nothing would overflow.
-  config.flux_scaling = 'none'
+  config.model.flux_scaling = 'none'
   config.batch_size, config.eval_batch_size, config.max_epochs = 8, 8, 1
   config.num_threads, config.log_every_steps = 2, 0
   with pytest.raises(train_state.TrainingError, match=r'non-finite gradient norm at step \d+'):

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from apogeenet_jax.models.apogee_net import APOGEENet
 
 from apogeenet_jax import apstar, uncertainty
+from apogeenet_jax.models.apogee_net import APOGEENet
 from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR, preprocess_error, preprocess_flux
 
 N_PIX = 8575

@@ -11,7 +11,8 @@ never name a model class (big_vision's ``models/<name>.py`` + ``config.model_nam
   noisy_inputs  the inputs that carry per-pixel noise (their errors travel beside them): what the
                 Monte Carlo draws, the first-order σ and noise augmentation perturb;
   label_space   what the network predicts before standardisation, and the map to the
-                catalogue's units (Teff in K always).
+                catalogue's units (Teff in K always): a ``normalization.LabelSpace``, which the
+                Standardizer of a checkpoint carries.
 
 Adding a family: one file here that defines its module and calls ``register``, one import line
 at the bottom of this file, and a config whose ``config.model.name`` names it
@@ -28,61 +29,15 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
+
+from apogeenet_jax.normalization import LabelSpace
 
 # The family of a checkpoint whose meta names none (written before the registry).
 DEFAULT_FAMILY = 'apogee_net'
-LN10 = float(np.log(10.0))
 
 
 class ModelError(ValueError):
   """An unknown family, or a model config that does not fit it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelSpace:
-  """The labels a network predicts (before standardisation) and the catalogue's.
-
-  names: the catalogue's label names, in the network's output order.
-  log10: the names predicted as log10 of the catalogue's value (APOGEE Net II/III: 'TEFF').
-  """
-  names: tuple[str, ...]
-  log10: tuple[str, ...] = ()
-
-  def __post_init__(self):
-    unknown = set(self.log10) - set(self.names)
-    if unknown:
-      raise ModelError(f'log10 labels {sorted(unknown)} are not among {self.names}')
-
-  @property
-  def name(self) -> str:
-    """'teff' (all labels as in the catalogue) or e.g. 'log_teff'."""
-    return '_'.join(['log', *(n.lower() for n in self.log10)]) if self.log10 else 'linear'
-
-  def _columns(self) -> np.ndarray:
-    return np.asarray([n in self.log10 for n in self.names], bool)
-
-  def from_catalogue(self, labels: np.ndarray) -> np.ndarray:
-    """(n, k) labels in catalogue units → the network's label space (float64)."""
-    labels = np.asarray(labels, np.float64)
-    if not self.log10:
-      return labels
-    with np.errstate(divide='ignore', invalid='ignore'):
-      return np.where(self._columns(), np.log10(labels), labels)
-
-  def to_catalogue(self, values: np.ndarray, sigma: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(values, σ) in the network's label space → catalogue units; a log10 label's σ goes
-    through the exponent to first order: σ_x = x · ln 10 · σ_log10(x)."""
-    values = np.asarray(values, np.float64)
-    if not self.log10:
-      return values, (None if sigma is None else np.asarray(sigma, np.float64))
-    log = self._columns()
-    out = np.where(log, 10.0 ** values, values)
-    if sigma is None:
-      return out, None
-    sigma = np.asarray(sigma, np.float64)
-    return out, np.where(log, out * LN10 * sigma, sigma)
 
 
 @dataclasses.dataclass(frozen=True)
