@@ -72,32 +72,40 @@ class APOGEENet(nn.Module):
   @nn.compact
   def __call__(self, flux: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
     """flux (batch, L) or (batch, L, 1) → standardised targets (batch, num_targets)."""
-    if flux.ndim == 2:
-      flux = flux[..., None]
-    if flux.shape[1:] != (self.input_length, 1):
-      raise ValueError(
-          f'APOGEENet expects flux of shape (batch, {self.input_length}) or '
-          f'(batch, {self.input_length}, 1), got {flux.shape}')
-    x = scale_flux(flux[..., 0], self.flux_scaling)[..., None]
-    x = x if self.input_scale == 1.0 else x / jnp.asarray(self.input_scale, x.dtype)
-    for i, features in enumerate(self.channels):
-      x = nn.Conv(features, kernel_size=(3,), padding=((1, 1),), name=f'conv{i + 1}')(x)
-      x = nn.relu(x)
-      if i % 2 == 1:
-        # VALID pooling floors odd lengths exactly like F.max_pool1d: 8575 → … → 133.
-        if self.pool == 'pairwise':
-          x = max_pool2(x)
-        elif self.pool == 'reduce_window':
-          x = nn.max_pool(x, window_shape=(2,), strides=(2,), padding='VALID')
-        else:
-          raise ValueError(f"pool must be 'pairwise' or 'reduce_window', got {self.pool!r}")
-    # PyTorch flattens (C, L) channel-major; flatten the same way so fc1 loads unpermuted.
-    x = jnp.swapaxes(x, 1, 2).reshape(x.shape[0], -1)
+    x = spectrum_features(self, flux)
     for i, width in enumerate(self.hidden):
       x = nn.Dense(width, name=f'fc{i + 1}')(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
       x = nn.relu(x)
     return nn.Dense(self.num_targets, name=f'fc{len(self.hidden) + 1}')(x)
+
+
+def spectrum_features(module: nn.Module, flux: jnp.ndarray) -> jnp.ndarray:
+  """The flux scaling and the conv stack of ``module`` (its ``input_length``, ``flux_scaling``,
+  ``input_scale``, ``channels``, ``pool``), called inside its compact ``__call__``: flux (batch, L)
+  or (batch, L, 1) → (batch, C · L') flattened channel-major, as PyTorch flattens (C, L'), so that
+  fc1 loads unpermuted. Shared by APOGEE Net I and II (their conv stacks are the same)."""
+  name = type(module).__name__
+  if flux.ndim == 2:
+    flux = flux[..., None]
+  if flux.shape[1:] != (module.input_length, 1):
+    raise ValueError(
+        f'{name} expects flux of shape (batch, {module.input_length}) or '
+        f'(batch, {module.input_length}, 1), got {flux.shape}')
+  x = scale_flux(flux[..., 0], module.flux_scaling)[..., None]
+  x = x if module.input_scale == 1.0 else x / jnp.asarray(module.input_scale, x.dtype)
+  for i, features in enumerate(module.channels):
+    x = nn.Conv(features, kernel_size=(3,), padding=((1, 1),), name=f'conv{i + 1}')(x)
+    x = nn.relu(x)
+    if i % 2 == 1:
+      # VALID pooling floors odd lengths exactly like F.max_pool1d: 8575 → … → 133.
+      if module.pool == 'pairwise':
+        x = max_pool2(x)
+      elif module.pool == 'reduce_window':
+        x = nn.max_pool(x, window_shape=(2,), strides=(2,), padding='VALID')
+      else:
+        raise ValueError(f"pool must be 'pairwise' or 'reduce_window', got {module.pool!r}")
+  return jnp.swapaxes(x, 1, 2).reshape(x.shape[0], -1)
 
 
 # The authors' released label normalisation (their inference code; Table 1 rounds it).
