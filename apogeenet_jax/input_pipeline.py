@@ -309,9 +309,11 @@ def read_all(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8
 def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8,
                   visit: Callable[[int, dict[str, Any]], None] | None = None
                   ) -> dict[str, np.ndarray]:
-  """Labels (n, 3), data_type (n,) and apogee_id (n,) of a whole split, in source order.
+  """Labels (n, 3), data_type (n,) and apogee_id (n,) of a whole split, in source order, and
+  'vectors': the ``VECTOR_KEYS`` the records carry ({'metadata': (n, 7), …}; empty when none).
 
-  Used to fit the Standardizer and to draw the adaptation subsets. Reads every record once;
+  Used to fit the Standardizer, a family's input statistics and the adaptation subsets. Reads
+  every record once;
   ``visit(index, example)`` sees each decoded example on the way (``memory_data`` keeps the flux
   from this same pass).
   """
@@ -319,16 +321,23 @@ def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8,
   labels = np.zeros((n, len(LABEL_NAMES)), np.float32)
   data_type = np.zeros(n, np.int32)
   ids = []
+  vectors: dict[str, np.ndarray] = {}
   for i, ex in read_all(source, num_threads=num_threads):
     if visit is not None:
       visit(i, ex)
     labels[i] = ex['labels']
     data_type[i] = ex['data_type']
     ids.append((i, ex['apogee_id']))
+    for key in VECTOR_KEYS:
+      if key in ex:
+        if key not in vectors:
+          vectors[key] = np.full((n, *np.shape(ex[key])), np.nan, np.float32)
+        vectors[key][i] = ex[key]
   apogee_id = np.empty(n, dtype=object)
   for i, a in ids:
     apogee_id[i] = a
-  return {'labels': labels, 'data_type': data_type, 'apogee_id': apogee_id.astype(str)}
+  return {'labels': labels, 'data_type': data_type, 'apogee_id': apogee_id.astype(str),
+          'vectors': vectors}
 
 
 def median_flux(source: Sequence[Mapping[str, Any]], *, num_samples: int = 512) -> float:

@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 
 from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS
-from apogeenet_jax.input_pipeline import VECTOR_KEYS, InputPipelineError, read_metadata
+from apogeenet_jax.input_pipeline import InputPipelineError, read_metadata
 from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
 
 STORAGE_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
@@ -74,8 +74,8 @@ class SplitArrays:
   # Relative rounding of the storage dtype over the non-zero pixels: {'max': …, 'rms': …}.
   rounding: Mapping[str, float]
   noise: np.ndarray | None = None
-  # Small per-star input vectors of the held rows (``input_pipeline.VECTOR_KEYS`` the records
-  # carry, e.g. 'metadata' (n_held, 7)), float32.
+  # Small per-star input vectors of EVERY row (``input_pipeline.VECTOR_KEYS`` the records carry,
+  # e.g. 'metadata' (n, 7) float32): 28 bytes a star, kept whole like the labels.
   vectors: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
@@ -83,7 +83,8 @@ class SplitArrays:
 
   def metadata(self) -> dict[str, np.ndarray]:
     """What ``input_pipeline.read_metadata`` returns for the split."""
-    return {'labels': self.labels, 'data_type': self.data_type, 'apogee_id': self.apogee_id}
+    return {'labels': self.labels, 'data_type': self.data_type, 'apogee_id': self.apogee_id,
+            'vectors': self.vectors}
 
   def positions(self, indices: np.ndarray) -> np.ndarray:
     """Source indices → positions in ``flux``; an index this process does not hold is an error."""
@@ -105,7 +106,7 @@ class SplitArrays:
     if self.noise is not None:  # sharding.NOISE_KEY: the flux's (this module stays free of JAX)
       batch['noise'] = {'flux': self.noise[positions].astype(np.float32, copy=False)}
     for key, values in self.vectors.items():
-      batch[key] = values[positions]
+      batch[key] = values[indices]
     return batch
 
 
@@ -128,7 +129,6 @@ def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None =
   position = np.full(n, -1, np.int64)
   position[rows] = np.arange(len(rows))
   err_max, err_sq, err_count = 0.0, 0.0, 0
-  vectors: dict[str, np.ndarray] = {}
 
   def keep(i: int, example: dict[str, Any]) -> None:
     nonlocal err_max, err_sq, err_count
@@ -148,11 +148,6 @@ def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None =
         err_sq += float(np.sum(np.square(rel, dtype=np.float64)))
         err_count += rel.size
     flux[position[i]] = q
-    for key in VECTOR_KEYS:
-      if key in example:
-        if key not in vectors:
-          vectors[key] = np.full((len(rows), *np.shape(example[key])), np.nan, np.float32)
-        vectors[key][position[i]] = example[key]
     if noise is not None:
       scale = noise_scale(preprocess_error(example['flux_err'])[None])[0].astype(store)
       if not np.all(np.isfinite(scale)):
@@ -165,8 +160,7 @@ def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None =
   logging.info('%s: %d of %d spectra in memory as %s (%.2f GB); relative rounding max %.2g, '
                'rms %.2g.', name, len(rows), n, dtype, flux.nbytes / 1e9, rounding['max'],
                rounding['rms'])
-  return SplitArrays(flux=flux, rows=rows, rounding=rounding, noise=noise, vectors=vectors,
-                     **meta)
+  return SplitArrays(flux=flux, rows=rows, rounding=rounding, noise=noise, **meta)
 
 
 def eval_batches(arrays: SplitArrays, batch_size: int, *, indices: np.ndarray | None = None,

@@ -51,6 +51,14 @@ class LabelSpace:
     values = np.asarray(values, np.float64)
     return np.where(self.mask(), 10.0 ** values, values) if self.log10 else values
 
+  def sigma_from_catalogue(self, values, sigma) -> np.ndarray:
+    """The inverse of ``sigma_to_catalogue``: a catalogue σ at ``values`` (this space) → this
+    space (σ_log10 x = σ_x / (x · ln 10))."""
+    sigma = np.asarray(sigma, np.float64)
+    if not self.log10:
+      return sigma
+    return np.where(self.mask(), sigma / (self.to_catalogue(values) * LN10), sigma)
+
   def sigma_to_catalogue(self, values, sigma) -> np.ndarray:
     """A spread in this space at ``values`` (this space) → catalogue units: σ_x = x · ln 10 ·
     σ_log10 x for a log10 label (first order), unchanged otherwise."""

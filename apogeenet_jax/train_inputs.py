@@ -91,21 +91,23 @@ def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mes
   shape, sharding = _flux_blocks(len(arrays), mesh)
   n = len(arrays)
 
-  def blocks_of(held_rows: np.ndarray):
+  def blocks_of(held_rows: np.ndarray, every_row: bool = False):
     full = (shape[0], *held_rows.shape[1:])
 
     def block(index):
       start, stop = index[0].start or 0, index[0].stop or shape[0]
       held = np.arange(start, min(stop, n))
-      first = arrays.positions(held[:1])[0] if len(held) else 0
-      rows = held_rows[first:first + len(held)]  # A view: rows are held in ascending order.
+      first = 0 if every_row else (arrays.positions(held[:1])[0] if len(held) else 0)
+      # A view: rows are held in ascending order (every row, for the small vectors).
+      rows = held_rows[start:start + len(held)] if every_row else held_rows[first:first + len(held)]
       if len(held) == stop - start:
         return rows
       pad = np.zeros((stop - start - len(held), *held_rows.shape[1:]), rows.dtype)
       return np.concatenate([rows, pad])
     return jax.make_array_from_callback(full, sharding, block)
 
-  blocked = {INPUTS_KEY: {k: blocks_of(arrays.flux if k == 'flux' else arrays.vectors[k])
+  blocked = {INPUTS_KEY: {k: (blocks_of(arrays.flux) if k == 'flux'
+                              else blocks_of(arrays.vectors[k], every_row=True))
                           for k in input_names}}
   if arrays.noise is not None:
     blocked[NOISE_KEY] = {'flux': blocks_of(arrays.noise)}

@@ -232,7 +232,8 @@ def _same_place(a: file_io.PathLike, b: file_io.PathLike) -> bool:
   return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
+def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence,
+                   train_vectors: Mapping[str, np.ndarray]
                    ) -> tuple[nn.Module, Any, dict[str, Any] | None]:
   """(model, params to start from or None, their checkpoint meta or None).
 
@@ -243,6 +244,12 @@ def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
     model = create_model(config)
     if 'input_scale' in config.model:  # A family that scales its flux by one constant.
       model = model.clone(input_scale=train_inputs.resolve_input_scale(config, train_source))
+    family = models.family_of(model)
+    if family.fit_inputs is not None:  # Input statistics fitted on the training split.
+      try:
+        model = family.fit_inputs(model, train_vectors)
+      except models.ModelError as e:
+        raise TrainingError(f'{config.data_dir or "the training split"}: {e}') from e
     return model, None, None
   if not config.init_from:
     raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
@@ -282,7 +289,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
   saved_meta = checkpoint.newest_meta(manager)
   if saved_meta is not None:  # Before anything is built from this config or init_from.
     _check_same_run(saved_meta, json.loads(config.to_json_best_effort()), workdir)
-  model, init_params, init_meta = _initial_model(config, train_source)
+  model, init_params, init_meta = _initial_model(config, train_source, train_meta['vectors'])
   ensemble_size = int(config.get('ensemble_size', 1))
   tx = optimizer.create_optimizer(config.optim, config.batch_size)
   state = replicate(create_ensemble_state(config.seed, model, tx, config.init, ensemble_size,

@@ -58,6 +58,10 @@ class Family:
   torch_keys: frozenset[str] = frozenset()
   from_torch: Any = None
   authors_labels: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+  # fit_inputs(module, vectors {name: (n, …) of the training split}) → the module with the
+  # input statistics it fits on the training split (as the label standardiser does), where
+  # its config leaves them to the data; None: nothing to fit.
+  fit_inputs: Any = None
 
   def __post_init__(self):
     missing = set(self.noisy_inputs) - set(self.inputs)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS
-from apogeenet_jax.models import Family, LabelSpace, register
+from apogeenet_jax.models import Family, LabelSpace, ModelError, register
 from apogeenet_jax.models.apogee_net import (
   N_TARGETS,
   PAPER_CHANNELS,
@@ -168,6 +168,33 @@ def params_from_torch(arrays: Mapping[str, np.ndarray], model: APOGEENet2 | None
   return params
 
 
+def fit_metadata(model: APOGEENet2, vectors: Mapping[str, np.ndarray]) -> APOGEENet2:
+  """``model`` with the metadata statistics of the training split, where its config leaves
+  them empty (``metadata_fill = ()``): the authors' rule fitted anew. A column's fill is the
+  value beyond everything seen, as the authors' constants are (the smallest parallax, the
+  faintest magnitude: a missing value reads as "more distant / fainter than any star"); mean
+  and std are those of the filled column. Raises ModelError when the split has no metadata."""
+  if len(model.metadata_fill) and len(model.metadata_mean) and len(model.metadata_std):
+    return model
+  if 'metadata' not in vectors:
+    raise ModelError('APOGEE Net II fits its metadata statistics on the training split, whose '
+                     'records carry no metadata (rebuild the data set from a catalogue with the '
+                     'photometry columns, docs/data.md)')
+  values = np.asarray(vectors['metadata'], np.float64)
+  good = np.isfinite(values) & (values < METADATA_CEILING)
+  if not good.any(axis=0).all():
+    empty = [METADATA_COLUMNS[j] for j in np.flatnonzero(~good.any(axis=0))]
+    raise ModelError(f'the training split has no value of the metadata columns {empty}')
+  low = np.where(good, values, np.inf).min(axis=0)
+  high = np.where(good, values, -np.inf).max(axis=0)
+  fill = np.where(np.arange(N_METADATA) == 0, low, high)  # parallax: smallest; magnitudes: faintest
+  filled = np.where(good, values, fill)
+  std = filled.std(axis=0)
+  return model.clone(metadata_fill=tuple(map(float, fill)),
+                     metadata_mean=tuple(map(float, filled.mean(axis=0))),
+                     metadata_std=tuple(map(float, np.where(std > 0, std, 1.0))))
+
+
 def _from_torch(arrays: Mapping[str, np.ndarray]) -> tuple[APOGEENet2, dict[str, Any]]:
   model = APOGEENet2()  # the authors' network: raw flux, their metadata constants
   return model, {'params': params_from_torch(arrays, model)}
@@ -181,4 +208,4 @@ FAMILY = register(Family(
     # Net I's keys and the metadata MLP's: a superset, so detection prefers Net II.
     torch_keys=frozenset({'conv1.weight', 'conv12.weight', 'fc3.weight', 'metadata.l1.weight',
                           'metadata.l5.weight'}),
-    from_torch=_from_torch, authors_labels=AUTHORS_LABELS))
+    from_torch=_from_torch, authors_labels=AUTHORS_LABELS, fit_inputs=fit_metadata))
