@@ -108,8 +108,7 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
     for batch in batches:
       valid = np.asarray(batch['mask'], bool)
       inputs = _model_inputs(batch, input_shapes)
-      flux = inputs['flux']
-      scale = settings.noise_scale(batch['flux_err'], flux.shape)
+      scale = settings.noise_scale(batch, tuple(input_shapes))
       index = (np.asarray(batch['index']) if 'index' in batch
                else np.arange(start, start + len(valid))).astype(np.uint32)
       # Rows split over the devices when they divide evenly; otherwise all rows on every device.

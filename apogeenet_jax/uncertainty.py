@@ -50,7 +50,7 @@ forward residuals of ``batch`` spectra (E[J]: M · batch) plus three backward pa
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -59,6 +59,8 @@ import numpy as np
 
 from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR
 
+# Catalogue placeholders for a missing photometric value start here (99.999; APOGEE Net II).
+MISSING_VALUE = 98.0
 # §3.5: "each pixel's error capped at 5× the spectrum's mean error" (the code: median).
 ERROR_CAP_FACTOR = 5.0
 ERROR_CAP_MODES = ('median', 'mean')
@@ -101,6 +103,15 @@ def prepare_errors(flux_err: np.ndarray, mode: str = 'median') -> np.ndarray:
     n_good = np.maximum((~bad).sum(axis=-1, keepdims=True), 1)
     cap = ERROR_CAP_FACTOR * np.where(bad, 0.0, err).sum(axis=-1, keepdims=True) / n_good
   return np.where(bad, 0.0, np.minimum(err, cap)).astype(np.float32)
+
+
+def photometry_errors(values: np.ndarray, errors: np.ndarray) -> np.ndarray:
+  """The noise scale of photometric inputs (n, 7): their catalogue errors, 0 where the value is
+  missing (non-finite or ≥ 98, which the network replaces) or the error is not a finite number
+  ≥ 0."""
+  values, errors = np.asarray(values, np.float64), np.asarray(errors, np.float64)
+  ok = np.isfinite(values) & (values < MISSING_VALUE) & np.isfinite(errors) & (errors >= 0)
+  return np.where(ok, errors, 0.0).astype(np.float32)
 
 
 def draw_key(key: jax.Array, star_index, draw_index) -> jax.Array:
@@ -410,6 +421,9 @@ class MCSettings:
   seed: PRNG seed of the draws. draw_chunk: draws evaluated together (device memory).
   linear_draws: 'linear' only: M ≥ 2 (default 2) = the noise-averaged Jacobian from M of the
     MC's draws; 0 = the Jacobian at the spectrum (delta method) (``make_linear_fn``).
+  photometry_noise: also perturb a family's 'metadata' input (APOGEE Net II's photometry) by its
+    catalogue errors 'metadata_err' (beyond the authors, who perturb the flux only); values
+    that are missing (non-finite or ≥ 98) or have no finite error get none.
   """
   mc: int = PAPER_NUM_DRAWS
   estimator: str = 'mc'
@@ -417,6 +431,7 @@ class MCSettings:
   seed: int = 0
   draw_chunk: int = DEFAULT_DRAW_CHUNK
   linear_draws: int = DEFAULT_LINEAR_DRAWS
+  photometry_noise: bool = False
 
   def __post_init__(self):
     problems = [f'--{name} must be >= {least}, got {value}'
@@ -444,16 +459,28 @@ class MCSettings:
     calibration record): 'sigma', 'mc' (draws actually made), 'error_cap', 'seed' and the
     estimator's own fields."""
     source = SIGMA_SOURCES[self.sigma]
-    return {'sigma': self.sigma, 'mc': int(self.mc) if source.draws else 0,
-            'error_cap': self.error_cap, 'seed': int(self.seed),
-            **{name: getattr(self, name) for name in source.fields}}
+    out = {'sigma': self.sigma, 'mc': int(self.mc) if source.draws else 0,
+           'error_cap': self.error_cap, 'seed': int(self.seed),
+           **{name: getattr(self, name) for name in source.fields}}
+    if self.photometry_noise:  # Recorded only when on: records made before it stay equal.
+      out['photometry_noise'] = True
+    return out
 
-  def noise_scale(self, flux_err: np.ndarray, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The per-pixel noise scale of a batch by input name: the flux's (``prepare_errors``),
-    zeros when no σ is wanted."""
-    if self.sigma == NO_SIGMA:
-      return {'flux': np.zeros(shape, np.float32)}
-    return {'flux': prepare_errors(flux_err, self.error_cap)}
+  def noise_scale(self, batch: Mapping[str, np.ndarray], input_names: Sequence[str]
+                  ) -> dict[str, np.ndarray]:
+    """The noise scale of a batch by input name: the flux's per pixel (``prepare_errors`` of
+    'flux_err'), and with ``photometry_noise`` the metadata's (``photometry_errors``) when the
+    model reads it; zeros when no σ is wanted."""
+    scales = {}
+    if 'flux' in input_names:
+      scales['flux'] = (np.zeros(np.shape(batch['flux']), np.float32) if self.sigma == NO_SIGMA
+                        else prepare_errors(batch['flux_err'], self.error_cap))
+    if self.photometry_noise and 'metadata' in input_names and self.sigma != NO_SIGMA:
+      if 'metadata_err' not in batch:
+        raise UncertaintyError('--photometry_noise needs the photometric errors (*_ERR columns '
+                               'in the catalogue or the --metadata table)')
+      scales['metadata'] = photometry_errors(batch['metadata'], batch['metadata_err'])
+    return scales
 
   def make_fn(self, apply_fn: Callable, ensemble_size: int = 1) -> Callable:
     """The jitted ``fn(params, inputs, noise_scale, star_index, key)`` of these settings."""
