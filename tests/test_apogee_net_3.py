@@ -315,3 +315,22 @@ def test_full_size_parity_on_real_spectra(real_apstar_files):
   got = np.asarray(jax.jit(model.apply)(variables, flux))
   diff, spread = assert_parity(expected, got)
   print(f'full-size parity: max |Δ| {diff}, spread {spread}')
+
+
+def test_tiny_train_mode_matches_torch(real_apstar_files):
+  """Train mode normalises with the batch's statistics and moves the running ones with PyTorch's
+  momentum (0.1 of the batch); PyTorch's running variance is the unbiased one, a factor
+  n / (n − 1) on the batch part (n = batch × length), inside the tolerance."""
+  flux = read_flux(real_apstar_files[:4])
+  twin, model, variables = tiny_pair(flux, seed=2)
+  twin.train()
+  with torch.no_grad():
+    expected = twin(torch.from_numpy(flux)).numpy()
+  got, updates = jax.jit(lambda v, f: model.apply(v, f, train=True, mutable=['batch_stats']))(
+      variables, flux)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  torch_stats = apogee_net_3.variables_from_torch(
+      convert_torch.state_dict_arrays(twin.state_dict()), model)['batch_stats']
+  for a, b in zip(jax.tree.leaves(updates['batch_stats']), jax.tree.leaves(torch_stats),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -274,7 +274,9 @@ def variables_from_torch(arrays: Mapping[str, np.ndarray], model: APOGEENet3 | N
     node = variables[collection]
     for name in path:
       node = node.setdefault(name, {})
-    node[leaf] = np.ascontiguousarray(value)
+    # A copy: the arrays may share memory with the torch tensors (``state_dict_arrays``), whose
+    # running statistics a PyTorch forward in train mode updates in place.
+    node[leaf] = np.array(value, order='C')
   return variables
 
 
