@@ -16,6 +16,10 @@ transposes and nothing else (``from_torch``; state-dict names in brackets):
     6 × (Linear + ReLU), 65,536 → 1024 → … → 1024 [linear_sequential.0 … 5.linear_layer];
     Linear 1024 → 3 [linear_sequential.6].
 
+Flax module names are the state-dict names with the list index joined by '_' and
+``linear_layer`` dropped: first_conv_conv_layer, first_conv_bn, res_blocks_0/conv1 …,
+linear_sequential_0 … 6 (``flax_path``).
+
 72,606,495 parameters, plus the batch norms' running means and variances (the Flax collection
 'batch_stats'). Batch norm as PyTorch's: ε = 1e-5, momentum 0.1 (Flax ``momentum=0.9``). In
 training Flax's running variance averages the biased batch variance where PyTorch's averages the
