@@ -168,4 +168,4 @@ def family_of_state_dict(keys) -> Family:
 _LEGACY_KINDS = {'yso_photometric': 'yso_photometric'}
 
 # The families. Each module registers itself on import.
-from apogeenet_jax.models import apogee_net, apogee_net_2, yso_photometric  # noqa: E402, F401
+from apogeenet_jax.models import apogee_net, apogee_net_2, apogee_net_3, yso_photometric  # noqa: E402, F401
