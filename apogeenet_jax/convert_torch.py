@@ -106,7 +106,8 @@ def convert(state_dict_path: str, output_dir: file_io.PathLike,
   meta = checkpoint.make_meta(model, standardizer or authors,
                               source=f'converted from PyTorch state_dict {state_dict_path}')
   manager = checkpoint.make_manager(output_dir)
-  checkpoint.save(manager, 0, checkpoint.params_only(variables['params']), meta)
+  model_state = {k: v for k, v in variables.items() if k != 'params'}  # batch norm's statistics
+  checkpoint.save(manager, 0, checkpoint.params_only(variables['params'], model_state), meta)
   manager.close()
   return os.fspath(output_dir)
 

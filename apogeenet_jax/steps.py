@@ -122,13 +122,19 @@ def _local_train_step(model: nn.Module, tx: optax.GradientTransformation, ensemb
   on ``add_training_noise`` of it, fresh noise every step, reproducible from (rng, step, device);
   0 trains on the spectra as stored (the paper), bit for bit as before this option.
 
-  ``ensemble_size`` K > 1: the state's params, opt_state and rng carry a leading member axis;
-  every member takes its step on the same batch (vmap inside the per-device function, or K
-  straight-line copies with ``unroll_members``: ``members_unrolled``); the metrics are the
-  members' mean, with 'member_loss_sum' (K,) beside them.
+  ``ensemble_size`` K > 1: the state's params, opt_state, rng and model_state carry a leading
+  member axis; every member takes its step on the same batch (vmap inside the per-device
+  function, or K straight-line copies with ``unroll_members``: ``members_unrolled``); the metrics
+  are the members' mean, with 'member_loss_sum' (K,) beside them.
+
+  A network with state (``TrainState.model_state``: APOGEE Net III's batch norm) normalises with
+  each device's own batch statistics in the forward pass, and the running averages it updates
+  are then averaged over the devices (``lax.pmean``), so every device keeps the same state: the
+  running mean is exactly that of the global batch, the running variance the mean of the
+  devices' variances. On one device the step is the module's own.
   """
 
-  def member_step(params, opt_state, rng, step, batch):
+  def member_step(params, opt_state, rng, model_state, step, batch):
     # Different dropout masks per device, reproducible from (rng, step).
     dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(DATA_AXIS))
     w = batch['mask'].astype(jnp.float32)
@@ -140,15 +146,22 @@ def _local_train_step(model: nn.Module, tx: optax.GradientTransformation, ensemb
                                   jax.random.fold_in(dropout_rng, _NOISE_STREAM), noise_augmentation)
 
     def loss_fn(params):
-      pred = model.apply({'params': params}, **inputs, train=True, rngs={'dropout': dropout_rng})
+      variables = {'params': params, **model_state}
+      if model_state:  # Batch norm: the batch's statistics, and the updated running averages.
+        pred, new_state = model.apply(variables, **inputs, train=True,
+                                      rngs={'dropout': dropout_rng}, mutable=list(model_state))
+      else:
+        pred, new_state = model.apply(variables, **inputs, train=True,
+                                      rngs={'dropout': dropout_rng}), model_state
       per_example = _label_mse(pred, batch['targets'], loss_weights)  # MSE, §3.3
       # The GLOBAL mean, reduced over the axis INSIDE the differentiated function: the gradient of
       # a replicated input already carries the psum, so pmean-ing gradients afterwards would give
       # N× the true gradient (docs/jax_stack_notes.md, "The shard_map gradient trap").
       loss = lax.psum(jnp.sum(per_example * w), DATA_AXIS) / lax.psum(jnp.sum(w), DATA_AXIS)
-      return loss, per_example
+      return loss, (per_example, new_state)
 
-    (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (per_example, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    model_state = jax.tree.map(lambda x: lax.pmean(x, DATA_AXIS), lax.stop_gradient(new_state))
     # An overflowing norm (absurd but finite flux) makes clipping scale every update to zero
     # while the loss stays finite: a silent no-op. It is returned, and the host stops on it.
     grad_norm = optax.global_norm(grads)
@@ -157,21 +170,21 @@ def _local_train_step(model: nn.Module, tx: optax.GradientTransformation, ensemb
     metrics = _masked_sums(lax.stop_gradient(per_example), batch['data_type'], batch['mask'])
     metrics['loss'] = loss
     metrics['grad_norm'] = grad_norm
-    return params, opt_state, metrics
+    return params, opt_state, model_state, metrics
 
   def local_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     if ensemble_size == 1:
-      params, opt_state, metrics = member_step(state.params, state.opt_state, state.rng,
-                                               state.step, batch)
+      params, opt_state, model_state, metrics = member_step(
+          state.params, state.opt_state, state.rng, state.model_state, state.step, batch)
     else:
       # Collectives inside (the loss's psum over 'data') are per member, batched by vmap or
       # one per unrolled copy, so each member's gradient is its own global-batch mean gradient.
-      params, opt_state, metrics = _over_members(member_step, unroll_members,
-                                                 (0, 0, 0, None, None))(
-          state.params, state.opt_state, state.rng, state.step, batch)
+      params, opt_state, model_state, metrics = _over_members(
+          member_step, unroll_members, (0, 0, 0, 0, None, None))(
+          state.params, state.opt_state, state.rng, state.model_state, state.step, batch)
       metrics = _member_mean(metrics)
-    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
-                              epoch_step=state.epoch_step + 1)
+    new_state = state.replace(params=params, opt_state=opt_state, model_state=model_state,
+                              step=state.step + 1, epoch_step=state.epoch_step + 1)
     return new_state, metrics
 
   return local_step
@@ -279,7 +292,9 @@ def make_eval_step(model: nn.Module, mesh: Mesh, ensemble_size: int = 1
   (for K > 1 the members' mean, with 'member_loss_sum' (K,))."""
 
   def member_eval(params: Any, batch: dict) -> dict:
-    pred = model.apply({'params': params}, **batch[INPUTS_KEY], train=False)
+    # ``params``: the parameter tree, or a network's Flax variables with its running statistics.
+    variables = params if 'params' in params else {'params': params}
+    pred = model.apply(variables, **batch[INPUTS_KEY], train=False)
     per_example = _label_mse(pred, batch['targets'], None)  # the dev loss: unweighted
     return _masked_sums(per_example, batch['data_type'], batch['mask'])
 

@@ -41,6 +41,9 @@ class TrainState:
   adapt_round: jax.Array  # 0 while training on everything; 1, 2, … during adaptation (§3.4)
   best_adapt_loss: jax.Array  # best MStar+YSO dev loss when the current round began
   adapt_rounds_without_improvement: jax.Array
+  # The model's other variable collections, e.g. {'batch_stats': …} of APOGEE Net III's batch
+  # norm (an ensemble's with the member axis); {} for a family without state.
+  model_state: Any = flax.struct.field(default_factory=dict)
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -62,12 +65,13 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
                        init: str = 'torch', zero_last_layer: bool = False) -> TrainState:
   """Fresh parameters (``init_params``) and counters; rng is a raw PRNG key."""
   init_rng, state_rng = jax.random.split(rng)
-  params = _init_fn(model, init, zero_last_layer)(init_rng)
+  params, model_state = _init_fn(model, init, zero_last_layer)(init_rng)
   return TrainState(
       params=params, opt_state=tx.init(params), step=jnp.int32(0), epoch=jnp.int32(0),
       epoch_step=jnp.int32(0), rng=state_rng, best_stop_loss=jnp.float32(jnp.inf),
       evals_without_improvement=jnp.int32(0), adapt_round=jnp.int32(0),
-      best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
+      best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0),
+      model_state=model_state)
 
 
 def create_ensemble_state(seed: int, model: nn.Module, tx: optax.GradientTransformation,
@@ -87,7 +91,8 @@ def create_ensemble_state(seed: int, model: nn.Module, tx: optax.GradientTransfo
   stack = lambda *xs: jnp.stack(xs)  # noqa: E731
   return members[0].replace(params=jax.tree.map(stack, *[m.params for m in members]),
                             opt_state=jax.tree.map(stack, *[m.opt_state for m in members]),
-                            rng=jnp.stack([m.rng for m in members]))
+                            rng=jnp.stack([m.rng for m in members]),
+                            model_state=jax.tree.map(stack, *[m.model_state for m in members]))
 
 
 def init_opt_state(tx: optax.GradientTransformation, params: Any, ensemble_size: int = 1) -> Any:
@@ -160,8 +165,18 @@ _INITS = {'torch': torch_default_params, 'he': he_params, 'flax': lambda rng, pa
 
 
 def last_layer_name(params: Any) -> str:
-  """The output Dense layer: 'fc<N>' with the highest N."""
-  return max((name for name in params if name.startswith('fc')), key=lambda n: int(n[2:]))
+  """The output Dense layer: 'fc<N>' with the highest N, else the last layer the module made
+  (Flax keeps creation order: APOGEE Net III's 'linear_sequential_6')."""
+  fc = [name for name in params if name.startswith('fc') and name[2:].isdigit()]
+  return max(fc, key=lambda n: int(n[2:])) if fc else list(params)[-1]
+
+
+def inference_params(state: TrainState) -> Any:
+  """What evaluation applies: the params, or for a network with state (batch norm) its Flax
+  variables {'params': …, **model_state} (``uncertainty.model_apply_fn`` takes both)."""
+  if not jax.tree.leaves(state.model_state):
+    return state.params
+  return {'params': state.params, **state.model_state}
 
 
 @functools.lru_cache(maxsize=8)
@@ -182,11 +197,11 @@ def _init_fn(model: nn.Module, init: str = 'torch', zero_last_layer: bool = Fals
   def fn(key):
     flax_key, init_key = jax.random.split(key)
     dummy = models.family_of(model).dummy_inputs(model)
-    params = model.init(flax_key, **dummy)['params']
-    params = _INITS[init](init_key, params)
+    variables = dict(model.init(flax_key, **dummy))
+    params = _INITS[init](init_key, variables.pop('params'))
     if zero_last_layer:
       last = last_layer_name(params)
       params = {**params, last: jax.tree.map(jnp.zeros_like, params[last])}
-    return params
+    return params, variables  # the other collections: batch norm's statistics
 
   return jax.jit(fn)

@@ -64,6 +64,7 @@ from apogeenet_jax.train_state import (
   TrainState,
   create_ensemble_state,
   create_model,
+  inference_params,
   init_opt_state,
 )
 
@@ -294,9 +295,13 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
   tx = optimizer.create_optimizer(config.optim, config.batch_size)
   state = replicate(create_ensemble_state(config.seed, model, tx, config.init, ensemble_size,
                                           config.get('zero_last_layer', False)), mesh)
-  if init_params is not None:
-    state = replicate(state.replace(params=init_params, opt_state=init_opt_state(
-        tx, init_params, ensemble_size)), mesh)
+  if init_params is not None:  # Adaptation: the init_from network (with its batch-norm state).
+    model_state = {k: v for k, v in init_params.items() if k != 'params'} if (
+        'params' in init_params) else {}
+    init_params = init_params.get('params', init_params)
+    state = replicate(state.replace(params=init_params, model_state=model_state,
+                                    opt_state=init_opt_state(tx, init_params, ensemble_size)),
+                      mesh)
   abstract_state = checkpoint.abstract_state(state, mesh)
   restored = checkpoint.restore_newest(manager, checkpoint.to_saved(abstract_state),
                                        set_aside=jax.process_index() == 0)
@@ -374,7 +379,7 @@ def _save(run: _Run, state: TrainState, stop_loss: float | None = None) -> None:
 def _start_adaptation(run: _Run, state: TrainState) -> TrainState:
   """Round 1 of §3.4 must beat the model it starts from: its MStar+YSO dev loss is the first
   ``best_stop_loss``, saved as step 0's checkpoint."""
-  dev = run.evaluate(state.params)
+  dev = run.evaluate(inference_params(state))
   loss0 = dev[run.stop_loss_key]
   if not np.isfinite(loss0):
     raise TrainingError('adaptation needs MStar or YSO stars in the dev split')
@@ -420,7 +425,7 @@ def _next_adaptation_round(run: _Run, state: TrainState) -> TrainState:
   _log_round_end(state, improved)
   best = checkpoint.restore_train_state(run.manager, run.manager.best_step(), run.abstract_state)
   return replicate(state.replace(
-      params=best.params, opt_state=best.opt_state,
+      params=best.params, opt_state=best.opt_state, model_state=best.model_state,
       evals_without_improvement=jnp.int32(0), adapt_round=state.adapt_round + 1,
       # A fresh array: the same buffer twice in one donated pytree is an XLA error.
       best_adapt_loss=jnp.float32(float(state.best_stop_loss)),
@@ -458,7 +463,7 @@ def _train_one_epoch(run: _Run, state: TrainState, stop: StopRequest
     logging.warning('Interrupted: saved step %d of epoch %d in %s; rerun the same command to '
                     'resume.', int(state.step), epoch + 1, run.workdir)
     return state, True
-  dev = run.evaluate(state.params)
+  dev = run.evaluate(inference_params(state))
   state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
   state, improved = epochs.update_early_stopping(
       state, dev[run.stop_loss_key], config.min_delta,
@@ -489,7 +494,7 @@ def _restore_best(run: _Run, state: TrainState) -> TrainState:
   best = run.manager.best_step()
   if best is not None:
     best_state = checkpoint.restore_train_state(run.manager, best, run.abstract_state)
-    state = state.replace(params=best_state.params)
+    state = state.replace(params=best_state.params, model_state=best_state.model_state)
     logging.info('Best checkpoint: step %d, %s %.5f.', best, run.stop_loss_key,
                  float(best_state.best_stop_loss))
   run.manager.close()

@@ -358,12 +358,15 @@ def _jvp_variance(f, flux, noise_scale, pixel_chunk):
 
 def model_apply_fn(model) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
   """``(params, inputs) -> standardised predictions`` of a flax linen module of any family,
-  eval mode, its named inputs passed as keywords."""
+  eval mode, its named inputs passed as keywords. ``params``: the parameter tree, or for a
+  network with state its Flax variables {'params': …, 'batch_stats': …} (``checkpoint.load_params``
+  returns them so): eval mode uses the running statistics, a deterministic function."""
   return functools.partial(_apply, model)
 
 
 def _apply(model, params, inputs):
-  return model.apply({'params': params}, **inputs, train=False)
+  variables = params if 'params' in params else {'params': params}
+  return model.apply(variables, **inputs, train=False)
 
 
 # ------------------------------------------------------------------------------------------------
