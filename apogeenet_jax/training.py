@@ -49,15 +49,16 @@ from apogeenet_jax import (
   memory_data,
   models,
   optimizer,
+  resume,
   steps,
   train_inputs,
   workdir_lock,
 )
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.metric_writer import MetricWriter
-from apogeenet_jax.models.apogee_net import PAPER_CHANNELS, PAPER_HIDDEN
 from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.preemption import StopRequest
+from apogeenet_jax.resume import ResumeMismatchError  # noqa: F401  (raised through training)
 from apogeenet_jax.sharding import make_mesh, replicate
 from apogeenet_jax.train_state import (
   TrainingError,
@@ -67,67 +68,6 @@ from apogeenet_jax.train_state import (
   inference_params,
   init_opt_state,
 )
-
-
-class ResumeMismatchError(TrainingError):
-  """A workdir holds checkpoints of another run (other data, model or optimiser)."""
-
-
-# Config fields a resume may change: how the run is executed (threads, input path, devices,
-# logging) and when it stops. Every other field defines the run — the data, the whole
-# ``config.model`` and ``config.optim``, the recipe — and a resume refuses a change of it, so a
-# field added later is protected without being listed anywhere.
-_RESUMABLE = frozenset({
-    'num_threads', 'prefetch_batches', 'input_mode', 'memory_budget_gb', 'memory_dtype',
-    'data_on_device', 'device_memory_budget_gb', 'steps_per_call', 'eval_batch_size',
-    'max_epochs', 'patience', 'min_delta', 'early_stopping_from_epoch', 'adapt_patience',
-    'max_adapt_rounds', 'num_devices', 'multihost', 'log_every_steps'})
-# Fields that runs saved by earlier versions lack, and the value they trained with: before
-# config.model listed the paper's architecture it was empty; before config.loss_weights the loss
-# was the plain MSE; before config.noise_augmentation the spectra were used as stored; before the
-# model registry every run was an APOGEE Net I.
-_SAVED_DEFAULTS = {'model.name': 'apogee_net', 'model.channels': list(PAPER_CHANNELS),
-                   'model.hidden': list(PAPER_HIDDEN), 'loss_weights': [1.0, 1.0, 1.0],
-                   'noise_augmentation': 0.0}
-# Fields that moved into config.model with the registry: their old top-level names.
-_MOVED_TO_MODEL = ('flux_scaling', 'input_scale', 'dropout_rate')
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def _upgraded(saved: dict[str, Any]) -> dict[str, Any]:
-  """A flat saved config in today's layout (``_MOVED_TO_MODEL``)."""
-  for key in _MOVED_TO_MODEL:
-    if key in saved:
-      saved.setdefault(f'model.{key}', saved.pop(key))
-  return saved
-
-
-def _check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any],
-                    workdir: epath.Path) -> None:
-  """Refuses a resume with another data set, model or optimiser; warns on other changes."""
-  if 'config' not in saved_meta:
-    return  # Checkpoints without a config (converted weights): nothing to compare.
-  old = {**_SAVED_DEFAULTS, **_upgraded(_flat(saved_meta['config']))}
-  new = {**_SAVED_DEFAULTS, **_flat(config_json)}
-  changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
-  refused = [k for k in changed if k not in _RESUMABLE]
-  if refused:
-    listing = ', '.join(f'{k}: {old.get(k)!r} → {new.get(k)!r}' for k in refused)
-    raise ResumeMismatchError(
-        f'{workdir} holds checkpoints of another run: {listing}. Resume it with its own config, '
-        f'or give this run a new --workdir (nothing was changed).')
-  for k in changed:
-    logging.warning('Resuming %s with %s changed: %r → %r (does not change the run).', workdir,
-                    k, old.get(k), new.get(k))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: file_io.PathLike, *,
@@ -289,7 +229,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
   manager = checkpoint.make_manager(checkpoint.workdir_checkpoints(workdir), keep_latest=2)
   saved_meta = checkpoint.newest_meta(manager)
   if saved_meta is not None:  # Before anything is built from this config or init_from.
-    _check_same_run(saved_meta, json.loads(config.to_json_best_effort()), workdir)
+    resume.check_same_run(saved_meta, json.loads(config.to_json_best_effort()), workdir)
   model, init_params, init_meta = _initial_model(config, train_source, train_meta['vectors'])
   ensemble_size = int(config.get('ensemble_size', 1))
   tx = optimizer.create_optimizer(config.optim, config.batch_size)

@@ -223,7 +223,7 @@ def test_a_run_from_before_the_model_registry_resumes_with_its_model_fields_in_c
     tmp_path):
   """Its top-level flux_scaling / input_scale / dropout_rate are read as config.model's: the
   same run resumes, another flux_scaling is refused by name."""
-  from apogeenet_jax import training
+  from apogeenet_jax import resume
   from configs import default
   shutil.copytree(_LEGACY, tmp_path / 'legacy')
   _, meta = checkpoint.load_params(str(tmp_path / 'legacy' / 'checkpoints'))
@@ -233,7 +233,7 @@ def test_a_run_from_before_the_model_registry_resumes_with_its_model_fields_in_c
       setattr(config, key, value)
   config.optim.update(meta['config']['optim'])
   config.model.channels, config.model.hidden = (2, 2), (4,)
-  training._check_same_run(meta, config.to_dict(), tmp_path)
+  resume.check_same_run(meta, config.to_dict(), tmp_path)
   config.model.flux_scaling = 'median'
-  with pytest.raises(training.ResumeMismatchError, match=r"model\.flux_scaling: 'log_median'"):
-    training._check_same_run(meta, config.to_dict(), tmp_path)
+  with pytest.raises(resume.ResumeMismatchError, match=r"model\.flux_scaling: 'log_median'"):
+    resume.check_same_run(meta, config.to_dict(), tmp_path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_training import _assert_trees_equal, fake_source
 
-from apogeenet_jax import checkpoint, models, prediction, training, uncertainty
+from apogeenet_jax import checkpoint, models, prediction, resume, training, uncertainty
 from apogeenet_jax.train_state import TrainingError
 from configs import default, net2
 
@@ -58,7 +58,7 @@ def test_resume_refuses_a_change_of_every_config_model_field(tmp_path):
   sub-config defines the run (a field left out of it would resume silently)."""
   for config in (default.get_config(), net2.get_config()):
     saved = {'config': json.loads(config.to_json_best_effort())}
-    training._check_same_run(saved, config.to_dict(), tmp_path)  # the same run resumes
+    resume.check_same_run(saved, config.to_dict(), tmp_path)  # the same run resumes
     for field, value in config.model.items():
       changed = config.to_dict()
       if isinstance(value, str):
@@ -68,12 +68,12 @@ def test_resume_refuses_a_change_of_every_config_model_field(tmp_path):
       else:
         changed['model'][field] = value + 1
       with pytest.raises(training.ResumeMismatchError, match=rf'model\.{field}:'):
-        training._check_same_run(saved, changed, tmp_path)
+        resume.check_same_run(saved, changed, tmp_path)
   # Execution fields still resume.
   config = default.get_config()
   saved = {'config': json.loads(config.to_json_best_effort())}
   config.num_threads, config.max_epochs = 1, 99
-  training._check_same_run(saved, config.to_dict(), tmp_path)
+  resume.check_same_run(saved, config.to_dict(), tmp_path)
 
 
 def test_an_unknown_family_or_argument_is_one_clear_error(sources, tmp_path):

@@ -29,6 +29,7 @@ from apogeenet_jax import (
     metric_writer,
     optimizer,
     preemption,
+    resume,
     sharding,
     steps,
     train_inputs,
@@ -1099,16 +1100,16 @@ def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_p
 
 def test_a_run_saved_before_loss_weights_resumes_with_the_plain_mse_only(tmp_path):
   saved = {'config': {'data_dir': 'D', 'batch_size': 32}}  # no loss_weights: the plain MSE
-  training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+  resume.check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                    'loss_weights': [1.0, 1.0, 1.0]}, tmp_path)
   with pytest.raises(training.ResumeMismatchError, match='loss_weights'):
-    training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+    resume.check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                      'loss_weights': [1.0, 0.2, 1.4]}, tmp_path)
   # Nor noise_augmentation: it trained on the stored spectra.
-  training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+  resume.check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                    'noise_augmentation': 0.0}, tmp_path)
   with pytest.raises(training.ResumeMismatchError, match='noise_augmentation'):
-    training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+    resume.check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                      'noise_augmentation': 1.0}, tmp_path)
 
 
