@@ -187,6 +187,7 @@ def _groups(bound: dict[str, np.ndarray]):
   yield 'all', np.ones(len(bound['snr']), bool)
   for i, name in enumerate(DATA_TYPES):
     yield name, bound['data_type'] == i
+  yield f'Teff<{HOT_TEFF:.0f}', bound['labels'][:, 1] < HOT_TEFF
   yield f'Teff≥{HOT_TEFF:.0f}', bound['labels'][:, 1] >= HOT_TEFF
   for lo, hi in SNR_BINS:
     name = f'S/N<{hi:.0f}' if lo == 0 else (f'S/N≥{lo:.0f}' if np.isinf(hi)
