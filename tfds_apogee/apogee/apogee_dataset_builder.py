@@ -149,11 +149,6 @@ def _metadata_vector(values) -> np.ndarray:
   return np.asarray(values, np.float32).reshape(len(constants.METADATA_COLUMNS))
 
 
-def has_metadata(info: tfds.core.DatasetInfo) -> bool:
-  """Whether a built data set's records carry `metadata`/`metadata_err` (version ≥ 1.1.0)."""
-  return METADATA_FEATURE in info.features
-
-
 def _floats(values) -> tuple[float, ...] | None:
   """A catalogue row's metadata as plain floats (the Beam path's task lines are JSON)."""
   return None if values is None else tuple(float(x) for x in values)
