@@ -14,12 +14,12 @@ Every batch is a dict of NumPy arrays:
   'file'      (B,)      str      the apStar file ('' when the source has none)
   'snr', 'ra', 'dec' (B,) float32
   'mask'      (B,)      bool     True for real rows; eval batches pad the last batch with False.
+Records of a data set built with photometry (builder version ≥ 1.1.0, ``has_metadata``) add
+  'metadata'     (B, 7) float32  PLX (mas), G, BP, RP, J, H, K (mag), ``constants.METADATA_COLUMNS``
+  'metadata_err' (B, 7) float32  their errors; NaN where missing (values ≥ 98: catalogue missing)
 Eval batches (``eval_batches``) also carry
   'index'     (B,)      int64    each row's position in its source (the per-star PRNG key's index)
   'problem'   (B,)      str      why a row could not be read ('' when it was; such rows are masked)
-and, when every record of the batch carries them (``VECTOR_KEYS``),
-  'metadata'  (B, 7)    float32  [Gaia parallax mas, G, BP, RP, J, H, K] as given (NaN missing)
-  'metadata_err' (B, 7) float32  their errors
 
 Inference on apStar files reads them through the same machinery: ``ApStarFiles`` is a
 random-access source over a file list, like a tfds data source, so ``eval_batches`` serves a
@@ -36,18 +36,16 @@ from absl import logging
 from etils import epath
 
 from apogeenet_jax import apstar, file_io
-from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, N_PIXELS
+from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, METADATA_COLUMNS, N_PIXELS
 from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
 
 DEFAULT_NAME = 'apogee'
-# Per-star vectors that records may carry beside the spectrum, passed through as they are:
-# the photometry of APOGEE Net II ([Gaia parallax, G, BP, RP, J, H, K], NaN where missing) and
-# its errors.
-VECTOR_KEYS = ('metadata', 'metadata_err')
 # data_type of a record without labels (an apStar file given for inference).
 UNLABELLED = -1
 # Per-star scalars and their dtypes: RA/Dec stay float64 (float32 rounds them by ~0.05″).
 _SCALAR_KEYS = {'snr': np.float32, 'ra': np.float64, 'dec': np.float64}
+# Photometric features of APOGEE Net II: passed through when a record has them, never required.
+METADATA_KEYS = ('metadata', 'metadata_err')
 
 
 class InputPipelineError(RuntimeError):
@@ -105,6 +103,28 @@ def open_split(data_dir: str | os.PathLike, split: str, name: str = DEFAULT_NAME
   source = builder.as_data_source(split=split)
   logging.info('Opened %s split %r: %d examples.', builder_dir, split, len(source))
   return _BuiltSplit(source, builder_dir, split, name)
+
+
+def has_metadata(source: Sequence[Mapping[str, Any]]) -> bool:
+  """Whether ``source``'s records carry the photometric features (APOGEE Net II's input): from
+  the built data set's features (``open_split``), else from its first record."""
+  info = getattr(source, 'dataset_info', None)
+  if info is not None:
+    return all(key in info.features for key in METADATA_KEYS)
+  return len(source) > 0 and all(key in source[0] for key in METADATA_KEYS)
+
+
+def require_metadata(source: Sequence[Mapping[str, Any]], needed_by: str = 'APOGEE Net II'
+                     ) -> None:
+  """Raises InputPipelineError (one line) unless ``source``'s records carry the photometry."""
+  if has_metadata(source):
+    return
+  info = getattr(source, 'dataset_info', None)
+  where = f'{info.data_dir} (version {info.version})' if info is not None else 'the source'
+  raise InputPipelineError(
+      f'{where}: records without the photometric features {METADATA_KEYS} that {needed_by} '
+      f'needs; rebuild with the current builder (python -m tfds_apogee.build … --overwrite) from '
+      f'a catalogue with the columns {", ".join(METADATA_COLUMNS)} (docs/data.md)')
 
 
 class _BuiltSplit(Sequence[Mapping[str, Any]]):
@@ -217,7 +237,7 @@ def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
   }
   for key, dtype in _SCALAR_KEYS.items():
     example[key] = dtype(record.get(key, np.nan))
-  for key in VECTOR_KEYS:  # Only in records that carry them (the builder's version 1.1.0 on).
+  for key in METADATA_KEYS:
     if key in record:
       example[key] = np.asarray(record[key], np.float32)
   return example
@@ -236,9 +256,9 @@ def collate(examples: Sequence[Mapping[str, Any]], mask: np.ndarray | None = Non
   }
   for key, dtype in _SCALAR_KEYS.items():
     batch[key] = np.asarray([e[key] for e in examples], dtype)
-  for key in VECTOR_KEYS:
+  for key in METADATA_KEYS:
     if all(key in e for e in examples):
-      batch[key] = np.stack([e[key] for e in examples]).astype(np.float32)
+      batch[key] = np.stack([e[key] for e in examples])
   batch['mask'] = np.ones(len(examples), bool) if mask is None else np.asarray(mask, bool)
   return batch
 
@@ -310,7 +330,7 @@ def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8,
                   visit: Callable[[int, dict[str, Any]], None] | None = None
                   ) -> dict[str, np.ndarray]:
   """Labels (n, 3), data_type (n,) and apogee_id (n,) of a whole split, in source order, and
-  'vectors': the ``VECTOR_KEYS`` the records carry ({'metadata': (n, 7), …}; empty when none).
+  'vectors': the ``METADATA_KEYS`` the records carry ({'metadata': (n, 7), …}; empty when none).
 
   Used to fit the Standardizer, a family's input statistics and the adaptation subsets. Reads
   every record once;
@@ -328,7 +348,7 @@ def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8,
     labels[i] = ex['labels']
     data_type[i] = ex['data_type']
     ids.append((i, ex['apogee_id']))
-    for key in VECTOR_KEYS:
+    for key in METADATA_KEYS:
       if key in ex:
         if key not in vectors:
           vectors[key] = np.full((n, *np.shape(ex[key])), np.nan, np.float32)
