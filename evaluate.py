@@ -54,6 +54,7 @@ from apogeenet_jax import (
     evaluation,
     file_io,
     input_pipeline,
+    labels,
     metrics,
     prediction,
     sharding,
@@ -83,6 +84,10 @@ flags.DEFINE_integer('linear_draws', uncertainty.DEFAULT_LINEAR_DRAWS,
 flags.DEFINE_enum('error_cap', 'median', list(uncertainty.ERROR_CAP_MODES),
                   'median: authors\' code (5× median, draw 0 noiseless); mean: paper text.')
 flags.DEFINE_integer('seed', 0, 'PRNG seed of the draws: same seed, same catalogue.')
+flags.DEFINE_string('metadata', None, 'APOGEE Net II with --apstar_dir/--apstar_list: a table '
+                    '(.fits, .ecsv, .csv) keyed by APOGEE_ID with the photometry columns PLX, G, '
+                    'BP, RP, J, H, K (and *_ERR); a star without a row is predicted from its '
+                    'spectrum and flagged FLAG_NO_PHOTOMETRY.')
 flags.DEFINE_bool('photometry_noise', False, 'APOGEE Net II: the draws also perturb the '
                   'photometry by its catalogue errors (*_ERR; the authors perturb the flux only).')
 flags.DEFINE_string('output_dir', None, 'Where the catalogue, metrics and figures go '
@@ -142,7 +147,8 @@ def _check_shards(values):
 # Problems of the inputs, the checkpoint, the flags or the output folder, not bugs: one line.
 _USER_ERRORS = (checkpoint.CheckpointError, prediction.EvaluationError,
                 input_pipeline.InputPipelineError, calibration.CalibrationError,
-                catalog.CatalogError, file_io.StagedOutputError, uncertainty.UncertaintyError)
+                catalog.CatalogError, file_io.StagedOutputError, uncertainty.UncertaintyError,
+                labels.LabelCatalogError)
 
 
 def main(argv):
@@ -178,6 +184,8 @@ def _main():
       params=params, meta=meta, output_dir=output_dir, splits=splits, data_dir=data_dir,
       apstar_files=files, skipped_files=skipped, settings=settings, batch_size=FLAGS.batch_size,
       make_figures=FLAGS.figures, calibration_mode=FLAGS.calibration,
+      photometry=_run_or_exit(labels.read_photometry_table, FLAGS.metadata) if FLAGS.metadata
+      else None,
       shard=(prediction.Shard(FLAGS.shard_index, FLAGS.num_shards) if FLAGS.num_shards > 1
              else None)))
 

@@ -26,6 +26,10 @@ Flags, all defined here and nowhere else:
                            1 3.6–3.8 (1–2 Myr), 2 3.8–4.0 (2–3 Myr), 3 4.0–4.2 (3–5 Myr),
                            4 ≥ 4.2 (≥ 5 Myr); −1 for stars that are not YSO candidates.
                            Lower edges belong to the bin above (log g = 3.6 is bin 1).
+  FLAG_NO_PHOTOMETRY       only for a network that reads photometry (APOGEE Net II): the star
+                           had no usable photometric value (no row in the --metadata table, or
+                           every value missing), so it was predicted from its spectrum and the
+                           network's replacement values; it is kept, not dropped.
 The CSV is ECSV (comma-separated, with a commented YAML header carrying units and descriptions):
 read it with ``Table.read(path, format='ascii.ecsv')`` or ``pandas.read_csv(path, comment='#')``.
 """
@@ -121,7 +125,7 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
                   data_set: Sequence[str] | None = None,
                   data_type: Sequence[str] | None = None, pred_err_noise=None,
                   pred_err_model=None, calibrated: bool = False, sigma: str = 'mc',
-                  file: Sequence[str] | None = None) -> Table:
+                  file: Sequence[str] | None = None, no_photometry=None) -> Table:
   """The Table 4 catalogue plus flags.
 
   Args:
@@ -139,6 +143,8 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
       and the header keyword SIGMA.
     file: (n,) the apStar file of each row (as given, or relative to the data set's manual_dir),
       so one star observed in several files can be told apart; '' where unknown.
+    no_photometry: (n,) bool for a network that reads photometry (APOGEE Net II): the star had
+      no usable photometric value; adds the column FLAG_NO_PHOTOMETRY (absent otherwise).
   """
   if sigma not in SIGMA_SOURCES:
     raise CatalogError(f'sigma must be one of {tuple(SIGMA_SOURCES)}, got {sigma!r}')
@@ -188,6 +194,11 @@ def build_catalog(*, apogee_id: Sequence[str], ra, dec, pred, pred_err, snr, lab
       ('AGE_BIN', 'YSO log g age bin: 0 ~1 Myr, 1 1-2, 2 2-3, 3 3-5, 4 >=5 Myr; -1 not a YSO')):
     t[name] = flags[name]
     t[name].description = desc
+  if no_photometry is not None:
+    t['FLAG_NO_PHOTOMETRY'] = np.asarray(no_photometry, bool)
+    t['FLAG_NO_PHOTOMETRY'].description = (
+        'no usable photometry (no row in the --metadata table, or every value missing): '
+        'predicted from the spectrum and the network\'s replacement values')
   t.meta['ORIGIN'] = 'apogeenet-jax'
   t.meta['REFERENC'] = 'Olney et al. 2020, AJ 159, 182'
   t.meta['SIGMA'] = sigma

@@ -233,7 +233,7 @@ def _build_table(merged: Mapping[str, np.ndarray], header: Mapping[str, Any]):
       pred_err_noise=merged['pred_err_noise'], pred_err_model=merged['pred_err_model'],
       snr=merged['snr'], labels=merged['labels'], data_set=merged['data_set'],
       data_type=dtype_names, calibrated=cal is not None, sigma=header['run']['sigma'],
-      file=merged['file'])
+      file=merged['file'], no_photometry=merged.get('no_photometry'))
   for k, v in header['run'].items():
     table.meta[k.upper()[:8]] = '' if v is None else v
   table.meta['CALIB'] = 'dev' if cal is not None else 'none'
@@ -351,12 +351,15 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str | epath.Pa
              apstar_files: Sequence[str] = (), skipped_files: Sequence[Problem] = (),
              settings: MCSettings = MCSettings(), batch_size: int = DEFAULT_BATCH_SIZE,
              make_figures: bool = True, calibration_mode: str = 'auto',
-             shard: Shard | None = None) -> dict[str, Any]:
+             shard: Shard | None = None,
+             photometry: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Predicts every star, writes the catalogue, metrics and figures; returns what it wrote.
 
   Give ``splits`` (with ``data_dir``) for labelled stars of the built data set, or
   ``apstar_files`` for unlabelled apStar spectra (or both); ``skipped_files`` (e.g. from
-  ``apstar_inputs``) go into skipped.csv with the unreadable ones. ``settings`` (the σ estimator,
+  ``apstar_inputs``) go into skipped.csv with the unreadable ones. ``photometry``
+  ({APOGEE_ID: (values, errors)}, ``labels.read_photometry_table``): the photometry of the
+  apStar files' stars, for a network that reads it (APOGEE Net II). ``settings`` (the σ estimator,
   draws, seed, ...) are recorded in the catalogue header and metrics.json.
   ``calibration_mode='auto'`` scales the σ by ``meta['calibration']`` when present
   (``calibrate``), 'none' keeps the raw σ.
@@ -376,7 +379,7 @@ def evaluate(*, params: Any, meta: Mapping[str, Any], output_dir: str | epath.Pa
   t0 = time.perf_counter()
   cal = _calibration_in_use(meta, calibration_mode, settings)
   batch_size = prediction.even_batch_size(batch_size)
-  sources = list(prediction.input_sources(splits, data_dir, apstar_files))
+  sources = list(prediction.input_sources(splits, data_dir, apstar_files, photometry))
   header = shards.run_header(meta, settings, cal, sources=sources, splits=splits,
                        apstar=bool(apstar_files or skipped_files), batch_size=batch_size,
                        shard=shard)

@@ -164,13 +164,26 @@ class ApStarFiles(Sequence[Mapping[str, Any]]):
   caller reports it. Reading never raises, so one bad file among 263,000 does not stop a run.
   """
 
-  def __init__(self, paths: Sequence[str]):
+  def __init__(self, paths: Sequence[str],
+               photometry: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None):
+    """``photometry``: {APOGEE_ID: (values (7,), errors (7,))} (``labels.read_photometry_table``)
+    for a network that reads it: every record then carries 'metadata' and 'metadata_err', NaN
+    for a star without a row (the network's replacement values stand in)."""
     self.paths = tuple(str(p) for p in paths)
+    self.photometry = photometry
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
+    record = self._read(i)
+    if self.photometry is not None:
+      missing = np.full(len(METADATA_COLUMNS), np.nan, np.float32)
+      values, errors = self.photometry.get(record['apogee_id'], (missing, missing))
+      record.update(metadata=values, metadata_err=errors)
+    return record
+
+  def _read(self, i: int) -> dict[str, Any]:
     path = self.paths[i]
     try:
       s = apstar.read_apstar(path)

@@ -146,6 +146,31 @@ def read_label_catalog(path: str | os.PathLike) -> list[LabelledStar]:
   ]
 
 
+def read_photometry_table(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """APOGEE Net II's photometry for new apStar files (``evaluate.py --metadata``): a table
+  (FITS, ECSV or CSV) keyed by APOGEE_ID with any of the columns ``constants.METADATA_COLUMNS``
+  and their ``*_ERR``. Returns {APOGEE_ID: (values (7,), errors (7,))} float32, NaN where a
+  column is absent or a cell empty; values ≥ 98 are kept as given (the network's rule reads them
+  as missing).
+
+  Raises:
+    LabelCatalogError: unreadable, no APOGEE_ID or none of the photometry columns, duplicate or
+      empty IDs, a non-numeric column.
+  """
+  path = pathlib.Path(path)
+  table = _read_table(path)
+  by_upper = {name.upper(): name for name in table.colnames}
+  if 'APOGEE_ID' not in by_upper:
+    raise LabelCatalogError(f'{path}: no APOGEE_ID column')
+  if not set(constants.METADATA_COLUMNS) & set(by_upper):
+    raise LabelCatalogError(f'{path}: none of the photometry columns '
+                            f'{", ".join(constants.METADATA_COLUMNS)}')
+  ids = _read_ids(path, table, by_upper['APOGEE_ID'])
+  values = _read_optional_columns(path, table, by_upper, constants.METADATA_COLUMNS)
+  errors = _read_optional_columns(path, table, by_upper, constants.METADATA_ERR_COLUMNS)
+  return {i: (values[k], errors[k]) for k, i in enumerate(ids)}
+
+
 def _read_optional_columns(path: pathlib.Path, table: Table, by_upper: dict[str, str],
                            names: tuple[str, ...]) -> np.ndarray:
   """(rows, len(names)) float32 of the optional numeric columns; NaN where empty or absent."""

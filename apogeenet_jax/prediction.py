@@ -62,14 +62,16 @@ def split_batches(data_dir: str | epath.PathLike, split: str, batch_size: int):
   return input_pipeline.eval_batches(source, batch_size), len(source)
 
 
-def input_sources(splits: Sequence[str], data_dir, apstar_files: Sequence[str]):
-  """(name, noise stream, random-access source) of every input, in catalogue order."""
+def input_sources(splits: Sequence[str], data_dir, apstar_files: Sequence[str],
+                  photometry: Mapping[str, Any] | None = None):
+  """(name, noise stream, random-access source) of every input, in catalogue order;
+  ``photometry`` (``labels.read_photometry_table``) goes with the apStar files."""
   for split in splits:
     if split not in SPLITS:
       raise EvaluationError(f'--split {split!r} is not one of {SPLITS}')
     yield split, SPLITS.index(split), input_pipeline.open_split(data_dir, split)
   if apstar_files:
-    yield '', APSTAR_STREAM, input_pipeline.ApStarFiles(apstar_files)
+    yield '', APSTAR_STREAM, input_pipeline.ApStarFiles(apstar_files, photometry)
 
 
 def predict_batches(params: Any, model, standardizer: Standardizer,
@@ -101,6 +103,8 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   params = jax.device_put(params, NamedSharding(mesh, P()))
   shardings = (NamedSharding(mesh, P(DATA_AXIS)), NamedSharding(mesh, P()))
   keep = {k: [] for k in (*_ROW_FIELDS, 'problems')}
+  if 'metadata' in input_shapes:
+    keep['no_photometry'] = []
   outputs = []
   start = 0
   pending = None  # one batch in flight: the host prepares batch k+1 while the device runs k
@@ -131,7 +135,9 @@ def _model_inputs(batch: Mapping[str, np.ndarray], input_shapes: Mapping[str, tu
   inputs = {}
   for name, shape in input_shapes.items():
     if name not in batch:
-      raise EvaluationError(f'the batches carry no {name!r}, an input of the model')
+      hint = (' (records built with the photometry columns, or --metadata=TABLE for apStar '
+              'files)' if name == 'metadata' else '')
+      raise EvaluationError(f'the batches carry no {name!r}, an input of the model{hint}')
     value = np.asarray(batch[name], np.float32)
     if value.shape[1:] != tuple(shape):
       raise EvaluationError(f'{name} batch of shape {value.shape}, expected (B, '
@@ -146,13 +152,24 @@ _PREDICTED = ('pred', 'pred_err_noise', 'pred_err_model', 'pred_err', 'pred_z')
 _EMPTY = {'labels': np.zeros((0, len(LABEL_NAMES)), np.float32), 'data_type': np.zeros(0, np.int32),
           'apogee_id': np.zeros(0, str), 'file': np.zeros(0, str), 'snr': np.zeros(0, np.float32),
           'ra': np.zeros(0, np.float64), 'dec': np.zeros(0, np.float64),
-          'problems': np.zeros((0, len(SKIP_REPORT_COLUMNS)), str)}
+          'problems': np.zeros((0, len(SKIP_REPORT_COLUMNS)), str),
+          'no_photometry': np.zeros(0, bool)}
+
+
+def no_photometry(metadata: np.ndarray) -> np.ndarray:
+  """(n,) bool: stars none of whose photometric values is usable (non-finite or ≥ 98, or no row
+  in the --metadata table): APOGEE Net II predicts them from the spectrum and the network's
+  replacement values alone (the catalogue's FLAG_NO_PHOTOMETRY)."""
+  metadata = np.asarray(metadata, np.float64)
+  return np.all(~np.isfinite(metadata) | (metadata >= uncertainty.MISSING_VALUE), axis=1)
 
 
 def _keep_rows(keep: dict[str, list], batch: Mapping[str, np.ndarray], valid: np.ndarray):
   for k in _ROW_FIELDS:
     column = batch[k] if k in batch else np.full(len(valid), '')  # 'file' is optional
     keep[k].append(np.asarray(column)[valid])
+  if 'no_photometry' in keep:  # A model that reads the photometry.
+    keep['no_photometry'].append(no_photometry(batch['metadata'])[valid])
   problem = np.asarray(batch.get('problem', np.full(len(valid), '')), str)
   bad = problem != ''
   for row in np.flatnonzero(bad):

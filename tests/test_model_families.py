@@ -117,6 +117,35 @@ def test_net2_trains_on_photometry_fits_its_statistics_and_predicts_teff_in_k(so
   # Records without photometry are refused in one line, before any step.
   with pytest.raises(TrainingError, match='carry no metadata'):
     training.train_and_evaluate(config, str(tmp_path / 'none'), sources=sources)
+  _net2_predicts_new_apstar_files_with_a_photometry_table(params, meta, tmp_path)
+
+
+def _net2_predicts_new_apstar_files_with_a_photometry_table(params, meta, tmp_path):
+  """evaluate --apstar_dir with --metadata: a star without a row is kept, predicted with the
+  replacement values, and flagged; the row's photometry changes the prediction."""
+  import glob
+
+  from astropy.table import Table
+
+  from apogeenet_jax import evaluation, labels, synthetic
+  catalogue = Table.read(synthetic.write_survey(tmp_path / 'new', num_stars=3, show_progress=False))
+  files = sorted(glob.glob(str(tmp_path / 'new' / '**' / 'apStar-*.fits'), recursive=True))
+  first = str(catalogue['APOGEE_ID'][0])
+  table = Table({'APOGEE_ID': [first], 'PLX': [1.5], 'G': [12.0], 'H': [99.999]})
+  table.write(tmp_path / 'phot.csv', format='ascii.csv')
+  photometry = labels.read_photometry_table(tmp_path / 'phot.csv')
+  out = {}
+  for name, phot in (('with', photometry), ('without', {})):
+    evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / name),
+                        apstar_files=files, settings=prediction.MCSettings(mc=0),
+                        make_figures=False, photometry=phot)
+    out[name] = Table.read(tmp_path / name / 'catalog.fits')
+  with_row = out['with']['APOGEE_ID'] == first
+  assert list(out['with']['FLAG_NO_PHOTOMETRY']) == list(~with_row)
+  assert all(out['without']['FLAG_NO_PHOTOMETRY'])
+  teff = {k: np.asarray(t['TEFF_PRED'], np.float64) for k, t in out.items()}
+  assert teff['with'][with_row][0] != teff['without'][with_row][0]
+  np.testing.assert_array_equal(teff['with'][~with_row], teff['without'][~with_row])
 
 
 def test_photometry_noise_draws_perturb_the_metadata_by_its_errors():
