@@ -51,7 +51,8 @@ class ApStarSpectrum:
     nvisits: number of visits combined.
     telescope: TELESCOP ('apo25m', 'lco25m', 'apo1m', …).
     field: FIELD.
-    bad_pixels: (8575,) bool, flux == 0 with error == 1e10, or non-finite flux or error.
+    bad_pixels: (8575,) bool, flux == 0 with error == 1e10, non-finite flux or error, or a
+      negative error.
   """
   path: str
   apogee_id: str
@@ -135,11 +136,13 @@ def wavelength_grid(crval1: float = constants.LOG10_WAVE_START,
 
 
 def bad_pixel_mask(flux: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
-  """(…, 8575) bool: the apStar bad-pixel convention (flux 0, error 1e10) or non-finite values."""
+  """(…, 8575) bool: the apStar bad-pixel convention (flux 0, error 1e10), non-finite values or
+  a negative error (``preprocessing.bad_pixels``: bad for the flux and the error alike)."""
   flux = np.asarray(flux)
   flux_err = np.asarray(flux_err)
-  flagged = (flux == 0) & (flux_err >= BAD_PIXEL_ERROR)
-  return flagged | ~np.isfinite(flux) | ~np.isfinite(flux_err)
+  with np.errstate(invalid='ignore'):
+    flagged = (flux == 0) & (flux_err >= BAD_PIXEL_ERROR)
+    return flagged | ~np.isfinite(flux) | ~np.isfinite(flux_err) | (flux_err < 0)
 
 
 def _header_value(header: fits.Header, keys: tuple[str, ...], default=None):

@@ -7,7 +7,7 @@ functions inference uses. NumPy only: no JAX here.
 
 Every batch is a dict of NumPy arrays:
   'flux'      (B, 8575) float32  raw flux after ``preprocess_flux``, 1e-17 erg/s/cm²/Å
-  'flux_err'  (B, 8575) float32  after ``preprocess_error`` (bad pixels = 1e10)
+  'flux_err'  (B, 8575) float32  after ``preprocess`` (bad pixels = 1e10)
   'labels'    (B, 3)    float32  (log g [dex], Teff [K], [Fe/H] [dex]), native units
   'data_type' (B,)      int32    index into ``constants.DATA_TYPES``
   'apogee_id' (B,)      str
@@ -34,7 +34,7 @@ from etils import epath
 
 from apogeenet_jax import apstar, file_io
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, N_PIXELS
-from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
+from apogeenet_jax.preprocessing import preprocess, preprocess_flux
 
 DEFAULT_NAME = 'apogee'
 # data_type of a record without labels (an apStar file given for inference).
@@ -216,9 +216,11 @@ def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
 def collate(examples: Sequence[Mapping[str, Any]], mask: np.ndarray | None = None
             ) -> dict[str, np.ndarray]:
   """Stacks decoded examples into a batch and applies THE flux preprocessing once per batch."""
+  flux, flux_err = preprocess(np.stack([e['flux'] for e in examples]),
+                              np.stack([e['flux_err'] for e in examples]))
   batch = {
-      'flux': preprocess_flux(np.stack([e['flux'] for e in examples])),
-      'flux_err': preprocess_error(np.stack([e['flux_err'] for e in examples])),
+      'flux': flux,
+      'flux_err': flux_err,
       'labels': np.stack([e['labels'] for e in examples]).astype(np.float32),
       'data_type': np.asarray([e['data_type'] for e in examples], np.int32),
       'apogee_id': np.asarray([e['apogee_id'] for e in examples], dtype=str),
