@@ -77,6 +77,10 @@ CALIBRATION_MODES = ('auto', 'none')  # auto: apply the checkpoint's calibration
 CALIBRATION_SPLIT = 'dev'
 
 
+# An --apstar_list of a whole survey (~650k paths) is ~60 MB.
+_MAX_LIST_BYTES = 1 << 30
+
+
 def output_dir_problem(path: str | epath.PathLike) -> str | None:
   """Why ``path`` cannot receive the outputs (an existing file, an unwritable place), or None.
 
@@ -127,13 +131,21 @@ def apstar_inputs(apstar_dir: str | None = None, apstar_list: str | None = None
   """
   candidates, skipped = [], []
   if apstar_dir:
-    found, near_misses = apstar.scan_apstar_files(apstar_dir)
+    try:
+      found, near_misses = apstar.scan_apstar_files(apstar_dir)
+    except apstar.ApStarError as e:
+      raise EvaluationError(f'--apstar_dir {e}') from None
     candidates += found
     skipped += [_problem(p, f'{p}: named like an apStar file but not apStar-<reduction>-'
                          '<APOGEE_ID>.fits[.gz] (nor asStar-…); rename it or give it in '
                          '--apstar_list') for p in near_misses]
   if apstar_list:
-    lines = epath.Path(apstar_list).read_text().splitlines()
+    if problem := file_io.regular_file_problem(apstar_list, _MAX_LIST_BYTES):
+      raise EvaluationError(f'--apstar_list {apstar_list}: {problem}')
+    try:
+      lines = epath.Path(apstar_list).read_text().splitlines()
+    except (OSError, UnicodeError) as e:
+      raise EvaluationError(f'--apstar_list {apstar_list}: cannot read it ({e})') from None
     candidates += [line.strip() for line in lines if line.strip() and not line.startswith('#')]
   files, first = [], {}
   for path in candidates:

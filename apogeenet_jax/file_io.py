@@ -108,6 +108,40 @@ def _remote_atomic_path(path: epath.Path) -> Iterator[str]:
       dst.close()
 
 
+_FILE_KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISCHR, 'a character device'),
+               (stat.S_ISBLK, 'a block device'), (stat.S_ISFIFO, 'a named pipe (FIFO)'),
+               (stat.S_ISSOCK, 'a socket'))
+
+
+def special_file_kind(mode: int) -> str:
+  """'a character device', 'a named pipe (FIFO)', … for an ``st_mode`` that is not a regular
+  file ('' for a regular file)."""
+  if stat.S_ISREG(mode):
+    return ''
+  return next((name for test, name in _FILE_KINDS if test(mode)), 'not a regular file')
+
+
+def regular_file_problem(path: PathLike, max_bytes: int | None = None) -> str | None:
+  """Why ``path`` must not be opened as an input, or None: it is missing, is not a regular file
+  after following links (/dev/zero, a FIFO, a socket, a directory: reading them never ends or
+  blocks), or is larger than ``max_bytes``. Only ``stat`` is called: nothing is opened. URLs
+  (gs://…) are not checked here (None)."""
+  if is_remote(path):
+    return None
+  try:
+    info = os.stat(os.fspath(path))  # Follows symlinks: a link to /dev/zero is a device.
+  except FileNotFoundError:
+    return 'no such file' + (' (a broken link)' if os.path.islink(os.fspath(path)) else '')
+  except OSError as e:
+    return f'cannot stat ({type(e).__name__}: {e})'
+  kind = special_file_kind(info.st_mode)
+  if kind:
+    return f'{kind}, not a regular file; only regular files are read'
+  if max_bytes is not None and info.st_size > max_bytes:
+    return f'{info.st_size} bytes, above the limit of {max_bytes} bytes for one file'
+  return None
+
+
 class StagedOutputError(OSError):
   """The outputs of a run cannot be moved into place (a folder or file is in the way)."""
 

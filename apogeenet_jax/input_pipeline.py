@@ -385,7 +385,8 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
   Fixed shapes mean the jitted eval step compiles once. ``num_batches`` pads further with
   all-False batches (multi-process evaluation needs the same batch count on every process).
   Batches also carry 'index' (source position of each row) and 'problem' (why a row of an
-  ``ApStarFiles`` source could not be read: that row is masked, '' on every other row).
+  ``ApStarFiles`` source could not be read, or why its spectrum fails the build's rules,
+  ``apstar.spectrum_problem``: that row is masked and reported, '' on every other row).
   """
   if indices is None:
     indices = np.arange(len(source))
@@ -412,11 +413,19 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
   return iter(ds)
 
 
+def _spectrum_problem(example: Mapping[str, Any]) -> str:
+  """The build's rules for a spectrum (``apstar.spectrum_problem``), applied at inference too:
+  '' or why the star gets no prediction."""
+  problem = apstar.spectrum_problem(example['flux'], example['flux_err'])
+  return f'{example["file"] or example["apogee_id"]}: {problem}' if problem else ''
+
+
 def _collate_eval(items: Sequence[tuple[dict[str, Any], bool, int]]) -> dict[str, np.ndarray]:
   examples = [e for e, _, _ in items]
   valid = np.asarray([m for _, m, _ in items], bool)
   # Padding copies a real row: its problem, if any, is reported once, on the real row.
-  problem = np.where(valid, np.asarray([e['problem'] for e in examples], dtype=str), '')
+  problem = np.where(valid, np.asarray([e['problem'] or _spectrum_problem(e) for e in examples],
+                                        dtype=str), '')
   batch = collate(examples, valid & (problem == ''))
   batch['index'] = np.asarray([i for _, _, i in items], np.int64)
   batch['problem'] = problem

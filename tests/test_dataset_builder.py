@@ -278,3 +278,33 @@ def test_build_cli_failure_is_one_line_and_readers_die_with_the_build(tmp_path):
   while any(map(alive, workers)) and time.time() < deadline:
     time.sleep(0.5)
   assert not any(map(alive, workers))
+
+
+# ------------------------------------------------------------------------------------------------
+# Only regular files are read; the spectrum rules are the same as at inference.
+
+
+def test_special_files_and_empty_spectra_are_skipped_with_their_reason(tmp_path):
+  import os
+  manual, table = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  del table['FILE']  # found by the scan, as in a survey folder
+  table.write(manual / 'labels.fits', overwrite=True)
+  paths = sorted(manual.rglob('apStar-*.fits'))
+  by_id = {apstar.apogee_id_from_filename(p): p for p in paths}
+  zero, fifo, faint = (by_id[i] for i in table['APOGEE_ID'][:3])
+  zero.unlink()
+  os.symlink('/dev/zero', zero)
+  fifo.unlink()
+  os.mkfifo(fifo)
+  with fits.open(faint) as hdul:
+    hdul = fits.HDUList([h.copy() for h in hdul])
+  for k in (1, 2):
+    hdul[k].data = hdul[k].data * np.float32(1e-40)
+  hdul.writeto(faint, overwrite=True)
+  builder = _build(manual, tmp_path / 'data', num_workers=2)
+  assert sum(s.num_examples for s in builder.info.splits.values()) == 3
+  report = {p.apogee_id: p.reason for p in
+            labels.read_problems(builder.data_path / apogee_dataset_builder.SKIP_REPORT)}
+  assert 'character device, not a regular file' in report[table['APOGEE_ID'][0]]
+  assert 'named pipe (FIFO), not a regular file' in report[table['APOGEE_ID'][1]]
+  assert 'median good-pixel flux' in report[table['APOGEE_ID'][2]]

@@ -1034,3 +1034,56 @@ def test_flux_scaling_applies_alike_to_prediction_mc_and_linear_sigma(estimator)
   assert np.ptp(a['pred_z'], axis=0).min() > 1e-3
   np.testing.assert_allclose(a['pred'], b['pred'], rtol=1e-4)
   np.testing.assert_allclose(a['pred_err'], b['pred_err'], rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs at inference: regular files only, and the build's spectrum rules.
+
+
+def test_special_files_and_absurd_spectra_are_skipped_never_predicted(tiny_checkpoint, tmp_path,
+                                                                      real_apstar_files):
+  from astropy.io import fits
+  d = tmp_path / 'in'
+  d.mkdir()
+  os.symlink('/dev/zero', d / 'apStar-x-2M99000001+0000000.fits')
+  os.mkfifo(d / 'apStar-x-2M99000002+0000000.fits')
+  good = real_apstar_files[0]
+  os.symlink(good, d / good.name)
+  factors = {'2M99000003+0000000': 1e-40, '2M99000004+0000000': 1e28, '2M99000005+0000000': -1}
+  for apogee_id, factor in factors.items():
+    with fits.open(good) as hdul:
+      hdul = fits.HDUList([h.copy() for h in hdul])
+      hdul[0].header['OBJID'] = apogee_id
+      for k in (1, 2):
+        hdul[k].data = hdul[k].data * np.float32(abs(factor))
+      hdul[1].data = hdul[1].data * np.float32(np.sign(factor))
+      hdul.writeto(d / f'apStar-r6-{apogee_id}.fits')
+  listing = tmp_path / 'list.txt'
+  listing.write_text(f'{d / "apStar-x-2M99000001+0000000.fits"}\n{good}\n')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  for name, (files, skipped) in {'dir': evaluation.apstar_inputs(str(d)),
+                                 'list': evaluation.apstar_inputs(None, str(listing))}.items():
+    out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / name),
+                              apstar_files=files, skipped_files=skipped,
+                              settings=MCSettings(mc=4), make_figures=False)
+    assert out['n_stars'] == 1, name
+    report = {os.path.basename(p.file): p.reason
+              for p in labels.read_problems(tmp_path / name / 'skipped.csv')}
+    assert 'character device, not a regular file' in report['apStar-x-2M99000001+0000000.fits']
+    if name == 'dir':
+      assert 'FIFO' in report['apStar-x-2M99000002+0000000.fits']
+      assert 'below 0.001' in report['apStar-r6-2M99000003+0000000.fits']
+      assert 'above 1e+10' in report['apStar-r6-2M99000004+0000000.fits']
+      assert 'too little spectrum' in report['apStar-r6-2M99000005+0000000.fits']
+
+
+def test_apstar_dir_or_list_that_cannot_be_read_is_one_line(tmp_path):
+  with pytest.raises(prediction.EvaluationError, match=r'--apstar_dir .*not a directory'):
+    evaluation.apstar_inputs(str(tmp_path / 'missing'))
+  (tmp_path / 'f').write_text('x')
+  with pytest.raises(prediction.EvaluationError, match=r'--apstar_dir .*not a directory'):
+    evaluation.apstar_inputs(str(tmp_path / 'f'))
+  with pytest.raises(prediction.EvaluationError, match=r'--apstar_list .*no such file'):
+    evaluation.apstar_inputs(None, str(tmp_path / 'missing.txt'))
+  with pytest.raises(prediction.EvaluationError, match=r'--apstar_list .*not a regular file'):
+    evaluation.apstar_inputs(None, '/dev/zero')

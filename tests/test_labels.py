@@ -196,3 +196,23 @@ def test_label_outside_its_physical_range_raises_naming_the_row(tmp_path, column
   with pytest.raises(labels.LabelCatalogError,
                      match=rf'{column} outside .*{lo:g}.*{hi:g}.*row 2 \(2M03-3'):
     labels.read_label_catalog(tmp_path / 'labels.fits')
+
+
+def test_input_tables_that_are_special_files_are_refused_by_name(tmp_path):
+  """make_labels' and the build's table readers never open /dev/zero or a FIFO (they would
+  never end): one clear error naming the file."""
+  import os
+
+  from apogeenet_jax.label_sources import common, isochrones
+  zero = tmp_path / 'labels.fits'
+  os.symlink('/dev/zero', zero)
+  assert labels.find_catalog(tmp_path) == zero
+  with pytest.raises(labels.LabelCatalogError, match=r'labels\.fits: a character device, not a '
+                     r'regular file'):
+    labels.read_label_catalog(zero)
+  fifo = tmp_path / 'payne.csv'
+  os.mkfifo(fifo)
+  with pytest.raises(common.SourceTableError, match=r'FIFO.*not a regular file'):
+    common.read_table(fifo)
+  with pytest.raises(common.SourceTableError, match=r'not a regular file'):
+    isochrones.read_cmd_file(zero)

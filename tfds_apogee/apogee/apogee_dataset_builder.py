@@ -47,10 +47,9 @@ _WINDOW_PER_WORKER = 256
 
 _EXACT = tfds.features.Encoding.BYTES
 
-# Largest |flux| a spectrum may hold (1e-17 erg/s/cm²/Å; ours). Real apStar flux is orders of
-# magnitude below it; 3e38 in a few pixels overflows the gradient norm, and clipping then zeroes
-# every update of training (a silent no-op). Such a file is skipped, with the reason.
-FLUX_LIMIT = 1e10
+# Largest |flux| a spectrum may hold: one of the rules of ``apstar.spectrum_problem``, which the
+# build and inference share. Such a file is skipped, with the reason.
+FLUX_LIMIT = apstar.FLUX_LIMIT
 # Where a build that fails for want of readable files leaves its report, in data_dir.
 FAILED_SKIP_REPORT = 'skipped-failed-build.csv'
 
@@ -109,12 +108,8 @@ def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, s
     return apogee_id, None, str(e)
   except Exception as e:  # One odd file must never kill a survey-sized build.
     return apogee_id, None, f'{path}: unexpected {type(e).__name__}: {e}'
-  with np.errstate(invalid='ignore'):
-    absurd = np.abs(spectrum.flux) > FLUX_LIMIT
-  if absurd.any():
-    return apogee_id, None, (f'{path}: {int(absurd.sum())} pixel(s) with |flux| above '
-                             f'{FLUX_LIMIT:g}, e.g. {float(spectrum.flux[absurd][0]):g} at pixel '
-                             f'{int(np.flatnonzero(absurd)[0])}: not a real spectrum')
+  if problem := apstar.spectrum_problem(spectrum.flux, spectrum.flux_err):
+    return apogee_id, None, f'{path}: {problem}'  # The same rules as at inference.
   if spectrum.apogee_id != apogee_id:
     return apogee_id, None, (f'{path}: header APOGEE ID {spectrum.apogee_id} differs from the '
                              f'catalogue APOGEE_ID {apogee_id}')
