@@ -97,6 +97,8 @@ def output_dir_problem(path: str | epath.PathLike) -> str | None:
       return f'{path / name} is a directory; the run writes a file there (move it away)'
   if (path / FIGURES_DIR).exists() and not (path / FIGURES_DIR).is_dir():
     return f'{path / FIGURES_DIR} is a file; the run writes its figures into a folder there'
+  if owner := _owned_by_another_program(path):
+    return f'{path} is {owner}; the run would write (and replace files) there: give a folder of its own'
   # The nearest existing ancestor is where the folder would be created.
   existing = path.resolve()
   while not existing.exists():
@@ -105,6 +107,27 @@ def output_dir_problem(path: str | epath.PathLike) -> str | None:
     return f'{path} cannot be created: {existing} is a file'
   if not os.access(str(existing), os.W_OK | os.X_OK):
     return f'{path} is not writable (no write permission on {existing})'
+  return None
+
+
+# Files that mark a folder as a built TFDS data set (its version folder) or a checkpoint folder.
+_DATASET_MARKERS = ('dataset_info.json', 'features.json')
+_CHECKPOINT_MARKERS = ('_CHECKPOINT_METADATA', 'calibration.json')
+
+
+def _owned_by_another_program(path: epath.Path) -> str | None:
+  """'a built data set', 'a checkpoint folder' or 'a training workdir' when ``path`` is one
+  (its skipped.csv or calibration.json are not the evaluation's to replace), else None."""
+  if not path.is_dir():
+    return None
+  if any((path / m).exists() for m in _DATASET_MARKERS):
+    return 'a built data set'
+  if any((path / m).exists() for m in _CHECKPOINT_MARKERS) or any(
+      p.is_dir() and p.name.isdigit() and (p / '_CHECKPOINT_METADATA').exists()
+      for p in path.iterdir()):
+    return 'a checkpoint folder'
+  if (path / checkpoint.CHECKPOINT_DIR).is_dir():
+    return 'a training workdir (evaluate.py writes to WORKDIR/eval by default)'
   return None
 
 
@@ -179,9 +202,9 @@ def _remove_stale_outputs(output_dir: epath.Path, out: Mapping[str, Any]) -> Non
   """
   written = {str(p) for p in (out['catalog_fits'], out['catalog_csv'], out['metrics_json'],
                               out['skipped_csv'], *out['figures']) if p}
+  # Only names this program writes: a user's figures/my_plot.png is not ours to delete.
   ours = [output_dir / name for name in (CATALOG_FITS, CATALOG_CSV, METRICS_JSON, SKIPPED_CSV)]
-  if (output_dir / FIGURES_DIR).is_dir():
-    ours += [p for p in (output_dir / FIGURES_DIR).iterdir() if p.suffix == '.png']
+  ours += [output_dir / FIGURES_DIR / name for name in figures.FIGURE_NAMES]
   for path in ours:
     if path.is_file() and str(path) not in written:
       logging.info('Removing %s: left by an earlier run, not written by this one.', path)

@@ -1087,3 +1087,39 @@ def test_apstar_dir_or_list_that_cannot_be_read_is_one_line(tmp_path):
     evaluation.apstar_inputs(None, str(tmp_path / 'missing.txt'))
   with pytest.raises(prediction.EvaluationError, match=r'--apstar_list .*not a regular file'):
     evaluation.apstar_inputs(None, '/dev/zero')
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs owned: only files whose names the program writes are replaced or removed.
+
+
+def test_only_files_it_writes_are_removed_and_other_programs_folders_are_refused(
+    tiny_checkpoint, apstar_dir, tmp_path):
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  files, skipped = evaluation.apstar_inputs(str(apstar_dir))
+  out_dir = tmp_path / 'out'
+  (out_dir / 'figures').mkdir(parents=True)
+  (out_dir / 'figures' / 'my_plot.png').write_bytes(b'mine')
+  (out_dir / 'figures' / 'calibration.png').write_bytes(b'an earlier run')
+  (out_dir / 'notes.csv').write_text('mine')
+  for make_figures in (True, False):
+    evaluation.evaluate(params=params, meta=meta, output_dir=str(out_dir), apstar_files=files,
+                        skipped_files=skipped, settings=MCSettings(mc=0),
+                        make_figures=make_figures)
+    assert (out_dir / 'figures' / 'my_plot.png').read_bytes() == b'mine'
+    assert (out_dir / 'notes.csv').read_text() == 'mine'
+    assert not (out_dir / 'figures' / 'calibration.png').exists()  # ours, not redrawn
+  assert not (out_dir / 'figures' / 'kiel.png').exists()  # --figures=false: ours, removed
+  for folder, what in ((tiny_checkpoint, 'a checkpoint folder'),):
+    with pytest.raises(prediction.EvaluationError, match=f'is {what}'):
+      evaluation.evaluate(params=params, meta=meta, output_dir=str(folder), apstar_files=files,
+                          skipped_files=skipped, settings=MCSettings(mc=0))
+  data_set = tmp_path / 'tfds' / 'apogee' / '1.0.0'
+  data_set.mkdir(parents=True)
+  (data_set / 'dataset_info.json').write_text('{}')
+  (data_set / 'skipped.csv').write_text('the build\'s report')
+  assert 'is a built data set' in evaluation.output_dir_problem(str(data_set))
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  assert 'training workdir' in evaluation.output_dir_problem(str(workdir))
+  assert evaluation.output_dir_problem(str(workdir / 'eval')) is None
