@@ -308,3 +308,38 @@ def test_special_files_and_empty_spectra_are_skipped_with_their_reason(tmp_path)
   assert 'character device, not a regular file' in report[table['APOGEE_ID'][0]]
   assert 'named pipe (FIFO), not a regular file' in report[table['APOGEE_ID'][1]]
   assert 'median good-pixel flux' in report[table['APOGEE_ID'][2]]
+
+
+# ------------------------------------------------------------------------------------------------
+# A failed build never removes a good data set; one build per data folder at a time.
+
+
+def test_a_failed_overwrite_keeps_the_good_data_set(tmp_path):
+  manual, table = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  data = tmp_path / 'data'
+  good = _build(manual, data)
+  shards = sorted(p.name for p in good.data_path.iterdir())
+  nomatch = tmp_path / 'nomatch'
+  nomatch.mkdir()
+  shutil.copy(manual / 'labels.fits', nomatch / 'labels.fits')  # no apStar file
+  with pytest.raises(apogee_dataset_builder.BuildError, match=r'none of the 6.*is kept'):
+    _build(nomatch, data, overwrite=True)
+  assert sorted(p.name for p in good.data_path.iterdir()) == shards
+  # A failure after the checks (the dev split's only file unreadable) puts the old one back.
+  (manual / table['FILE'][4]).write_bytes(b'not a fits file')
+  with pytest.raises(apogee_dataset_builder.BuildError, match=r"'dev' split"):
+    _build(manual, data, overwrite=True)
+  assert sorted(p.name for p in good.data_path.iterdir()) == shards
+  assert [p.name for p in good.data_path.parent.iterdir() if 'replaced' in p.name] == []
+  assert len(_records(data, 'train')) == 4
+
+
+def test_a_second_build_into_one_data_folder_stops_naming_the_first(tmp_path):
+  from apogeenet_jax import workdir_lock
+  manual, _ = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  data = tmp_path / 'data'
+  with workdir_lock.hold(data / 'apogee', what='data set build'):
+    with pytest.raises(apogee_dataset_builder.BuildError, match=r'another data set build is '
+                       r'using this folder \(pid'):
+      _build(manual, data)
+  assert _build(manual, data).info.splits['train'].num_examples == 4

@@ -35,7 +35,7 @@ from absl import logging
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from apogeenet_jax import apstar, constants, labels
+from apogeenet_jax import apstar, constants, file_io, labels, workdir_lock
 
 SKIP_REPORT = 'skipped.csv'
 # Beam path: task lists and unreadable-file reports, inside TFDS's temporary data directory (so
@@ -198,10 +198,50 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if file_format is None and self._explicit_file_format is None:
       file_format = DEFAULT_FILE_FORMAT
     config = kwargs.get('download_config')
-    if (config is not None and config.manual_dir and self.data_path.exists()
-        and not config.download_mode.overwrite_dataset):
-      self._check_inputs_unchanged(pathlib.Path(config.manual_dir))
-    return super().download_and_prepare(file_format=file_format, **kwargs)
+    if config is None or not config.manual_dir or file_io.is_remote(self._data_dir_root):
+      return super().download_and_prepare(file_format=file_format, **kwargs)
+    # One build per data folder at a time: a second one stops at once, naming the first.
+    try:
+      lock = workdir_lock.hold(os.fspath(self.data_path.parent), what='data set build',
+                               change='give another --data_dir')
+      lock.__enter__()
+    except workdir_lock.WorkdirLockedError as e:
+      raise BuildError(str(e)) from None
+    except OSError as e:
+      raise BuildError(f'{self.data_path.parent}: cannot create the data folder ({e})') from None
+    try:
+      if not self.data_path.exists():
+        return super().download_and_prepare(file_format=file_format, **kwargs)
+      if not config.download_mode.overwrite_dataset:
+        self._check_inputs_unchanged(pathlib.Path(config.manual_dir))
+        return super().download_and_prepare(file_format=file_format, **kwargs)
+      return self._replace_keeping_the_old_until_done(file_format, kwargs)
+    finally:
+      lock.__exit__(None, None, None)
+
+  def _replace_keeping_the_old_until_done(self, file_format, kwargs):
+    """--overwrite: the inputs are checked first, then the old data set moves aside and comes
+    back if the new build fails for any reason; it is deleted only once the new one is in
+    place. A failed build never removes a good one."""
+    manual_dir = pathlib.Path(kwargs['download_config'].manual_dir)
+    catalog = labels.find_catalog(manual_dir)
+    stars = labels.read_label_catalog(catalog)
+    if not labels.match_files(stars, manual_dir)[0]:
+      raise BuildError(f'{catalog}: none of the {len(stars)} catalogue rows matched an apStar '
+                       f'file below {manual_dir}; the data set in {self.data_path} is kept')
+    old = self.data_path.parent / f'.{self.data_path.name}.replaced-{os.getpid()}'
+    self.data_path.rename(old)
+    try:
+      result = super().download_and_prepare(file_format=file_format, **kwargs)
+    except BaseException:
+      if self.data_path.exists():
+        self.data_path.rmtree()
+      old.rename(self.data_path)
+      logging.warning('apogee: the build failed; the earlier data set is back in %s',
+                      self.data_path)
+      raise
+    old.rmtree()
+    return result
 
   def _check_inputs_unchanged(self, manual_dir: pathlib.Path) -> None:
     """TFDS reuses any data set it finds; refuse one whose inputs have changed since."""
