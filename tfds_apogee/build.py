@@ -22,6 +22,7 @@ exit with the build process, however it ends (SIGTERM, kill -9).
 """
 
 import os
+import re
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
@@ -39,8 +40,24 @@ def beam_options(beam_pipeline_options: str):
   except ImportError as e:
     raise ImportError(f'--beam_pipeline_options={beam_pipeline_options!r} needs Apache Beam: '
                       f"pip install 'apogeenet-jax[tfds]' ({e})") from e
-  return pipeline_options.PipelineOptions(
-      flags=[f'--{opt}' for opt in beam_pipeline_options.split(',') if opt])
+  opts = [opt.strip() for opt in beam_pipeline_options.split(',') if opt.strip()]
+  bad = [opt for opt in opts if not _BEAM_OPTION.match(opt)]
+  if bad or not opts:
+    raise ValueError(f'--beam_pipeline_options={beam_pipeline_options!r}: '
+                     + (f'{bad} not of the form name=value' if bad else 'no option given')
+                     + ', e.g. runner=DirectRunner,direct_num_workers=2')
+  options = pipeline_options.PipelineOptions(flags=[f'--{opt}' for opt in opts])
+  runner_name = options.view_as(pipeline_options.StandardOptions).runner
+  if runner_name:
+    from apache_beam.runners import runner
+    try:  # Now, not after the catalogue and the file scan.
+      runner.create_runner(runner_name)
+    except (ValueError, ImportError) as e:
+      raise ValueError(f'--beam_pipeline_options: {e}') from None
+  return options
+
+
+_BEAM_OPTION = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(=.*)?$')
 
 
 def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
@@ -74,8 +91,13 @@ def main(argv):
   if f.beam_pipeline_options:
     try:
       beam_options(f.beam_pipeline_options)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:
       raise app.UsageError(str(e)) from None
+  if not os.path.isdir(f.manual_dir):
+    raise SystemExit(f'FATAL --manual_dir {f.manual_dir}: '
+                     f'{"not a directory" if os.path.exists(f.manual_dir) else "no such directory"}')
+  if '://' not in f.data_dir and os.path.exists(f.data_dir) and not os.path.isdir(f.data_dir):
+    raise SystemExit(f'FATAL --data_dir {f.data_dir}: exists and is not a directory')
   try:
     builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers,
                     overwrite=f.overwrite, beam_pipeline_options=f.beam_pipeline_options)
