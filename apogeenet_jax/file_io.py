@@ -60,6 +60,8 @@ def atomic_path(path: PathLike) -> Iterator[str]:
       yield tmp
     return
   path = os.fspath(as_path(path))
+  if problem := _not_replaceable(path):
+    raise StagedOutputError(problem)
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
@@ -151,11 +153,25 @@ def _files_below(root: str) -> list[str]:
                 for d, _, names in os.walk(root) for name in names)
 
 
+def _not_replaceable(path: str) -> str | None:
+  """Why an output must not replace what is at ``path`` (a device node such as /dev/full, a
+  FIFO, a socket), or None: nothing there, or a regular file (links followed)."""
+  try:
+    kind = special_file_kind(os.stat(path).st_mode)
+  except OSError:
+    return None  # Nothing there (or a broken link): the output may go there.
+  if kind and kind != 'a directory':
+    return f'{path} is {kind}, not a regular file: an output never replaces one'
+  return None
+
+
 def _in_the_way(directory: epath.Path, relative: str) -> str | None:
   """Why ``directory / relative`` cannot receive a file (a folder there, a file above), or None."""
   target = directory / relative
   if target.is_dir():
     return f'{target} is a directory'
+  if problem := _not_replaceable(os.fspath(target)):
+    return problem
   for parent in target.parents:
     if parent == directory or len(str(parent)) < len(str(directory)):
       break
