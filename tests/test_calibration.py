@@ -1,10 +1,9 @@
 """σ calibration (calibration.py): the maximum-likelihood fit, coverage, NLL, the sidecar file."""
 
+import itertools
 import json
 import math
 import os
-
-import itertools
 
 import numpy as np
 import pytest
