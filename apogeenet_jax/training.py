@@ -73,7 +73,8 @@ class ResumeMismatchError(TrainingError):
 
 # Config fields a resume may not change: they define the data, the model or the optimiser the
 # checkpoints were made with (any ``model.*`` too). Any other change (log frequency, threads,
-# input mode, max_epochs, patience …) is logged as a warning and the run resumes.
+# input mode, max_epochs, patience …) is logged as a warning and the run resumes; max_epochs
+# only while it does not set the cosine's length (optim.decay_steps = 0, resolve_decay_steps).
 _RUN_DEFINING = frozenset({
     'data_dir', 'dataset_name', 'ensemble_size', 'flux_scaling', 'input_scale', 'init',
     'zero_last_layer', 'dropout_rate', 'standardizer', 'seed', 'adapt', 'init_from',
@@ -108,6 +109,10 @@ def _check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any
   refused = [k for k in changed if k in _RUN_DEFINING or k.startswith(_RUN_DEFINING_GROUPS)]
   if refused:
     listing = ', '.join(f'{k}: {old.get(k)!r} → {new.get(k)!r}' for k in refused)
+    if 'optim.decay_steps' in refused and 'max_epochs' in changed:  # resolve_decay_steps
+      listing += (f' (set by max_epochs {old.get("max_epochs")!r} → {new.get("max_epochs")!r}: '
+                  f'the cosine runs to the end of the run; to change max_epochs, keep '
+                  f'--config.optim.decay_steps={old.get("optim.decay_steps")!r})')
     raise ResumeMismatchError(
         f'{workdir} holds checkpoints of another run: {listing}. Resume it with its own config, '
         f'or give this run a new --workdir (nothing was changed).')
