@@ -343,3 +343,37 @@ def test_a_second_build_into_one_data_folder_stops_naming_the_first(tmp_path):
                        r'using this folder \(pid'):
       _build(manual, data)
   assert _build(manual, data).info.splits['train'].num_examples == 4
+
+
+def test_a_build_stopped_by_sigterm_cleans_up_and_says_so_in_one_line(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root}
+  manual, _ = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  data = tmp_path / 'data'
+  # Readers that take their time, so that SIGTERM lands in the middle of the build.
+  script = ('import sys, time\n'
+            'from tfds_apogee.apogee import apogee_dataset_builder as b\n'
+            'read = b.read_example\n'
+            'def slow(task):\n'
+            '  print("reading", flush=True); time.sleep(2); return read(task)\n'
+            'b.read_example = slow\n'
+            'from tfds_apogee import build\n'
+            f'sys.argv = ["build", "--manual_dir={manual}", "--data_dir={data}", '
+            '"--num_workers=1"]\n'
+            'build.run()\n')
+  proc = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+  while proc.stdout.readline().strip() != 'reading':
+    pass
+  time.sleep(0.5)
+  os.kill(proc.pid, signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and 'Traceback' not in err, err[-2000:]
+  assert err.strip().splitlines()[-1].startswith('FATAL build stopped by SIGTERM')
+  left = [p.name for p in (data / 'apogee').iterdir()] if (data / 'apogee').exists() else []
+  assert not [name for name in left if name.startswith('incomplete')], left

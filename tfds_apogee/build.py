@@ -23,6 +23,7 @@ exit with the build process, however it ends (SIGTERM, kill -9).
 
 import os
 import re
+import signal
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
@@ -85,9 +86,21 @@ def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
   return builder
 
 
+class Terminated(BaseException):
+  """SIGTERM during a build: raised in the main thread so that every cleanup runs (TFDS removes
+  its incomplete.* folder, and the Beam work files in it; --overwrite puts the old data set
+  back). BaseException: no ``except Exception`` on the way may swallow it."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise Terminated()
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
+  signal.signal(signal.SIGTERM, _raise_terminated)
   if f.beam_pipeline_options:
     try:
       beam_options(f.beam_pipeline_options)
@@ -101,6 +114,9 @@ def main(argv):
   try:
     builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers,
                     overwrite=f.overwrite, beam_pipeline_options=f.beam_pipeline_options)
+  except Terminated:
+    raise SystemExit(f'FATAL build stopped by SIGTERM: its temporary files were removed and '
+                     f'{f.data_dir} holds what it held before') from None
   except apogee_dataset_builder.StaleDatasetError as e:
     raise app.UsageError(str(e)) from None
   except (apogee_dataset_builder.BuildError, labels.LabelCatalogError) as e:
