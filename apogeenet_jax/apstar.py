@@ -244,7 +244,10 @@ def _check_grid(path: str, header: fits.Header) -> tuple[float, float, int]:
 
 def _bounded_source(path: str):
   """What fits.open reads: the path, or for a .gz file its contents, decompressed up to
-  MAX_FILE_BYTES (a small gzip can expand without bound)."""
+  MAX_FILE_BYTES (a small gzip can expand without bound). Only regular files of at most
+  MAX_FILE_BYTES are opened at all: nothing else is (``file_io.regular_file_problem``)."""
+  if problem := file_io.regular_file_problem(path, MAX_FILE_BYTES):
+    raise ApStarError(f'{path}: {problem}')
   if not path.endswith('.gz'):
     return path
   with gzip.open(path, 'rb') as f:
@@ -266,8 +269,6 @@ def read_apstar(path: str | os.PathLike) -> ApStarSpectrum:
       or all pixels bad.
   """
   path = os.fspath(path)
-  if problem := file_io.regular_file_problem(path, MAX_FILE_BYTES):
-    raise ApStarError(f'{path}: {problem}')
   try:
     # Truncated files only warn in astropy; make that an error so a half-written file never
     # yields a spectrum padded with zeros.

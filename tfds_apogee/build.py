@@ -97,10 +97,8 @@ def _raise_terminated(signum, frame):
   raise Terminated()
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  signal.signal(signal.SIGTERM, _raise_terminated)
+def _check_flags(f) -> None:
+  """The flags' own problems, before anything is read: one line each."""
   if f.beam_pipeline_options:
     try:
       beam_options(f.beam_pipeline_options)
@@ -111,6 +109,13 @@ def main(argv):
                      f'{"not a directory" if os.path.exists(f.manual_dir) else "no such directory"}')
   if '://' not in f.data_dir and os.path.exists(f.data_dir) and not os.path.isdir(f.data_dir):
     raise SystemExit(f'FATAL --data_dir {f.data_dir}: exists and is not a directory')
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  signal.signal(signal.SIGTERM, _raise_terminated)
+  _check_flags(f)
   try:
     builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers,
                     overwrite=f.overwrite, beam_pipeline_options=f.beam_pipeline_options)
