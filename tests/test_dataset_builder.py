@@ -377,3 +377,28 @@ def test_a_build_stopped_by_sigterm_cleans_up_and_says_so_in_one_line(tmp_path):
   assert err.strip().splitlines()[-1].startswith('FATAL build stopped by SIGTERM')
   left = [p.name for p in (data / 'apogee').iterdir()] if (data / 'apogee').exists() else []
   assert not [name for name in left if name.startswith('incomplete')], left
+
+
+def test_build_cli_flag_problems_are_one_line(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root}
+  manual, _ = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  (tmp_path / 'a_file').write_text('x')
+  cases = [([f'--manual_dir={tmp_path}/a_file', f'--data_dir={tmp_path}/d'], 'not a directory'),
+           ([f'--manual_dir={tmp_path}/none', f'--data_dir={tmp_path}/d'], 'no such directory'),
+           ([f'--manual_dir={manual}', f'--data_dir={tmp_path}/a_file'], 'is not a directory'),
+           ([f'--manual_dir={manual}', f'--data_dir={tmp_path}/d',
+             '--beam_pipeline_options=runner=BogusRunner'], 'Unexpected pipeline runner'),
+           ([f'--manual_dir={manual}', f'--data_dir={tmp_path}/d',
+             '--beam_pipeline_options==,,='], 'not of the form name=value')]
+  procs = [subprocess.Popen([sys.executable, '-m', 'tfds_apogee.build', *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for flags, _ in cases]
+  for proc, (flags, message) in zip(procs, cases, strict=True):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and 'Traceback' not in err, (flags, err[-2000:])
+    assert message in err, (flags, err[-500:])
+  assert not (tmp_path / 'd').exists()
