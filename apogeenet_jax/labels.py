@@ -246,6 +246,7 @@ def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
       if problem := file_io.regular_file_problem(path):
         problems.append(Problem(star.file, star.apogee_id, 'FILE given in the catalogue: '
                                 + ('does not exist' if problem.startswith('no such') else problem)))
+        used.add(str(path))  # Reported once, for its row, not again as a file without one.
         continue
       matched.append((star, str(path)))
       used.add(str(path))

@@ -103,7 +103,7 @@ def _check_flags(f) -> None:
     try:
       beam_options(f.beam_pipeline_options)
     except (ImportError, ValueError) as e:
-      raise app.UsageError(str(e)) from None
+      raise SystemExit(f'FATAL {e}') from None
   if not os.path.isdir(f.manual_dir):
     raise SystemExit(f'FATAL --manual_dir {f.manual_dir}: '
                      f'{"not a directory" if os.path.exists(f.manual_dir) else "no such directory"}')
