@@ -226,14 +226,15 @@ def _write_outputs(merged: Mapping[str, np.ndarray], header: Mapping[str, Any],
     # A failed run: the report says why, beside (never over) an earlier run's catalogue.
     out['skipped_csv'] = (output_dir / (SKIPPED_CSV if not (output_dir / CATALOG_FITS).exists()
                                         else FAILED_SKIPPED_CSV))
-    if header['apstar']:
+    if header['apstar'] or problems:
       write_problems(problems, out['skipped_csv'])
     raise EvaluationError(f'no star could be read ({out["n_skipped"]} files skipped, listed in '
                           f'{out["skipped_csv"]})')
   table = _build_table(merged, header)
   try:
     with file_io.staged_outputs(output_dir) as stage:
-      if header['apstar']:
+      # A split's stars that fail the spectrum rules are listed too: nothing is lost silently.
+      if header['apstar'] or problems:
         out['skipped_csv'] = str(output_dir / SKIPPED_CSV)
         write_problems(problems, stage / SKIPPED_CSV)
       catalog.write_fits(table, stage / CATALOG_FITS)

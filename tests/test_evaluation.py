@@ -1123,3 +1123,20 @@ def test_only_files_it_writes_are_removed_and_other_programs_folders_are_refused
   (workdir / 'checkpoints').mkdir(parents=True)
   assert 'training workdir' in evaluation.output_dir_problem(str(workdir))
   assert evaluation.output_dir_problem(str(workdir / 'eval')) is None
+
+
+def test_a_split_star_that_fails_the_spectrum_rules_is_listed_not_lost(tiny_checkpoint, tmp_path,
+                                                                       monkeypatch):
+  """A data set built before the rules may hold an empty spectrum: at inference it is skipped
+  with the reason, in skipped.csv, as an apStar file would be."""
+  source = _fake_source(5, 0)
+  source[2]['flux'] = np.zeros(N_PIXELS, np.float32)
+  source[2]['flux'][100] = 50.0  # one good pixel of 8575
+  monkeypatch.setattr(input_pipeline, 'open_split', lambda data_dir, split: source)
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path), splits=['test'],
+                            data_dir='unused', settings=MCSettings(mc=4), make_figures=False)
+  assert out['n_stars'] == 4 and '2M00000002+0000000' not in list(out['table']['APOGEE_ID'])
+  problems = labels.read_problems(tmp_path / 'skipped.csv')
+  assert [p.apogee_id for p in problems] == ['2M00000002+0000000']
+  assert 'too little spectrum' in problems[0].reason
