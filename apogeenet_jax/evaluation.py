@@ -221,6 +221,7 @@ def _write_outputs(merged: Mapping[str, np.ndarray], header: Mapping[str, Any],
   """
   out = {'catalog_fits': None, 'catalog_csv': None, 'metrics_json': None, 'skipped_csv': None,
          'figures': [], 'metrics': None, 'part': None, 'n_skipped': len(merged['problems'])}
+  merged = _without_unsupported(merged, header['run']['sigma'])
   problems = [Problem(*row) for row in merged['problems'].tolist()]
   if len(merged['pred']) == 0:
     # A failed run: the report says why, beside (never over) an earlier run's catalogue.
@@ -256,6 +257,25 @@ def _write_outputs(merged: Mapping[str, np.ndarray], header: Mapping[str, Any],
   out.update(n_stars=len(table), table=table, sigma=header['run']['sigma'],
              calibrated=header['calibration'] is not None)
   logging.info('Wrote %d stars to %s.', len(table), output_dir)
+  return out
+
+
+def _without_unsupported(merged: Mapping[str, np.ndarray], sigma: str) -> dict[str, np.ndarray]:
+  """``merged`` without the stars whose prediction, or σ when one was asked for, is not finite
+  (a float32 overflow in the network or its Jacobian): they go to the skip report with the
+  reason, so no catalogue row carries a number the data cannot support."""
+  n = len(merged['pred'])
+  bad = ~np.all(np.isfinite(merged['pred']), axis=1)
+  if sigma != NO_SIGMA:
+    bad |= ~np.all(np.isfinite(merged['pred_err_noise']), axis=1)
+  if not bad.any():
+    return dict(merged)
+  out = {k: (v[~bad] if k != 'problems' and len(v) == n else v) for k, v in merged.items()}
+  reason = (f'the prediction or its σ ({sigma}) is not finite (float32 overflow in the network or '
+            'its Jacobian): no catalogue row')
+  rows = np.stack([merged['file'][bad], merged['apogee_id'][bad],
+                   np.full(int(bad.sum()), reason)], 1).astype(str)
+  out['problems'] = np.concatenate([np.asarray(merged['problems'], str).reshape(-1, 3), rows])
   return out
 
 

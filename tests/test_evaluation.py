@@ -1140,3 +1140,19 @@ def test_a_split_star_that_fails_the_spectrum_rules_is_listed_not_lost(tiny_chec
   problems = labels.read_problems(tmp_path / 'skipped.csv')
   assert [p.apogee_id for p in problems] == ['2M00000002+0000000']
   assert 'too little spectrum' in problems[0].reason
+
+
+def test_a_non_finite_prediction_or_sigma_is_reported_not_catalogued():
+  """The linear σ overflowed float32 at a flux level of 1e-30 and gave NaN silently: such a star
+  is listed with the reason instead of a catalogue row."""
+  merged = {'pred': np.array([[4.0, 5000.0, 0.0], [4.0, 5000.0, 0.0], [np.nan, 1.0, 0.0]]),
+            'pred_err_noise': np.array([[0.1, 10.0, 0.01], [np.nan, 10.0, 0.01],
+                                        [0.1, 10.0, 0.01]]),
+            'apogee_id': np.array(['a', 'b', 'c']), 'file': np.array(['fa', 'fb', 'fc']),
+            'problems': np.zeros((0, 3), str)}
+  out = evaluation._without_unsupported(merged, 'linear')
+  assert list(out['apogee_id']) == ['a'] and len(out['pred_err_noise']) == 1
+  assert [row[1] for row in out['problems']] == ['b', 'c']
+  assert 'not finite' in out['problems'][0][2]
+  # Without σ (--mc=0) only the prediction counts.
+  assert list(evaluation._without_unsupported(merged, 'none')['apogee_id']) == ['a', 'b']
