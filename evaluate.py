@@ -84,6 +84,8 @@ flags.DEFINE_integer('linear_draws', uncertainty.DEFAULT_LINEAR_DRAWS,
 flags.DEFINE_enum('error_cap', 'median', list(uncertainty.ERROR_CAP_MODES),
                   'median: authors\' code (5× median, draw 0 noiseless); mean: paper text.')
 flags.DEFINE_integer('seed', 0, 'PRNG seed of the draws: same seed, same catalogue.')
+flags.DEFINE_bool('photometry_noise', False, 'APOGEE Net II: the draws also perturb the '
+                  'photometry by its catalogue errors (*_ERR; the authors perturb the flux only).')
 flags.DEFINE_string('output_dir', None, 'Where the catalogue, metrics and figures go '
                     '(default: WORKDIR/eval).')
 flags.DEFINE_integer('batch_size', prediction.DEFAULT_BATCH_SIZE, 'Stars per device batch.',
@@ -167,7 +169,8 @@ def _main():
                meta.get('step'), meta.get('ensemble_size', 1))
   settings = _run_or_exit(uncertainty.MCSettings, mc=FLAGS.mc, estimator=FLAGS.uncertainty,
                           error_cap=FLAGS.error_cap, seed=FLAGS.seed,
-                          draw_chunk=FLAGS.draw_chunk, linear_draws=FLAGS.linear_draws)
+                          draw_chunk=FLAGS.draw_chunk, linear_draws=FLAGS.linear_draws,
+                          photometry_noise=FLAGS.photometry_noise)
   if FLAGS.calibrate:
     meta['calibration'] = _calibrate(params, meta, data_dir, settings)
     if not splits and not files:

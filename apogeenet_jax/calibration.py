@@ -67,6 +67,7 @@ from etils import epath
 
 from apogeenet_jax.constants import LABEL_NAMES
 from apogeenet_jax.file_io import atomic_path
+from apogeenet_jax.normalization import LabelSpace
 
 CALIBRATION_FILE = 'calibration.json'
 # Fewer dev stars with finite σ than this and a, b are not fitted: two parameters from a handful
@@ -276,8 +277,13 @@ def fit_label(residual_z: np.ndarray, sigma_z: np.ndarray, pred: np.ndarray | No
 
 
 def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.ndarray,
-        floor: str = 'auto', **info: Any) -> dict[str, Any]:
-  """a and the floor per label from one split's predictions (native units); the JSON record.
+        floor: str = 'auto', space: LabelSpace = LabelSpace(), **info: Any) -> dict[str, Any]:
+  """a and the floor per label from one split's predictions; the JSON record.
+
+  ``pred``, ``labels`` and ``sigma`` come in catalogue units; the fit is made in the network's
+  label ``space`` (log10 Teff for Nets II and III, where the noise is Gaussian), in which the
+  record's floors then are; the record names that space ('log10_labels') and ``apply`` maps
+  through it.
 
   Args:
     pred, labels, sigma: (n, 3) in LABEL_NAMES order; rows with a non-finite value are left out
@@ -293,7 +299,12 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
      'features': {label: geometry}, 'floor_choice': floor, **info}.
   """
   pred, labels, sigma = (np.asarray(x, np.float64) for x in (pred, labels, sigma))
+  if space.log10:
+    sigma = space.sigma_from_catalogue(space.from_catalogue(pred), sigma)
+    pred, labels = space.from_catalogue(pred), space.from_catalogue(labels)
   out = {'a': {}, 'b': {}, 'n': {}, 'floor': {}, 'features': {}, 'floor_choice': floor, **info}
+  if space.log10:
+    out['log10_labels'] = list(space.log10)
   for j, name in enumerate(LABEL_NAMES):
     ok = np.isfinite(pred[:, j]) & np.isfinite(labels[:, j]) & np.isfinite(sigma[:, j])
     if floor != 'constant':
@@ -374,7 +385,13 @@ def apply(sigma: np.ndarray, calibration: Mapping[str, Any] | None,
   if calibration is None:
     return sigma
   a = np.array([calibration['a'][n] for n in LABEL_NAMES])
-  return np.sqrt((a * sigma) ** 2 + floor_sigma(calibration, pred, len(sigma)) ** 2)
+  space = LabelSpace(LABEL_NAMES, tuple(calibration.get('log10_labels', ())))
+  if not space.log10:
+    return np.sqrt((a * sigma) ** 2 + floor_sigma(calibration, pred, len(sigma)) ** 2)
+  values = space.from_catalogue(pred)  # A record fitted in the family's label space.
+  sigma = space.sigma_from_catalogue(values, sigma)
+  return space.sigma_to_catalogue(
+      values, np.sqrt((a * sigma) ** 2 + floor_sigma(calibration, values, len(sigma)) ** 2))
 
 
 def describe(record: Mapping[str, Any]) -> str:

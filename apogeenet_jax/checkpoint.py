@@ -34,9 +34,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apogeenet_jax import calibration, file_io
+from apogeenet_jax import calibration, file_io, models
 from apogeenet_jax.constants import LABEL_NAMES
-from apogeenet_jax.model import APOGEENet, module_kwargs
 from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.train_state import TrainState
 
@@ -106,12 +105,6 @@ class CheckpointError(RuntimeError):
   """A checkpoint directory is missing, empty, incomplete or damaged."""
 
 
-def model_config(model: APOGEENet) -> dict[str, Any]:
-  """The constructor arguments of ``model`` as JSON-able values."""
-  return {f.name: (list(v) if isinstance(v := getattr(model, f.name), tuple | list) else v)
-          for f in dataclasses.fields(model) if f.name not in ('parent', 'name')}
-
-
 def make_meta(model: nn.Module, standardizer: Standardizer, *, ensemble_size: int = 1,
               label_names: Sequence[str] = LABEL_NAMES,
               config: ml_collections.ConfigDict | None = None, **extra: Any) -> dict[str, Any]:
@@ -120,7 +113,7 @@ def make_meta(model: nn.Module, standardizer: Standardizer, *, ensemble_size: in
   ``config`` (as JSON) and any ``extra`` entries."""
   meta = {'label_names': list(label_names),
           'normalization': {**standardizer.to_dict(), 'label_names': list(label_names)},
-          'model': model_config(model), 'ensemble_size': int(ensemble_size), **extra}
+          'model': models.model_config(model), 'ensemble_size': int(ensemble_size), **extra}
   if config is not None:
     meta['config'] = json.loads(config.to_json_best_effort())
   return meta
@@ -131,8 +124,13 @@ def ensemble_size(meta: Mapping[str, Any]) -> int:
   return int(meta.get('ensemble_size', 1))
 
 
-def model_from_meta(meta: Mapping[str, Any]) -> APOGEENet:
-  return APOGEENet(**module_kwargs(meta['model']))
+def model_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+  """The module of a checkpoint: its family (meta['model']['name']; none: APOGEE Net I, as
+  written before the model registry) built from the recorded constructor arguments."""
+  try:
+    return models.from_meta(meta)
+  except models.ModelError as e:
+    raise CheckpointError(f'checkpoint meta: {e}') from e
 
 
 def standardizer_from_meta(meta: Mapping[str, Any]) -> Standardizer:
@@ -200,22 +198,33 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
 _SAVED_NAMES = {'best_stop_loss': 'best_dev_loss'}
 
 
+# Saved only when not empty (a family with batch norm): a stateless network's checkpoint keeps
+# the layout it had before the field existed, and those checkpoints restore as they are.
+_OPTIONAL = ('model_state',)
+
+
 def to_saved(state: TrainState) -> dict[str, Any]:
   """A TrainState as the ``state`` item is saved: a dict of its fields under their saved names."""
   return {_SAVED_NAMES.get(f.name, f.name): getattr(state, f.name)
-          for f in dataclasses.fields(state)}
+          for f in dataclasses.fields(state)
+          if not (f.name in _OPTIONAL and not jax.tree.leaves(getattr(state, f.name)))}
 
 
 def from_saved(saved: Mapping[str, Any]) -> TrainState:
   """The inverse of ``to_saved``."""
   return TrainState(**{f.name: saved[_SAVED_NAMES.get(f.name, f.name)]
-                       for f in dataclasses.fields(TrainState)})
+                       for f in dataclasses.fields(TrainState)
+                       if _SAVED_NAMES.get(f.name, f.name) in saved})
 
 
-def params_only(params: Any) -> dict[str, Any]:
+def params_only(params: Any, model_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The ``state`` item of a network saved without its training state (converted weights, the
-  YSO photometric network); ``load_params`` reads it like a TrainState's."""
-  return {'params': params}
+  YSO photometric network); ``load_params`` reads it like a TrainState's. ``model_state``: the
+  network's other variable collections (batch norm's statistics), saved when not empty."""
+  out = {'params': params}
+  if model_state and jax.tree.leaves(model_state):
+    out['model_state'] = dict(model_state)
+  return out
 
 
 def abstract_state(state: TrainState, mesh: Mesh) -> TrainState:
@@ -360,12 +369,17 @@ def _checked_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _checked_params(state: Any, k: int, where: str) -> Any:
-  """The params of a restored ``state`` item; for K > 1 every leaf must lead with K members."""
+  """The params of a restored ``state`` item — for a network with state (batch norm) its Flax
+  variables {'params': …, 'batch_stats': …}, which ``uncertainty.model_apply_fn`` takes alike;
+  for K > 1 every leaf must lead with K members."""
   params = state['params'] if isinstance(state, Mapping) else getattr(state, 'params', None)
   if params is None:
     raise CheckpointError(f'{where} has no params in its state')
   if 'params' in params and len(params) == 1:  # a linen variables dict {'params': {...}}
     params = params['params']
+  model_state = state.get('model_state') if isinstance(state, Mapping) else None
+  if model_state and jax.tree.leaves(model_state):
+    params = {'params': params, **model_state}
   leading = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(params)}
   if k > 1 and leading != {k}:
     raise CheckpointError(f'{where} meta says ensemble_size {k} but the params have leading '

@@ -29,3 +29,15 @@ SPLIT_FRACTIONS = {
     'MStar': (0.6, 0.2, 0.2),
     'YSO': (0.6, 0.2, 0.2),
 }
+
+# APOGEE Net II (Sprague et al. 2022, and the authors' code hutchresearch/ApogeeNet2): the
+# photometric "metadata" vector beside the spectrum, in this order: Gaia parallax (mas), Gaia G,
+# BP, RP and 2MASS J, H, K (mag). The label catalogue's optional columns of these names (and
+# <name>_ERR for their errors) become the records' `metadata` and `metadata_err` features.
+# Catalogues write a missing magnitude as 99.999 (any value ≥ MISSING_MAGNITUDE, or non-finite,
+# means "no value"): stored as given; the network's replacement rule and the bound treat it as
+# missing.
+METADATA_COLUMNS = ('PLX', 'G', 'BP', 'RP', 'J', 'H', 'K')
+METADATA_ERR_COLUMNS = tuple(f'{name}_ERR' for name in METADATA_COLUMNS)
+METADATA_UNITS = ('mas', 'mag', 'mag', 'mag', 'mag', 'mag', 'mag')
+MISSING_MAGNITUDE = 98.0

@@ -11,6 +11,18 @@ smaller sqrt(((F_ll)⁻¹)_kk) that no estimator can reach without knowing them.
 Pixels: σ exactly as stored (the records' ``flux_err``); a bad pixel (error ≥ 1e9, the apStar
 1e10 convention, or flux exactly 0) carries no information: inverse variance 0.
 
+Photometry (APOGEE Net II's metadata, ``photometry``): a star's parallax and magnitudes carry
+their own information, F_phot = J_phᵀ diag(1/σ²) J_ph, J_ph = ∂(ϖ, G, BP, RP, J, H, K)/∂(labels,
+d) of the survey's photometric relation, a missing value (non-finite, ≥ 98, or without a
+positive error) weight 0. The distance d enters only the photometry and the spectral nuisances
+only the spectra, so the total Fisher matrix over (labels, spectral nuisances, d) is the sum of
+the two blocks on the labels they share; the bound is the labels' block of its inverse (d is
+marginalised like the other nuisances) — ``crb_sigma_with_photometry``.
+
+Label space: a family that predicts log10 Teff (APOGEE Net II, III) is compared with the bound
+in its own space, σ_log10 Teff = σ_Teff / (Teff ln 10), exact for a reparameterisation of one
+label (the Fisher matrix transforms with the Jacobian diag(1, 1/(Teff ln 10), 1)).
+
 Parameters held fixed are given by ``free``, a tuple of indices into θ (the labels first, then
 the free nuisances, ``free_indices``). Functions work on one star; ``jax.vmap`` them for batches
 (``*_batch``). Call them under ``jax.enable_x64(True)``: Teff in K and the scale in flux units
@@ -21,8 +33,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from apogeenet_jax import forward_model
+from apogeenet_jax import forward_model, photometry
+from apogeenet_jax.normalization import Standardizer
 
 # Errors at or above this are bad pixels (apStar writes 1e10); they get zero weight.
 BAD_ERROR = 1e9
@@ -131,13 +145,115 @@ def fit_nuisances(labels: jax.Array, flux: jax.Array, weights: jax.Array,
   return levenberg_marquardt(theta0, flux, weights, nuisances, num_steps)[0]
 
 
+def photometry_model(params: jax.Array) -> jax.Array:
+  """params (4,) = (log g, Teff, [Fe/H], distance pc) → (7,) noiseless parallax (mas) and G, BP,
+  RP, J, H, K (mag): ``photometry.observables`` in JAX."""
+  return photometry.observables(params[0], params[1], params[3], xp=jnp)
+
+
+def photometry_weights(metadata: jax.Array, metadata_err: jax.Array) -> jax.Array:
+  """(..., 7) 1/σ² of the measured values, 0 where missing (``photometry.valid``)."""
+  ok = photometry.valid(metadata, metadata_err, xp=jnp)
+  return jnp.where(ok, 1.0 / jnp.where(ok, metadata_err, 1.0) ** 2, 0.0)
+
+
+def combined_fisher(spectral: jax.Array, phot: jax.Array) -> jax.Array:
+  """(P+1, P+1) Fisher matrix over (labels, P − 3 spectral nuisances, distance) from the
+  spectra's (P, P) and the photometry's (4, 4) over (labels, distance)."""
+  p = spectral.shape[0]
+  total = jnp.zeros((p + 1, p + 1), spectral.dtype).at[:p, :p].set(spectral)
+  shared = jnp.asarray([*range(forward_model.NUM_LABELS), p])
+  total = total.at[jnp.ix_(shared, shared)].add(phot)
+  # No usable photometry: nothing sees the distance; a unit entry, coupled to nothing, keeps the
+  # matrix invertible and leaves the labels' bound that of the spectra alone.
+  return total.at[p, p].add(jnp.where(phot[-1, -1] > 0, 0.0, 1.0))
+
+
+def crb_sigma_with_photometry(
+    theta: jax.Array, weights: jax.Array, free: tuple[int, ...], distance: jax.Array,
+    phot_weights: jax.Array,
+    model_fn: Callable[[jax.Array], jax.Array] = forward_model.model_flux,
+    phot_fn: Callable[[jax.Array], jax.Array] = photometry_model) -> jax.Array:
+  """(3,) σ_CRB of the labels from the spectrum AND the photometry, the spectral nuisances and
+  the distance (pc) marginalised. phot_weights (7,): 1/σ² of the photometry, 0 where missing
+  (``photometry_weights``); weights, free, model_fn as for ``crb_sigma``; phot_fn maps
+  (labels, distance) (4,) to the photometry (7,)."""
+  jac = jax.jacfwd(model_fn)(theta)[:, jnp.asarray(free)]
+  spectral = fisher_information(jac, weights)
+  params = jnp.concatenate([theta[:forward_model.NUM_LABELS], jnp.reshape(distance, (1,))])
+  phot = fisher_information(jax.jacfwd(phot_fn)(params), phot_weights)
+  return marginal_sigma(combined_fisher(spectral, phot), forward_model.NUM_LABELS)
+
+
+def fit_distance(labels: jax.Array, metadata: jax.Array, metadata_err: jax.Array,
+                 num_steps: int = NUM_STEPS) -> jax.Array:
+  """The maximum-likelihood distance (pc) of one star at its (true) labels from its photometry.
+
+  The records do not carry the distance (real catalogues do not know it): the photometric bound
+  is evaluated there, as the spectral one at the nuisances ``fit_nuisances`` finds. Starts from
+  the weighted mean distance modulus of the measured magnitudes (else 1000/ϖ, else 1 kpc);
+  1 kpc, unused, when nothing is measured.
+  """
+  weights = photometry_weights(metadata, metadata_err)
+  observed = jnp.where(weights > 0, metadata, 0.0)
+  absolute = photometry.absolute_magnitudes(labels[0], labels[1], xp=jnp)
+  w_mag = weights[1:]
+  modulus = jnp.sum(w_mag * (observed[1:] - absolute)) / jnp.maximum(jnp.sum(w_mag), 1e-300)
+  from_parallax = jnp.where((weights[0] > 0) & (observed[0] > 0),
+                            1000.0 / jnp.where(observed[0] > 0, observed[0], 1.0), 1000.0)
+  d0 = jnp.where(jnp.sum(w_mag) > 0, 10.0 ** (modulus / 5.0 + 1.0), from_parallax)
+  theta0 = jnp.concatenate([labels, jnp.reshape(d0, (1,))])
+  fit, _ = levenberg_marquardt(theta0, observed, weights, (3,), num_steps, photometry_model)
+  return fit[3]
+
+
+LABEL_SPACES = ('teff', 'log_teff')
+
+
+def label_space_of(meta: dict | None) -> str:
+  """'log_teff' for a checkpoint whose network predicts log10 Teff (meta['label_space'], or
+  the label space its normalisation records: ``normalization.Standardizer``); 'teff' otherwise
+  (APOGEE Net I's checkpoints)."""
+  meta = meta or {}
+  if meta.get('label_space') in LABEL_SPACES:
+    return meta['label_space']
+  if 'normalization' not in meta:
+    return 'teff'
+  space = Standardizer.from_dict(meta['normalization']).space
+  return 'log_teff' if 'TEFF' in space.log10 else 'teff'
+
+
+def to_label_space(labels: np.ndarray, space: str) -> np.ndarray:
+  """(n, 3) labels in ``space``: Teff (K) → log10 Teff for 'log_teff'. A copy."""
+  out = np.array(labels, np.float64)
+  if space == 'log_teff':
+    out[:, 1] = np.log10(out[:, 1])
+  elif space != 'teff':
+    raise ValueError(f'unknown label space {space!r}; choose from {LABEL_SPACES}')
+  return out
+
+
+def sigma_to_label_space(sigma: np.ndarray, labels: np.ndarray, space: str) -> np.ndarray:
+  """(n, 3) σ_CRB in ``space`` at the (n, 3) true labels (Teff in K): σ_log10 Teff =
+  σ_Teff / (Teff ln 10) for 'log_teff'. A copy."""
+  out = np.array(sigma, np.float64)
+  if space == 'log_teff':
+    out[:, 1] = out[:, 1] / (np.asarray(labels, np.float64)[:, 1] * np.log(10.0))
+  elif space != 'teff':
+    raise ValueError(f'unknown label space {space!r}; choose from {LABEL_SPACES}')
+  return out
+
+
 def make_batch_fns(free: tuple[int, ...], num_steps: int = NUM_STEPS):
   """Jitted, vmapped (over stars) versions for one choice of free parameters:
 
   fit_nuisances(labels (B, 3), flux (B, n), weights (B, n)) → θ (B, 7);
   crb(θ (B, 7), weights (B, n)) → σ_CRB (B, 3);
   fit(θ0 (B, 7), flux, weights) → (θ̂ (B, 7), χ² (B,));
-  chi2(θ (B, 7), flux, weights) → (B,).
+  chi2(θ (B, 7), flux, weights) → (B,);
+  fit_distance(labels (B, 3), metadata (B, 7), metadata_err (B, 7)) → distance (B,) pc;
+  crb_photometry(θ (B, 7), weights, distance (B,), metadata, metadata_err) → σ_CRB (B, 3) of
+    spectrum and photometry together.
   """
   return {
       'fit_nuisances': jax.jit(jax.vmap(
@@ -145,4 +261,8 @@ def make_batch_fns(free: tuple[int, ...], num_steps: int = NUM_STEPS):
       'crb': jax.jit(jax.vmap(lambda th, w: crb_sigma(th, w, free))),
       'fit': jax.jit(jax.vmap(lambda th, f, w: levenberg_marquardt(th, f, w, free, num_steps))),
       'chi2': jax.jit(jax.vmap(chi2)),
+      'fit_distance': jax.jit(jax.vmap(lambda lab, m, e: fit_distance(lab, m, e, num_steps))),
+      'crb_photometry': jax.jit(jax.vmap(
+          lambda th, w, d, m, e: crb_sigma_with_photometry(
+              th, w, free, d, photometry_weights(m, e)))),
   }

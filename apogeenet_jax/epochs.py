@@ -5,7 +5,7 @@ training rows of an adaptation round (§3.4).
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -164,11 +164,13 @@ def train_epoch(state: TrainState, train_steps: Callable, inputs: Iterable[tuple
 
 
 def evaluate_split(params: Any, eval_step: Callable, batches: Iterable[dict],
-                   standardizer: Standardizer, mesh: Mesh, prefix: str = 'dev') -> dict[str, float]:
-  """Mean standardised MSE over a split, overall and per data type (padded rows masked out)."""
+                   input_names: Sequence[str], standardizer: Standardizer, mesh: Mesh,
+                   prefix: str = 'dev') -> dict[str, float]:
+  """Mean standardised MSE over a split, overall and per data type (padded rows masked out);
+  ``input_names``: the model's inputs (``models.Family.inputs``)."""
   sums = None
   for batch in batches:
-    m = eval_step(params, device_batch(batch, standardizer, mesh))
+    m = eval_step(params, device_batch(batch, input_names, standardizer, mesh))
     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
   if sums is None:
     raise TrainingError(f'the {prefix} split is empty')

@@ -331,7 +331,8 @@ def calibrate(*, params: Any, meta: Mapping[str, Any], data_dir: str | epath.Pat
   standardizer = checkpoint.standardizer_from_meta(meta)
   try:
     record = calibration.fit(part['pred'], part['labels'], part['pred_err'], standardizer.std,
-                             floor=floor, step=meta.get('step'), split=split,
+                             floor=floor, space=standardizer.space, step=meta.get('step'),
+                             split=split,
                              settings=settings.record(),
                              ensemble_size=checkpoint.ensemble_size(meta),
                              params_digest=meta.get('params_digest'))

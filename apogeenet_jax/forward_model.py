@@ -60,9 +60,10 @@ def _grid(name: str) -> jax.Array:
 def line_strengths(logg, teff, fe_h) -> jax.Array:
   """(5,) strengths s_g; the piecewise form of ``synthetic.line_strengths`` (max for its clips)."""
   t = teff / 5000.0
-  metal = 10.0 ** fe_h * (1.6 - 0.6 * t) * 1.5
-  molecular = jnp.exp(-(teff - 3000.0) / 600.0) * (1.0 + 0.5 * fe_h) * 1.2
-  gravity = (5.2 - logg) / 2.0 * 10.0 ** (0.5 * fe_h) * jnp.maximum(1.5 - 0.5 * t, 0.3)
+  fade = jnp.exp(-jnp.maximum(teff - synthetic.HOT_LINE_ONSET, 0.0) / synthetic.HOT_LINE_SCALE)
+  metal = 10.0 ** fe_h * jnp.maximum(1.6 - 0.6 * t, 0.1) * 1.5 * fade
+  molecular = jnp.exp(-(teff - 3000.0) / 600.0) * (1.0 + 0.5 * fe_h) * 1.2 * fade
+  gravity = (5.2 - logg) / 2.0 * 10.0 ** (0.5 * fe_h) * jnp.maximum(1.5 - 0.5 * t, 0.3) * fade
   pressure = jnp.maximum(logg - 2.0, 0.0) / 2.5
   hydrogen = jnp.maximum((teff - 3500.0) / 2500.0, 0.0) * (0.5 + logg / 9.0)
   return jnp.stack([metal, molecular, gravity, pressure, hydrogen])

@@ -14,6 +14,9 @@ Every batch is a dict of NumPy arrays:
   'file'      (B,)      str      the apStar file ('' when the source has none)
   'snr', 'ra', 'dec' (B,) float32
   'mask'      (B,)      bool     True for real rows; eval batches pad the last batch with False.
+Records of a data set built with photometry (builder version ≥ 1.1.0, ``has_metadata``) add
+  'metadata'     (B, 7) float32  PLX (mas), G, BP, RP, J, H, K (mag), ``constants.METADATA_COLUMNS``
+  'metadata_err' (B, 7) float32  their errors; NaN where missing (values ≥ 98: catalogue missing)
 Eval batches (``eval_batches``) also carry
   'index'     (B,)      int64    each row's position in its source (the per-star PRNG key's index)
   'problem'   (B,)      str      why a row could not be read ('' when it was; such rows are masked)
@@ -33,7 +36,7 @@ from absl import logging
 from etils import epath
 
 from apogeenet_jax import apstar, file_io
-from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, N_PIXELS
+from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, METADATA_COLUMNS, N_PIXELS
 from apogeenet_jax.preprocessing import preprocess, preprocess_flux
 
 DEFAULT_NAME = 'apogee'
@@ -41,6 +44,8 @@ DEFAULT_NAME = 'apogee'
 UNLABELLED = -1
 # Per-star scalars and their dtypes: RA/Dec stay float64 (float32 rounds them by ~0.05″).
 _SCALAR_KEYS = {'snr': np.float32, 'ra': np.float64, 'dec': np.float64}
+# Photometric features of APOGEE Net II: passed through when a record has them, never required.
+METADATA_KEYS = ('metadata', 'metadata_err')
 
 
 class InputPipelineError(RuntimeError):
@@ -98,6 +103,28 @@ def open_split(data_dir: str | os.PathLike, split: str, name: str = DEFAULT_NAME
   source = builder.as_data_source(split=split)
   logging.info('Opened %s split %r: %d examples.', builder_dir, split, len(source))
   return _BuiltSplit(source, builder_dir, split, name)
+
+
+def has_metadata(source: Sequence[Mapping[str, Any]]) -> bool:
+  """Whether ``source``'s records carry the photometric features (APOGEE Net II's input): from
+  the built data set's features (``open_split``), else from its first record."""
+  info = getattr(source, 'dataset_info', None)
+  if info is not None:
+    return all(key in info.features for key in METADATA_KEYS)
+  return len(source) > 0 and all(key in source[0] for key in METADATA_KEYS)
+
+
+def require_metadata(source: Sequence[Mapping[str, Any]], needed_by: str = 'APOGEE Net II'
+                     ) -> None:
+  """Raises InputPipelineError (one line) unless ``source``'s records carry the photometry."""
+  if has_metadata(source):
+    return
+  info = getattr(source, 'dataset_info', None)
+  where = f'{info.data_dir} (version {info.version})' if info is not None else 'the source'
+  raise InputPipelineError(
+      f'{where}: records without the photometric features {METADATA_KEYS} that {needed_by} '
+      f'needs; rebuild with the current builder (python -m tfds_apogee.build … --overwrite) from '
+      f'a catalogue with the columns {", ".join(METADATA_COLUMNS)} (docs/data.md)')
 
 
 class _BuiltSplit(Sequence[Mapping[str, Any]]):
@@ -210,6 +237,9 @@ def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
   }
   for key, dtype in _SCALAR_KEYS.items():
     example[key] = dtype(record.get(key, np.nan))
+  for key in METADATA_KEYS:
+    if key in record:
+      example[key] = np.asarray(record[key], np.float32)
   return example
 
 
@@ -228,6 +258,9 @@ def collate(examples: Sequence[Mapping[str, Any]], mask: np.ndarray | None = Non
   }
   for key, dtype in _SCALAR_KEYS.items():
     batch[key] = np.asarray([e[key] for e in examples], dtype)
+  for key in METADATA_KEYS:
+    if all(key in e for e in examples):
+      batch[key] = np.stack([e[key] for e in examples])
   batch['mask'] = np.ones(len(examples), bool) if mask is None else np.asarray(mask, bool)
   return batch
 
@@ -298,9 +331,11 @@ def read_all(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8
 def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8,
                   visit: Callable[[int, dict[str, Any]], None] | None = None
                   ) -> dict[str, np.ndarray]:
-  """Labels (n, 3), data_type (n,) and apogee_id (n,) of a whole split, in source order.
+  """Labels (n, 3), data_type (n,) and apogee_id (n,) of a whole split, in source order, and
+  'vectors': the ``METADATA_KEYS`` the records carry ({'metadata': (n, 7), …}; empty when none).
 
-  Used to fit the Standardizer and to draw the adaptation subsets. Reads every record once;
+  Used to fit the Standardizer, a family's input statistics and the adaptation subsets. Reads
+  every record once;
   ``visit(index, example)`` sees each decoded example on the way (``memory_data`` keeps the flux
   from this same pass).
   """
@@ -308,16 +343,23 @@ def read_metadata(source: Sequence[Mapping[str, Any]], *, num_threads: int = 8,
   labels = np.zeros((n, len(LABEL_NAMES)), np.float32)
   data_type = np.zeros(n, np.int32)
   ids = []
+  vectors: dict[str, np.ndarray] = {}
   for i, ex in read_all(source, num_threads=num_threads):
     if visit is not None:
       visit(i, ex)
     labels[i] = ex['labels']
     data_type[i] = ex['data_type']
     ids.append((i, ex['apogee_id']))
+    for key in METADATA_KEYS:
+      if key in ex:
+        if key not in vectors:
+          vectors[key] = np.full((n, *np.shape(ex[key])), np.nan, np.float32)
+        vectors[key][i] = ex[key]
   apogee_id = np.empty(n, dtype=object)
   for i, a in ids:
     apogee_id[i] = a
-  return {'labels': labels, 'data_type': data_type, 'apogee_id': apogee_id.astype(str)}
+  return {'labels': labels, 'data_type': data_type, 'apogee_id': apogee_id.astype(str),
+          'vectors': vectors}
 
 
 def median_flux(source: Sequence[Mapping[str, Any]], *, num_samples: int = 512) -> float:

@@ -8,6 +8,10 @@ Catalogue (FITS, CSV or ECSV; read with astropy), one row per star:
   DATA_TYPE  str    'Payne', 'MStar' or 'YSO' (paper §2.2-2.4; case-insensitive)
   SPLIT      str    optional: 'train', 'dev' or 'test'; empty = assign from the ID (paper §3)
   FILE       str    optional: apStar path relative to the manual_dir; empty = match by ID
+  PLX, G, BP, RP, J, H, K  float  optional photometric "metadata" of APOGEE Net II
+             (``constants.METADATA_COLUMNS``: Gaia parallax in mas, magnitudes), and PLX_ERR …
+             K_ERR their errors; empty or absent = NaN. 99.999 (catalogues' "missing") is kept as
+             given: readers treat values ≥ 98 and non-finite ones as missing.
 
 manual_dir layout: the catalogue as labels.fits, labels.csv or labels.ecsv at the top, apStar
 files anywhere below, matched by FILE or by the ID in `apStar-<reduction>-<ID>.fits[.gz]`.
@@ -53,6 +57,9 @@ class LabelledStar:
   data_type: str
   split: str | None  # From the catalogue's SPLIT column; None = assign_split decides.
   file: str | None  # From the catalogue's FILE column, relative to the manual_dir.
+  # (7,) float32 in METADATA_COLUMNS order and their errors; NaN where empty or absent.
+  metadata: np.ndarray | None = None
+  metadata_err: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +137,28 @@ def read_label_catalog(path: str | os.PathLike) -> list[LabelledStar]:
   data_types = _read_data_types(path, _column_strings(table, by_upper['DATA_TYPE']), ids)
   splits = _read_split_column(path, table, by_upper, ids)
   files = _column_strings(table, by_upper['FILE']) if 'FILE' in by_upper else [''] * len(table)
+  metadata = _read_optional_columns(path, table, by_upper, constants.METADATA_COLUMNS)
+  metadata_err = _read_optional_columns(path, table, by_upper, constants.METADATA_ERR_COLUMNS)
   return [
       LabelledStar(apogee_id=i, labels=labels[k].astype(np.float32), data_type=t,
-                   split=s or None, file=f or None)
+                   split=s or None, file=f or None, metadata=metadata[k],
+                   metadata_err=metadata_err[k])
       for k, (i, t, s, f) in enumerate(zip(ids, data_types, splits, files, strict=True))
   ]
+
+
+def _read_optional_columns(path: pathlib.Path, table: Table, by_upper: dict[str, str],
+                           names: tuple[str, ...]) -> np.ndarray:
+  """(rows, len(names)) float32 of the optional numeric columns; NaN where empty or absent."""
+  values = np.full((len(table), len(names)), np.nan, np.float32)
+  for j, name in enumerate(names):
+    if name not in by_upper:
+      continue
+    try:
+      values[:, j] = np.ma.filled(np.ma.asarray(table[by_upper[name]], dtype=np.float64), np.nan)
+    except (TypeError, ValueError) as e:
+      raise LabelCatalogError(f'{path}: column {name} is not numeric ({e})') from e
+  return values
 
 
 def _read_table(path: pathlib.Path) -> Table:

@@ -74,13 +74,17 @@ class SplitArrays:
   # Relative rounding of the storage dtype over the non-zero pixels: {'max': …, 'rms': …}.
   rounding: Mapping[str, float]
   noise: np.ndarray | None = None
+  # Small per-star input vectors of EVERY row (``input_pipeline.VECTOR_KEYS`` the records carry,
+  # e.g. 'metadata' (n, 7) float32): 28 bytes a star, kept whole like the labels.
+  vectors: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def metadata(self) -> dict[str, np.ndarray]:
     """What ``input_pipeline.read_metadata`` returns for the split."""
-    return {'labels': self.labels, 'data_type': self.data_type, 'apogee_id': self.apogee_id}
+    return {'labels': self.labels, 'data_type': self.data_type, 'apogee_id': self.apogee_id,
+            'vectors': self.vectors}
 
   def positions(self, indices: np.ndarray) -> np.ndarray:
     """Source indices → positions in ``flux``; an index this process does not hold is an error."""
@@ -99,8 +103,10 @@ class SplitArrays:
     positions = self.positions(indices)
     batch = {'flux': self.flux[positions].astype(np.float32, copy=False),
              'labels': self.labels[indices], 'data_type': self.data_type[indices]}
-    if self.noise is not None:  # sharding.NOISE_KEY (this module stays free of JAX)
-      batch['noise'] = self.noise[positions].astype(np.float32, copy=False)
+    if self.noise is not None:  # sharding.NOISE_KEY: the flux's (this module stays free of JAX)
+      batch['noise'] = {'flux': self.noise[positions].astype(np.float32, copy=False)}
+    for key, values in self.vectors.items():
+      batch[key] = values[indices]
     return batch
 
 

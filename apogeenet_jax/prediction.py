@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from apogeenet_jax import checkpoint, input_pipeline, uncertainty
-from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS, SPLITS
+from apogeenet_jax import checkpoint, input_pipeline, models, uncertainty
+from apogeenet_jax.constants import LABEL_NAMES, SPLITS
 from apogeenet_jax.labels import SKIP_REPORT_COLUMNS
 from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.sharding import DATA_AXIS, make_mesh
@@ -94,6 +94,7 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   parallel, params replicated) whenever the batch size is a multiple of their number.
   """
   fn = settings.make_fn(uncertainty.model_apply_fn(model), ensemble_size)
+  input_shapes = models.family_of(model).input_shapes(model)
   key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), stream)
   devices = list(jax.local_devices() if devices is None else devices)
   mesh = make_mesh(devices=devices)
@@ -106,15 +107,13 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
   with tqdm(total=total, desc=desc, unit='star', mininterval=2.0) as bar:
     for batch in batches:
       valid = np.asarray(batch['mask'], bool)
-      flux = np.asarray(batch['flux'], np.float32)
-      if flux.shape[1:] != (N_PIXELS,):
-        raise EvaluationError(f'flux batch of shape {flux.shape}, expected (B, {N_PIXELS})')
-      scale = settings.noise_scale(batch['flux_err'], flux.shape)
+      inputs = _model_inputs(batch, input_shapes)
+      scale = settings.noise_scale(batch, tuple(input_shapes))
       index = (np.asarray(batch['index']) if 'index' in batch
-               else np.arange(start, start + len(flux))).astype(np.uint32)
+               else np.arange(start, start + len(valid))).astype(np.uint32)
       # Rows split over the devices when they divide evenly; otherwise all rows on every device.
-      where = shardings[0] if len(flux) % len(devices) == 0 else shardings[1]
-      out = fn(params, *jax.device_put((flux, scale, index), where), key)
+      where = shardings[0] if len(valid) % len(devices) == 0 else shardings[1]
+      out = fn(params, *jax.device_put((inputs, scale, index), where), key)
       if pending is not None:
         outputs.append(_fetch(pending))
       pending = (out, valid)
@@ -124,6 +123,21 @@ def predict_batches(params: Any, model, standardizer: Standardizer,
     if pending is not None:
       outputs.append(_fetch(pending))
   return _per_star(keep, outputs, standardizer)
+
+
+def _model_inputs(batch: Mapping[str, np.ndarray], input_shapes: Mapping[str, tuple[int, ...]]
+                  ) -> dict[str, np.ndarray]:
+  """The model's named inputs of a host batch, float32, each checked against its shape."""
+  inputs = {}
+  for name, shape in input_shapes.items():
+    if name not in batch:
+      raise EvaluationError(f'the batches carry no {name!r}, an input of the model')
+    value = np.asarray(batch[name], np.float32)
+    if value.shape[1:] != tuple(shape):
+      raise EvaluationError(f'{name} batch of shape {value.shape}, expected (B, '
+                            f'{", ".join(map(str, shape))})')
+    inputs[name] = value
+  return inputs
 
 
 # Per-star fields that travel from the batches to the catalogue unchanged, and those predicted.
@@ -163,9 +177,11 @@ def _per_star(keep: Mapping[str, list], outputs: Sequence[tuple[np.ndarray, ...]
     mean_z, noise_z, model_z = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
   else:
     mean_z = noise_z = model_z = np.zeros((0, len(LABEL_NAMES)), np.float32)
+  # Catalogue units (Teff in K) whatever the family's label space; a log10 label's spread
+  # through the exponent at the prediction (``Standardizer.inverse_sigma``).
   result['pred'] = standardizer.inverse(mean_z)
-  result['pred_err_noise'] = standardizer.inverse_scale(noise_z)
-  result['pred_err_model'] = standardizer.inverse_scale(model_z)
+  result['pred_err_noise'] = standardizer.inverse_sigma(mean_z, noise_z)
+  result['pred_err_model'] = standardizer.inverse_sigma(mean_z, model_z)
   result['pred_err'] = np.sqrt(result['pred_err_noise'] ** 2
                                + np.nan_to_num(result['pred_err_model']) ** 2)
   result['pred_z'] = mean_z.astype(np.float64)

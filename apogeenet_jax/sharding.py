@@ -16,14 +16,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
-# Keys of a batch that go to the devices (strings and catalogue columns stay on the host), and
-# the one that joins them when a run trains with noise augmentation: the MC noise scale.
-DEVICE_KEYS = ('flux', 'targets', 'data_type', 'mask')
+# A device batch (``shard_batch``): the model's named inputs under INPUTS_KEY, passed through
+# whatever keys they hold (``models.Family.inputs``); beside them the standardised targets, data
+# types and mask, and, when a run trains with noise augmentation, NOISE_KEY: the per-pixel noise
+# scale of each noisy input, by the same names. Strings and catalogue columns stay on the host.
+INPUTS_KEY = 'inputs'
 NOISE_KEY = 'noise'
-# A split resident on the devices: flux rows (and noise scales) in one block per device, the small
-# arrays on all.
-BLOCKED_KEYS = ('flux', NOISE_KEY)
-RESIDENT_SPECS = {'flux': P(DATA_AXIS), 'targets': P(), 'data_type': P()}
+DEVICE_KEYS = (INPUTS_KEY, 'targets', 'data_type', 'mask')
+# A split resident on the devices: every input (and noise scale) in one block of rows per
+# device, the small arrays on all.
+RESIDENT_SPECS = {INPUTS_KEY: P(DATA_AXIS), 'targets': P(), 'data_type': P()}
 
 
 def resident_specs(with_noise: bool = False) -> dict[str, P]:
@@ -83,14 +85,16 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's rows → one global array per key (``device_keys``), split over 'data'."""
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+  """This process's rows → one global array per leaf of the device keys (``device_keys``),
+  split over 'data'."""
   sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+  return {k: jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), batch[k])
           for k in device_keys(batch)}
 
 
 def device_keys(batch: Mapping[str, Any]) -> tuple[str, ...]:
-  """The keys of a host batch that go to the devices: ``DEVICE_KEYS``, and the noise scale when
-  the batch carries one (noise augmentation)."""
+  """The keys of a host batch that go to the devices: ``DEVICE_KEYS``, and the noise scales when
+  the batch carries them (noise augmentation)."""
   return (*DEVICE_KEYS, NOISE_KEY) if NOISE_KEY in batch else DEVICE_KEYS

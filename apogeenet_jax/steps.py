@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from apogeenet_jax import optimizer
 from apogeenet_jax.constants import DATA_TYPES
-from apogeenet_jax.model import APOGEENet
-from apogeenet_jax.sharding import BLOCKED_KEYS, DATA_AXIS, NOISE_KEY, resident_specs
+from apogeenet_jax.sharding import DATA_AXIS, INPUTS_KEY, NOISE_KEY, resident_specs
 from apogeenet_jax.train_state import TrainState
 
 
@@ -86,24 +86,31 @@ def _label_mse(pred: jax.Array, targets: jax.Array, loss_weights: tuple[float, .
   return jnp.mean(square, axis=-1)
 
 
-def add_training_noise(flux: jax.Array, noise_scale: jax.Array, rng: jax.Array,
-                       noise_augmentation: float) -> jax.Array:
-  """A fresh noisy copy of the batch: flux + a · N(0, 1) · noise_scale per pixel.
+def add_training_noise(inputs: Mapping[str, jax.Array], noise_scale: Mapping[str, jax.Array],
+                       rng: jax.Array, noise_augmentation: float) -> dict[str, jax.Array]:
+  """A fresh noisy copy of the batch's inputs: x + a · N(0, 1) · noise_scale per value, for each
+  input that has a noise scale (the others pass unchanged).
 
-  ``noise_scale`` is the Monte Carlo's (``uncertainty.prepare_errors``: errors capped at 5× the
-  spectrum's median, no noise where the error is BAD_PIXEL_ERROR), so with a = 1 every step sees
-  spectra drawn like the MC draws of evaluation, and a network cannot learn the one noise
-  realisation of each training spectrum by heart.
+  ``noise_scale`` of the flux is the Monte Carlo's (``uncertainty.prepare_errors``: errors capped
+  at 5× the spectrum's median, no noise where the error is BAD_PIXEL_ERROR), so with a = 1 every
+  step sees spectra drawn like the MC draws of evaluation, and a network cannot learn the one
+  noise realisation of each training spectrum by heart. The first noisy input (in name order)
+  draws from ``rng`` itself, input j > 0 from ``fold_in(rng, j)``.
   """
-  eps = jax.random.normal(rng, flux.shape, flux.dtype)
-  return flux + jnp.asarray(noise_augmentation, flux.dtype) * eps * noise_scale.astype(flux.dtype)
+  out = dict(inputs)
+  for j, name in enumerate(sorted(noise_scale)):
+    x = inputs[name]
+    key = rng if j == 0 else jax.random.fold_in(rng, j)
+    eps = jax.random.normal(key, x.shape, x.dtype)
+    out[name] = x + jnp.asarray(noise_augmentation, x.dtype) * eps * noise_scale[name].astype(x.dtype)
+  return out
 
 
 # fold_in of the per-step dropout key that gives the training noise its own stream.
 _NOISE_STREAM = 1
 
 
-def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemble_size: int = 1,
+def _local_train_step(model: nn.Module, tx: optax.GradientTransformation, ensemble_size: int = 1,
                       unroll_members: bool = False, loss_weights: tuple[float, ...] | None = None,
                       noise_augmentation: float = 0.0
                       ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -115,33 +122,46 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
   on ``add_training_noise`` of it, fresh noise every step, reproducible from (rng, step, device);
   0 trains on the spectra as stored (the paper), bit for bit as before this option.
 
-  ``ensemble_size`` K > 1: the state's params, opt_state and rng carry a leading member axis;
-  every member takes its step on the same batch (vmap inside the per-device function, or K
-  straight-line copies with ``unroll_members``: ``members_unrolled``); the metrics are the
-  members' mean, with 'member_loss_sum' (K,) beside them.
+  ``ensemble_size`` K > 1: the state's params, opt_state, rng and model_state carry a leading
+  member axis; every member takes its step on the same batch (vmap inside the per-device
+  function, or K straight-line copies with ``unroll_members``: ``members_unrolled``); the metrics
+  are the members' mean, with 'member_loss_sum' (K,) beside them.
+
+  A network with state (``TrainState.model_state``: APOGEE Net III's batch norm) normalises with
+  each device's own batch statistics in the forward pass, and the running averages it updates
+  are then averaged over the devices (``lax.pmean``), so every device keeps the same state: the
+  running mean is exactly that of the global batch, the running variance the mean of the
+  devices' variances. On one device the step is the module's own.
   """
 
-  def member_step(params, opt_state, rng, step, batch):
+  def member_step(params, opt_state, rng, model_state, step, batch):
     # Different dropout masks per device, reproducible from (rng, step).
     dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(DATA_AXIS))
     w = batch['mask'].astype(jnp.float32)
-    flux = batch['flux']
+    inputs = batch[INPUTS_KEY]
     if noise_augmentation:
       if NOISE_KEY not in batch:
         raise ValueError(f'noise_augmentation > 0 needs the batch\'s noise scale ({NOISE_KEY!r})')
-      flux = add_training_noise(flux, batch[NOISE_KEY],
-                                jax.random.fold_in(dropout_rng, _NOISE_STREAM), noise_augmentation)
+      inputs = add_training_noise(inputs, batch[NOISE_KEY],
+                                  jax.random.fold_in(dropout_rng, _NOISE_STREAM), noise_augmentation)
 
     def loss_fn(params):
-      pred = model.apply({'params': params}, flux, train=True, rngs={'dropout': dropout_rng})
+      variables = {'params': params, **model_state}
+      if model_state:  # Batch norm: the batch's statistics, and the updated running averages.
+        pred, new_state = model.apply(variables, **inputs, train=True,
+                                      rngs={'dropout': dropout_rng}, mutable=list(model_state))
+      else:
+        pred, new_state = model.apply(variables, **inputs, train=True,
+                                      rngs={'dropout': dropout_rng}), model_state
       per_example = _label_mse(pred, batch['targets'], loss_weights)  # MSE, §3.3
       # The GLOBAL mean, reduced over the axis INSIDE the differentiated function: the gradient of
       # a replicated input already carries the psum, so pmean-ing gradients afterwards would give
       # N× the true gradient (docs/jax_stack_notes.md, "The shard_map gradient trap").
       loss = lax.psum(jnp.sum(per_example * w), DATA_AXIS) / lax.psum(jnp.sum(w), DATA_AXIS)
-      return loss, per_example
+      return loss, (per_example, new_state)
 
-    (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (per_example, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    model_state = jax.tree.map(lambda x: lax.pmean(x, DATA_AXIS), lax.stop_gradient(new_state))
     # An overflowing norm (absurd but finite flux) makes clipping scale every update to zero
     # while the loss stays finite: a silent no-op. It is returned, and the host stops on it.
     grad_norm = optax.global_norm(grads)
@@ -150,27 +170,27 @@ def _local_train_step(model: APOGEENet, tx: optax.GradientTransformation, ensemb
     metrics = _masked_sums(lax.stop_gradient(per_example), batch['data_type'], batch['mask'])
     metrics['loss'] = loss
     metrics['grad_norm'] = grad_norm
-    return params, opt_state, metrics
+    return params, opt_state, model_state, metrics
 
   def local_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     if ensemble_size == 1:
-      params, opt_state, metrics = member_step(state.params, state.opt_state, state.rng,
-                                               state.step, batch)
+      params, opt_state, model_state, metrics = member_step(
+          state.params, state.opt_state, state.rng, state.model_state, state.step, batch)
     else:
       # Collectives inside (the loss's psum over 'data') are per member, batched by vmap or
       # one per unrolled copy, so each member's gradient is its own global-batch mean gradient.
-      params, opt_state, metrics = _over_members(member_step, unroll_members,
-                                                 (0, 0, 0, None, None))(
-          state.params, state.opt_state, state.rng, state.step, batch)
+      params, opt_state, model_state, metrics = _over_members(
+          member_step, unroll_members, (0, 0, 0, 0, None, None))(
+          state.params, state.opt_state, state.rng, state.model_state, state.step, batch)
       metrics = _member_mean(metrics)
-    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
-                              epoch_step=state.epoch_step + 1)
+    new_state = state.replace(params=params, opt_state=opt_state, model_state=model_state,
+                              step=state.step + 1, epoch_step=state.epoch_step + 1)
     return new_state, metrics
 
   return local_step
 
 
-def make_train_step(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     ensemble_size: int = 1, unroll_members: bool | None = None,
                     loss_weights: tuple[float, ...] | None = None, noise_augmentation: float = 0.0
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -190,41 +210,41 @@ def gather_resident(data: Mapping[str, jax.Array], idx: jax.Array, n_dev: int
                      ) -> dict[str, jax.Array]:
   """This device's slice of the global batch ``idx`` (B,) from a split placed by ``place_split``.
 
-  Runs under ``shard_map``. Each device holds one block of flux rows, so it gathers the rows of
+  Runs under ``shard_map``. Each device holds one block of rows of every input, so it gathers the rows of
   the global batch that fall in its block (zeros elsewhere) and a reduce-scatter hands every
   device the sum for its own slice: exactly its rows, as every other device contributed zeros.
-  The traffic is one global batch of flux per step (4.4 MB at batch 128), whatever the split
+  The traffic is one global batch of inputs per step (4.4 MB of flux at batch 128), whatever the split
   size, and each process only ever holds its own block.
   """
   local_batch = idx.shape[0] // n_dev
   device = lax.axis_index(DATA_AXIS)
   mine = lax.dynamic_slice_in_dim(idx, device * local_batch, local_batch)
 
-  def rows_of(blocked):  # this device's rows of a (rows, 8575) array held in blocks
+  def rows_of(blocked):  # this device's rows of a (rows, …) array held in blocks
     if n_dev == 1:
       return jnp.take(blocked, mine, axis=0).astype(jnp.float32)
     block = blocked.shape[0]
     local = idx - device * block
     owned = (local >= 0) & (local < block)
     rows = jnp.take(blocked, jnp.where(owned, local, 0), axis=0)
-    rows = jnp.where(owned[:, None], rows, jnp.zeros((), rows.dtype))
+    rows = jnp.where(owned.reshape(-1, *(1,) * (rows.ndim - 1)), rows, jnp.zeros((), rows.dtype))
     return lax.psum_scatter(rows, DATA_AXIS, scatter_dimension=0, tiled=True).astype(jnp.float32)
 
-  # The noise scale of noise augmentation, when the split carries it, travels like the flux.
-  return {**{k: rows_of(data[k]) for k in BLOCKED_KEYS if k in data},
+  # The noise scales of noise augmentation, when the split carries them, travel like the inputs.
+  return {**{k: jax.tree.map(rows_of, data[k]) for k in (INPUTS_KEY, NOISE_KEY) if k in data},
           'targets': jnp.take(data['targets'], mine, axis=0),
           'data_type': jnp.take(data['data_type'], mine, axis=0),
           'mask': jnp.ones(local_batch, bool)}
 
 
-def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: Mesh, *,
+def make_train_steps(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                      resident: bool = False, ensemble_size: int = 1,
                      loss_weights: tuple[float, ...] | None = None,
                      noise_augmentation: float = 0.0) -> Callable[[TrainState, Any], tuple]:
   """k SGD steps in one jitted ``lax.scan``: (state, xs) → (state, metrics summed over the k
   steps, {'loss': (k,), 'grad_norm': (k,)} of each step).
 
-  ``resident=False``: xs is k stacked global batches, {'flux': (k, B, 8575), 'targets' (k, B, 3),
+  ``resident=False``: xs is k stacked global batches, {'inputs': {'flux': (k, B, 8575), …}, 'targets' (k, B, 3),
   'data_type', 'mask'} sharded over the 'data' axis on dimension 1 (``put_chunk``).
   ``resident=True``: xs = (split, idx): a split placed on the devices by ``place_split`` and
   idx (k, B) int32 global rows, replicated; each step gathers its batch on the device.
@@ -266,13 +286,15 @@ def make_train_steps(model: APOGEENet, tx: optax.GradientTransformation, mesh: M
                                out_specs=(P(), P(), P())), donate_argnums=0)
 
 
-def make_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1
+def make_eval_step(model: nn.Module, mesh: Mesh, ensemble_size: int = 1
                    ) -> Callable[[Any, dict], dict]:
   """The jitted data-parallel evaluation: (params, padded global batch) → summed metrics
   (for K > 1 the members' mean, with 'member_loss_sum' (K,))."""
 
   def member_eval(params: Any, batch: dict) -> dict:
-    pred = model.apply({'params': params}, batch['flux'], train=False)
+    # ``params``: the parameter tree, or a network's Flax variables with its running statistics.
+    variables = params if 'params' in params else {'params': params}
+    pred = model.apply(variables, **batch[INPUTS_KEY], train=False)
     per_example = _label_mse(pred, batch['targets'], None)  # the dev loss: unweighted
     return _masked_sums(per_example, batch['data_type'], batch['mask'])
 
@@ -287,14 +309,14 @@ def make_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1
 
 
 @functools.lru_cache(maxsize=4)
-def compiled_eval_step(model: APOGEENet, mesh: Mesh, ensemble_size: int = 1):
+def compiled_eval_step(model: nn.Module, mesh: Mesh, ensemble_size: int = 1):
   """``make_eval_step``, cached so repeated runs in one process (tests, notebooks, resumes)
   reuse the compiled executable."""
   return make_eval_step(model, mesh, ensemble_size)
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_train_steps(model: APOGEENet, optimizer_key: tuple, mesh: Mesh, resident: bool,
+def compiled_train_steps(model: nn.Module, optimizer_key: tuple, mesh: Mesh, resident: bool,
                          ensemble_size: int = 1, loss_weights: tuple[float, ...] | None = None,
                          noise_augmentation: float = 0.0):
   """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key`` (the whole

@@ -19,11 +19,17 @@ and Gaussian noise from the S/N. ``apogeenet_jax.forward_model`` is the same mod
 Jacobian gives the Cramér–Rao bound, ``cramer_rao``).
 
 Mix (default): 45% Payne-like giants, 15% Payne-like dwarfs, 20% MStar, 20% YSO, so every data
-type has dev and test stars. Labels: catalogue `labels.fits` (APOGEE_ID, LOGG, TEFF, FE_H,
-DATA_TYPE, FILE, SNR, NVISITS, KIND) at the top of the output directory, the manual_dir layout of
-tfds_apogee/apogee.
+type has dev and test stars. ``--hot_fraction=f`` adds hot OBA-like stars (KIND 'hot', DATA_TYPE
+'Payne': APOGEE Net II's hot stars came from Payne-like spectroscopic catalogues; Teff
+7,000–20,000 K, hydrogen lines and pressure wings only), the other kinds scaled by 1 − f; at 0
+(the default) the survey is bit for bit the one without the option. Labels: catalogue
+`labels.fits` (APOGEE_ID, LOGG, TEFF, FE_H, DATA_TYPE, FILE, SNR, NVISITS, KIND, then the
+photometry of ``photometry``: DIST_PC, PLX, G, BP, RP, J, H, K and their *_ERR) at the top of the
+output directory, the manual_dir layout of tfds_apogee/apogee. The photometry has its own random
+stream (seeded from the survey seed and a constant), so the spectra and labels do not depend on it.
 
-  python -m apogeenet_jax.synthetic --output_dir=/tmp/synth [--num_stars=2000] [--seed=0]
+  python -m apogeenet_jax.synthetic --output_dir=/tmp/synth [--num_stars=2000] [--seed=0] \
+      [--hot_fraction=0.1]
 """
 
 import dataclasses
@@ -36,12 +42,20 @@ import numpy as np
 from absl import app, flags, logging
 from astropy.table import Table
 
-from apogeenet_jax import apstar, constants
+from apogeenet_jax import apstar, constants, photometry
 
 DEFAULT_NUM_STARS = 2000
 # Kinds of synthetic star: (name, data type, fraction of the survey).
 KINDS = (('giant', 'Payne', 0.45), ('dwarf', 'Payne', 0.15), ('mdwarf', 'MStar', 0.20),
          ('yso', 'YSO', 0.20))
+# The hot OBA-like kind of APOGEE Net II's surveys: off by default (write_survey's hot_fraction).
+HOT_KIND = ('hot', 'Payne')
+# Above this Teff (K; hotter than every default kind, so their spectra are unchanged) metal,
+# molecular and CO-like lines fade as exp(−(Teff − onset)/scale): hot stars show hydrogen lines
+# and their pressure (Stark) wings only.
+HOT_LINE_ONSET, HOT_LINE_SCALE = 6500.0, 1500.0
+# The photometry's random stream: default_rng([seed, this]), independent of the spectra's.
+_PHOTOMETRY_STREAM = 20220309
 TELESCOPE = 'SYNTHETIC'
 # The line list is part of the "physics", the same for every survey seed.
 _LINE_LIST_SEED = 20200521
@@ -110,6 +124,11 @@ def draw_labels(kind: str, rng: np.random.Generator) -> tuple[float, float, floa
     teff = float(rng.uniform(2700, 4800))
     logg = float(rng.uniform(3.0, 4.5))
     return logg, teff, float(np.clip(rng.normal(-0.05, 0.1), -0.4, 0.3))
+  if kind == 'hot':  # A/B main sequence, log-uniform in Teff (Net II predicts log10 Teff).
+    log_teff = rng.uniform(np.log10(7000.0), np.log10(20000.0))
+    logg = 4.3 - 0.5 * (log_teff - np.log10(7000.0)) / np.log10(20000 / 7000) + rng.normal(0, 0.2)
+    fe_h = float(np.clip(rng.normal(-0.1, 0.2), -1.0, 0.5))
+    return float(np.clip(logg, 3.5, 4.5)), float(10.0 ** log_teff), fe_h
   raise ValueError(f'unknown synthetic star kind {kind!r}')
 
 
@@ -177,9 +196,11 @@ def line_strengths(logg: float, teff: float, fe_h: float) -> np.ndarray:
   """(5,) float64 strengths s_g: smooth, monotonic in each label so each label is visible in the
   flux. ``forward_model.line_strengths`` is the same function in JAX (same piecewise form)."""
   t = teff / 5000.0
-  metal = 10.0 ** fe_h * (1.6 - 0.6 * t) * 1.5
-  molecular = np.exp(-(teff - 3000.0) / 600.0) * (1.0 + 0.5 * fe_h) * 1.2
-  gravity = (5.2 - logg) / 2.0 * 10.0 ** (0.5 * fe_h) * np.clip(1.5 - 0.5 * t, 0.3, None)
+  # Exactly 1.0 at and below HOT_LINE_ONSET, so the default kinds' spectra keep every bit.
+  fade = np.exp(-max(teff - HOT_LINE_ONSET, 0.0) / HOT_LINE_SCALE)
+  metal = 10.0 ** fe_h * max(1.6 - 0.6 * t, 0.1) * 1.5 * fade
+  molecular = np.exp(-(teff - 3000.0) / 600.0) * (1.0 + 0.5 * fe_h) * 1.2 * fade
+  gravity = (5.2 - logg) / 2.0 * 10.0 ** (0.5 * fe_h) * np.clip(1.5 - 0.5 * t, 0.3, None) * fade
   pressure = np.clip(logg - 2.0, 0.0, None) / 2.5
   hydrogen = np.clip((teff - 3500.0) / 2500.0, 0.0, None) * (0.5 + logg / 9.0)
   return np.array([metal, molecular, gravity, pressure, hydrogen], np.float64)
@@ -374,21 +395,34 @@ def write_apstar(path: str | os.PathLike, star: SyntheticStar, flux: np.ndarray,
       f.write(part)
 
 
+def survey_kinds(hot_fraction: float = 0.0) -> tuple[tuple[str, str, float], ...]:
+  """KINDS, or with hot_fraction > 0 the hot kind at that fraction and the others scaled by
+  1 − hot_fraction."""
+  if not 0.0 <= hot_fraction < 1.0:
+    raise ValueError(f'hot_fraction must be in [0, 1), got {hot_fraction}')
+  if hot_fraction == 0.0:
+    return KINDS
+  return (*((n, t, f * (1.0 - hot_fraction)) for n, t, f in KINDS), (*HOT_KIND, hot_fraction))
+
+
 def write_survey(output_dir: str | os.PathLike, num_stars: int = DEFAULT_NUM_STARS,
-                 seed: int = 0, compress: bool = False, show_progress: bool = True) -> str:
+                 seed: int = 0, compress: bool = False, show_progress: bool = True,
+                 hot_fraction: float = 0.0) -> str:
   """Writes num_stars synthetic apStar files + labels.fits below output_dir (a manual_dir).
 
   Files go to output_dir/synthetic/<FIELD>/apStar-synth-<ID>.fits[.gz]. Returns the catalogue path.
+  hot_fraction: share of hot OBA-like stars (``survey_kinds``); 0 leaves the default mix.
   """
   import tqdm  # Progress bar only; keeps the import out of library users' way.
 
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
-  names = [k[0] for k in KINDS]
-  data_types = dict((k[0], k[1]) for k in KINDS)
+  kinds_table = survey_kinds(hot_fraction)
+  names = [k[0] for k in kinds_table]
+  data_types = dict((k[0], k[1]) for k in kinds_table)
   # Exact counts per kind (largest remainder), then shuffled, so small surveys keep every type.
-  fractions = np.array([k[2] for k in KINDS])
+  fractions = np.array([k[2] for k in kinds_table])
   counts = np.floor(fractions * num_stars).astype(int)
   counts[np.argsort(-(fractions * num_stars - counts), kind="stable")[:num_stars - counts.sum()]] += 1
   kinds = rng.permutation(np.repeat(names, counts))
@@ -406,6 +440,7 @@ def write_survey(output_dir: str | os.PathLike, num_stars: int = DEFAULT_NUM_STA
   for name, unit in zip(constants.LABEL_NAMES, constants.LABEL_UNITS, strict=True):
     table[name].unit = None if unit == 'dex' else unit
     table[name].description = f'{name} ({unit}), SYNTHETIC truth'
+  _add_photometry(table, seed)
   table.meta['SYNTHETC'] = True
   table.meta['COMMENT'] = ['SYNTHETIC survey from apogeenet_jax.synthetic: not SDSS data.']
   table.meta['SEED'] = seed
@@ -415,10 +450,27 @@ def write_survey(output_dir: str | os.PathLike, num_stars: int = DEFAULT_NUM_STA
   return str(catalog)
 
 
+def _add_photometry(table: Table, seed: int) -> None:
+  """DIST_PC (truth) and the noisy PLX … K, PLX_ERR … K_ERR columns of ``photometry.draw``, from
+  the photometry's own random stream."""
+  labels = np.stack([np.asarray(table[n], np.float64) for n in constants.LABEL_NAMES], -1)
+  columns = photometry.draw(labels, np.random.default_rng([seed, _PHOTOMETRY_STREAM]))
+  table['DIST_PC'] = columns.pop('DIST_PC')
+  table['DIST_PC'].unit = 'pc'
+  table['DIST_PC'].description = 'distance (pc), SYNTHETIC truth'
+  units = dict(zip(constants.METADATA_COLUMNS, constants.METADATA_UNITS, strict=True))
+  for name, values in columns.items():
+    table[name] = values
+    table[name].unit = units[name.removesuffix('_ERR')]
+    table[name].description = (f'{name}, SYNTHETIC; NaN or {photometry.CATALOGUE_MISSING} '
+                               'where missing')
+
+
 def main(argv):
   del argv
   flag_values = flags.FLAGS
-  catalog = write_survey(flag_values.output_dir, flag_values.num_stars, flag_values.seed)
+  catalog = write_survey(flag_values.output_dir, flag_values.num_stars, flag_values.seed,
+                         hot_fraction=flag_values.hot_fraction)
   logging.info('Synthetic survey ready: manual_dir=%s (catalogue %s)', flag_values.output_dir,
                catalog)
 
@@ -429,6 +481,8 @@ def run():
   flags.DEFINE_string('output_dir', None, 'Where to write the synthetic survey (a manual_dir).')
   flags.DEFINE_integer('num_stars', DEFAULT_NUM_STARS, 'Number of synthetic stars.')
   flags.DEFINE_integer('seed', 0, 'Random seed of the survey.')
+  flags.DEFINE_float('hot_fraction', 0.0, 'Share of hot OBA-like stars (KIND hot, DATA_TYPE '
+                     "Payne), APOGEE Net II's; 0: the default mix, unchanged.")
   flags.mark_flag_as_required('output_dir')
   app.run(main)
 

@@ -19,29 +19,48 @@ from jax.sharding import PartitionSpec as P
 from apogeenet_jax import input_pipeline, memory_data, uncertainty
 from apogeenet_jax.constants import N_PIXELS
 from apogeenet_jax.normalization import Standardizer
-from apogeenet_jax.sharding import DATA_AXIS, NOISE_KEY, device_keys, replicate, shard_batch
+from apogeenet_jax.sharding import (
+    DATA_AXIS,
+    INPUTS_KEY,
+    NOISE_KEY,
+    device_keys,
+    replicate,
+    shard_batch,
+)
 from apogeenet_jax.train_state import TrainingError
 
 
-def device_batch(batch: Mapping[str, np.ndarray], standardizer: Standardizer, mesh: Mesh
-                 ) -> dict[str, jax.Array]:
-  """Adds standardised 'targets' (z = (x − μ)/σ, §3.1) and a mask, then shards to the mesh."""
-  batch = dict(batch)
-  batch['targets'] = standardizer.transform(batch['labels'])
-  if 'mask' not in batch:
-    batch['mask'] = np.ones(len(batch['labels']), bool)
-  return shard_batch(batch, mesh)
+def model_batch(batch: Mapping[str, Any], input_names: Sequence[str],
+                standardizer: Standardizer) -> dict[str, Any]:
+  """A host batch of record features → the layout of the steps: the model's named inputs under
+  'inputs' (``models.Family.inputs``), their noise scales under 'noise' when the batch holds
+  them, standardised 'targets' (z = (x − μ)/σ, §3.1), 'data_type' and a 'mask'."""
+  missing = [name for name in input_names if name not in batch]
+  if missing:
+    raise TrainingError(f'the batches lack the model\'s inputs {missing} (they hold '
+                        f'{sorted(k for k in batch if not k.startswith("_"))})')
+  out = {INPUTS_KEY: {name: batch[name] for name in input_names},
+         'targets': standardizer.transform(batch['labels']),
+         'data_type': batch['data_type'],
+         'mask': batch['mask'] if 'mask' in batch else np.ones(np.shape(batch['labels'])[:-1], bool)}
+  if NOISE_KEY in batch:
+    out[NOISE_KEY] = dict(batch[NOISE_KEY])
+  return out
 
 
-def put_chunk(chunk: Mapping[str, np.ndarray], standardizer: Standardizer, mesh: Mesh
-              ) -> dict[str, jax.Array]:
-  """k stacked host batches (k, B_local, …) → standardised, sharded over 'data' on axis 1."""
-  chunk = dict(chunk)
-  chunk['targets'] = standardizer.transform(chunk['labels'])
-  if 'mask' not in chunk:
-    chunk['mask'] = np.ones(chunk['labels'].shape[:2], bool)
+def device_batch(batch: Mapping[str, Any], input_names: Sequence[str],
+                 standardizer: Standardizer, mesh: Mesh) -> dict[str, Any]:
+  """``model_batch``, sharded to the mesh."""
+  return shard_batch(model_batch(batch, input_names, standardizer), mesh)
+
+
+def put_chunk(chunk: Mapping[str, Any], input_names: Sequence[str], standardizer: Standardizer,
+              mesh: Mesh) -> dict[str, Any]:
+  """k stacked host batches (k, B_local, …) → ``model_batch``, sharded over 'data' on axis 1."""
+  chunk = model_batch(chunk, input_names, standardizer)
   sharding = NamedSharding(mesh, P(None, DATA_AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(chunk[k]))
+  return {k: jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), chunk[k])
           for k in device_keys(chunk)}
 
 
@@ -60,45 +79,56 @@ def resident_rows(num_spectra: int, mesh: Mesh) -> np.ndarray:
   return np.unique(np.concatenate(rows))
 
 
-def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mesh: Mesh
-                ) -> dict[str, jax.Array]:
-  """A split in memory → device-resident arrays (``sharding.resident_specs``): flux (and the
-  noise scale, when held) in its storage dtype, one block of rows per device; standardised
+def place_split(arrays: memory_data.SplitArrays, standardizer: Standardizer, mesh: Mesh,
+                input_names: Sequence[str] = ('flux',)) -> dict[str, Any]:
+  """A split in memory → device-resident arrays (``sharding.resident_specs``): the model's
+  inputs ``input_names`` (the flux in its storage dtype, small vectors such as 'metadata' in
+  float32) and the flux's noise scale, when held, one block of rows per device; standardised
   targets (n, 3) and data types on every device."""
+  missing = [k for k in input_names if k != 'flux' and k not in arrays.vectors]
+  if missing:
+    raise TrainingError(f'the split in memory holds no {missing}, inputs of the model')
   shape, sharding = _flux_blocks(len(arrays), mesh)
   n = len(arrays)
 
-  def blocks_of(held_rows: np.ndarray):
+  def blocks_of(held_rows: np.ndarray, every_row: bool = False):
+    full = (shape[0], *held_rows.shape[1:])
+
     def block(index):
       start, stop = index[0].start or 0, index[0].stop or shape[0]
       held = np.arange(start, min(stop, n))
-      first = arrays.positions(held[:1])[0] if len(held) else 0
-      rows = held_rows[first:first + len(held)]  # A view: rows are held in ascending order.
+      first = 0 if every_row else (arrays.positions(held[:1])[0] if len(held) else 0)
+      # A view: rows are held in ascending order (every row, for the small vectors).
+      rows = held_rows[start:start + len(held)] if every_row else held_rows[first:first + len(held)]
       if len(held) == stop - start:
         return rows
-      return np.concatenate([rows, np.zeros((stop - start - len(held), N_PIXELS), rows.dtype)])
-    return jax.make_array_from_callback(shape, sharding, block)
+      pad = np.zeros((stop - start - len(held), *held_rows.shape[1:]), rows.dtype)
+      return np.concatenate([rows, pad])
+    return jax.make_array_from_callback(full, sharding, block)
 
-  blocked = {'flux': blocks_of(arrays.flux)}
+  blocked = {INPUTS_KEY: {k: (blocks_of(arrays.flux) if k == 'flux'
+                              else blocks_of(arrays.vectors[k], every_row=True))
+                          for k in input_names}}
   if arrays.noise is not None:
-    blocked[NOISE_KEY] = blocks_of(arrays.noise)
+    blocked[NOISE_KEY] = {'flux': blocks_of(arrays.noise)}
   return {**blocked,
           **replicate({'targets': standardizer.transform(arrays.labels),
                        'data_type': np.asarray(arrays.data_type, np.int32)}, mesh)}
 
 
-def stream_inputs(batches: Iterable[Mapping[str, np.ndarray]], standardizer: Standardizer,
-                  mesh: Mesh, steps_per_call: int = 1, noise: bool = False
-                  ) -> Iterator[tuple[dict, int]]:
+def stream_inputs(batches: Iterable[Mapping[str, np.ndarray]], input_names: Sequence[str],
+                  standardizer: Standardizer, mesh: Mesh, steps_per_call: int = 1,
+                  noise: bool = False) -> Iterator[tuple[dict, int]]:
   """Host batches (``input_pipeline.train_batches``) stacked k at a time and sharded; with
-  ``noise``, each batch's MC noise scale (``training_noise_scale`` of its errors) goes along."""
+  ``noise``, each batch's MC noise scale of the flux (``training_noise_scale`` of its errors)
+  goes along."""
   batches = iter(batches)
-  keys = ('flux', 'labels', 'data_type', 'mask')
+  keys = (*input_names, 'labels', 'data_type', 'mask')
   while chunk := list(itertools.islice(batches, steps_per_call)):
     stacked = {k: np.stack([b[k] for b in chunk]) for k in keys if k in chunk[0]}
     if noise:
-      stacked[NOISE_KEY] = np.stack([training_noise_scale(b['flux_err']) for b in chunk])
-    yield put_chunk(stacked, standardizer, mesh), len(chunk)
+      stacked[NOISE_KEY] = {'flux': np.stack([training_noise_scale(b['flux_err']) for b in chunk])}
+    yield put_chunk(stacked, input_names, standardizer, mesh), len(chunk)
 
 
 def training_noise_scale(flux_err: np.ndarray) -> np.ndarray:
@@ -108,12 +138,12 @@ def training_noise_scale(flux_err: np.ndarray) -> np.ndarray:
 
 
 def memory_inputs(arrays: memory_data.SplitArrays, batch_indices: np.ndarray,
-                  standardizer: Standardizer, mesh: Mesh, steps_per_call: int = 1
-                  ) -> Iterator[tuple[dict, int]]:
+                  input_names: Sequence[str], standardizer: Standardizer, mesh: Mesh,
+                  steps_per_call: int = 1) -> Iterator[tuple[dict, int]]:
   """k batches at a time gathered from host memory; ``batch_indices`` (batches, B_local)."""
   for start in range(0, len(batch_indices), steps_per_call):
     rows = batch_indices[start:start + steps_per_call]
-    yield put_chunk(arrays.gather(rows), standardizer, mesh), len(rows)
+    yield put_chunk(arrays.gather(rows), input_names, standardizer, mesh), len(rows)
 
 
 def resident_inputs(split: Mapping[str, jax.Array], batch_indices: np.ndarray, mesh: Mesh,
@@ -148,13 +178,13 @@ def open_sources(config: ml_collections.ConfigDict, sources: Mapping[str, Sequen
 
 
 def resolve_input_scale(config: ml_collections.ConfigDict, train_source: Sequence) -> float:
-  """``config.input_scale`` if > 0; else 1.0 when each spectrum is scaled by its own level
-  (``config.flux_scaling``), or the median flux of the training set (a fixed sample, so a
+  """``config.model.input_scale`` if > 0; else 1.0 when each spectrum is scaled by its own level
+  (``config.model.flux_scaling``), or the median flux of the training set (a fixed sample, so a
   resumed run computes the same value)."""
-  scale = float(config.input_scale)
+  scale = float(config.model.get('input_scale', 1.0))
   if scale > 0:
     return scale
-  if config.flux_scaling != 'none':
+  if config.model.get('flux_scaling', 'none') != 'none':
     return 1.0
   scale = input_pipeline.median_flux(train_source)
   logging.info('Input scale: median training flux %.6g (1e-17 erg/s/cm²/Å).', scale)
@@ -247,8 +277,9 @@ def read_splits(config: ml_collections.ConfigDict, train_source: Sequence, dev_s
 
 
 def epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
-                  standardizer: Standardizer, mesh: Mesh, *, local_batch: int, epoch: int,
-                  indices: np.ndarray, start_batch: int) -> Iterator[tuple[Any, int]]:
+                  standardizer: Standardizer, mesh: Mesh, *, input_names: Sequence[str],
+                  local_batch: int, epoch: int, indices: np.ndarray, start_batch: int
+                  ) -> Iterator[tuple[Any, int]]:
   """One epoch's (xs, k) from ``data``: {'source'} streamed, {'arrays'} in host memory or
   {'resident'} on the devices. All three yield the batches of ``epoch_batch_indices``."""
   k = config.steps_per_call
@@ -260,12 +291,13 @@ def epoch_inputs(config: ml_collections.ConfigDict, data: Mapping[str, Any],
   if 'arrays' in data:
     rows = input_pipeline.epoch_batch_indices(indices, local_batch, seed=config.seed, epoch=epoch,
                                               start_batch=start_batch, **shard)
-    return memory_inputs(data['arrays'], rows, standardizer, mesh, k)
+    return memory_inputs(data['arrays'], rows, input_names, standardizer, mesh, k)
   batches = input_pipeline.train_batches(
       data['source'], local_batch, seed=config.seed, epoch=epoch, indices=indices,
       start_batch=start_batch, num_threads=config.num_threads,
       prefetch_batches=config.prefetch_batches, **shard)
-  return stream_inputs(batches, standardizer, mesh, k, noise=noise_augmentation(config) > 0)
+  return stream_inputs(batches, input_names, standardizer, mesh, k,
+                       noise=noise_augmentation(config) > 0)
 
 
 def noise_augmentation(config: ml_collections.ConfigDict) -> float:

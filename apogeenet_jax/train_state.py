@@ -10,13 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from apogeenet_jax.model import APOGEENet, module_kwargs
+from apogeenet_jax import models
 
 
 class TrainingError(RuntimeError):
@@ -40,27 +41,40 @@ class TrainState:
   adapt_round: jax.Array  # 0 while training on everything; 1, 2, … during adaptation (§3.4)
   best_adapt_loss: jax.Array  # best MStar+YSO dev loss when the current round began
   adapt_rounds_without_improvement: jax.Array
+  # The model's other variable collections, e.g. {'batch_stats': …} of APOGEE Net III's batch
+  # norm (an ensemble's with the member axis); {} for a family without state.
+  model_state: Any = flax.struct.field(default_factory=dict)
 
 
-def create_model(config: ml_collections.ConfigDict) -> APOGEENet:
-  """APOGEENet with the config's dropout and optional reduced architecture (``config.model``)."""
-  return APOGEENet(dropout_rate=config.dropout_rate, flux_scaling=config.flux_scaling,
-                   **module_kwargs(config.model))
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The module of the family ``config.model.name`` built from ``config.model`` (``models``).
+
+  ``input_scale`` 0 means "from the training data" (``train_inputs.resolve_input_scale``): the
+  module is built with 1.0 and training clones it with the resolved value.
+  """
+  cfg = config.model.to_dict()
+  if cfg.get('input_scale') == 0:
+    cfg['input_scale'] = 1.0
+  try:
+    return models.create(cfg)
+  except models.ModelError as e:
+    raise TrainingError(str(e)) from e
 
 
-def create_train_state(rng: jax.Array, model: APOGEENet, tx: optax.GradientTransformation,
+def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
                        init: str = 'torch', zero_last_layer: bool = False) -> TrainState:
   """Fresh parameters (``init_params``) and counters; rng is a raw PRNG key."""
   init_rng, state_rng = jax.random.split(rng)
-  params = _init_fn(model, init, zero_last_layer)(init_rng)
+  params, model_state = _init_fn(model, init, zero_last_layer)(init_rng)
   return TrainState(
       params=params, opt_state=tx.init(params), step=jnp.int32(0), epoch=jnp.int32(0),
       epoch_step=jnp.int32(0), rng=state_rng, best_stop_loss=jnp.float32(jnp.inf),
       evals_without_improvement=jnp.int32(0), adapt_round=jnp.int32(0),
-      best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0))
+      best_adapt_loss=jnp.float32(jnp.inf), adapt_rounds_without_improvement=jnp.int32(0),
+      model_state=model_state)
 
 
-def create_ensemble_state(seed: int, model: APOGEENet, tx: optax.GradientTransformation,
+def create_ensemble_state(seed: int, model: nn.Module, tx: optax.GradientTransformation,
                           init: str = 'torch', ensemble_size: int = 1,
                           zero_last_layer: bool = False) -> TrainState:
   """``create_train_state`` for K members: member k from ``PRNGKey(seed + k)``, stacked.
@@ -77,12 +91,36 @@ def create_ensemble_state(seed: int, model: APOGEENet, tx: optax.GradientTransfo
   stack = lambda *xs: jnp.stack(xs)  # noqa: E731
   return members[0].replace(params=jax.tree.map(stack, *[m.params for m in members]),
                             opt_state=jax.tree.map(stack, *[m.opt_state for m in members]),
-                            rng=jnp.stack([m.rng for m in members]))
+                            rng=jnp.stack([m.rng for m in members]),
+                            model_state=jax.tree.map(stack, *[m.model_state for m in members]))
 
 
 def init_opt_state(tx: optax.GradientTransformation, params: Any, ensemble_size: int = 1) -> Any:
   """``tx.init`` of one network, or of each member of stacked params."""
   return tx.init(params) if ensemble_size == 1 else jax.vmap(tx.init)(params)
+
+
+def _layers(params: Any) -> dict[tuple[str, ...], dict[str, Any]]:
+  """The layers of a parameter tree that have a 'kernel' (Conv and Dense, at any depth), by
+  their path, sorted: what the initialisers redraw. Other leaves (batch norm's scale and bias)
+  keep Flax's initial values."""
+  flat = flax.traverse_util.flatten_dict(params)
+  layers: dict[tuple[str, ...], dict[str, Any]] = {}
+  for path, leaf in flat.items():
+    layers.setdefault(path[:-1], {})[path[-1]] = leaf
+  return {path: layer for path, layer in sorted(layers.items()) if 'kernel' in layer}
+
+
+def _redraw(params: Any, rng: jax.Array, draw: Callable) -> Any:
+  """``params`` with each kernelled layer replaced by ``draw(key, layer)`` (one key per layer,
+  in path order; for a flat tree of layers the order of their names, as before nesting)."""
+  layers = _layers(params)
+  keys = jax.random.split(rng, len(layers))
+  flat = flax.traverse_util.flatten_dict(params)
+  for key, (path, layer) in zip(keys, layers.items(), strict=True):
+    for leaf, value in draw(key, layer).items():
+      flat[(*path, leaf)] = value
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def torch_default_params(rng: jax.Array, params: Any) -> Any:
@@ -91,18 +129,17 @@ def torch_default_params(rng: jax.Array, params: Any) -> Any:
   PyTorch's Conv1d/Linear defaults (kaiming_uniform with a=√5 gives exactly this bound).
   Kernels: conv (k, C_in, C_out) → fan_in k·C_in; dense (in, out) → fan_in in.
   """
-  layers = sorted(params)
-  keys = jax.random.split(rng, len(layers))
-  out = {}
-  for key, name in zip(keys, layers, strict=True):
-    layer = params[name]
+  def draw(key, layer):
     kernel = layer['kernel']
     bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
     k_key, b_key = jax.random.split(key)
-    out[name] = {'kernel': jax.random.uniform(k_key, kernel.shape, kernel.dtype, -bound, bound),
-                 'bias': jax.random.uniform(b_key, layer['bias'].shape, layer['bias'].dtype,
-                                            -bound, bound)}
-  return out
+    out = {'kernel': jax.random.uniform(k_key, kernel.shape, kernel.dtype, -bound, bound)}
+    if 'bias' in layer:
+      out['bias'] = jax.random.uniform(b_key, layer['bias'].shape, layer['bias'].dtype,
+                                       -bound, bound)
+    return out
+
+  return _redraw(params, rng, draw)
 
 
 def he_params(rng: jax.Array, params: Any) -> Any:
@@ -114,23 +151,36 @@ def he_params(rng: jax.Array, params: Any) -> Any:
   tests/test_training.py::test_default_init_features_differ_between_spectra).
   """
   init = jax.nn.initializers.he_normal()
-  layers = sorted(params)
-  keys = jax.random.split(rng, len(layers))
-  return {name: {'kernel': init(key, params[name]['kernel'].shape, params[name]['kernel'].dtype),
-                 'bias': jnp.zeros_like(params[name]['bias'])}
-          for key, name in zip(keys, layers, strict=True)}
+
+  def draw(key, layer):
+    out = {'kernel': init(key, layer['kernel'].shape, layer['kernel'].dtype)}
+    if 'bias' in layer:
+      out['bias'] = jnp.zeros_like(layer['bias'])
+    return out
+
+  return _redraw(params, rng, draw)
 
 
 _INITS = {'torch': torch_default_params, 'he': he_params, 'flax': lambda rng, params: params}
 
 
 def last_layer_name(params: Any) -> str:
-  """The output Dense layer: 'fc<N>' with the highest N."""
-  return max((name for name in params if name.startswith('fc')), key=lambda n: int(n[2:]))
+  """The output Dense layer: 'fc<N>' with the highest N, else the last layer the module made
+  (Flax keeps creation order: APOGEE Net III's 'linear_sequential_6')."""
+  fc = [name for name in params if name.startswith('fc') and name[2:].isdigit()]
+  return max(fc, key=lambda n: int(n[2:])) if fc else list(params)[-1]
+
+
+def inference_params(state: TrainState) -> Any:
+  """What evaluation applies: the params, or for a network with state (batch norm) its Flax
+  variables {'params': …, **model_state} (``uncertainty.model_apply_fn`` takes both)."""
+  if not jax.tree.leaves(state.model_state):
+    return state.params
+  return {'params': state.params, **state.model_state}
 
 
 @functools.lru_cache(maxsize=8)
-def _init_fn(model: APOGEENet, init: str = 'torch', zero_last_layer: bool = False
+def _init_fn(model: nn.Module, init: str = 'torch', zero_last_layer: bool = False
              ) -> Callable[[jax.Array], Any]:
   """The jitted parameter initialiser of ``model``, compiled once per architecture (un-jitted
   init takes seconds, docs/jax_stack_notes.md; compiling it takes seconds too).
@@ -146,11 +196,12 @@ def _init_fn(model: APOGEENet, init: str = 'torch', zero_last_layer: bool = Fals
 
   def fn(key):
     flax_key, init_key = jax.random.split(key)
-    params = model.init(flax_key, jnp.zeros((1, model.input_length), jnp.float32))['params']
-    params = _INITS[init](init_key, params)
+    dummy = models.family_of(model).dummy_inputs(model)
+    variables = dict(model.init(flax_key, **dummy))
+    params = _INITS[init](init_key, variables.pop('params'))
     if zero_last_layer:
       last = last_layer_name(params)
       params = {**params, last: jax.tree.map(jnp.zeros_like, params[last])}
-    return params
+    return params, variables  # the other collections: batch norm's statistics
 
   return jax.jit(fn)

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,84 +42,33 @@ from etils import epath
 from jax.sharding import Mesh
 
 from apogeenet_jax import (
-    checkpoint,
-    config_validation,
-    epochs,
-    file_io,
-    input_pipeline,
-    memory_data,
-    optimizer,
-    steps,
-    train_inputs,
-    workdir_lock,
+  checkpoint,
+  config_validation,
+  epochs,
+  file_io,
+  input_pipeline,
+  memory_data,
+  models,
+  optimizer,
+  resume,
+  steps,
+  train_inputs,
+  workdir_lock,
 )
 from apogeenet_jax.constants import DATA_TYPES
 from apogeenet_jax.metric_writer import MetricWriter
-from apogeenet_jax.model import PAPER_CHANNELS, PAPER_HIDDEN, APOGEENet
-from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
+from apogeenet_jax.normalization import Standardizer
 from apogeenet_jax.preemption import StopRequest
+from apogeenet_jax.resume import ResumeMismatchError  # noqa: F401  (raised through training)
 from apogeenet_jax.sharding import make_mesh, replicate
 from apogeenet_jax.train_state import (
-    TrainingError,
-    TrainState,
-    create_ensemble_state,
-    create_model,
-    init_opt_state,
+  TrainingError,
+  TrainState,
+  create_ensemble_state,
+  create_model,
+  inference_params,
+  init_opt_state,
 )
-
-
-class ResumeMismatchError(TrainingError):
-  """A workdir holds checkpoints of another run (other data, model or optimiser)."""
-
-
-# Config fields a resume may not change: they define the data, the model or the optimiser the
-# checkpoints were made with (any ``model.*`` too). Any other change (log frequency, threads,
-# input mode, max_epochs, patience …) is logged as a warning and the run resumes; max_epochs
-# only while it does not set the cosine's length (optim.decay_steps = 0, resolve_decay_steps).
-_RUN_DEFINING = frozenset({
-    'data_dir', 'dataset_name', 'ensemble_size', 'flux_scaling', 'input_scale', 'init',
-    'zero_last_layer', 'dropout_rate', 'standardizer', 'seed', 'adapt', 'init_from',
-    'payne_fraction', 'batch_size', 'loss_weights', 'noise_augmentation'})
-# Every field of these sub-configs defines the run too.
-_RUN_DEFINING_GROUPS = ('model.', 'optim.')
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def _check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any],
-                    workdir: epath.Path) -> None:
-  """Refuses a resume with another data set, model or optimiser; warns on other changes."""
-  if 'config' not in saved_meta:
-    return  # Checkpoints without a config (converted weights): nothing to compare.
-  # Runs saved before config.model listed the paper's architecture had an empty config.model;
-  # runs saved before config.loss_weights trained on the plain MSE, and those saved before
-  # config.noise_augmentation on the stored spectra.
-  defaults = {'model.channels': list(PAPER_CHANNELS), 'model.hidden': list(PAPER_HIDDEN),
-              'loss_weights': [1.0, 1.0, 1.0], 'noise_augmentation': 0.0}
-  old = {**defaults, **_flat(saved_meta['config'])}
-  new = {**defaults, **_flat(config_json)}
-  changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
-  refused = [k for k in changed if k in _RUN_DEFINING or k.startswith(_RUN_DEFINING_GROUPS)]
-  if refused:
-    listing = ', '.join(f'{k}: {old.get(k)!r} → {new.get(k)!r}' for k in refused)
-    if 'optim.decay_steps' in refused and 'max_epochs' in changed:  # resolve_decay_steps
-      listing += (f' (set by max_epochs {old.get("max_epochs")!r} → {new.get("max_epochs")!r}: '
-                  f'the cosine runs to the end of the run; to change max_epochs, keep '
-                  f'--config.optim.decay_steps={old.get("optim.decay_steps")!r})')
-    raise ResumeMismatchError(
-        f'{workdir} holds checkpoints of another run: {listing}. Resume it with its own config, '
-        f'or give this run a new --workdir (nothing was changed).')
-  for k in changed:
-    logging.warning('Resuming %s with %s changed: %r → %r (does not change the run).', workdir,
-                    k, old.get(k), new.get(k))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: file_io.PathLike, *,
@@ -175,6 +125,7 @@ class _Run:
   standardizer: Standardizer
   writer: MetricWriter
   train_data: dict[str, Any]  # {'source'}, {'arrays'} or {'resident'}: see ``train_inputs.epoch_inputs``
+  input_names: tuple[str, ...]  # the model's named inputs (``models.Family.inputs``)
   train_data_type: np.ndarray  # (n_train,) DATA_TYPES index of each training spectrum
   local_batch: int  # this process's share of config.batch_size
   train_steps: Callable
@@ -191,12 +142,19 @@ class _Run:
 
 
 def _standardizer(config, train_labels: np.ndarray, init_meta: Mapping | None) -> Standardizer:
+  """The label normalisation, in the label space of the config's family (log10 Teff for Nets
+  II and III): 'fit' on the training split (§3.1) or the family's authors' values ('paper')."""
   if init_meta is not None:  # Adaptation keeps the normalisation the model was trained with.
     return checkpoint.standardizer_from_meta(init_meta)
+  family = models.get(config.model.get('name', models.DEFAULT_FAMILY))
   if config.standardizer == 'paper':
-    return PAPER_STANDARDIZER
+    if family.authors_labels is None:
+      raise TrainingError(f"config.standardizer='paper': family {family.name!r} has no "
+                          f"published label normalisation; use 'fit'")
+    mean, std = family.authors_labels
+    return Standardizer(mean=np.asarray(mean), std=np.asarray(std), space=family.label_space)
   if config.standardizer == 'fit':
-    return Standardizer.fit(train_labels)
+    return Standardizer.fit(train_labels, family.label_space)
   raise TrainingError(f"config.standardizer must be 'fit' or 'paper', got "
                       f'{config.standardizer!r}')
 
@@ -218,16 +176,24 @@ def _same_place(a: file_io.PathLike, b: file_io.PathLike) -> bool:
   return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
-                   ) -> tuple[APOGEENet, Any, dict[str, Any] | None]:
+def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence,
+                   train_vectors: Mapping[str, np.ndarray]
+                   ) -> tuple[nn.Module, Any, dict[str, Any] | None]:
   """(model, params to start from or None, their checkpoint meta or None).
 
   Adaptation continues the init_from model: its architecture and normalisation, this config's
   dropout and optimiser.
   """
   if not config.adapt:
-    scale = train_inputs.resolve_input_scale(config, train_source)
-    model = create_model(config).clone(input_scale=scale)
+    model = create_model(config)
+    if 'input_scale' in config.model:  # A family that scales its flux by one constant.
+      model = model.clone(input_scale=train_inputs.resolve_input_scale(config, train_source))
+    family = models.family_of(model)
+    if family.fit_inputs is not None:  # Input statistics fitted on the training split.
+      try:
+        model = family.fit_inputs(model, train_vectors)
+      except models.ModelError as e:
+        raise TrainingError(f'{config.data_dir or "the training split"}: {e}') from e
     return model, None, None
   if not config.init_from:
     raise TrainingError('config.adapt needs config.init_from (the workdir of a default run)')
@@ -238,7 +204,7 @@ def _initial_model(config: ml_collections.ConfigDict, train_source: Sequence
     raise TrainingError(f'{init_dir}: an ensemble of {checkpoint.ensemble_size(init_meta)}, '
                         f'but config.ensemble_size is {ensemble_size}')
   logging.info('Adaptation starts from %s step %d.', init_dir, init_meta['step'])
-  model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.dropout_rate)
+  model = checkpoint.model_from_meta(init_meta).clone(dropout_rate=config.model.dropout_rate)
   return model, init_params, init_meta
 
 
@@ -266,15 +232,19 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
   manager = checkpoint.make_manager(checkpoint.workdir_checkpoints(workdir), keep_latest=2)
   saved_meta = checkpoint.newest_meta(manager)
   if saved_meta is not None:  # Before anything is built from this config or init_from.
-    _check_same_run(saved_meta, json.loads(config.to_json_best_effort()), workdir)
-  model, init_params, init_meta = _initial_model(config, train_source)
+    resume.check_same_run(saved_meta, json.loads(config.to_json_best_effort()), workdir)
+  model, init_params, init_meta = _initial_model(config, train_source, train_meta['vectors'])
   ensemble_size = int(config.get('ensemble_size', 1))
   tx = optimizer.create_optimizer(config.optim, config.batch_size)
   state = replicate(create_ensemble_state(config.seed, model, tx, config.init, ensemble_size,
                                           config.get('zero_last_layer', False)), mesh)
-  if init_params is not None:
-    state = replicate(state.replace(params=init_params, opt_state=init_opt_state(
-        tx, init_params, ensemble_size)), mesh)
+  if init_params is not None:  # Adaptation: the init_from network (with its batch-norm state).
+    model_state = {k: v for k, v in init_params.items() if k != 'params'} if (
+        'params' in init_params) else {}
+    init_params = init_params.get('params', init_params)
+    state = replicate(state.replace(params=init_params, model_state=model_state,
+                                    opt_state=init_opt_state(tx, init_params, ensemble_size)),
+                      mesh)
   abstract_state = checkpoint.abstract_state(state, mesh)
   restored = checkpoint.restore_newest(manager, checkpoint.to_saved(abstract_state),
                                        set_aside=jax.process_index() == 0)
@@ -294,13 +264,16 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.discard_after(latest)  # Rows of epochs after the checkpoint are done again.
   eval_step = steps.compiled_eval_step(model, mesh, ensemble_size)
+  input_names = tuple(models.family_of(model).input_shapes(model))
   if on_device:  # The host copy of the flux goes once the devices hold theirs.
-    train_data = {'resident': train_inputs.place_split(train_data.pop('arrays'), standardizer, mesh)}
+    train_data = {'resident': train_inputs.place_split(train_data.pop('arrays'), standardizer,
+                                                       mesh, input_names)}
   evaluate = _dev_evaluator(config, dev_source, dev_arrays, dev_indices, local_eval_batch,
-                            eval_step, standardizer, mesh)
+                            eval_step, input_names, standardizer, mesh)
   run = _Run(config=config, workdir=workdir, mesh=mesh, manager=manager,
              abstract_state=abstract_state, meta=meta, standardizer=standardizer, writer=writer,
-             train_data=train_data, train_data_type=np.asarray(train_meta['data_type']),
+             train_data=train_data, input_names=input_names,
+             train_data_type=np.asarray(train_meta['data_type']),
              local_batch=local_batch, evaluate=evaluate,
              train_steps=steps.compiled_train_steps(model, optimizer.optimizer_key(config), mesh,
                                                      on_device, ensemble_size,
@@ -311,7 +284,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 def _dev_evaluator(config: ml_collections.ConfigDict, dev_source: Sequence, dev_arrays: Any,
                    dev_indices: np.ndarray, local_eval_batch: int, eval_step: Callable,
-                   standardizer: Standardizer, mesh: Mesh) -> Callable[[Any], dict[str, float]]:
+                   input_names: Sequence[str], standardizer: Standardizer, mesh: Mesh
+                   ) -> Callable[[Any], dict[str, float]]:
   """params → dev metrics, from memory (``dev_arrays``) or streamed from ``dev_source``."""
   process_count = jax.process_count()
   # Every process must run the same number of eval steps: pad to the largest shard.
@@ -326,7 +300,8 @@ def _dev_evaluator(config: ml_collections.ConfigDict, dev_source: Sequence, dev_
       batches = input_pipeline.eval_batches(
           dev_source, local_eval_batch, indices=dev_indices, num_batches=num_batches,
           num_threads=config.num_threads)
-    return epochs.evaluate_split(params, eval_step, batches, standardizer, mesh, 'dev')
+    return epochs.evaluate_split(params, eval_step, batches, input_names, standardizer, mesh,
+                                 'dev')
 
   return evaluate
 
@@ -347,7 +322,7 @@ def _save(run: _Run, state: TrainState, stop_loss: float | None = None) -> None:
 def _start_adaptation(run: _Run, state: TrainState) -> TrainState:
   """Round 1 of §3.4 must beat the model it starts from: its MStar+YSO dev loss is the first
   ``best_stop_loss``, saved as step 0's checkpoint."""
-  dev = run.evaluate(state.params)
+  dev = run.evaluate(inference_params(state))
   loss0 = dev[run.stop_loss_key]
   if not np.isfinite(loss0):
     raise TrainingError('adaptation needs MStar or YSO stars in the dev split')
@@ -393,7 +368,7 @@ def _next_adaptation_round(run: _Run, state: TrainState) -> TrainState:
   _log_round_end(state, improved)
   best = checkpoint.restore_train_state(run.manager, run.manager.best_step(), run.abstract_state)
   return replicate(state.replace(
-      params=best.params, opt_state=best.opt_state,
+      params=best.params, opt_state=best.opt_state, model_state=best.model_state,
       evals_without_improvement=jnp.int32(0), adapt_round=state.adapt_round + 1,
       # A fresh array: the same buffer twice in one donated pytree is an XLA error.
       best_adapt_loss=jnp.float32(float(state.best_stop_loss)),
@@ -419,6 +394,7 @@ def _train_one_epoch(run: _Run, state: TrainState, stop: StopRequest
   if num_batches == 0:
     raise TrainingError(f'{len(indices)} training spectra make no batch of {config.batch_size}')
   inputs = train_inputs.epoch_inputs(config, run.train_data, run.standardizer, run.mesh,
+                         input_names=run.input_names,
                          local_batch=run.local_batch, epoch=epoch, indices=indices,
                          start_batch=int(state.epoch_step))
   t0 = time.perf_counter()
@@ -430,7 +406,7 @@ def _train_one_epoch(run: _Run, state: TrainState, stop: StopRequest
     logging.warning('Interrupted: saved step %d of epoch %d in %s; rerun the same command to '
                     'resume.', int(state.step), epoch + 1, run.workdir)
     return state, True
-  dev = run.evaluate(state.params)
+  dev = run.evaluate(inference_params(state))
   state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
   state, improved = epochs.update_early_stopping(
       state, dev[run.stop_loss_key], config.min_delta,
@@ -461,7 +437,7 @@ def _restore_best(run: _Run, state: TrainState) -> TrainState:
   best = run.manager.best_step()
   if best is not None:
     best_state = checkpoint.restore_train_state(run.manager, best, run.abstract_state)
-    state = state.replace(params=best_state.params)
+    state = state.replace(params=best_state.params, model_state=best_state.model_state)
     logging.info('Best checkpoint: step %d, %s %.5f.', best, run.stop_loss_key,
                  float(best_state.best_stop_loss))
   run.manager.close()

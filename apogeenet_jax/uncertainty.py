@@ -50,7 +50,7 @@ forward residuals of ``batch`` spectra (E[J]: M · batch) plus three backward pa
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -59,6 +59,8 @@ import numpy as np
 
 from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR
 
+# Catalogue placeholders for a missing photometric value start here (99.999; APOGEE Net II).
+MISSING_VALUE = 98.0
 # §3.5: "each pixel's error capped at 5× the spectrum's mean error" (the code: median).
 ERROR_CAP_FACTOR = 5.0
 ERROR_CAP_MODES = ('median', 'mean')
@@ -103,41 +105,70 @@ def prepare_errors(flux_err: np.ndarray, mode: str = 'median') -> np.ndarray:
   return np.where(bad, 0.0, np.minimum(err, cap)).astype(np.float32)
 
 
+def photometry_errors(values: np.ndarray, errors: np.ndarray) -> np.ndarray:
+  """The noise scale of photometric inputs (n, 7): their catalogue errors, 0 where the value is
+  missing (non-finite or ≥ 98, which the network replaces) or the error is not a finite number
+  ≥ 0."""
+  values, errors = np.asarray(values, np.float64), np.asarray(errors, np.float64)
+  ok = np.isfinite(values) & (values < MISSING_VALUE) & np.isfinite(errors) & (errors >= 0)
+  return np.where(ok, errors, 0.0).astype(np.float32)
+
+
 def draw_key(key: jax.Array, star_index, draw_index) -> jax.Array:
   """The PRNG key of one (star, draw): independent of batching and of the number of draws."""
   return jax.random.fold_in(jax.random.fold_in(key, star_index), draw_index)
 
 
-def make_mc_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, num_draws: int,
+def _draw_noise(keys: jax.Array, j: int, shape: tuple[int, ...], dtype) -> jax.Array:
+  """N(0, 1) noise of shape (*keys.shape[:-1], *shape): noisy input j (in name order) of each
+  (star, draw) key; input 0 draws from the key itself, input j > 0 from ``fold_in(key, j)``."""
+  def one(k):
+    return jax.random.normal(k if j == 0 else jax.random.fold_in(k, j), shape, dtype)
+  for _ in range(keys.ndim - 1):
+    one = jax.vmap(one)
+  return one(keys)
+
+
+def make_mc_fn(apply_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], *, num_draws: int,
                draw_chunk: int = 25, noiseless_first: bool = True) -> Callable:
-  """A jitted ``fn(params, flux, noise_scale, star_index, key) -> (mean_z, std_z)``.
+  """A jitted ``fn(params, inputs, noise_scale, star_index, key) -> (mean_z, std_z)``.
 
   Args:
-    apply_fn: ``apply_fn(params, flux (n, 8575)) -> (n, 3)`` standardised predictions.
+    apply_fn: ``apply_fn(params, inputs {name: (n, …)}) -> (n, 3)`` standardised predictions.
     num_draws: N ≥ 1 realisations per star (paper: 100). Use ``make_predict_fn`` for N = 0.
     draw_chunk: draws evaluated together per star; the device sees batch · draw_chunk spectra.
     noiseless_first: draw 0 is the spectrum itself (the authors' code, ``median`` mode).
 
-  The returned function takes flux (B, 8575) float32, noise_scale (B, 8575) from
-  ``prepare_errors``, star_index (B,) int global star numbers and a PRNG key; it returns the
-  mean and the population standard deviation (ddof 0) over the N draws, each (B, 3) standardised.
+  The returned function takes the model's named inputs {name: (B, …)} (the flux (B, 8575)
+  float32), ``noise_scale`` {name: (B, …)} for the inputs that are perturbed (the flux's from
+  ``prepare_errors``; an input without one is passed unchanged to every draw), star_index (B,)
+  int global star numbers and a PRNG key; it returns the mean and the population standard
+  deviation (ddof 0) over the N draws, each (B, 3) standardised.
   """
   if num_draws < 1:
     raise UncertaintyError(f'num_draws must be >= 1, got {num_draws}')
   chunk = max(1, min(int(draw_chunk), num_draws))
   n_chunks = -(-num_draws // chunk)
 
-  def mc(params, flux, noise_scale, star_index, key):
-    batch, n_pix = flux.shape
+  def mc(params, inputs, noise_scale, star_index, key):
+    batch = star_index.shape[0]
+    names = sorted(noise_scale)
     draw_ids = jnp.arange(n_chunks * chunk, dtype=jnp.uint32).reshape(n_chunks, chunk)
 
     def one_chunk(ids):  # ids (chunk,) → predictions (batch, chunk, 3)
       keys = jax.vmap(lambda i: jax.vmap(lambda d: draw_key(key, i, d))(ids))(star_index)
-      eps = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (n_pix,), flux.dtype)))(keys)
-      if noiseless_first:
-        eps = eps * (ids > 0).astype(flux.dtype)[None, :, None]
-      x = flux[:, None, :] + eps * noise_scale[:, None, :]
-      return apply_fn(params, x.reshape(batch * chunk, n_pix)).reshape(batch, chunk, -1)
+      x = {}
+      for name, value in inputs.items():
+        tail = value.shape[1:]
+        if name in noise_scale:
+          eps = _draw_noise(keys, names.index(name), tail, value.dtype)
+          if noiseless_first:
+            eps = eps * (ids > 0).astype(value.dtype).reshape(1, chunk, *(1,) * len(tail))
+          v = value[:, None] + eps * noise_scale[name][:, None]
+        else:
+          v = jnp.broadcast_to(value[:, None], (batch, chunk, *tail))
+        x[name] = v.reshape(batch * chunk, *tail)
+      return apply_fn(params, x).reshape(batch, chunk, -1)
 
     preds = jax.lax.map(one_chunk, draw_ids)  # (n_chunks, batch, chunk, 3)
     preds = jnp.moveaxis(preds, 0, 1).reshape(batch, n_chunks * chunk, -1)[:, :num_draws]
@@ -149,22 +180,22 @@ def make_mc_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, num_draws: in
   return jax.jit(mc)
 
 
-def make_predict_fn(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable:
+def make_predict_fn(apply_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array]) -> Callable:
   """``--mc=0``: the noiseless prediction alone, same signature as ``make_mc_fn``'s result.
 
   The standard deviation is NaN: no uncertainty was computed (the catalogue's σ columns say so).
   """
 
-  def predict(params, flux, noise_scale, star_index, key):
+  def predict(params, inputs, noise_scale, star_index, key):
     del noise_scale, star_index, key
-    z = apply_fn(params, flux)
+    z = apply_fn(params, inputs)
     return z, jnp.full_like(z, jnp.nan)
 
   return jax.jit(predict)
 
 
 def make_ensemble_fn(member_fn: Callable, *, vectorize: bool = False) -> Callable:
-  """K stacked members: ``fn(params (K, …), flux, noise_scale, star_index, key)`` →
+  """K stacked members: ``fn(params (K, …), inputs, noise_scale, star_index, key)`` →
   ``(mean_z, sigma_noise_z, sigma_model_z)``, each (B, 3), from a ``make_mc_fn`` or
   ``make_predict_fn`` result (σ_noise NaN for the latter).
 
@@ -177,12 +208,12 @@ def make_ensemble_fn(member_fn: Callable, *, vectorize: bool = False) -> Callabl
   the same picture), so map is the default. No accelerator was available to time vmap there.
   """
 
-  def ensemble(params, flux, noise_scale, star_index, key):
+  def ensemble(params, inputs, noise_scale, star_index, key):
     if vectorize:
       means, stds = jax.vmap(member_fn, in_axes=(0, None, None, None, None))(
-          params, flux, noise_scale, star_index, key)  # (K, B, 3) each
+          params, inputs, noise_scale, star_index, key)  # (K, B, 3) each
     else:
-      means, stds = jax.lax.map(lambda p: member_fn(p, flux, noise_scale, star_index, key),
+      means, stds = jax.lax.map(lambda p: member_fn(p, inputs, noise_scale, star_index, key),
                                 params)
     return (means.mean(axis=0), jnp.sqrt(jnp.mean(jnp.square(stds), axis=0)),
             means.std(axis=0))
@@ -190,18 +221,28 @@ def make_ensemble_fn(member_fn: Callable, *, vectorize: bool = False) -> Callabl
   return jax.jit(ensemble)
 
 
-def make_linear_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, mode: str = 'vjp',
-                   num_draws: int = 0, pixel_chunk: int = 256) -> Callable:
+def _total(terms: list[jax.Array]) -> jax.Array:
+  """The sum of ``terms`` (one per noisy input), the first one unchanged when it is alone."""
+  return functools.reduce(jnp.add, terms)
+
+
+def _per_star(x: jax.Array, star_axis: int) -> jax.Array:
+  """Sums every axis of ``x`` after ``star_axis`` (an input's own axes)."""
+  return jnp.sum(x, axis=tuple(range(star_axis + 1, x.ndim)))
+
+
+def make_linear_fn(apply_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], *,
+                   mode: str = 'vjp', num_draws: int = 0, pixel_chunk: int = 256) -> Callable:
   """σ by first-order propagation: same signature as ``make_mc_fn``'s result.
 
   Args:
-    apply_fn: ``apply_fn(params, flux (n, 8575)) -> (n, 3)``; rows must not interact (eval mode).
+    apply_fn: ``apply_fn(params, inputs) -> (n, 3)``; rows must not interact (eval mode).
     mode: how the Jacobian is taken, all equal to float rounding:
       'vjp' (default): one batched forward pass, which is also the prediction, then the
         pull-back of the 3 unit cotangents vmapped, i.e. 3 backward passes of the whole batch;
       'jacrev': ``vmap(jacrev)`` over stars (the same passes, as fast within the noise);
       'jvp': forward mode, one tangent s_i·e_i per pixel in chunks of ``pixel_chunk``
-        (8575 tangents per star: kept only to measure against).
+        (8575 tangents per star: kept only to measure against; one noisy input only).
     num_draws: 0 (default): the delta method, the Jacobian J(x) at the spectrum itself.
       M ≥ 2: the noise-averaged Jacobian E[J] (statistical linearisation), from the Jacobians at
       x + ε_d·s for the MC's own noise draws d = 1…M (``draw_key``), estimated without bias:
@@ -213,9 +254,11 @@ def make_linear_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, mode: str
       batch in one call (device memory M× the delta method's).
     pixel_chunk: tangents per chunk in 'jvp' mode.
 
-  The returned function takes flux (B, 8575), noise_scale (B, 8575) from ``prepare_errors``
-  (0 where no noise), star_index (B,) and key (used only when ``num_draws`` ≥ 2, exactly as the
-  MC uses them); it returns the noiseless prediction and σ, each (B, 3) standardised.
+  The returned function takes the inputs {name: (B, …)}, ``noise_scale`` {name: (B, …)} of the
+  perturbed inputs (the flux's from ``prepare_errors``, 0 where no noise; the others are held
+  fixed), star_index (B,) and key (used only when ``num_draws`` ≥ 2, exactly as the MC uses
+  them); it returns the noiseless prediction and σ (the sum over the noisy inputs), each (B, 3)
+  standardised.
   """
   if mode not in LINEAR_MODES:
     raise UncertaintyError(f'linear mode {mode!r} is not one of {LINEAR_MODES}')
@@ -226,52 +269,71 @@ def make_linear_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, mode: str
   if num_draws and mode != 'vjp':
     raise UncertaintyError(f"linear num_draws={num_draws} needs mode 'vjp', got {mode!r}")
 
-  def linear(params, flux, noise_scale, star_index, key):
-    def f(x):
-      return apply_fn(params, x)
+  def linear(params, inputs, noise_scale, star_index, key):
+    names = sorted(noise_scale)
+    fixed = {k: v for k, v in inputs.items() if k not in noise_scale}
+    noisy = {k: inputs[k] for k in names}
 
+    def f(x):
+      return apply_fn(params, {**fixed, **x})
+
+    if not names:  # Nothing perturbed: σ 0.
+      z = f(noisy)
+      return z, jnp.zeros_like(z)
     if num_draws:
-      z = f(flux)
-      grads = _noisy_jacobian_rows(f, flux, noise_scale, star_index, key, num_draws)
-      mean, var = grads.mean(axis=0), grads.var(axis=0, ddof=1)  # (3, B, P) each
-      ej2 = jnp.sum((jnp.square(mean) - var / num_draws) * jnp.square(noise_scale), axis=-1).T
-      var = jnp.maximum(ej2, 0.0)
+      z = f(noisy)
+      grads = _noisy_jacobian_rows(f, noisy, noise_scale, star_index, key, num_draws)
+      terms = []
+      for name in names:
+        mean, var = grads[name].mean(axis=0), grads[name].var(axis=0, ddof=1)  # (3, B, …) each
+        terms.append(_per_star((jnp.square(mean) - var / num_draws)
+                               * jnp.square(noise_scale[name]), 1))
+      var = jnp.maximum(_total(terms).T, 0.0)
     elif mode == 'vjp':
-      z, grads = _jacobian_rows(f, flux)
-      var = jnp.sum(jnp.square(grads * noise_scale), axis=-1).T
+      z, grads = _jacobian_rows(f, noisy)
+      var = _total([_per_star(jnp.square(grads[n] * noise_scale[n]), 1) for n in names]).T
     elif mode == 'jacrev':
-      z = f(flux)
-      jac = jax.vmap(jax.jacrev(lambda x: f(x[None])[0]))(flux)  # (B, 3, P)
-      var = jnp.sum(jnp.square(jac * noise_scale[:, None, :]), axis=-1)
+      z = f(noisy)
+      jac = jax.vmap(jax.jacrev(lambda x: f(jax.tree.map(lambda a: a[None], x))[0]))(noisy)
+      var = _total([_per_star(jnp.square(jac[n] * noise_scale[n][:, None]), 1)
+                    for n in names])  # (B, 3)
     else:
-      z, var = _jvp_variance(f, flux, noise_scale, pixel_chunk)
+      if len(names) != 1:
+        raise UncertaintyError(f"linear mode 'jvp' takes one noisy input, got {names}")
+      (name,) = names
+      z, var = _jvp_variance(lambda x: f({name: x}), noisy[name], noise_scale[name], pixel_chunk)
     return z, jnp.sqrt(var)
 
   return jax.jit(linear)
 
 
-def _jacobian_rows(f, flux):
-  """(f(flux) (B, 3), the rows ∂f_k(x_b)/∂x_b (3, B, P)): one forward, 3 backward passes."""
-  z, pull_back = jax.vjp(f, flux)
+def _jacobian_rows(f, x):
+  """(f(x) (B, 3), the rows ∂f_k(x_b)/∂x_b {name: (3, B, …)}): one forward, 3 backward passes."""
+  z, pull_back = jax.vjp(f, x)
   units = jnp.eye(z.shape[-1], dtype=z.dtype)
   # Cotangent e_k on every row: row b of the pull-back is ∂f_k(x_b)/∂x_b alone.
   (grads,) = jax.vmap(lambda e: pull_back(jnp.broadcast_to(e, z.shape)))(units)
   return z, grads
 
 
-def _noisy_jacobian_rows(f, flux, noise_scale, star_index, key, num_draws):
-  """(M, 3, B, P): the Jacobian rows at the MC's noisy copies d = 1…M.
+def _noisy_jacobian_rows(f, x, noise_scale, star_index, key, num_draws):
+  """{name: (M, 3, B, …)}: the Jacobian rows at the MC's noisy copies d = 1…M.
 
   The M copies go through as one batch of M·B rows (rows do not interact): XLA's CPU
   convolutions inside a loop (``lax.map``) ran ~7× slower than this in one call.
   """
-  batch, n_pix = flux.shape
+  names = sorted(x)
+  batch = star_index.shape[0]
   draws = jnp.arange(1, num_draws + 1, dtype=jnp.uint32)
   keys = jax.vmap(lambda d: jax.vmap(lambda i: draw_key(key, i, d))(star_index))(draws)
-  eps = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (n_pix,), flux.dtype)))(keys)
-  noisy = (flux[None] + eps * noise_scale[None]).reshape(num_draws * batch, n_pix)
-  _, grads = _jacobian_rows(f, noisy)  # (3, M·B, P)
-  return jnp.moveaxis(grads.reshape(-1, num_draws, batch, n_pix), 1, 0)
+  noisy = {}
+  for j, name in enumerate(names):
+    tail = x[name].shape[1:]
+    eps = _draw_noise(keys, j, tail, x[name].dtype)
+    noisy[name] = (x[name][None] + eps * noise_scale[name][None]).reshape(num_draws * batch, *tail)
+  _, grads = _jacobian_rows(f, noisy)  # {name: (3, M·B, …)}
+  return {name: jnp.moveaxis(g.reshape(g.shape[0], num_draws, batch, *g.shape[2:]), 1, 0)
+          for name, g in grads.items()}
 
 
 def _jvp_variance(f, flux, noise_scale, pixel_chunk):
@@ -294,13 +356,17 @@ def _jvp_variance(f, flux, noise_scale, pixel_chunk):
   return z, var
 
 
-def model_apply_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
-  """``(params, flux) -> standardised predictions`` for a flax linen APOGEENet, eval mode."""
+def model_apply_fn(model) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
+  """``(params, inputs) -> standardised predictions`` of a flax linen module of any family,
+  eval mode, its named inputs passed as keywords. ``params``: the parameter tree, or for a
+  network with state its Flax variables {'params': …, 'batch_stats': …} (``checkpoint.load_params``
+  returns them so): eval mode uses the running statistics, a deterministic function."""
   return functools.partial(_apply, model)
 
 
-def _apply(model, params, flux):
-  return model.apply({'params': params}, flux, train=False)
+def _apply(model, params, inputs):
+  variables = params if 'params' in params else {'params': params}
+  return model.apply(variables, **inputs, train=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,7 +380,7 @@ def _apply(model, params, flux):
 class Estimator:
   """One way of making σ_noise.
 
-  make_fn: (settings, apply_fn) → ``fn(params, flux, noise_scale, star_index, key)`` → (z, σ_z).
+  make_fn: (settings, apply_fn) → ``fn(params, inputs, noise_scale, star_index, key)`` → (z, σ_z).
   pred_desc, err_desc: what the catalogue's *_PRED and *_ERR_NOISE columns then hold.
   fields: the ``MCSettings`` fields of its own that change its numbers (recorded with the run).
   draws: whether ``MCSettings.mc`` noisy draws are made (else 'mc' is recorded as 0).
@@ -358,6 +424,9 @@ class MCSettings:
   seed: PRNG seed of the draws. draw_chunk: draws evaluated together (device memory).
   linear_draws: 'linear' only: M ≥ 2 (default 2) = the noise-averaged Jacobian from M of the
     MC's draws; 0 = the Jacobian at the spectrum (delta method) (``make_linear_fn``).
+  photometry_noise: also perturb a family's 'metadata' input (APOGEE Net II's photometry) by its
+    catalogue errors 'metadata_err' (beyond the authors, who perturb the flux only); values
+    that are missing (non-finite or ≥ 98) or have no finite error get none.
   """
   mc: int = PAPER_NUM_DRAWS
   estimator: str = 'mc'
@@ -365,6 +434,7 @@ class MCSettings:
   seed: int = 0
   draw_chunk: int = DEFAULT_DRAW_CHUNK
   linear_draws: int = DEFAULT_LINEAR_DRAWS
+  photometry_noise: bool = False
 
   def __post_init__(self):
     problems = [f'--{name} must be >= {least}, got {value}'
@@ -392,17 +462,30 @@ class MCSettings:
     calibration record): 'sigma', 'mc' (draws actually made), 'error_cap', 'seed' and the
     estimator's own fields."""
     source = SIGMA_SOURCES[self.sigma]
-    return {'sigma': self.sigma, 'mc': int(self.mc) if source.draws else 0,
-            'error_cap': self.error_cap, 'seed': int(self.seed),
-            **{name: getattr(self, name) for name in source.fields}}
+    out = {'sigma': self.sigma, 'mc': int(self.mc) if source.draws else 0,
+           'error_cap': self.error_cap, 'seed': int(self.seed),
+           **{name: getattr(self, name) for name in source.fields}}
+    if self.photometry_noise:  # Recorded only when on: records made before it stay equal.
+      out['photometry_noise'] = True
+    return out
 
-  def noise_scale(self, flux_err: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The per-pixel noise scale of a batch (``prepare_errors``); zeros when no σ is wanted."""
-    if self.sigma == NO_SIGMA:
-      return np.zeros(shape, np.float32)
-    return prepare_errors(flux_err, self.error_cap)
+  def noise_scale(self, batch: Mapping[str, np.ndarray], input_names: Sequence[str]
+                  ) -> dict[str, np.ndarray]:
+    """The noise scale of a batch by input name: the flux's per pixel (``prepare_errors`` of
+    'flux_err'), and with ``photometry_noise`` the metadata's (``photometry_errors``) when the
+    model reads it; zeros when no σ is wanted."""
+    scales = {}
+    if 'flux' in input_names:
+      scales['flux'] = (np.zeros(np.shape(batch['flux']), np.float32) if self.sigma == NO_SIGMA
+                        else prepare_errors(batch['flux_err'], self.error_cap))
+    if self.photometry_noise and 'metadata' in input_names and self.sigma != NO_SIGMA:
+      if 'metadata_err' not in batch:
+        raise UncertaintyError('--photometry_noise needs the photometric errors (*_ERR columns '
+                               'in the catalogue or the --metadata table)')
+      scales['metadata'] = photometry_errors(batch['metadata'], batch['metadata_err'])
+    return scales
 
   def make_fn(self, apply_fn: Callable, ensemble_size: int = 1) -> Callable:
-    """The jitted ``fn(params, flux, noise_scale, star_index, key)`` of these settings."""
+    """The jitted ``fn(params, inputs, noise_scale, star_index, key)`` of these settings."""
     fn = SIGMA_SOURCES[self.sigma].make_fn(self, apply_fn)
     return make_ensemble_fn(fn) if ensemble_size > 1 else fn

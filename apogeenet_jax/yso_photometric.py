@@ -23,7 +23,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,7 +33,8 @@ from astropy.table import Table
 
 from apogeenet_jax import checkpoint, epochs, sharding, steps, train_inputs, train_state
 from apogeenet_jax.label_sources import common, isochrones
-from apogeenet_jax.model import max_pool2, module_kwargs
+from apogeenet_jax.models import module_kwargs
+from apogeenet_jax.models.yso_photometric import YSOPhotometricNet
 from apogeenet_jax.normalization import Standardizer
 
 SOURCE = 'YSO'
@@ -42,34 +42,6 @@ META_KIND = 'yso_photometric'
 TEST_SCORES = 'synthetic_test.json'  # beside checkpoints/
 PROVENANCE = ('YSO (Olney+2020 sec. 2.4): photometric CNN trained on PARSEC isochrones; '
               '[Fe/H] = {fe_h:g} (isochrone metallicity)')
-
-
-class YSOPhotometricNet(nn.Module):
-  """3 × (Conv1d k=3 + ReLU + max-pool 2) → Dense → ReLU → Dense(num_targets).
-
-  Input (batch, 12) scaled FEATURES (see ``isochrones.normalise_features``); output (batch, 5)
-  standardised TARGETS.
-  """
-  channels: tuple[int, ...] = (32, 64, 128)
-  hidden: int = 256
-  num_targets: int = len(isochrones.TARGETS)
-  dropout_rate: float = 0.0
-  input_length: int = len(isochrones.FEATURES)
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    if x.ndim == 2:
-      x = x[..., None]
-    if x.shape[1:] != (self.input_length, 1):
-      raise ValueError(f'YSOPhotometricNet expects (batch, {self.input_length}), got {x.shape}')
-    for i, features in enumerate(self.channels):
-      x = nn.relu(nn.Conv(features, kernel_size=(3,), padding='SAME', name=f'conv{i + 1}')(x))
-      x = max_pool2(x)
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(self.hidden, name='fc1')(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.relu(x)
-    return nn.Dense(self.num_targets, name='fc2')(x)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -106,7 +78,7 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None 
     order = np.random.default_rng(seed).permutation(n)
     for start in range(0, n - batch_size + 1, batch_size):
       idx = order[start:start + batch_size]
-      yield {'flux': x[idx], 'labels': y[idx], 'data_type': np.zeros(len(idx), np.int32)}
+      yield {'inputs': {'features': x[idx]}, 'labels': y[idx], 'data_type': np.zeros(len(idx), np.int32)}
     return
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
@@ -114,7 +86,7 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None 
     mask = np.zeros(size, bool)
     mask[:len(idx)] = True
     idx = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
-    yield {'flux': x[idx], 'labels': y[idx], 'data_type': np.zeros(size, np.int32),
+    yield {'inputs': {'features': x[idx]}, 'labels': y[idx], 'data_type': np.zeros(size, np.int32),
            'mask': mask}
 
 
@@ -155,11 +127,12 @@ def train(iso: Table, workdir: str, config: ml_collections.ConfigDict) -> dict[s
   for epoch in range(config.max_epochs):
     batches = _batches(x_train, y_train, config.batch_size, seed=config.seed * 100_003 + epoch)
     state, _, _ = epochs.train_epoch(
-        state, train_steps, train_inputs.stream_inputs(batches, standardizer, mesh),
+        state, train_steps, train_inputs.stream_inputs(batches, ('features',), standardizer, mesh),
         batch_size=config.batch_size, num_batches=num_batches, progress=False)
     dev = epochs.evaluate_split(
         state.params, eval_step, _batches(x_dev, y_dev, config.eval_batch_size,
-                                          pad_to=mesh.devices.size), standardizer, mesh, 'dev')
+                                          pad_to=mesh.devices.size), ('features',),
+        standardizer, mesh, 'dev')
     state = state.replace(epoch=state.epoch + 1, epoch_step=jnp.int32(0))
     state, improved = epochs.update_early_stopping(state, dev['dev_loss'], config.min_delta)
     state = sharding.replicate(state, mesh)

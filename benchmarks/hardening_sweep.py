@@ -93,7 +93,7 @@ _MAKE_CHECKPOINT = '''
 import jax, jax.numpy as jnp, sys
 from apogeenet_jax import checkpoint
 from apogeenet_jax.constants import N_PIXELS
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.models.apogee_net import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
 model = APOGEENet(channels=(4, 4), hidden=(16,), flux_scaling=sys.argv[2])
 params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, N_PIXELS)))['params']

@@ -94,9 +94,9 @@ class Paths:
     if path == 'stream':
       batches = input_pipeline.train_batches(self.source, self.batch, seed=0, epoch=epoch,
                                              num_threads=_THREADS.value)
-      return train_inputs.stream_inputs(batches, self.standardizer, self.mesh, k)
+      return train_inputs.stream_inputs(batches, ('flux',), self.standardizer, self.mesh, k)
     if path == 'memory, host RAM':
-      return train_inputs.memory_inputs(self.arrays, rows, self.standardizer, self.mesh, k)
+      return train_inputs.memory_inputs(self.arrays, rows, ('flux',), self.standardizer, self.mesh, k)
     dtype = 'bfloat16' if 'bfloat16' in path else 'float32'
     return train_inputs.resident_inputs(self.resident[dtype], rows, self.mesh, k)
 

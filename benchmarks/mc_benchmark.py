@@ -108,7 +108,7 @@ def _jax_model(ensemble_size=1):
   import jax
   import jax.numpy as jnp
 
-  from apogeenet_jax.model import APOGEENet
+  from apogeenet_jax.models.apogee_net import APOGEENet
   model = (APOGEENet(channels=(8, 8, 16, 16), hidden=(64, 64)) if _MODEL.value == 'small'
            else APOGEENet())
   init = jax.jit(model.init)
@@ -137,7 +137,8 @@ def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1, linear_mo
   flux = np.concatenate([flux, flux[:pad]])
   err = np.concatenate([err, err[:pad]])
   idx = np.arange(len(flux), dtype=np.uint32)
-  jax.block_until_ready(fn(params, flux[:batch_size], uncertainty.prepare_errors(err[:batch_size]),
+  jax.block_until_ready(fn(params, {'flux': flux[:batch_size]},
+                           {'flux': uncertainty.prepare_errors(err[:batch_size])},
                            idx[:batch_size], key))  # compile
 
   def run():
@@ -145,7 +146,8 @@ def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1, linear_mo
     outs = []
     for s in range(0, len(flux), batch_size):
       scale = uncertainty.prepare_errors(err[s:s + batch_size])  # error preparation included
-      outs.append(fn(params, flux[s:s + batch_size], scale, idx[s:s + batch_size], key))
+      outs.append(fn(params, {'flux': flux[s:s + batch_size]}, {'flux': scale},
+                      idx[s:s + batch_size], key))
     jax.block_until_ready(outs)
     return time.perf_counter() - t0
 
@@ -205,9 +207,9 @@ def jvp_seconds_per_star(flux, err, n_stars):
   model, params = _jax_model()
   fn = uncertainty.make_linear_fn(uncertainty.model_apply_fn(model), mode='jvp')
   flux, scale = flux[:n_stars], uncertainty.prepare_errors(err[:n_stars])
-  jax.block_until_ready(fn(params, flux, scale, None, None))
+  jax.block_until_ready(fn(params, {'flux': flux}, {'flux': scale}, None, None))
   t0 = time.perf_counter()
-  jax.block_until_ready(fn(params, flux, scale, None, None))
+  jax.block_until_ready(fn(params, {'flux': flux}, {'flux': scale}, None, None))
   return (time.perf_counter() - t0) / n_stars
 
 

@@ -27,7 +27,9 @@ from absl import app, flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apogeenet_jax import model as model_lib  # noqa: E402
+from apogeenet_jax.constants import N_PIXELS  # noqa: E402
+from apogeenet_jax.models import apogee_net as model_lib  # noqa: E402
+from apogeenet_jax.models import layers  # noqa: E402
 from benchmarks.common import cpu_model  # noqa: E402
 
 _BATCH = flags.DEFINE_integer('batch_size', 400, 'Spectra per call (16 stars × 25 draws: 400).')
@@ -51,10 +53,10 @@ def _timer(fn, *args):
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
-  flux = rng.lognormal(3.0, 1.0, (_BATCH.value, model_lib.N_PIXELS)).astype(np.float32)
+  flux = rng.lognormal(3.0, 1.0, (_BATCH.value, N_PIXELS)).astype(np.float32)
   flux[:, :300] = 0.0  # bad pixels
   flux = jnp.asarray(flux)
-  bisect, sort = jax.jit(model_lib.good_pixel_median), jax.jit(_sorted_median)
+  bisect, sort = jax.jit(layers.good_pixel_median), jax.jit(_sorted_median)
   np.testing.assert_array_equal(np.asarray(bisect(flux)), np.asarray(sort(flux)))
   timers = {'median, bisection': _timer(bisect, flux), 'median, sort': _timer(sort, flux)}
   for name, scaling, median in (('forward, raw flux', 'none', None),
@@ -66,7 +68,7 @@ def main(argv):
     if median is None:
       timers[name] = _timer(forward, params, flux)
     else:  # traced with the sort in place of the bisection
-      with mock.patch.object(model_lib, 'good_pixel_median', median):
+      with mock.patch.object(layers, 'good_pixel_median', median):
         timers[name] = _timer(forward, params, flux)
   times = {name: [] for name in timers}
   for _ in range(_ROUNDS.value):

@@ -29,19 +29,19 @@ from benchmarks.common import cpu_model  # noqa: E402
 # The recipe before the flux scaling and batch were measured: dropout 0.1 and batch 128, as in
 # configs/paper.py, 8 epochs, the plain MSE, no noise augmentation. Each candidate states all it
 # changes, so a row means the same whatever the base config's defaults are now (configs/demo.py).
-_BEFORE = {'dropout_rate': 0.1, 'batch_size': 128, 'max_epochs': 8, 'loss_weights': '1,1,1',
+_BEFORE = {'model.dropout_rate': 0.1, 'batch_size': 128, 'max_epochs': 8, 'loss_weights': '1,1,1',
            'noise_augmentation': 0.0}
-_LOG_NO_DROPOUT = {'flux_scaling': 'log_median', 'dropout_rate': 0.0, 'max_epochs': 8,
+_LOG_NO_DROPOUT = {'model.flux_scaling': 'log_median', 'model.dropout_rate': 0.0, 'max_epochs': 8,
                    'loss_weights': '1,1,1', 'noise_augmentation': 0.0}
 
 # name → config overrides (train.py flags without the --config. prefix).
 CANDIDATES = {
-    'raw': {**_BEFORE, 'flux_scaling': 'none'},  # raw flux over one constant (the old default)
-    'median': {**_BEFORE, 'flux_scaling': 'median'},
-    'log_median': {**_BEFORE, 'flux_scaling': 'log_median'},
-    'median_16_epochs': {**_BEFORE, 'flux_scaling': 'median', 'max_epochs': 16},
-    'log_median_16_epochs': {**_BEFORE, 'flux_scaling': 'log_median', 'max_epochs': 16},
-    'median_batch_64': {**_BEFORE, 'flux_scaling': 'median', 'batch_size': 64},
+    'raw': {**_BEFORE, 'model.flux_scaling': 'none'},  # raw flux over one constant (the old default)
+    'median': {**_BEFORE, 'model.flux_scaling': 'median'},
+    'log_median': {**_BEFORE, 'model.flux_scaling': 'log_median'},
+    'median_16_epochs': {**_BEFORE, 'model.flux_scaling': 'median', 'max_epochs': 16},
+    'log_median_16_epochs': {**_BEFORE, 'model.flux_scaling': 'log_median', 'max_epochs': 16},
+    'median_batch_64': {**_BEFORE, 'model.flux_scaling': 'median', 'batch_size': 64},
     'log_median_no_dropout': {**_LOG_NO_DROPOUT, 'batch_size': 128},
     'no_dropout_batch_64': {**_LOG_NO_DROPOUT, 'batch_size': 64},
     'no_dropout_batch_32': {**_LOG_NO_DROPOUT, 'batch_size': 32},  # the default

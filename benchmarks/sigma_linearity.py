@@ -57,9 +57,9 @@ def main(argv):
   batches, _ = prediction.split_batches(_DATA_DIR.value, _SPLIT.value, _NUM_STARS.value)
   batch = next(iter(batches))
   keep = np.asarray(batch['mask'])
-  flux = jnp.asarray(batch['flux'][keep])
-  scale = jnp.asarray(uncertainty.prepare_errors(batch['flux_err'][keep]))
-  n = int(flux.shape[0])
+  flux = {'flux': jnp.asarray(batch['flux'][keep])}  # the model's inputs
+  scale = {'flux': jnp.asarray(uncertainty.prepare_errors(batch['flux_err'][keep]))}
+  n = int(flux['flux'].shape[0])
   index = jnp.arange(n, dtype=jnp.uint32)
   key = jax.random.PRNGKey(0)
 

@@ -76,7 +76,7 @@ def jax_step_fn(batch: dict, ensemble_size: int = 1, unroll_members: bool | None
   state = sharding.replicate(
       train_state.create_ensemble_state(0, model, tx, ensemble_size=ensemble_size), mesh)
   step = steps.make_train_step(model, tx, mesh, ensemble_size, unroll_members)
-  device_batch = train_inputs.device_batch(batch, PAPER_STANDARDIZER, mesh)
+  device_batch = train_inputs.device_batch(batch, ('flux',), PAPER_STANDARDIZER, mesh)
   holder = [state]
 
   def run():

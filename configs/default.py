@@ -48,7 +48,7 @@ survey, batch 128, docs/training.md "Training recipes", benchmarks/convergence_b
 
 import ml_collections
 
-from apogeenet_jax.model import PAPER_CHANNELS, PAPER_HIDDEN
+from apogeenet_jax.models.apogee_net import PAPER_CHANNELS, PAPER_HIDDEN
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -108,21 +108,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 2.47 × the bound, against 2.37 / 2.21 / 2.86 without; best dev MSE 0.00038 against 0.00047
   # (docs/training.md). It needs the whole schedule: see early_stopping_from_epoch.
   config.noise_augmentation = 1.0
-  config.dropout_rate = 0.0  # §3.3 has 0.1 (configs/paper.py): measured worse, docstring
   # Initialisation (the paper names none): 'he' = He-normal kernels, zero biases, which keep the
   # difference between spectra alive through the 12 ReLU convolutions; 'torch' = U(±1/√fan_in)
   # (PyTorch's default, what the authors' code started from) loses it; 'flax' = LeCun normal.
   config.init = 'he'
   # Zero output layer: training starts from predicting the training mean (z = 0).
   config.zero_last_layer = True
-  # Before the first layer (both saved in the checkpoint's model config, so evaluation, the MC
-  # draws and the linear σ scale the flux the same way): each spectrum divided by its own level,
-  # flux_scaling = 'log_median' (log of flux over the median of its good pixels), 'median' (the
-  # ratio itself) or 'none' (raw flux, the paper's); then
-  # by one constant, input_scale: 0 = 1.0 after a per-spectrum scaling, else the median flux of
-  # the training set; 1.0 = raw flux as in the paper.
-  config.flux_scaling = 'log_median'
-  config.input_scale = 0.0
   config.seed = 0
   # Deep ensemble (not in the paper): K networks trained together in one vmapped step, member k
   # initialised from seed + k with its own dropout, all on the same batches; evaluation then
@@ -146,9 +137,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Targets (§3.1): 'fit' = μ, σ of this training split (the paper's rule); 'paper' = the
   # authors' released μ, σ (normalization.PAPER_STANDARDIZER).
   config.standardizer = 'fit'
-  # Model: the paper's architecture (Appendix B); tests set smaller channels/hidden. Both are
-  # present so that --config.model.channels=… overrides them from the command line.
-  config.model = ml_collections.ConfigDict({'channels': PAPER_CHANNELS, 'hidden': PAPER_HIDDEN})
+  # The model: every constructor argument of its family (apogeenet_jax/models/), and only here;
+  # the whole sub-config defines the run (a resume refuses any change). 'name' picks the family.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'apogee_net'  # APOGEE Net I, the paper's Appendix-B network
+  config.model.channels = PAPER_CHANNELS  # tests set smaller channels and hidden widths
+  config.model.hidden = PAPER_HIDDEN
+  config.model.dropout_rate = 0.0  # §3.3 has 0.1 (configs/paper.py): measured worse, docstring
+  # Before the first layer (recorded in the checkpoint, so evaluation, the MC draws and the
+  # linear σ scale the flux the same way): each spectrum divided by its own level,
+  # flux_scaling = 'log_median' (log of flux over the median of its good pixels), 'median' (the
+  # ratio itself) or 'none' (raw flux, the paper's); then by one constant, input_scale: 0 = 1.0
+  # after a per-spectrum scaling, else the median flux of the training set; 1.0 = raw flux as in
+  # the paper.
+  config.model.flux_scaling = 'log_median'
+  config.model.input_scale = 0.0
   # Adaptation (§3.4): off here, see configs/adapt.py.
   config.adapt = False
   config.init_from = ''

@@ -32,8 +32,8 @@ def get_config():
   config.optim.lr_batch_scaling = 'none'
   config.init = 'torch'
   config.zero_last_layer = False
-  config.flux_scaling = 'none'
-  config.input_scale = 1.0
-  config.dropout_rate = 0.1  # §3.3 (the measured default trains without)
+  config.model.flux_scaling = 'none'
+  config.model.input_scale = 1.0
+  config.model.dropout_rate = 0.1  # §3.3 (the measured default trains without)
   config.batch_size = 128  # §3.3 (the measured default: 32)
   return config

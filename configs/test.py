@@ -17,7 +17,7 @@ def get_config():
   config.batch_size = 8
   config.eval_batch_size = 8
   config.optim.learning_rate = 0.01
-  config.dropout_rate = 0.0
+  config.model.dropout_rate = 0.0
   config.max_epochs = 4
   config.patience = 5
   config.num_threads = 2

@@ -47,9 +47,11 @@ def _survey(manual):
   truncated.write_bytes(good.read_bytes()[:20_000])
   garbage = bad_dir / 'apStar-r8-2M88000002+0000002.fits'
   garbage.write_bytes(b'SIMPLE  =    T / not really\n' + bytes(range(256)) * 20)
+  no_photometry = [np.nan] * (len(catalog.colnames) - 8)
   for apogee_id in ('2M88000001+0000001', '2M88000002+0000002'):
-    catalog.add_row((apogee_id, 4.0, 3500.0, 0.0, 'MStar', 0.0, 1, 'mdwarf'))
-  catalog.add_row(('2M88000003+0000003', 4.0, 3600.0, 0.0, 'MStar', 0.0, 1, 'mdwarf'))  # No file.
+    catalog.add_row((apogee_id, 4.0, 3500.0, 0.0, 'MStar', 0.0, 1, 'mdwarf', *no_photometry))
+  catalog.add_row(('2M88000003+0000003', 4.0, 3600.0, 0.0, 'MStar', 0.0, 1, 'mdwarf',
+                   *no_photometry))  # No file.
   catalog.write(manual / 'labels.fits', overwrite=True)
 
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from apogeenet_jax import checkpoint
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.models.apogee_net import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER
 
 
@@ -194,3 +194,46 @@ def test_closed_loop_callbacks_after_a_failed_save_are_dropped_and_others_kept()
     hook(types.SimpleNamespace(exc_value=RuntimeError(message)))
   hook(types.SimpleNamespace(exc_value=ValueError('Event loop is closed')))
   assert seen == ['something else', 'Event loop is closed']
+
+
+_LEGACY = os.path.join(os.path.dirname(__file__), 'fixtures', 'legacy_apogee_net')
+
+
+def test_a_checkpoint_from_before_the_model_registry_predicts_bit_for_bit(tmp_path):
+  """A checkpoint written by the code before the registry (no family name in its meta,
+  flux_scaling a top-level config field; fixtures/legacy_apogee_net/make_fixture.py) loads as
+  an APOGEE Net I and gives the predictions that code gave, to the last bit."""
+  from test_training import fake_source
+
+  from apogeenet_jax import models, uncertainty
+  shutil.copytree(_LEGACY, tmp_path / 'legacy')
+  params, meta = checkpoint.load_params(str(tmp_path / 'legacy' / 'checkpoints'))
+  assert 'name' not in meta['model'] and meta['config']['flux_scaling'] == 'log_median'
+  model = checkpoint.model_from_meta(meta)
+  assert models.family_of(model).name == 'apogee_net'
+  assert model.flux_scaling == 'log_median' and model.channels == (2, 2)
+  want = np.load(os.path.join(_LEGACY, 'predictions.npy'))
+  assert np.ptp(want, axis=0).min() > 0.1  # the outputs differ between spectra
+  flux = np.stack([e['flux'] for e in fake_source(12, 1)])
+  got = np.asarray(uncertainty.model_apply_fn(model)(params, {'flux': flux}))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_a_run_from_before_the_model_registry_resumes_with_its_model_fields_in_config_model(
+    tmp_path):
+  """Its top-level flux_scaling / input_scale / dropout_rate are read as config.model's: the
+  same run resumes, another flux_scaling is refused by name."""
+  from apogeenet_jax import resume
+  from configs import default
+  shutil.copytree(_LEGACY, tmp_path / 'legacy')
+  _, meta = checkpoint.load_params(str(tmp_path / 'legacy' / 'checkpoints'))
+  config = default.get_config()
+  for key, value in meta['config'].items():
+    if key not in ('model', 'optim', 'flux_scaling', 'input_scale', 'dropout_rate'):
+      setattr(config, key, value)
+  config.optim.update(meta['config']['optim'])
+  config.model.channels, config.model.hidden = (2, 2), (4,)
+  resume.check_same_run(meta, config.to_dict(), tmp_path)
+  config.model.flux_scaling = 'median'
+  with pytest.raises(resume.ResumeMismatchError, match=r"model\.flux_scaling: 'log_median'"):
+    resume.check_same_run(meta, config.to_dict(), tmp_path)

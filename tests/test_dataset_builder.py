@@ -13,7 +13,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 import tfds_apogee  # noqa: F401  (registers 'apogee')
-from apogeenet_jax import apstar, constants, labels, synthetic
+from apogeenet_jax import apstar, constants, input_pipeline, labels, synthetic
 from tfds_apogee import build as build_lib
 from tfds_apogee.apogee import apogee_dataset_builder, make_dummy_data
 
@@ -58,11 +58,15 @@ def test_dummy_data_build_and_read_back(tmp_path):
       _assert_bitwise_equal(record['labels'], star.labels)
       assert constants.DATA_TYPES[record['data_type']] == star.data_type
       assert record['snr'] == np.float32(spectrum.snr)
+      # No photometry columns in this catalogue: the features exist, all NaN.
+      assert record['metadata'].shape == (7,) and np.isnan(record['metadata']).all()
+      assert np.isnan(record['metadata_err']).all()
       assert record['ra'] == spectrum.ra and record['dec'] == spectrum.dec
       assert _text(record['telescope']) == 'SYNTHETIC'
       assert _text(record['field']) == spectrum.field
   assert len(seen) == 5
-  report = labels.read_problems(tmp_path / 'apogee' / '1.0.0' / apogee_dataset_builder.SKIP_REPORT)
+  report = labels.read_problems(tmp_path / 'apogee' / str(apogee_dataset_builder.Builder.VERSION)
+                               / apogee_dataset_builder.SKIP_REPORT)
   by_id = {p.apogee_id: p for p in report}
   assert set(by_id) == {make_dummy_data.BAD_FILE_ID, make_dummy_data.MISSING_FILE_ID}
   assert 'not a readable FITS' in by_id[make_dummy_data.BAD_FILE_ID].reason
@@ -129,7 +133,7 @@ def test_bad_files_are_skipped_and_reported(tmp_path, real_apstar_files, monkeyp
   text.write_text('hello')
   for path in (truncated, wrong_grid, text):
     catalog.add_row((apstar.apogee_id_from_filename(path), 4.0, 3500.0, 0.0, 'YSO', 0.0, 1,
-                     'mdwarf'))
+                     'mdwarf', *[np.nan] * (len(catalog.colnames) - 8)))  # No photometry.
   catalog.write(manual / 'labels.fits', overwrite=True)
 
   # Windows of 2 x 4 files: the 33 files cross several reader windows, bad ones included.
@@ -174,7 +178,7 @@ def test_rebuild_with_changed_inputs_stops_unless_overwrite(tmp_path):
   table = Table.read(manual / 'labels.fits')
   table[:4].write(manual / 'labels.fits', overwrite=True)
   with pytest.raises(apogee_dataset_builder.StaleDatasetError,
-                     match=r'apogee/1\.0\.0.*other inputs.*--overwrite'):
+                     match=r'apogee/1\.1\.0.*other inputs.*--overwrite'):
     _build(manual, data)
   rebuilt = _build(manual, data, overwrite=True)
   assert sum(s.num_examples for s in rebuilt.info.splits.values()) == 4
@@ -402,3 +406,68 @@ def test_build_cli_flag_problems_are_one_line(tmp_path):
     assert proc.returncode != 0 and 'Traceback' not in err, (flags, err[-2000:])
     assert message in err, (flags, err[-500:])
   assert not (tmp_path / 'd').exists()
+
+
+# Photometry for APOGEE Net II: the `metadata` features (builder 1.1.0), and 1.0.0 records.
+
+
+def test_photometry_columns_become_metadata_features_nan_where_missing(tmp_path):
+  manual = tmp_path / 'manual'
+  synthetic.write_survey(manual, num_stars=8, seed=2, show_progress=False)
+  table = Table.read(manual / 'labels.fits')
+  table['G'][0] = np.nan  # No value,
+  table['J'][1] = 99.999  # the catalogues' "missing", stored as given,
+  del table['K_ERR']  # and a column the catalogue lacks.
+  table['SPLIT'] = ['train'] * 6 + ['dev', 'test']
+  table.write(manual / 'labels.fits', overwrite=True)
+  builder = _build(manual, tmp_path / 'data')
+  assert builder.info.metadata['metadata_columns_with_values'] == list(constants.METADATA_COLUMNS)
+  rows = {_text(r['apogee_id']): r for s in constants.SPLITS for r in _records(tmp_path / 'data', s)}
+  assert len(rows) == 8
+  for star in table:
+    record = rows[star['APOGEE_ID']]
+    want = np.array([star[c] for c in constants.METADATA_COLUMNS], np.float32)
+    want_err = np.array([star[c] if c in table.colnames else np.nan
+                         for c in constants.METADATA_ERR_COLUMNS], np.float32)
+    _assert_bitwise_equal(record['metadata'], want)  # NaN where NaN, bit for bit elsewhere.
+    _assert_bitwise_equal(record['metadata_err'], want_err)
+  assert np.isnan(rows[table['APOGEE_ID'][0]]['metadata'][1])
+  assert rows[table['APOGEE_ID'][1]]['metadata'][4] == np.float32(99.999)
+  source = input_pipeline.open_split(tmp_path / 'data', 'train')
+  assert input_pipeline.has_metadata(source)
+  batch = next(input_pipeline.eval_batches(source, 4))
+  assert batch['metadata'].shape == (4, 7) and batch['metadata'].dtype == np.float32
+
+
+class _BuilderWithoutMetadata(apogee_dataset_builder.Builder, skip_registration=True):
+  """The builder as it was at 1.0.0: no `metadata` features."""
+
+  name = 'apogee'
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    features = dict(super()._info().features)
+    for key in input_pipeline.METADATA_KEYS:
+      del features[key]
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
+                                          supervised_keys=('flux', 'labels'),
+                                          metadata=tfds.core.MetadataDict())
+
+  def _generate_examples(self, tasks, split=''):
+    for key, example in super()._generate_examples(tasks, split):
+      yield key, {k: v for k, v in example.items() if k not in input_pipeline.METADATA_KEYS}
+
+
+def test_records_built_without_metadata_still_read_for_net_one(tmp_path):
+  """A 1.0.0 data set reads as before (Net I's batches); a Net II run is refused in one line."""
+  old = _BuilderWithoutMetadata(data_dir=str(tmp_path))
+  old.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=DUMMY_DIR))
+  source = input_pipeline.open_split(tmp_path, 'train')
+  assert source.dataset_info.version == '1.0.0'
+  assert not input_pipeline.has_metadata(source)
+  batch = next(input_pipeline.eval_batches(source, 3))
+  assert batch['flux'].shape == (3, constants.N_PIXELS) and batch['mask'].all()
+  assert not set(input_pipeline.METADATA_KEYS) & set(batch)
+  with pytest.raises(input_pipeline.InputPipelineError, match=r'1\.0\.0.*metadata.*rebuild'):
+    input_pipeline.require_metadata(source)
+  assert not input_pipeline.has_metadata([{'flux': batch['flux'][0]}])

@@ -26,7 +26,7 @@ from apogeenet_jax import (
   uncertainty,
 )
 from apogeenet_jax.constants import BAD_PIXEL_ERROR, DATA_TYPES, N_PIXELS
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.models.apogee_net import APOGEENet
 from apogeenet_jax.normalization import PAPER_STANDARDIZER, Standardizer
 from apogeenet_jax.uncertainty import MCSettings
 

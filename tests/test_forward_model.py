@@ -10,12 +10,16 @@ import pytest
 from apogeenet_jax import forward_model, synthetic
 
 # (log g, Teff, [Fe/H]), scale, response (c1, c2), telluric: both sides of every clip of
-# line_strengths (Teff below 3500 K: no hydrogen lines; log g below 2: no pressure wings).
+# line_strengths (Teff below 3500 K: no hydrogen lines; log g below 2: no pressure wings; hot
+# stars above synthetic.HOT_LINE_ONSET: metal, molecular and CO-like lines fading, the metal
+# factor's floor above 12,500 K).
 CASES = [
     ((2.4, 4650.0, -0.3), 250.0, (0.0, 0.0), 0.0),
     ((1.2, 3900.0, -1.1), 17.0, (0.12, -0.04), 0.2),
     ((4.9, 3100.0, 0.2), 12000.0, (-0.1, 0.07), -0.3),
     ((4.3, 6400.0, 0.4), 900.0, (0.03, 0.02), 0.05),
+    ((4.2, 8200.0, -0.2), 400.0, (0.05, -0.03), 0.1),
+    ((3.7, 17500.0, 0.1), 3000.0, (-0.04, 0.02), -0.1),
 ]
 
 

@@ -216,3 +216,28 @@ def test_input_tables_that_are_special_files_are_refused_by_name(tmp_path):
     common.read_table(fifo)
   with pytest.raises(common.SourceTableError, match=r'not a regular file'):
     isochrones.read_cmd_file(zero)
+
+
+def test_photometry_columns_are_optional_nan_where_empty_and_kept_as_given(tmp_path):
+  """PLX … K and their errors in METADATA_COLUMNS order whatever the column order; an empty CSV
+  cell or an absent column is NaN; 99.999 (catalogues' "missing") stays 99.999."""
+  (tmp_path / 'labels.csv').write_text(
+      'APOGEE_ID,LOGG,TEFF,FE_H,DATA_TYPE,K,h,J,PLX,G,BP,RP,PLX_ERR\n'
+      '2M01+1,2.5,4700,0,Payne,9.1,9.2,99.999,1.5,12.0,12.4,11.5,0.03\n'
+      '2M02+2,4.5,3500,0,MStar,8.1,,8.5,,13.0,14.0,12.0,\n')
+  stars = labels.read_label_catalog(tmp_path / 'labels.csv')
+  np.testing.assert_array_equal(stars[0].metadata,
+                                np.float32([1.5, 12.0, 12.4, 11.5, 99.999, 9.2, 9.1]))
+  np.testing.assert_array_equal(stars[1].metadata,
+                                np.float32([np.nan, 13.0, 14.0, 12.0, 8.5, np.nan, 8.1]))
+  np.testing.assert_array_equal(stars[0].metadata_err, np.float32([0.03] + [np.nan] * 6))
+  assert np.isnan(labels.read_label_catalog(_write(tmp_path))[0].metadata).all()
+  (tmp_path / 'labels.csv').write_text(
+      'APOGEE_ID,LOGG,TEFF,FE_H,DATA_TYPE,G\n2M01+1,2.5,4700,0,Payne,bright\n')
+  with pytest.raises(labels.LabelCatalogError, match='G is not numeric'):
+    labels.read_label_catalog(tmp_path / 'labels.csv')
+
+
+def _write(tmp_path):
+  _table().write(tmp_path / 'plain.fits')
+  return tmp_path / 'plain.fits'

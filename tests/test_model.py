@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.models.apogee_net import APOGEENet
 
 PAPER_PARAM_COUNT = 4_655_275
 
@@ -87,7 +87,7 @@ def test_per_spectrum_scaling_makes_the_network_blind_to_the_flux_level(scaling)
 
 
 def test_median_scaling_divides_by_the_good_pixels_median():
-  from apogeenet_jax.model import scale_flux
+  from apogeenet_jax.models.layers import scale_flux
   flux = _spectra()
   scaled = np.asarray(scale_flux(jnp.asarray(flux), 'median'))
   np.testing.assert_allclose(np.median(scaled[:, 200:], axis=1), 1.0, rtol=1e-6)
@@ -100,7 +100,7 @@ def test_the_good_pixel_median_is_nanmedians_bit_for_bit_with_its_derivative(dty
   """The sort-free median (bisection on the bit patterns) against jnp.nanmedian of the positive
   pixels: values, forward and reverse derivatives, with ties, odd and even counts, rows with one
   or no good pixel."""
-  from apogeenet_jax.model import good_pixel_median
+  from apogeenet_jax.models.layers import good_pixel_median
 
   def reference(f):
     return jnp.nanmedian(jnp.where(f > 0, f, jnp.nan), axis=1)

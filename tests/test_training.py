@@ -29,6 +29,7 @@ from apogeenet_jax import (
     metric_writer,
     optimizer,
     preemption,
+    resume,
     sharding,
     steps,
     train_inputs,
@@ -69,10 +70,11 @@ def sources():
 
 
 def _config(optim=None, **overrides):
-  """configs/test.py with top-level ``overrides`` and ``optim`` fields (``config.optim``)."""
+  """configs/test.py with ``overrides`` (of ``config.model`` where it has the field, else
+  top-level) and ``optim`` fields (``config.optim``)."""
   config = test_config.get_config()
   for k, v in overrides.items():
-    setattr(config, k, v)
+    setattr(config.model if k in config.model else config, k, v)
   config.optim.update(optim or {})
   return config
 
@@ -126,7 +128,7 @@ def test_the_loss_weights_weight_the_training_loss(weights, expected):
   square = np.square(pred - std.transform(batch['labels']))
   want = square[:, 2].mean() if expected == 'fe_h' else square.mean()
   step = steps.make_train_step(model, tx, mesh, loss_weights=weights)
-  _, metrics = step(sharding.replicate(state, mesh), train_inputs.device_batch(batch, std, mesh))
+  _, metrics = step(sharding.replicate(state, mesh), train_inputs.device_batch(batch, ('flux',), std, mesh))
   np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
 
 
@@ -135,7 +137,7 @@ def test_noise_augmentation_trains_on_a_fresh_noisy_copy_with_the_mc_noise_scale
   step's own key (so each step sees new noise); a = 0 leaves the stored spectra alone."""
   model, tx, std, batch, mesh, state = _one_batch_step_setup()
   # Per-row, per-pixel scales, so a row or pixel mix-up changes the loss.
-  batch['noise'] = np.random.default_rng(0).uniform(0.5, 8.0, (8, 1024)).astype(np.float32)
+  batch['noise'] = {'flux': np.random.default_rng(0).uniform(0.5, 8.0, (8, 1024)).astype(np.float32)}
   state = state.replace(step=jnp.int32(7))
   targets = std.transform(batch['labels'])
 
@@ -146,7 +148,7 @@ def test_noise_augmentation_trains_on_a_fresh_noisy_copy_with_the_mc_noise_scale
   def step_loss(a):
     step = steps.make_train_step(model, tx, mesh, noise_augmentation=a)
     fresh = sharding.replicate(jax.tree.map(jnp.copy, state), mesh)  # the step donates it
-    _, metrics = step(fresh, train_inputs.device_batch(batch, std, mesh))
+    _, metrics = step(fresh, train_inputs.device_batch(batch, ('flux',), std, mesh))
     return float(metrics['loss'])
 
   # The key the step draws from: fold_in(fold_in(rng, step), device) as for dropout, then its
@@ -154,14 +156,15 @@ def test_noise_augmentation_trains_on_a_fresh_noisy_copy_with_the_mc_noise_scale
   key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(state.rng, 7), 0), 1)
   eps = np.asarray(jax.random.normal(key, batch['flux'].shape))
   clean = mse(batch['flux'])
-  noisy = mse(batch['flux'] + 2.0 * eps * batch['noise'])
+  noisy = mse(batch['flux'] + 2.0 * eps * batch['noise']['flux'])
   assert abs(noisy - clean) > 1e-3 * clean  # the noise matters, far above the tolerance
   np.testing.assert_allclose(step_loss(2.0), noisy, rtol=1e-5)
   np.testing.assert_allclose(step_loss(0.0), clean, rtol=1e-5)
   with pytest.raises(ValueError, match='noise scale'):
     steps.make_train_step(model, tx, mesh, noise_augmentation=1.0)(
         sharding.replicate(jax.tree.map(jnp.copy, state), mesh),
-        train_inputs.device_batch({k: v for k, v in batch.items() if k != 'noise'}, std, mesh))
+        train_inputs.device_batch({k: v for k, v in batch.items() if k != 'noise'}, ('flux',), std,
+                                  mesh))
 
 
 @pytest.mark.parametrize('n_devices', [2, 4])
@@ -187,7 +190,7 @@ def test_step_same_params_on_1_2_4_devices(n_devices):
       batch = {'flux': np.stack([e['flux'][:1024] for e in examples]),
                'labels': np.stack([e['labels'] for e in examples]),
                'data_type': np.array([e['data_type'] for e in examples], np.int32)}
-      state, m = step(state, train_inputs.device_batch(batch, std, mesh))
+      state, m = step(state, train_inputs.device_batch(batch, ('flux',), std, mesh))
       losses.append(float(m['loss']))
     return state, losses
 
@@ -226,7 +229,7 @@ def _run_steps(model, tx, state, batches, n_devices, ensemble_size):
   step = steps.make_train_step(model, tx, mesh, ensemble_size)
   state = sharding.replicate(jax.device_get(state), mesh)  # a copy: the step donates its input
   for batch in batches:
-    state, m = step(state, train_inputs.device_batch(batch, std, mesh))
+    state, m = step(state, train_inputs.device_batch(batch, ('flux',), std, mesh))
   return jax.device_get(state), m
 
 
@@ -305,7 +308,7 @@ def test_pairwise_pool_same_outputs_and_gradients_as_reduce_window():
   ties (ReLU zeros) included, odd lengths floored."""
   import flax.linen as nn
 
-  from apogeenet_jax.model import max_pool2
+  from apogeenet_jax.models.layers import max_pool2
   x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (3, 101, 4)))
   ref = lambda x: nn.max_pool(x, (2,), (2,), padding='VALID')  # noqa: E731
   np.testing.assert_array_equal(max_pool2(x), ref(x))
@@ -338,7 +341,7 @@ def test_step_metrics_per_data_type_and_mask():
            'data_type': np.array([0, 1, 2, 1], np.int32),
            'mask': np.array([True, True, True, False])}
   std = Standardizer.fit(batch['labels'])
-  out = epochs.summarize(eval_step(params, train_inputs.device_batch(batch, std, mesh)), 'dev')
+  out = epochs.summarize(eval_step(params, train_inputs.device_batch(batch, ('flux',), std, mesh)), 'dev')
   pred = model.apply({'params': jax.device_get(params)}, batch['flux'][:3])
   per = np.mean((np.asarray(pred) - std.transform(batch['labels'][:3])) ** 2, axis=-1)
   assert out['dev_count'] == 3
@@ -769,7 +772,7 @@ def test_demo_config_trains_the_paper_network(tmp_path):
   demo trains the full Appendix-B network (learning itself: the short-run recipe test below)."""
   build = pytest.importorskip('tfds_apogee.build')
   from apogeenet_jax import synthetic
-  from apogeenet_jax.model import PAPER_CHANNELS, PAPER_HIDDEN
+  from apogeenet_jax.models.apogee_net import PAPER_CHANNELS, PAPER_HIDDEN
   from configs import demo
   raw, tfds_dir = tmp_path / 'raw', tmp_path / 'tfds'
   synthetic.write_survey(raw, num_stars=600, seed=0, show_progress=False)
@@ -1007,12 +1010,12 @@ def test_resident_gather_matches_host_batches(n_devices):
   for batch_rows in rows:
     got = jax.device_get(gather(split, jnp.asarray(batch_rows, jnp.int32)))
     want = arrays.gather(batch_rows)
-    np.testing.assert_array_equal(got['flux'], want['flux'])
-    np.testing.assert_array_equal(got['noise'], want['noise'])
+    np.testing.assert_array_equal(got['inputs']['flux'], want['flux'])
+    np.testing.assert_array_equal(got['noise']['flux'], want['noise']['flux'])
     # The MC's noise scale of each spectrum: no noise on bad pixels, none above 5 medians.
     errors = preprocess_error(np.stack([_with_varied_errors(fake_source(22, 2), 3)[i]['flux_err']
                                         for i in batch_rows]))
-    np.testing.assert_array_equal(want['noise'], uncertainty.prepare_errors(errors))
+    np.testing.assert_array_equal(want['noise']['flux'], uncertainty.prepare_errors(errors))
     np.testing.assert_array_equal(got['targets'], std.transform(want['labels']))
     np.testing.assert_array_equal(got['data_type'], want['data_type'])
 
@@ -1057,7 +1060,7 @@ def test_overflowing_gradient_norm_stops_the_run_naming_the_step(tmp_path):
   config = default_config.get_config()
   config.model.channels, config.model.hidden = (4, 4), (16,)
   # Raw flux: a per-spectrum log scaling would bring 3e38 down to ~88 and nothing would overflow.
-  config.flux_scaling = 'none'
+  config.model.flux_scaling = 'none'
   config.batch_size, config.eval_batch_size, config.max_epochs = 8, 8, 1
   config.num_threads, config.log_every_steps = 2, 0
   with pytest.raises(train_state.TrainingError, match=r'non-finite gradient norm at step \d+'):
@@ -1097,16 +1100,16 @@ def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_p
 
 def test_a_run_saved_before_loss_weights_resumes_with_the_plain_mse_only(tmp_path):
   saved = {'config': {'data_dir': 'D', 'batch_size': 32}}  # no loss_weights: the plain MSE
-  training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+  resume.check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                    'loss_weights': [1.0, 1.0, 1.0]}, tmp_path)
   with pytest.raises(training.ResumeMismatchError, match='loss_weights'):
-    training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+    resume.check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                      'loss_weights': [1.0, 0.2, 1.4]}, tmp_path)
   # Nor noise_augmentation: it trained on the stored spectra.
-  training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+  resume.check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                    'noise_augmentation': 0.0}, tmp_path)
   with pytest.raises(training.ResumeMismatchError, match='noise_augmentation'):
-    training._check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
+    resume.check_same_run(saved, {'data_dir': 'D', 'batch_size': 32,
                                      'noise_augmentation': 1.0}, tmp_path)
 
 
@@ -1169,8 +1172,8 @@ def test_a_refused_max_epochs_change_is_named_with_the_way_to_make_it():
   end of the run it sets optim.decay_steps, a field the user never set: the refusal says so."""
   saved = {'config': {'max_epochs': 30, 'optim': {'lr_schedule': 'cosine', 'decay_steps': 300}}}
   new = {'max_epochs': 40, 'optim': {'lr_schedule': 'cosine', 'decay_steps': 400}}
-  with pytest.raises(training.ResumeMismatchError,
+  with pytest.raises(resume.ResumeMismatchError,
                      match=r'set by max_epochs 30 → 40.*--config\.optim\.decay_steps=300'):
-    training._check_same_run(saved, new, pathlib.Path('w'))
+    resume.check_same_run(saved, new, pathlib.Path('w'))
   kept = {'max_epochs': 40, 'optim': {'lr_schedule': 'cosine', 'decay_steps': 300}}
-  training._check_same_run(saved, kept, pathlib.Path('w'))  # a warning, and the run resumes
+  resume.check_same_run(saved, kept, pathlib.Path('w'))  # a warning, and the run resumes

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from apogeenet_jax import apstar, uncertainty
-from apogeenet_jax.model import APOGEENet
+from apogeenet_jax.models.apogee_net import APOGEENet
 from apogeenet_jax.preprocessing import BAD_PIXEL_ERROR, preprocess_error, preprocess_flux
 
 N_PIX = 8575
@@ -31,7 +31,7 @@ def _spectra(n, seed=0):
 def _mc(apply_fn, params, flux, scale, *, n=20, chunk=7, seed=0, index=None, first=True):
   fn = uncertainty.make_mc_fn(apply_fn, num_draws=n, draw_chunk=chunk, noiseless_first=first)
   index = np.arange(len(flux), dtype=np.uint32) if index is None else index
-  mean, std = fn(params, flux, scale, index, jax.random.PRNGKey(seed))
+  mean, std = fn(params, {'flux': flux}, {'flux': scale}, index, jax.random.PRNGKey(seed))
   return np.asarray(mean), np.asarray(std)
 
 
@@ -130,7 +130,7 @@ def test_draw_zero_is_noiseless_in_median_mode(tiny):
 def test_predict_fn_is_noiseless_with_nan_sigma(tiny):
   model, params, apply_fn = tiny
   flux, _ = _spectra(2, seed=6)
-  mean, std = uncertainty.make_predict_fn(apply_fn)(params, flux, None, None, None)
+  mean, std = uncertainty.make_predict_fn(apply_fn)(params, {'flux': flux}, None, None, None)
   np.testing.assert_allclose(mean, model.apply({'params': params}, flux, train=False), rtol=1e-6)
   assert np.all(np.isnan(std))
   with pytest.raises(uncertainty.UncertaintyError):
@@ -184,7 +184,7 @@ def test_ensemble_map_and_vmap_agree_and_share_the_draws(tiny):
   flux, err = _spectra(3)
   scale = uncertainty.prepare_errors(err)
   mc = uncertainty.make_mc_fn(apply_fn, num_draws=5, draw_chunk=2)
-  args = (flux, scale, np.arange(3, dtype=np.uint32), jax.random.PRNGKey(4))
+  args = ({'flux': flux}, {'flux': scale}, np.arange(3, dtype=np.uint32), jax.random.PRNGKey(4))
   mapped = [np.asarray(x) for x in uncertainty.make_ensemble_fn(mc)(stacked, *args)]
   vmapped = [np.asarray(x) for x in uncertainty.make_ensemble_fn(mc, vectorize=True)(stacked,
                                                                                      *args)]
@@ -240,7 +240,8 @@ def _analytic_jacobian(params):
 
 def _linear(apply_fn, params, flux, scale, mode='vjp', **kwargs):
   fn = uncertainty.make_linear_fn(apply_fn, mode=mode, **kwargs)
-  z, sigma = fn(params, flux, scale, np.arange(len(flux), dtype=np.uint32), jax.random.PRNGKey(0))
+  z, sigma = fn(params, {'flux': flux}, {'flux': scale}, np.arange(len(flux), dtype=np.uint32),
+                jax.random.PRNGKey(0))
   return np.asarray(z), np.asarray(sigma)
 
 
@@ -263,9 +264,9 @@ def test_linear_sigma_of_a_linear_network_is_the_analytic_sigma(linear_net):
     scale = uncertainty.prepare_errors(err, cap)
     expected = np.sqrt(np.einsum('ik,bi->bk', jac ** 2, scale.astype(np.float64) ** 2))
     for mode, fn in fns.items():
-      z, sigma = fn(params, flux, scale, None, None)
+      z, sigma = fn(params, {'flux': flux}, {'flux': scale}, None, None)
       np.testing.assert_allclose(sigma, expected, rtol=1e-5, err_msg=f'{cap} {mode}')
-      np.testing.assert_allclose(z, apply_fn(params, flux), rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(z, apply_fn(params, {'flux': flux}), rtol=1e-6, atol=1e-6)
 
 
 def test_forward_mode_gives_the_analytic_sigma_too():
@@ -279,7 +280,7 @@ def test_forward_mode_gives_the_analytic_sigma_too():
                                scale.astype(np.float64) ** 2))
   z, sigma = _linear(apply_fn, params, flux, scale, mode='jvp', pixel_chunk=128)
   np.testing.assert_allclose(sigma, expected, rtol=1e-5)
-  np.testing.assert_allclose(z, apply_fn(params, flux), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(z, apply_fn(params, {'flux': flux}), rtol=1e-6, atol=1e-6)
 
 
 def test_mc_of_a_linear_network_agrees_with_linear_within_sampling_error(linear_net):
@@ -320,7 +321,8 @@ def test_linear_is_batch_and_padding_independent(tiny):
 
 def _statlin(apply_fn, params, flux, scale, index, num_draws, key=0):
   fn = uncertainty.make_linear_fn(apply_fn, num_draws=num_draws)
-  z, sigma = fn(params, flux, scale, np.asarray(index, np.uint32), jax.random.PRNGKey(key))
+  z, sigma = fn(params, {'flux': flux}, {'flux': scale}, np.asarray(index, np.uint32),
+                jax.random.PRNGKey(key))
   return np.asarray(z), np.asarray(sigma)
 
 
@@ -332,7 +334,7 @@ def test_noise_averaged_jacobian_of_a_linear_network_is_the_analytic_sigma(linea
                                scale.astype(np.float64) ** 2))
   z, sigma = _statlin(apply_fn, params, flux, scale, range(3), num_draws=3)
   np.testing.assert_allclose(sigma, expected, rtol=1e-4)
-  np.testing.assert_allclose(z, apply_fn(params, flux), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(z, apply_fn(params, {'flux': flux}), rtol=1e-6, atol=1e-6)
 
 
 def test_noise_averaged_jacobian_is_unbiased_where_the_delta_method_is_not():
@@ -342,8 +344,9 @@ def test_noise_averaged_jacobian_is_unbiased_where_the_delta_method_is_not():
   With M = 2 draws the plain mean of the Jacobians would give Σ s²(E[J]² + Var J / 2), 5–15%
   too much here; the −v/M term removes that. Thousands of pixels average the per-pixel noise.
   """
-  def apply_fn(params, x):
+  def apply_fn(params, inputs):
     del params
+    x = inputs['flux']
     return jnp.stack([jax.nn.relu(x).sum(-1), jax.nn.relu(-x).sum(-1), x.sum(-1)], axis=-1)
 
   rng = np.random.default_rng(3)

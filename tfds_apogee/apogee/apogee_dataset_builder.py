@@ -52,6 +52,9 @@ _EXACT = tfds.features.Encoding.BYTES
 FLUX_LIMIT = apstar.FLUX_LIMIT
 # Where a build that fails for want of readable files leaves its report, in data_dir.
 FAILED_SKIP_REPORT = 'skipped-failed-build.csv'
+# The photometric features of APOGEE Net II (version 1.1.0 on): (7,) float32 each, in
+# constants.METADATA_COLUMNS order, NaN where the catalogue has no value or no such column.
+METADATA_FEATURE, METADATA_ERR_FEATURE = 'metadata', 'metadata_err'
 
 
 class StaleDatasetError(RuntimeError):
@@ -96,12 +99,15 @@ def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, s
   """Reads one apStar file into a TFDS example; never raises.
 
   Args:
-    task: (absolute path, path relative to manual_dir, catalogue row fields, split).
+    task: (absolute path, path relative to manual_dir, catalogue row fields (APOGEE ID, labels,
+      data type, metadata, metadata error; the last two may be absent: NaN), split).
 
   Returns:
     (apogee_id, example or None, reason or None).
   """
-  path, relative, (apogee_id, star_labels, data_type), _ = task
+  path, relative, fields, _ = task
+  apogee_id, star_labels, data_type = fields[:3]
+  metadata, metadata_err = (*fields[3:5], *[None] * (5 - max(len(fields), 3)))
   try:
     spectrum = apstar.read_apstar(path)
   except apstar.ApStarError as e:
@@ -125,19 +131,40 @@ def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, s
       'telescope': spectrum.telescope,
       'field': spectrum.field,
       'file': relative,
+      'metadata': _metadata_vector(metadata),
+      'metadata_err': _metadata_vector(metadata_err),
   }
   return apogee_id, example, None
+
+
+def _metadata_vector(values) -> np.ndarray:
+  """(7,) float32 in METADATA_COLUMNS order; all NaN when the catalogue had none (None)."""
+  if values is None:
+    return np.full(len(constants.METADATA_COLUMNS), np.nan, np.float32)
+  return np.asarray(values, np.float32).reshape(len(constants.METADATA_COLUMNS))
+
+
+def _floats(values) -> tuple[float, ...] | None:
+  """A catalogue row's metadata as plain floats (the Beam path's task lines are JSON)."""
+  return None if values is None else tuple(float(x) for x in values)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """APOGEE apStar spectra with (log g, Teff, [Fe/H]) labels."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES: ClassVar[dict[str, str]] = {'1.0.0': 'Initial release: raw flux, flux error, labels, metadata.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+      '1.0.0': 'Initial release: raw flux, flux error, labels, metadata.',
+      '1.1.0': ('Photometry for APOGEE Net II: features `metadata` and `metadata_err` (7 float32: '
+                'PLX mas, G, BP, RP, J, H, K mag) from the optional catalogue columns PLX … K and '
+                'PLX_ERR … K_ERR; NaN where missing, 99.999 kept as given. 1.0.0 records (without '
+                'them) still read for APOGEE Net I.'),
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Put the label catalogue at the top of manual_dir as labels.fits, labels.ecsv or labels.csv with
   columns APOGEE_ID, LOGG, TEFF, FE_H, DATA_TYPE (Payne/MStar/YSO) and optionally SPLIT
-  (train/dev/test) and FILE (apStar path relative to manual_dir). Put the apStar files
+  (train/dev/test), FILE (apStar path relative to manual_dir) and the photometry of APOGEE Net II
+  (PLX, G, BP, RP, J, H, K and PLX_ERR … K_ERR). Put the apStar files
   (apStar-<reduction>-<APOGEE_ID>.fits[.gz] or asStar-…) anywhere below manual_dir, e.g. as
   SDSS lays them out: <telescope>/<field>/apStar-r8-2M….fits. No data at hand?
   `python -m apogeenet_jax.synthetic --output_dir=M` writes a SYNTHETIC survey in this layout.
@@ -186,6 +213,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             'telescope': tfds.features.Text(),
             'field': tfds.features.Text(),
             'file': tfds.features.Text(doc='apStar path relative to manual_dir'),
+            METADATA_FEATURE: tfds.features.Tensor(
+                shape=(len(constants.METADATA_COLUMNS),), dtype=np.float32,
+                doc='PLX (mas), G, BP, RP, J, H, K (mag); NaN missing, >= 98 catalogue missing'),
+            METADATA_ERR_FEATURE: tfds.features.Tensor(
+                shape=(len(constants.METADATA_COLUMNS),), dtype=np.float32,
+                doc='errors of metadata, same order and units; NaN where missing'),
         }),
         supervised_keys=('flux', 'labels'),
         homepage='https://www.sdss4.org/dr14/irspec/',
@@ -296,7 +329,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       split = star.split or labels.assign_split(star.apogee_id, star.data_type, self._split_seed)
       tasks[split].append((path, labels.relative_path(path, root),
                            (star.apogee_id, tuple(float(x) for x in star.labels),
-                            star.data_type), split))
+                            star.data_type, _floats(star.metadata), _floats(star.metadata_err)),
+                           split))
     # The order in which the local path meets unreadable files (split by split, catalogue order
     # within each): the Beam path's reports come back in any order and are sorted by it.
     self._task_rank = {task[1]: i for i, task in
@@ -307,6 +341,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                                                 self._split_seed)
     self.info.metadata['label_names'] = list(constants.LABEL_NAMES)
     self.info.metadata['label_units'] = list(constants.LABEL_UNITS)
+    with_values = [any(s.metadata is not None and np.isfinite(s.metadata[j]) for s, _ in matched)
+                   for j in range(len(constants.METADATA_COLUMNS))]
+    self.info.metadata['metadata_columns'] = list(constants.METADATA_COLUMNS)
+    self.info.metadata['metadata_columns_with_values'] = [
+        c for c, v in zip(constants.METADATA_COLUMNS, with_values, strict=True) if v]
     empty = [s for s, t in tasks.items() if not t]
     if empty:
       logging.warning('apogee: no stars in split(s) %s; they are left out (training and '

@@ -1,0 +1,28 @@
+r"""APOGEE Net II (Sprague et al. 2022): the spectrum and its Gaia/2MASS photometry, log10 Teff.
+
+    python -m apogeenet_jax.synthetic --output_dir=data/net2/raw --num_stars=5000 --hot_fraction=0.1
+    python -m tfds_apogee.build --manual_dir=data/net2/raw --data_dir=data/net2/tfds
+    python train.py --config=configs/net2.py --workdir=workdirs/net2 --config.data_dir=data/net2/tfds
+
+The authors' architecture (``apogeenet_jax/models/apogee_net_2.py``: Net I's conv stack, a 7 → 64
+metadata MLP into fc1) with the project's recipe (configs/default.py: each spectrum as the log of
+its flux over its good-pixel median, Adam, global batch 32, no dropout, loss weights, noise
+augmentation on the flux, cosine decay, early stopping). The metadata's replacement values, means
+and stds are fitted on the training split (empty here), as the label standardiser is; the label
+standardiser works in log10 Teff. Needs records built with the photometry columns (PLX, G, BP,
+RP, J, H, K; docs/data.md): a data set without them is refused in one line.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.name = 'apogee_net_2'
+  config.model.metadata_widths = (8, 16, 32, 32, 64)  # the authors' metadata MLP
+  # Empty: fitted on the training split (models.apogee_net_2.fit_metadata); converted weights
+  # carry the authors' constants instead.
+  config.model.metadata_fill = ()
+  config.model.metadata_mean = ()
+  config.model.metadata_std = ()
+  return config
