@@ -176,6 +176,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     text = ' '.join(str(e.args[0] if e.args else e).replace('\\n', ' ').split())
     if guess := re.search(r'Did you mean "([\w.]+)" instead of "([\w.]+)"', text):
       text = f'no field {guess.group(2)!r} (did you mean {guess.group(1)!r}?)'
+    elif name := re.fullmatch(r"['\"\\]*([\w.]+)['\"\\]*", text):
+      text = f'no field {name.group(1)!r}'
     raise SystemExit(f'FATAL a --config override cannot be applied: {text}') from None
 
 

@@ -273,7 +273,7 @@ def bad_configs(sweep: Sweep, paths: dict) -> None:
            ('--config.loss_weights=(0.0,0.0,0.0)', 'loss_weights'),
            ('--config.patience=0', 'patience'), ('--config.patience=-1', 'patience'),
            ('--config.noise_augmentaton=1', 'noise_augmentation'),
-           ('--config.flux_scaling=bogus', 'flux_scaling')]
+           ('--config.model.flux_scaling=bogus', 'flux_scaling')]
   for k, (flag, message) in enumerate(cases):
     workdir = sweep.work / f'train_bad{k}'
     result = sweep.run('train.py', '--config=configs/test.py', f'--workdir={workdir}',

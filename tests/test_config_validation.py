@@ -11,7 +11,7 @@ import pytest
 from apogeenet_jax import config_validation, training
 from configs import test as test_config
 
-CONFIGS = ('default', 'paper', 'test', 'demo', 'adapt', 'yso')
+CONFIGS = ('default', 'paper', 'test', 'demo', 'adapt', 'yso', 'net2', 'net3', 'net3_small')
 
 
 def _bad_values(domain: str) -> list:
@@ -66,11 +66,12 @@ def test_model_fields_are_checked_under_config_model_too():
 @pytest.mark.parametrize('field,value', [('loss_weights', (1.0, 1.0, -1.0)),
                                          ('loss_weights', (0.0, 0.0, 0.0)),
                                          ('patience', 0), ('patience', -1),
-                                         ('flux_scaling', 'bogus')])
+                                         ('model.flux_scaling', 'bogus')])
 def test_training_refuses_a_bad_config_before_it_writes_anything(tmp_path, field, value):
   config = test_config.get_config()
   with config.unlocked():
-    config[field] = value
+    parent, _, leaf = field.rpartition('.')
+    (config[parent] if parent else config)[leaf] = value
   workdir = tmp_path / 'run'
   with pytest.raises(config_validation.ConfigError, match=rf'{field} must be'):
     training.train_and_evaluate(config, workdir, sources={'train': [], 'dev': []})
@@ -83,7 +84,8 @@ def test_train_py_bad_overrides_are_one_line_and_write_nothing(tmp_path):
   env.pop('XLA_FLAGS', None)
   cases = [('--config.noise_augmentaton=1', "no field 'noise_augmentaton' (did you mean "
             "'noise_augmentation'?)"),
-           ('--config.flux_scaling=bogus', "flux_scaling must be 'none', 'median'"),
+           ('--config.model.flux_scaling=bogus', "flux_scaling must be 'none', 'median'"),
+           ('--config.flux_scaling=median', "no field 'flux_scaling'"),  # moved to config.model
            ('--config.patience=0', 'patience must be an integer >= 1')]
   procs = [subprocess.Popen([sys.executable, str(root / 'train.py'),
                              f'--config={root}/configs/test.py', f'--workdir={tmp_path}/w{k}',
