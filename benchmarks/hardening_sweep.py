@@ -1,7 +1,5 @@
 r"""The hostile-user sweep: every case of the third hardening pass, on a fresh clone, one line each.
-
-    python benchmarks/hardening_sweep.py [--repo=.] [--work=/tmp/sweep] [--timeout=180]
-
+Usage: python benchmarks/hardening_sweep.py [--repo=.] [--work=/tmp/sweep] [--timeout=180].
 Clones ``--repo`` (its checked-out commit) into ``--work``, writes a small synthetic survey, builds
 it, makes a tiny checkpoint, then runs each command of the pass — special files named like apStar
 files, a failed ``--overwrite``, outputs that are not the program's, empty or absurd spectra, NaN
@@ -24,8 +22,7 @@ import subprocess
 import sys
 import time
 
-_MEMORY_LIMIT = 8 << 30
-_RESULTS = []
+_MEMORY_LIMIT, _RESULTS = 8 << 30, []
 
 
 def _limit_memory():
@@ -37,8 +34,7 @@ class Sweep:
 
   def __init__(self, repo: pathlib.Path, work: pathlib.Path, timeout: float):
     self.work, self.timeout = work, timeout
-    if work.exists():
-      shutil.rmtree(work)
+    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     self.clone = work / 'clone'
     subprocess.run(['git', 'clone', '--quiet', str(repo), str(self.clone)], check=True)
@@ -168,6 +164,12 @@ def _skipped(path: pathlib.Path) -> dict[str, str]:
   return reasons
 
 
+def _version_dir(data_dir: pathlib.Path) -> pathlib.Path:
+  """DATA_DIR/apogee/<version> of the one data set built there (any version)."""
+  found = sorted(data_dir.glob('apogee/*/dataset_info.json'))
+  return found[0].parent if found else data_dir / 'apogee' / 'missing'
+
+
 def special_files(sweep: Sweep, paths: dict) -> None:
   """Severe 1: /dev/zero and FIFOs named like apStar files, in every reader."""
   manual = sweep.work / 'manual_zero'
@@ -177,7 +179,7 @@ def special_files(sweep: Sweep, paths: dict) -> None:
   os.symlink('/dev/zero', victim)
   result = sweep.run('-m', 'tfds_apogee.build', f'--manual_dir={manual}',
                      f'--data_dir={sweep.work}/tfds_zero', '--num_workers=2')
-  reason = _skipped(sweep.work / 'tfds_zero' / 'apogee' / '1.0.0' / 'skipped.csv').get(
+  reason = _skipped(_version_dir(sweep.work / 'tfds_zero') / 'skipped.csv').get(
       victim.name, '')
   report('build: /dev/zero link among the apStar files', result['rc'] == 0 and
          'character device' in reason, f'rc {result["rc"]}, {result["seconds"]:.0f} s: {reason}')
@@ -217,11 +219,11 @@ def failed_overwrite(sweep: Sweep, paths: dict) -> None:
   nomatch = sweep.work / 'nomatch'
   nomatch.mkdir()
   shutil.copy(paths['manual'] / 'labels.fits', nomatch / 'labels.fits')
-  before = sorted(p.name for p in (paths['data'] / 'apogee' / '1.0.0').iterdir())
+  before = sorted(p.name for p in _version_dir(paths['data']).iterdir())
   result = sweep.run('-m', 'tfds_apogee.build', f'--manual_dir={nomatch}',
                      f'--data_dir={paths["data"]}', '--overwrite')
   ok, detail = one_line_error(result)
-  after = sorted(p.name for p in (paths['data'] / 'apogee' / '1.0.0').iterdir())
+  after = sorted(p.name for p in _version_dir(paths['data']).iterdir())
   report('build --overwrite with NOMATCH keeps the data set', ok and before == after, detail)
 
 
@@ -238,13 +240,13 @@ def outputs_owned(sweep: Sweep, paths: dict) -> None:
     ok &= result['rc'] == 0 and (out / 'figures' / 'my_plot.png').exists()
   report('evaluate keeps figures/my_plot.png (--figures true and false)', ok,
          f'my_plot.png {"kept" if ok else "lost or run failed"}')
-  for folder, what in ((paths['data'] / 'apogee' / '1.0.0', 'a built data set'),
+  for folder, what in ((_version_dir(paths['data']), 'a built data set'),
                        (paths['ckpt'], 'a checkpoint folder')):
     expect_error(sweep, f'evaluate --output_dir = {what}',
                  ['evaluate.py', f'--checkpoint={paths["ckpt"]}',
                   f'--apstar_dir={paths["good"].parent}', '--mc=0', f'--output_dir={folder}'],
                  what)
-  kept = (paths['data'] / 'apogee' / '1.0.0' / 'skipped.csv').exists()
+  kept = (_version_dir(paths['data']) / 'skipped.csv').exists()
   report("the build's skipped.csv is still there", kept, str(kept))
 
 
@@ -287,7 +289,7 @@ def resume_max_epochs(sweep: Sweep, paths: dict) -> None:
   import re
   base = ['train.py', '--config=configs/test.py', f'--workdir={sweep.work}/train_cos',
           f'--config.data_dir={paths["data"]}', '--config.optim.lr_schedule=cosine',
-          '--config.optim.learning_rate=1e-6']  # the raw-flux test recipe, kept finite
+          '--config.model.flux_scaling=log_median', '--config.model.input_scale=0']
   first = sweep.run(*base, '--config.max_epochs=1')
   if first['rc'] != 0:
     report('resume with another max_epochs', False, first['err'][-300:])

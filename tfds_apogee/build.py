@@ -92,8 +92,12 @@ class Terminated(BaseException):
   back). BaseException: no ``except Exception`` on the way may swallow it."""
 
 
+_SIGTERM_SEEN = []  # Beam wraps the exception it meets in its own: the flag says it was ours.
+
+
 def _raise_terminated(signum, frame):
   del signum, frame
+  _SIGTERM_SEEN.append(True)
   raise Terminated()
 
 
@@ -119,14 +123,16 @@ def main(argv):
   try:
     builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers,
                     overwrite=f.overwrite, beam_pipeline_options=f.beam_pipeline_options)
-  except Terminated:
-    raise SystemExit(f'FATAL build stopped by SIGTERM: its temporary files were removed and '
-                     f'{f.data_dir} holds what it held before') from None
   except apogee_dataset_builder.StaleDatasetError as e:
     raise app.UsageError(str(e)) from None
   except (apogee_dataset_builder.BuildError, labels.LabelCatalogError) as e:
     # Problems of the inputs, not bugs: one line that says what is wrong.
     raise SystemExit(f'FATAL {e}') from None
+  except BaseException:
+    if not _SIGTERM_SEEN:
+      raise
+    raise SystemExit(f'FATAL build stopped by SIGTERM: its temporary files were removed and '
+                     f'{f.data_dir} holds what it held before') from None
   report = epath.Path(builder.data_dir) / apogee_dataset_builder.SKIP_REPORT
   n_skipped = len(labels.read_problems(report)) if report.exists() else 0
   counts = {name: split.num_examples for name, split in builder.info.splits.items()}
