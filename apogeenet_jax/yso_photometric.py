@@ -78,7 +78,7 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None 
     order = np.random.default_rng(seed).permutation(n)
     for start in range(0, n - batch_size + 1, batch_size):
       idx = order[start:start + batch_size]
-      yield {'inputs': {'features': x[idx]}, 'labels': y[idx], 'data_type': np.zeros(len(idx), np.int32)}
+      yield {'features': x[idx], 'labels': y[idx], 'data_type': np.zeros(len(idx), np.int32)}
     return
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
@@ -86,7 +86,7 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None 
     mask = np.zeros(size, bool)
     mask[:len(idx)] = True
     idx = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
-    yield {'inputs': {'features': x[idx]}, 'labels': y[idx], 'data_type': np.zeros(size, np.int32),
+    yield {'features': x[idx], 'labels': y[idx], 'data_type': np.zeros(size, np.int32),
            'mask': mask}
 
 

@@ -301,7 +301,8 @@ def main(argv):
     if network is not None:
       if not np.array_equal(network['apogee_id'], bound['apogee_id']):
         raise RuntimeError('network predictions and records are not in the same order')
-      residual = network['pred'] - truth
+      # Predictions come in the catalogue's units (Teff in K) whatever the family predicts.
+      residual = cramer_rao.to_label_space(network['pred'], space) - truth
     print(f'label space: {space}; bound of the spectra'
           + (' and the photometry' if _WITH_PHOTOMETRY.value else ''))
     _table(bound, sigma, residual, space)
@@ -312,7 +313,7 @@ def main(argv):
   print(f'\nCramér–Rao bound (rms), {_names(space)}: {_fmt(crb, 4)}')
   for k, pred in enumerate(network.get('member_pred', ()) if network else ()):
     print(f'member {k} (seed + {k}): residual / Cramér–Rao (rms), {_names(space)}: '
-          f'{_fmt(_rms(pred - truth) / crb, 3)}')
+          f'{_fmt(_rms(cramer_rao.to_label_space(pred, space) - truth) / crb, 3)}')
   if residual is not None:
     print(f'residual / Cramér–Rao (rms), {_names(space)}: {_fmt(_rms(residual) / crb, 3)}')
 

@@ -75,7 +75,7 @@ def _physical(z: np.ndarray) -> np.ndarray:
   """Standardised (log g, log10 Teff, [Fe/H]) → (log g dex, Teff K, [Fe/H] dex), float64."""
   mean, std = (np.asarray(v) for v in apogee_net_2.AUTHORS_LABELS)
   values = np.asarray(z, np.float64) * std + mean
-  return models.get('apogee_net_2').label_space.to_catalogue(values)[0]
+  return models.get('apogee_net_2').label_space.to_catalogue(values)
 
 
 def test_parity_on_real_spectra_and_metadata(torch_model, converted, real_batch):

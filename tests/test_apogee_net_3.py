@@ -226,7 +226,7 @@ def test_config_round_trip():
   assert models.create(models.model_config(model)) == model
   assert models.get('apogee_net_3').input_shapes(model) == {'flux': (300,)}
   space = models.get('apogee_net_3').label_space
-  teff, _ = space.to_catalogue(np.array([[3.0, 3.7, 0.0]]))
+  teff = space.to_catalogue(np.array([[3.0, 3.7, 0.0]]))
   np.testing.assert_allclose(teff[0, 1], 10 ** 3.7)
 
 

@@ -18,11 +18,13 @@ from configs import default, net2
 
 
 def _tiny(config, **model):
-  """A fast variant of a config: tiny network, small batches, 2 epochs from the start, no
-  warm-up and a drawn output layer (so that the outputs differ between spectra at once)."""
+  """A fast variant of a config: tiny network, small batches, 2 epochs from the start, a
+  constant rate without warm-up and a drawn output layer (so that the outputs differ between
+  spectra at once)."""
   config.batch_size, config.eval_batch_size, config.max_epochs = 8, 8, 2
   config.num_threads, config.log_every_steps, config.early_stopping_from_epoch = 2, 0, 0
   config.noise_augmentation, config.zero_last_layer, config.optim.warmup_steps = 0.0, False, 0
+  config.optim.lr_schedule = 'constant'  # a run of 1 epoch resumes into one of 2
   config.model.update(model)
   return config
 

@@ -149,6 +149,15 @@ def _floats(values) -> tuple[float, ...] | None:
   return None if values is None else tuple(float(x) for x in values)
 
 
+def _photometry_metadata(stars) -> dict[str, list[str]]:
+  """metadata.json's record of the photometry columns, and which of them hold any value."""
+  with_values = [any(s.metadata is not None and np.isfinite(s.metadata[j]) for s in stars)
+                 for j in range(len(constants.METADATA_COLUMNS))]
+  return {'metadata_columns': list(constants.METADATA_COLUMNS),
+          'metadata_columns_with_values': [
+              c for c, v in zip(constants.METADATA_COLUMNS, with_values, strict=True) if v]}
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """APOGEE apStar spectra with (log g, Teff, [Fe/H]) labels."""
 
@@ -341,11 +350,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                                                 self._split_seed)
     self.info.metadata['label_names'] = list(constants.LABEL_NAMES)
     self.info.metadata['label_units'] = list(constants.LABEL_UNITS)
-    with_values = [any(s.metadata is not None and np.isfinite(s.metadata[j]) for s, _ in matched)
-                   for j in range(len(constants.METADATA_COLUMNS))]
-    self.info.metadata['metadata_columns'] = list(constants.METADATA_COLUMNS)
-    self.info.metadata['metadata_columns_with_values'] = [
-        c for c, v in zip(constants.METADATA_COLUMNS, with_values, strict=True) if v]
+    self.info.metadata.update(_photometry_metadata([star for star, _ in matched]))
     empty = [s for s, t in tasks.items() if not t]
     if empty:
       logging.warning('apogee: no stars in split(s) %s; they are left out (training and '
