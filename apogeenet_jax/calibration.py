@@ -45,9 +45,9 @@ step (training went on), or a retrained model whose best step has the same numbe
 stale and it is ignored with a warning. A record without finite coefficients is refused. Per label the
 record holds ``a``, ``b`` (the median floor over the dev stars, the floor itself when constant:
 a summary), ``floor`` {'model', 'coef' (native units: b² = exp(Φ·coef) in K² or dex²),
-'cv_nll' per candidate tried, 'range': [min, max] of b over the dev stars, to which b is
-clipped} and ``features`` (centre, scale, lo, hi of the three predicted
-labels). Records written before these floors (``a`` and ``b`` only) apply as constant floors.
+'cv_nll' per candidate tried, 'range': b's [min, max] on dev, b clipped to it: no quadratic
+floor at a corner of the label box, 2e-6 to 1e5 dex} and ``features`` (centre, scale, lo, hi of
+the predicted labels). Records written before these floors (``a``, ``b`` only) are constant.
 
 Coverage: the fraction of stars with |r| ≤ k·σ (ideal 0.683 for k = 1, 0.954 for k = 2);
 NLL: the mean of ½ log(2π σ²) + r²/(2σ²) per label in the label's native unit (K or dex).
@@ -321,20 +321,11 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
     out['floor'][name] = {'model': f['model'], 'coef': coef, 'cv_nll': f['cv_nll']}
     if f['features'] is not None:
       out['features'][name] = f['features']
-  _record_floor_ranges(out, pred[np.all(np.isfinite(pred), axis=1)])
+  fitted = pred[np.all(np.isfinite(pred), axis=1)]
+  b = floor_sigma(out, fitted, len(fitted))
+  for j, name in enumerate(LABEL_NAMES):  # b's range on the fitted stars: floor_sigma clips to it
+    out['floor'][name]['range'] = [float(b[:, j].min()), float(b[:, j].max())]
   return out
-
-
-def _record_floor_ranges(record: dict[str, Any], pred: np.ndarray) -> None:
-  """Stores per label the [min, max] of the floor b over the stars it was fitted on (native
-  units): ``floor_sigma`` clips to it, so the corners of the clipped label box, where a quadratic
-  floor extrapolates in its exponent (2e-6 to 1e5 dex), never get a floor the dev stars did not
-  support."""
-  if len(pred) == 0:
-    return
-  b = floor_sigma(record, pred, len(pred))
-  for j, name in enumerate(LABEL_NAMES):
-    record['floor'][name]['range'] = [float(b[:, j].min()), float(b[:, j].max())]
 
 
 def fitted_settings(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -369,8 +360,7 @@ def floor_sigma(calibration: Mapping[str, Any], pred: np.ndarray | None, n: int)
       z = _standardise(pred, **calibration['features'][name])
     design = floor_design(z, floor['model'])
     out[:, j] = np.sqrt(np.exp(np.clip(design @ np.asarray(floor['coef']), *_LOG_CLIP)))
-    if 'range' in floor:  # The range of b seen on the fitted stars (_record_floor_ranges).
-      out[:, j] = np.clip(out[:, j], *floor['range'])
+    out[:, j] = np.clip(out[:, j], *floor.get('range', (0.0, np.inf)))  # the range fit() records
   return out
 
 

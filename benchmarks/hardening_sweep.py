@@ -81,10 +81,6 @@ def expect_error(sweep: Sweep, name: str, args: list[str], message: str, **kwarg
   report(name, ok and message in result['err'], detail)
 
 
-# ------------------------------------------------------------------------------------------------
-# Setup.
-
-
 _MAKE_CHECKPOINT = '''
 import jax, jax.numpy as jnp, sys
 from apogeenet_jax import checkpoint

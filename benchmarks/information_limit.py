@@ -249,6 +249,11 @@ def _open(n_max: int):
     raise SystemExit(f'FATAL split {_SPLIT.value!r} of {_DATA_DIR.value} has no stars')
   if problem := _not_synthetic(source, n):
     raise SystemExit(f'FATAL {_DATA_DIR.value}: {problem}')
+  if _WITH_PHOTOMETRY.value:
+    try:
+      input_pipeline.require_metadata(source, '--with_photometry')
+    except input_pipeline.InputPipelineError as e:
+      raise app.UsageError(str(e)) from None
   return source, n, free
 
 
@@ -274,11 +279,6 @@ def main(argv):
   if not _DATA_DIR.value:
     raise app.UsageError('--data_dir is required')
   source, n, free = _open(_MAX_STARS.value)
-  if _WITH_PHOTOMETRY.value:
-    try:
-      input_pipeline.require_metadata(source, '--with_photometry')
-    except input_pipeline.InputPipelineError as e:
-      raise app.UsageError(str(e)) from None
   print(f'information_limit: split {_SPLIT.value!r} of {_DATA_DIR.value}, {n} stars; nuisances '
         f'marginalised: {", ".join(_NUISANCES.value)}; {cpu_model()}, {jax.default_backend()}')
   try:
