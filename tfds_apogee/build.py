@@ -21,6 +21,7 @@ with one line, and the skip report goes to <data_dir>/skipped-failed-build.csv. 
 exit with the build process, however it ends (SIGTERM, kill -9).
 """
 
+import logging as std_logging
 import os
 import re
 import signal
@@ -98,6 +99,9 @@ _SIGTERM_SEEN = []  # Beam wraps the exception it meets in its own: the flag say
 def _raise_terminated(signum, frame):
   del signum, frame
   _SIGTERM_SEEN.append(True)
+  # What the pipeline logs as it unwinds (Beam logs the exception with its traceback before it
+  # wraps it) says nothing the FATAL line does not: the build is stopping.
+  std_logging.disable(std_logging.ERROR)
   raise Terminated()
 
 
