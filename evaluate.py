@@ -51,6 +51,7 @@ from apogeenet_jax import (
     calibration,
     catalog,
     checkpoint,
+    config_validation,
     evaluation,
     file_io,
     input_pipeline,
@@ -254,4 +255,4 @@ def _report(out):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_validation.parse_flags)

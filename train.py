@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from apogeenet_jax import (
   checkpoint,
+  config_validation,
   file_io,
   input_pipeline,
   sharding,
@@ -43,6 +44,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   config = FLAGS.config
+  try:
+    config_validation.validate(config)  # Before the workdir is looked at or made.
+  except config_validation.ConfigError as e:
+    raise SystemExit(f'FATAL {e}') from None
   workdir = file_io.as_path(FLAGS.workdir)
   if not file_io.is_remote(workdir) and workdir.exists() and not workdir.is_dir():
     raise SystemExit(f'FATAL --workdir {workdir} is a file, not a directory')
@@ -60,4 +65,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_validation.parse_flags)

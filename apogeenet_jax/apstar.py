@@ -10,6 +10,8 @@ float32. Bad pixels are reported in `bad_pixels`, never hidden. Every problem wi
 """
 
 import dataclasses
+import gzip
+import io
 import os
 import pathlib
 import re
@@ -19,7 +21,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
-from apogeenet_jax import constants
+from apogeenet_jax import constants, file_io
 from apogeenet_jax.constants import BAD_PIXEL_ERROR
 
 # The common grid must match to well below one pixel over 8575 pixels.
@@ -29,6 +31,20 @@ _GRID_TOLERANCE = 1e-9
 APSTAR_FILENAME = re.compile(r'^(?:apStar|asStar)-(?P<reduction>[^-]+)-(?P<apogee_id>.+?)'
                              r'\.fits(?:\.gz)?$')
 _FLUX_HDU, _ERROR_HDU, _MASK_HDU = 1, 2, 3
+# The rules a spectrum must pass to be trained on or predicted (ours; the build and inference
+# apply the same ones, ``spectrum_problem``). Largest |flux| (1e-17 erg/s/cm²/Å): real apStar flux
+# is orders of magnitude below it; 3e38 in a few pixels overflows the gradient norm, and ×1e28
+# leaves the Monte Carlo draws no effect in float32.
+FLUX_LIMIT = 1e10
+# Smallest median of the good pixels: real files have ~15 to ~15,000; at 1e-30 the float32
+# Jacobian of the linear σ overflows, and a raw-flux network sees a constant input.
+FLUX_LEVEL_MIN = 1e-3
+# Fewest good pixels with positive flux (of 8575; real files have ~7,700): the flux level is the
+# median of these, and with a handful the input is constant and the MC cannot move it.
+MIN_POSITIVE_PIXELS = 1000
+# The most one apStar file may hold, on disk and after gunzip (ours): a real file with 300
+# visits is ~80 MB. Bounds a reader's memory and time; a larger file is skipped with the reason.
+MAX_FILE_BYTES = 1 << 30
 
 
 class ApStarError(ValueError):
@@ -51,7 +67,8 @@ class ApStarSpectrum:
     nvisits: number of visits combined.
     telescope: TELESCOP ('apo25m', 'lco25m', 'apo1m', …).
     field: FIELD.
-    bad_pixels: (8575,) bool, flux == 0 with error == 1e10, or non-finite flux or error.
+    bad_pixels: (8575,) bool, flux == 0 with error == 1e10, non-finite flux or error, or a
+      negative error.
   """
   path: str
   apogee_id: str
@@ -135,11 +152,40 @@ def wavelength_grid(crval1: float = constants.LOG10_WAVE_START,
 
 
 def bad_pixel_mask(flux: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
-  """(…, 8575) bool: the apStar bad-pixel convention (flux 0, error 1e10) or non-finite values."""
+  """(…, 8575) bool: the apStar bad-pixel convention (flux 0, error 1e10), non-finite values or
+  a negative error (``preprocessing.bad_pixels``: bad for the flux and the error alike)."""
   flux = np.asarray(flux)
   flux_err = np.asarray(flux_err)
-  flagged = (flux == 0) & (flux_err >= BAD_PIXEL_ERROR)
-  return flagged | ~np.isfinite(flux) | ~np.isfinite(flux_err)
+  with np.errstate(invalid='ignore'):
+    flagged = (flux == 0) & (flux_err >= BAD_PIXEL_ERROR)
+    return flagged | ~np.isfinite(flux) | ~np.isfinite(flux_err) | (flux_err < 0)
+
+
+def spectrum_problem(flux: np.ndarray, flux_err: np.ndarray) -> str | None:
+  """Why a raw (8575,) spectrum cannot give a prediction the data support, or None.
+
+  The one set of rules of the build (such files are skipped) and of inference (such stars are
+  skipped with the reason): any |flux| above FLUX_LIMIT (inf included), fewer than
+  MIN_POSITIVE_PIXELS good pixels with positive flux, or a median good-pixel flux that is not
+  positive or below FLUX_LEVEL_MIN. Good pixels: not ``bad_pixel_mask``.
+  """
+  flux = np.asarray(flux, np.float32)
+  with np.errstate(invalid='ignore'):
+    absurd = np.abs(flux) > FLUX_LIMIT
+  if absurd.any():
+    return (f'{int(absurd.sum())} pixel(s) with |flux| above {FLUX_LIMIT:g}, e.g. '
+            f'{float(flux[absurd][0]):g} at pixel {int(np.flatnonzero(absurd)[0])}: not a real '
+            'spectrum')
+  good = flux[~bad_pixel_mask(flux, flux_err)]
+  positive = int(np.count_nonzero(good > 0))
+  if positive < MIN_POSITIVE_PIXELS:
+    return (f'{positive} good pixel(s) with positive flux (of {good.size} good), fewer than '
+            f'{MIN_POSITIVE_PIXELS}: too little spectrum for a prediction')
+  level = float(np.median(good))
+  if not level >= FLUX_LEVEL_MIN:
+    return (f'median good-pixel flux {level:.3g} is {"not positive" if level <= 0 else "below"}'
+            f'{"" if level <= 0 else f" {FLUX_LEVEL_MIN:g}"}: not a real spectrum\'s flux level')
+  return None
 
 
 def _header_value(header: fits.Header, keys: tuple[str, ...], default=None):
@@ -196,11 +242,31 @@ def _check_grid(path: str, header: fits.Header) -> tuple[float, float, int]:
   return float(crval1), float(cdelt1), int(nwave)
 
 
+def _bounded_source(path: str):
+  """What fits.open reads: the path, or for a .gz file its contents, decompressed up to
+  MAX_FILE_BYTES (a small gzip can expand without bound). Only regular files of at most
+  MAX_FILE_BYTES are opened at all: nothing else is (``file_io.regular_file_problem``)."""
+  if problem := file_io.regular_file_problem(path, MAX_FILE_BYTES):
+    raise ApStarError(f'{path}: {problem}')
+  if not path.endswith('.gz'):
+    return path
+  with gzip.open(path, 'rb') as f:
+    data = f.read(MAX_FILE_BYTES + 1)
+  if len(data) > MAX_FILE_BYTES:
+    raise ApStarError(f'{path}: decompresses to more than {MAX_FILE_BYTES} bytes, the limit for '
+                      'one file')
+  return io.BytesIO(data)
+
+
 def read_apstar(path: str | os.PathLike) -> ApStarSpectrum:
   """Reads the combined spectrum and metadata of one apStar file.
 
+  Only regular files (after following links) of at most MAX_FILE_BYTES (also after gunzip) are
+  opened: a link to /dev/zero or a FIFO is refused before it is opened.
+
   Raises:
-    ApStarError: not FITS, truncated, HDUs missing, wrong grid, or all pixels bad.
+    ApStarError: not a regular file, too large, not FITS, truncated, HDUs missing, wrong grid,
+      or all pixels bad.
   """
   path = os.fspath(path)
   try:
@@ -209,7 +275,7 @@ def read_apstar(path: str | os.PathLike) -> ApStarSpectrum:
     with warnings.catch_warnings():
       warnings.simplefilter('error', AstropyUserWarning)
       warnings.simplefilter('error', fits.verify.VerifyWarning)
-      with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+      with fits.open(_bounded_source(path), memmap=False, lazy_load_hdus=True) as hdul:
         header = hdul[0].header
         nvisits = _header_value(header, ('NVISITS',))
         nvisits = int(nvisits) if nvisits is not None else None

@@ -45,8 +45,9 @@ step (training went on), or a retrained model whose best step has the same numbe
 stale and it is ignored with a warning. A record without finite coefficients is refused. Per label the
 record holds ``a``, ``b`` (the median floor over the dev stars, the floor itself when constant:
 a summary), ``floor`` {'model', 'coef' (native units: b² = exp(Φ·coef) in K² or dex²),
-'cv_nll' per candidate tried} and ``features`` (centre, scale, lo, hi of the three predicted
-labels). Records written before these floors (``a`` and ``b`` only) apply as constant floors.
+'cv_nll' per candidate tried, 'range': b's [min, max] on dev, b clipped to it: no quadratic
+floor at a corner of the label box, 2e-6 to 1e5 dex} and ``features`` (centre, scale, lo, hi of
+the predicted labels). Records written before these floors (``a``, ``b`` only) are constant.
 
 Coverage: the fraction of stars with |r| ≤ k·σ (ideal 0.683 for k = 1, 0.954 for k = 2);
 NLL: the mean of ½ log(2π σ²) + r²/(2σ²) per label in the label's native unit (K or dex).
@@ -320,6 +321,10 @@ def fit(pred: np.ndarray, labels: np.ndarray, sigma: np.ndarray, label_std: np.n
     out['floor'][name] = {'model': f['model'], 'coef': coef, 'cv_nll': f['cv_nll']}
     if f['features'] is not None:
       out['features'][name] = f['features']
+  fitted = pred[np.all(np.isfinite(pred), axis=1)]
+  b = floor_sigma(out, fitted, len(fitted))
+  for j, name in enumerate(LABEL_NAMES):  # b's range on the fitted stars: floor_sigma clips to it
+    out['floor'][name]['range'] = [float(b[:, j].min()), float(b[:, j].max())]
   return out
 
 
@@ -355,6 +360,7 @@ def floor_sigma(calibration: Mapping[str, Any], pred: np.ndarray | None, n: int)
       z = _standardise(pred, **calibration['features'][name])
     design = floor_design(z, floor['model'])
     out[:, j] = np.sqrt(np.exp(np.clip(design @ np.asarray(floor['coef']), *_LOG_CLIP)))
+    out[:, j] = np.clip(out[:, j], *floor.get('range', (0.0, np.inf)))  # the range fit() records
   return out
 
 

@@ -77,6 +77,10 @@ CALIBRATION_MODES = ('auto', 'none')  # auto: apply the checkpoint's calibration
 CALIBRATION_SPLIT = 'dev'
 
 
+# An --apstar_list of a whole survey (~650k paths) is ~60 MB.
+_MAX_LIST_BYTES = 1 << 30
+
+
 def output_dir_problem(path: str | epath.PathLike) -> str | None:
   """Why ``path`` cannot receive the outputs (an existing file, an unwritable place), or None.
 
@@ -93,6 +97,8 @@ def output_dir_problem(path: str | epath.PathLike) -> str | None:
       return f'{path / name} is a directory; the run writes a file there (move it away)'
   if (path / FIGURES_DIR).exists() and not (path / FIGURES_DIR).is_dir():
     return f'{path / FIGURES_DIR} is a file; the run writes its figures into a folder there'
+  if owner := _owned_by_another_program(path):
+    return f'{path} is {owner}; the run would write (and replace files) there: give a folder of its own'
   # The nearest existing ancestor is where the folder would be created.
   existing = path.resolve()
   while not existing.exists():
@@ -101,6 +107,27 @@ def output_dir_problem(path: str | epath.PathLike) -> str | None:
     return f'{path} cannot be created: {existing} is a file'
   if not os.access(str(existing), os.W_OK | os.X_OK):
     return f'{path} is not writable (no write permission on {existing})'
+  return None
+
+
+# Files that mark a folder as a built TFDS data set (its version folder) or a checkpoint folder.
+_DATASET_MARKERS = ('dataset_info.json', 'features.json')
+_CHECKPOINT_MARKERS = ('_CHECKPOINT_METADATA', 'calibration.json')
+
+
+def _owned_by_another_program(path: epath.Path) -> str | None:
+  """'a built data set', 'a checkpoint folder' or 'a training workdir' when ``path`` is one
+  (its skipped.csv or calibration.json are not the evaluation's to replace), else None."""
+  if not path.is_dir():
+    return None
+  if any((path / m).exists() for m in _DATASET_MARKERS):
+    return 'a built data set'
+  if any((path / m).exists() for m in _CHECKPOINT_MARKERS) or any(
+      p.is_dir() and p.name.isdigit() and (p / '_CHECKPOINT_METADATA').exists()
+      for p in path.iterdir()):
+    return 'a checkpoint folder'
+  if (path / checkpoint.CHECKPOINT_DIR).is_dir():
+    return 'a training workdir (evaluate.py writes to WORKDIR/eval by default)'
   return None
 
 
@@ -127,13 +154,21 @@ def apstar_inputs(apstar_dir: str | None = None, apstar_list: str | None = None
   """
   candidates, skipped = [], []
   if apstar_dir:
-    found, near_misses = apstar.scan_apstar_files(apstar_dir)
+    try:
+      found, near_misses = apstar.scan_apstar_files(apstar_dir)
+    except apstar.ApStarError as e:
+      raise EvaluationError(f'--apstar_dir {e}') from None
     candidates += found
     skipped += [_problem(p, f'{p}: named like an apStar file but not apStar-<reduction>-'
                          '<APOGEE_ID>.fits[.gz] (nor asStar-…); rename it or give it in '
                          '--apstar_list') for p in near_misses]
   if apstar_list:
-    lines = epath.Path(apstar_list).read_text().splitlines()
+    if problem := file_io.regular_file_problem(apstar_list, _MAX_LIST_BYTES):
+      raise EvaluationError(f'--apstar_list {apstar_list}: {problem}')
+    try:
+      lines = epath.Path(apstar_list).read_text().splitlines()
+    except (OSError, UnicodeError) as e:
+      raise EvaluationError(f'--apstar_list {apstar_list}: cannot read it ({e})') from None
     candidates += [line.strip() for line in lines if line.strip() and not line.startswith('#')]
   files, first = [], {}
   for path in candidates:
@@ -167,9 +202,9 @@ def _remove_stale_outputs(output_dir: epath.Path, out: Mapping[str, Any]) -> Non
   """
   written = {str(p) for p in (out['catalog_fits'], out['catalog_csv'], out['metrics_json'],
                               out['skipped_csv'], *out['figures']) if p}
+  # Only names this program writes: a user's figures/my_plot.png is not ours to delete.
   ours = [output_dir / name for name in (CATALOG_FITS, CATALOG_CSV, METRICS_JSON, SKIPPED_CSV)]
-  if (output_dir / FIGURES_DIR).is_dir():
-    ours += [p for p in (output_dir / FIGURES_DIR).iterdir() if p.suffix == '.png']
+  ours += [output_dir / FIGURES_DIR / name for name in figures.FIGURE_NAMES]
   for path in ours:
     if path.is_file() and str(path) not in written:
       logging.info('Removing %s: left by an earlier run, not written by this one.', path)
@@ -186,19 +221,21 @@ def _write_outputs(merged: Mapping[str, np.ndarray], header: Mapping[str, Any],
   """
   out = {'catalog_fits': None, 'catalog_csv': None, 'metrics_json': None, 'skipped_csv': None,
          'figures': [], 'metrics': None, 'part': None, 'n_skipped': len(merged['problems'])}
+  merged = _without_unsupported(merged, header['run']['sigma'])
   problems = [Problem(*row) for row in merged['problems'].tolist()]
   if len(merged['pred']) == 0:
     # A failed run: the report says why, beside (never over) an earlier run's catalogue.
     out['skipped_csv'] = (output_dir / (SKIPPED_CSV if not (output_dir / CATALOG_FITS).exists()
                                         else FAILED_SKIPPED_CSV))
-    if header['apstar']:
+    if header['apstar'] or problems:
       write_problems(problems, out['skipped_csv'])
     raise EvaluationError(f'no star could be read ({out["n_skipped"]} files skipped, listed in '
                           f'{out["skipped_csv"]})')
   table = _build_table(merged, header)
   try:
     with file_io.staged_outputs(output_dir) as stage:
-      if header['apstar']:
+      # A split's stars that fail the spectrum rules are listed too: nothing is lost silently.
+      if header['apstar'] or problems:
         out['skipped_csv'] = str(output_dir / SKIPPED_CSV)
         write_problems(problems, stage / SKIPPED_CSV)
       catalog.write_fits(table, stage / CATALOG_FITS)
@@ -220,6 +257,25 @@ def _write_outputs(merged: Mapping[str, np.ndarray], header: Mapping[str, Any],
   out.update(n_stars=len(table), table=table, sigma=header['run']['sigma'],
              calibrated=header['calibration'] is not None)
   logging.info('Wrote %d stars to %s.', len(table), output_dir)
+  return out
+
+
+def _without_unsupported(merged: Mapping[str, np.ndarray], sigma: str) -> dict[str, np.ndarray]:
+  """``merged`` without the stars whose prediction, or σ when one was asked for, is not finite
+  (a float32 overflow in the network or its Jacobian): they go to the skip report with the
+  reason, so no catalogue row carries a number the data cannot support."""
+  n = len(merged['pred'])
+  bad = ~np.all(np.isfinite(merged['pred']), axis=1)
+  if sigma != NO_SIGMA:
+    bad |= ~np.all(np.isfinite(merged['pred_err_noise']), axis=1)
+  if not bad.any():
+    return dict(merged)
+  out = {k: (v[~bad] if k != 'problems' and len(v) == n else v) for k, v in merged.items()}
+  reason = (f'the prediction or its σ ({sigma}) is not finite (float32 overflow in the network or '
+            'its Jacobian): no catalogue row')
+  rows = np.stack([merged['file'][bad], merged['apogee_id'][bad],
+                   np.full(int(bad.sum()), reason)], 1).astype(str)
+  out['problems'] = np.concatenate([np.asarray(merged['problems'], str).reshape(-1, 3), rows])
   return out
 
 

@@ -152,6 +152,11 @@ def plot_calibration(table: Table, path: str) -> str:
   return _save(fig, path)
 
 
+# Every file name make_figures may write: an earlier run's figures that this run did not redraw
+# are removed by these names only, never any other file in the folder (evaluation).
+FIGURE_NAMES = ('labels_vs_predictions.png', 'kiel.png', 'sigma_vs_snr.png', 'calibration.png')
+
+
 def make_figures(table: Table, directory: str, *, with_labels: bool) -> list[str]:
   """All figures into ``directory``; label-vs-prediction only ``with_labels``. Returns paths."""
   paths = [plot_kiel(table, os.path.join(directory, 'kiel.png')),

@@ -60,6 +60,8 @@ def atomic_path(path: PathLike) -> Iterator[str]:
       yield tmp
     return
   path = os.fspath(as_path(path))
+  if problem := _not_replaceable(path):
+    raise StagedOutputError(problem)
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
@@ -108,6 +110,40 @@ def _remote_atomic_path(path: epath.Path) -> Iterator[str]:
       dst.close()
 
 
+_FILE_KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISCHR, 'a character device'),
+               (stat.S_ISBLK, 'a block device'), (stat.S_ISFIFO, 'a named pipe (FIFO)'),
+               (stat.S_ISSOCK, 'a socket'))
+
+
+def special_file_kind(mode: int) -> str:
+  """'a character device', 'a named pipe (FIFO)', … for an ``st_mode`` that is not a regular
+  file ('' for a regular file)."""
+  if stat.S_ISREG(mode):
+    return ''
+  return next((name for test, name in _FILE_KINDS if test(mode)), 'not a regular file')
+
+
+def regular_file_problem(path: PathLike, max_bytes: int | None = None) -> str | None:
+  """Why ``path`` must not be opened as an input, or None: it is missing, is not a regular file
+  after following links (/dev/zero, a FIFO, a socket, a directory: reading them never ends or
+  blocks), or is larger than ``max_bytes``. Only ``stat`` is called: nothing is opened. URLs
+  (gs://…) are not checked here (None)."""
+  if is_remote(path):
+    return None
+  try:
+    info = os.stat(os.fspath(path))  # Follows symlinks: a link to /dev/zero is a device.
+  except FileNotFoundError:
+    return 'no such file' + (' (a broken link)' if os.path.islink(os.fspath(path)) else '')
+  except OSError as e:
+    return f'cannot stat ({type(e).__name__}: {e})'
+  kind = special_file_kind(info.st_mode)
+  if kind:
+    return f'{kind}, not a regular file; only regular files are read'
+  if max_bytes is not None and info.st_size > max_bytes:
+    return f'{info.st_size} bytes, above the limit of {max_bytes} bytes for one file'
+  return None
+
+
 class StagedOutputError(OSError):
   """The outputs of a run cannot be moved into place (a folder or file is in the way)."""
 
@@ -117,11 +153,25 @@ def _files_below(root: str) -> list[str]:
                 for d, _, names in os.walk(root) for name in names)
 
 
+def _not_replaceable(path: str) -> str | None:
+  """Why an output must not replace what is at ``path`` (a device node such as /dev/full, a
+  FIFO, a socket), or None: nothing there, or a regular file (links followed)."""
+  try:
+    kind = special_file_kind(os.stat(path).st_mode)
+  except OSError:
+    return None  # Nothing there (or a broken link): the output may go there.
+  if kind and kind != 'a directory':
+    return f'{path} is {kind}, not a regular file: an output never replaces one'
+  return None
+
+
 def _in_the_way(directory: epath.Path, relative: str) -> str | None:
   """Why ``directory / relative`` cannot receive a file (a folder there, a file above), or None."""
   target = directory / relative
   if target.is_dir():
     return f'{target} is a directory'
+  if problem := _not_replaceable(os.fspath(target)):
+    return problem
   for parent in target.parents:
     if parent == directory or len(str(parent)) < len(str(directory)):
       break

@@ -7,7 +7,7 @@ functions inference uses. NumPy only: no JAX here.
 
 Every batch is a dict of NumPy arrays:
   'flux'      (B, 8575) float32  raw flux after ``preprocess_flux``, 1e-17 erg/s/cm²/Å
-  'flux_err'  (B, 8575) float32  after ``preprocess_error`` (bad pixels = 1e10)
+  'flux_err'  (B, 8575) float32  after ``preprocess`` (bad pixels = 1e10)
   'labels'    (B, 3)    float32  (log g [dex], Teff [K], [Fe/H] [dex]), native units
   'data_type' (B,)      int32    index into ``constants.DATA_TYPES``
   'apogee_id' (B,)      str
@@ -37,7 +37,7 @@ from etils import epath
 
 from apogeenet_jax import apstar, file_io
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, METADATA_COLUMNS, N_PIXELS
-from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
+from apogeenet_jax.preprocessing import preprocess, preprocess_flux
 
 DEFAULT_NAME = 'apogee'
 # data_type of a record without labels (an apStar file given for inference).
@@ -259,9 +259,11 @@ def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
 def collate(examples: Sequence[Mapping[str, Any]], mask: np.ndarray | None = None
             ) -> dict[str, np.ndarray]:
   """Stacks decoded examples into a batch and applies THE flux preprocessing once per batch."""
+  flux, flux_err = preprocess(np.stack([e['flux'] for e in examples]),
+                              np.stack([e['flux_err'] for e in examples]))
   batch = {
-      'flux': preprocess_flux(np.stack([e['flux'] for e in examples])),
-      'flux_err': preprocess_error(np.stack([e['flux_err'] for e in examples])),
+      'flux': flux,
+      'flux_err': flux_err,
       'labels': np.stack([e['labels'] for e in examples]).astype(np.float32),
       'data_type': np.asarray([e['data_type'] for e in examples], np.int32),
       'apogee_id': np.asarray([e['apogee_id'] for e in examples], dtype=str),
@@ -438,7 +440,8 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
   Fixed shapes mean the jitted eval step compiles once. ``num_batches`` pads further with
   all-False batches (multi-process evaluation needs the same batch count on every process).
   Batches also carry 'index' (source position of each row) and 'problem' (why a row of an
-  ``ApStarFiles`` source could not be read: that row is masked, '' on every other row).
+  ``ApStarFiles`` source could not be read, or why its spectrum fails the build's rules,
+  ``apstar.spectrum_problem``: that row is masked and reported, '' on every other row).
   """
   if indices is None:
     indices = np.arange(len(source))
@@ -465,11 +468,19 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
   return iter(ds)
 
 
+def _spectrum_problem(example: Mapping[str, Any]) -> str:
+  """The build's rules for a spectrum (``apstar.spectrum_problem``), applied at inference too:
+  '' or why the star gets no prediction."""
+  problem = apstar.spectrum_problem(example['flux'], example['flux_err'])
+  return f'{example["file"] or example["apogee_id"]}: {problem}' if problem else ''
+
+
 def _collate_eval(items: Sequence[tuple[dict[str, Any], bool, int]]) -> dict[str, np.ndarray]:
   examples = [e for e, _, _ in items]
   valid = np.asarray([m for _, m, _ in items], bool)
   # Padding copies a real row: its problem, if any, is reported once, on the real row.
-  problem = np.where(valid, np.asarray([e['problem'] for e in examples], dtype=str), '')
+  problem = np.where(valid, np.asarray([e['problem'] or _spectrum_problem(e) for e in examples],
+                                        dtype=str), '')
   batch = collate(examples, valid & (problem == ''))
   batch['index'] = np.asarray([i for _, _, i in items], np.int64)
   batch['problem'] = problem

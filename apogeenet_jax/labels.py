@@ -90,7 +90,8 @@ def assign_split(apogee_id: str, data_type: str, seed: int = 0) -> str:
 def find_catalog(manual_dir: str | os.PathLike) -> pathlib.Path:
   """The one labels.{fits,ecsv,csv} at the top of manual_dir."""
   root = pathlib.Path(manual_dir)
-  found = [root / name for name in CATALOG_NAMES if (root / name).is_file()]
+  # lexists: a labels.fits that is a link to /dev/zero is found, then refused by name when read.
+  found = [root / name for name in CATALOG_NAMES if os.path.lexists(root / name)]
   if not found:
     raise LabelCatalogError(f'{root}: no label catalogue; expected one of {CATALOG_NAMES}')
   if len(found) > 1:
@@ -186,6 +187,8 @@ def _read_optional_columns(path: pathlib.Path, table: Table, by_upper: dict[str,
 
 
 def _read_table(path: pathlib.Path) -> Table:
+  if (problem := file_io.regular_file_problem(path)) and not problem.startswith('no such'):
+    raise LabelCatalogError(f'{path}: {problem}')  # /dev/zero or a FIFO would never end.
   try:
     if path.suffix.lower() in ('.csv', '.ecsv'):
       text_format = 'ascii.ecsv' if path.suffix.lower() == '.ecsv' else 'ascii.csv'
@@ -289,9 +292,10 @@ def match_files(stars: list[LabelledStar], manual_dir: str | os.PathLike,
         problems.append(Problem(star.file, star.apogee_id, f'FILE is outside the manual_dir '
                                 f'{root}; refused (give a path relative to it)'))
         continue
-      if not path.is_file():
-        problems.append(Problem(star.file, star.apogee_id, 'FILE given in the catalogue does '
-                                'not exist'))
+      if problem := file_io.regular_file_problem(path):
+        problems.append(Problem(star.file, star.apogee_id, 'FILE given in the catalogue: '
+                                + ('does not exist' if problem.startswith('no such') else problem)))
+        used.add(str(path))  # Reported once, for its row, not again as a file without one.
         continue
       matched.append((star, str(path)))
       used.add(str(path))

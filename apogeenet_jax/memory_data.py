@@ -37,7 +37,7 @@ from absl import logging
 
 from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS
 from apogeenet_jax.input_pipeline import InputPipelineError, read_metadata
-from apogeenet_jax.preprocessing import preprocess_error, preprocess_flux
+from apogeenet_jax.preprocessing import preprocess
 
 STORAGE_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
                   'float16': np.dtype(np.float16)}
@@ -134,7 +134,7 @@ def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None =
     nonlocal err_max, err_sq, err_count
     if position[i] < 0:
       return
-    f = preprocess_flux(example['flux'])
+    f, err = preprocess(example['flux'], example['flux_err'])
     q = f.astype(store)
     if store != np.float32:
       if not np.all(np.isfinite(q)):
@@ -149,7 +149,7 @@ def load_split(source: Sequence[Mapping[str, Any]], *, rows: np.ndarray | None =
         err_count += rel.size
     flux[position[i]] = q
     if noise is not None:
-      scale = noise_scale(preprocess_error(example['flux_err'])[None])[0].astype(store)
+      scale = noise_scale(err[None])[0].astype(store)
       if not np.all(np.isfinite(scale)):
         raise InputPipelineError(f'{name}: record {i} ({example["apogee_id"]}) has a noise scale '
                                  f'beyond the range of {dtype}; use memory_dtype float32')

@@ -22,7 +22,8 @@ class ResumeMismatchError(TrainingError):
 
 
 # Config fields a resume may change: how the run is executed (threads, input path, devices,
-# logging) and when it stops. Every other field defines the run — the data, the whole
+# logging) and when it stops (max_epochs only while it does not set the length of a cosine
+# schedule to the end of the run, optim.decay_steps = 0: the refusal then says so). Every other field defines the run — the data, the whole
 # ``config.model`` and ``config.optim``, the recipe — and a resume refuses a change of it, so a
 # field added later is protected without being listed anywhere.
 _RESUMABLE = frozenset({
@@ -70,6 +71,10 @@ def check_same_run(saved_meta: Mapping[str, Any], config_json: Mapping[str, Any]
   refused = [k for k in changed if k not in _RESUMABLE]
   if refused:
     listing = ', '.join(f'{k}: {old.get(k)!r} → {new.get(k)!r}' for k in refused)
+    if 'optim.decay_steps' in refused and 'max_epochs' in changed:  # resolve_decay_steps
+      listing += (f' (set by max_epochs {old.get("max_epochs")!r} → {new.get("max_epochs")!r}: '
+                  f'the cosine runs to the end of the run; to change max_epochs, keep '
+                  f'--config.optim.decay_steps={old.get("optim.decay_steps")!r})')
     raise ResumeMismatchError(
         f'{workdir} holds checkpoints of another run: {listing}. Resume it with its own config, '
         f'or give this run a new --workdir (nothing was changed).')

@@ -43,6 +43,7 @@ from jax.sharding import Mesh
 
 from apogeenet_jax import (
   checkpoint,
+  config_validation,
   epochs,
   file_io,
   input_pipeline,
@@ -88,7 +89,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: file_io.PathL
 
   Raises:
     workdir_lock.WorkdirLockedError: another run is using ``workdir``.
+    config_validation.ConfigError: a config field outside its domain (nothing is written).
   """
+  config_validation.validate(config)  # Before the workdir or anything else is made.
   workdir = file_io.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):

@@ -30,8 +30,12 @@ class WorkdirLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def hold(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterator[None]:
-  """Holds WORKDIR/.lock for the body; raises WorkdirLockedError at once if another run has it."""
+def hold(workdir: str | os.PathLike, *, enabled: bool = True,
+         what: str = 'training run', change: str = 'give another --workdir') -> Iterator[None]:
+  """Holds WORKDIR/.lock for the body; raises WorkdirLockedError at once if another run has it.
+
+  ``what`` and ``change`` name the kind of run and the way out in the message (the data set
+  build locks its data folder the same way)."""
   workdir = os.fspath(workdir)
   if not enabled:
     yield
@@ -49,8 +53,8 @@ def hold(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterator[None]:
     except BlockingIOError:
       holder = os.pread(fd, 1024, 0).decode(errors='replace').strip() or 'a process'
       raise WorkdirLockedError(
-          f'{workdir}: another training run is using this workdir ({holder}). Wait for it to '
-          f'end or stop it, or give another --workdir.') from None
+          f'{workdir}: another {what} is using this folder ({holder}). Wait for it to end or '
+          f'stop it, or {change}.') from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, (f'pid {os.getpid()} on host {socket.gethostname()}, started '
                    f'{time.strftime("%Y-%m-%d %H:%M:%S %Z")}\n').encode(), 0)

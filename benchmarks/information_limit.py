@@ -4,7 +4,8 @@ r"""How close is the network to the information in the spectra? Its scatter agai
         [--max_stars=N] [--ml_fit_stars=300] [--nuisances=scale,response,telluric] \
         [--each_member] [--with_photometry] [--label_space=auto|teff|log_teff]
 
-For each star of a split of a built SYNTHETIC survey (``apogeenet_jax.synthetic``, whose forward
+For each star of a split of a built SYNTHETIC survey (anything else is refused: the records hold
+the telescope) (``apogeenet_jax.synthetic``, whose forward
 model ``forward_model`` is known) it computes the Cramér–Rao bound σ_CRB on (log g, Teff,
 [Fe/H]) (``cramer_rao``): Fisher matrix JᵀΣ⁻¹J of the exact Jacobian at the true labels, with the
 per-pixel σ as stored in the records (bad pixels weight 0), the ``--nuisances`` marginalised at
@@ -42,7 +43,14 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from apogeenet_jax import checkpoint, cramer_rao, evaluation, input_pipeline, prediction
+from apogeenet_jax import (
+  checkpoint,
+  cramer_rao,
+  evaluation,
+  input_pipeline,
+  prediction,
+  synthetic,
+)
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, SPLITS
 from benchmarks.common import cpu_model
 
@@ -51,13 +59,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run whose best checkpo
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir of the built synthetic survey.')
 _SPLIT = flags.DEFINE_enum('split', 'test', SPLITS, 'Split whose stars are used.')
 _MAX_STARS = flags.DEFINE_integer('max_stars', 0, 'At most this many stars (the first of the '
-                                  'split); 0: all.')
+                                  'split); 0: all.', lower_bound=0)
 _ML_FIT_STARS = flags.DEFINE_integer('ml_fit_stars', 300, 'Stars of the maximum-likelihood check '
                                      '(the first of those used); 0: no check.')
 _NUISANCES = flags.DEFINE_list('nuisances', list(cramer_rao.DEFAULT_NUISANCES),
                                'Nuisance groups marginalised (and fitted): scale, response, '
                                'telluric.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 50, 'Stars per vmapped batch.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 50, 'Stars per vmapped batch.', lower_bound=1)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the ML fit starting offsets.')
 _EACH_MEMBER = flags.DEFINE_bool('each_member', False, 'For an ensemble checkpoint, also print '
                                  "each member's residual / Cramér–Rao.")
@@ -216,6 +224,39 @@ def _table(bound: dict[str, np.ndarray], sigma: np.ndarray, residual: np.ndarray
     print(line)
 
 
+def _not_synthetic(source, n: int) -> str | None:
+  """Why the first n records are not all from the synthetic forward model (whose Jacobian the
+  bound uses), or None: a survey built from real apStar files has no bound here."""
+  for i in range(n):
+    telescope = source[i].get('telescope', b'')
+    telescope = telescope.decode() if isinstance(telescope, bytes) else str(telescope)
+    if telescope != synthetic.TELESCOPE:
+      return (f'record {i} of the split was observed with {telescope!r}, not written by the '
+              f'synthetic forward model (TELESCOP {synthetic.TELESCOPE!r}): the Cramér–Rao bound '
+              'here is that of the forward model, so it holds only for a synthetic survey')
+  return None
+
+
+def _open(n_max: int):
+  """(source, n, free θ indices), or SystemExit with one FATAL line for a user error."""
+  try:
+    free = cramer_rao.free_indices(_NUISANCES.value)
+    source = input_pipeline.open_split(_DATA_DIR.value, _SPLIT.value)
+  except (ValueError, input_pipeline.InputPipelineError) as e:
+    raise SystemExit(f'FATAL {e}') from None
+  n = len(source) if n_max <= 0 else min(len(source), n_max)
+  if n == 0:
+    raise SystemExit(f'FATAL split {_SPLIT.value!r} of {_DATA_DIR.value} has no stars')
+  if problem := _not_synthetic(source, n):
+    raise SystemExit(f'FATAL {_DATA_DIR.value}: {problem}')
+  if _WITH_PHOTOMETRY.value:
+    try:
+      input_pipeline.require_metadata(source, '--with_photometry')
+    except input_pipeline.InputPipelineError as e:
+      raise app.UsageError(str(e)) from None
+  return source, n, free
+
+
 def _photometry_gain(bound: dict[str, np.ndarray], space: str) -> None:
   """Per group, rms σ_CRB of the spectra alone and with the photometry, and their ratio."""
   names = _label_names(space)
@@ -237,17 +278,13 @@ def main(argv):
   del argv
   if not _DATA_DIR.value:
     raise app.UsageError('--data_dir is required')
-  source = input_pipeline.open_split(_DATA_DIR.value, _SPLIT.value)
-  if _WITH_PHOTOMETRY.value:
-    try:
-      input_pipeline.require_metadata(source, '--with_photometry')
-    except input_pipeline.InputPipelineError as e:
-      raise app.UsageError(str(e)) from None
-  n = len(source) if _MAX_STARS.value <= 0 else min(len(source), _MAX_STARS.value)
-  free = cramer_rao.free_indices(_NUISANCES.value)
+  source, n, free = _open(_MAX_STARS.value)
   print(f'information_limit: split {_SPLIT.value!r} of {_DATA_DIR.value}, {n} stars; nuisances '
         f'marginalised: {", ".join(_NUISANCES.value)}; {cpu_model()}, {jax.default_backend()}')
-  network = _network(source, n) if _WORKDIR.value else None  # float32, before x64 below
+  try:
+    network = _network(source, n) if _WORKDIR.value else None  # float32, before x64 below
+  except (checkpoint.CheckpointError, prediction.EvaluationError) as e:
+    raise SystemExit(f'FATAL {e}') from None
   with jax.enable_x64(True):
     fns = cramer_rao.make_batch_fns(free)
     t0 = time.perf_counter()

@@ -188,3 +188,77 @@ def test_nan_pixels_are_reported_not_hidden(tmp_path, real_file):
   assert np.isnan(s.flux[4000:4010]).all()  # Raw: not replaced here.
   assert s.bad_pixels[4000:4010].all()
   assert s.n_bad_pixels == apstar.read_apstar(real_file).n_bad_pixels + 10
+
+
+# ------------------------------------------------------------------------------------------------
+# Only regular files are opened, and one file's cost is bounded: a link to /dev/zero or a FIFO
+# named like an apStar file never hangs or grows a reader.
+
+
+def _special_files(directory):
+  """A link to /dev/zero and a FIFO, both named like apStar files; returns their paths."""
+  zero = directory / 'apStar-x-2M99000001+0000000.fits'
+  os.symlink('/dev/zero', zero)
+  fifo = directory / 'apStar-x-2M99000002+0000000.fits'
+  os.mkfifo(fifo)
+  return [zero, fifo]
+
+
+def test_special_files_are_refused_before_they_are_opened(tmp_path):
+  for path in _special_files(tmp_path):
+    with pytest.raises(apstar.ApStarError, match=r'not a regular file'):
+      apstar.read_apstar(path)
+  with pytest.raises(apstar.ApStarError, match=r'not a regular file'):
+    apstar.read_apstar(tmp_path)  # a directory
+
+
+def test_a_file_above_the_size_limit_is_refused(tmp_path, monkeypatch):
+  import gzip
+  monkeypatch.setattr(apstar, 'MAX_FILE_BYTES', 100_000)
+  big = tmp_path / 'apStar-r8-2M00000001+0000000.fits'
+  big.write_bytes(b'\0' * 100_001)
+  with pytest.raises(apstar.ApStarError, match=r'above the limit'):
+    apstar.read_apstar(big)
+  bomb = tmp_path / 'apStar-r8-2M00000002+0000000.fits.gz'
+  bomb.write_bytes(gzip.compress(b'\0' * 1_000_000))  # 1 kB on disk, 1 MB inside
+  with pytest.raises(apstar.ApStarError, match=r'decompresses to more than'):
+    apstar.read_apstar(bomb)
+
+
+def test_a_gzipped_real_file_reads_as_the_file(tmp_path, real_file):
+  import gzip
+  packed = tmp_path / (real_file.name + '.gz')
+  packed.write_bytes(gzip.compress(real_file.read_bytes()))
+  np.testing.assert_array_equal(apstar.read_apstar(packed).flux,
+                                apstar.read_apstar(real_file).flux)
+
+
+# ------------------------------------------------------------------------------------------------
+# The rules a spectrum must pass, the build's and inference's alike.
+
+
+def _flux_cases(spectrum):
+  flux, err = spectrum.flux.copy(), spectrum.flux_err.copy()
+  one_good = np.zeros_like(flux)
+  one_good[100] = flux[100]
+  one_err = np.full_like(err, constants.BAD_PIXEL_ERROR)
+  one_err[100] = err[100]
+  return {
+      'one good pixel': (one_good, one_err, 'too little spectrum'),
+      'every good pixel negative': (-np.abs(flux), err, 'too little spectrum'),
+      'a flux level of 1e-40': (flux * np.float32(1e-40), err * np.float32(1e-40),
+                                'below 0.001'),
+      'flux x 1e28': (flux * np.float32(1e28), err * np.float32(1e28), 'above 1e+10'),
+      '3e38 in a few pixels': (np.where(np.arange(flux.size) < 5, np.float32(3e38), flux), err,
+                               'above 1e+10'),
+      'half the pixels negative': (np.where(np.arange(flux.size) % 2 == 0, -flux, flux), err,
+                                   'not positive'),
+  }
+
+
+def test_spectrum_rules_refuse_empty_or_absurd_spectra(real_file):
+  spectrum = apstar.read_apstar(real_file)
+  assert apstar.spectrum_problem(spectrum.flux, spectrum.flux_err) is None
+  for name, (flux, err, reason) in _flux_cases(spectrum).items():
+    problem = apstar.spectrum_problem(flux, err)
+    assert problem and reason in problem, (name, problem)

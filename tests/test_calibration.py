@@ -1,5 +1,6 @@
 """σ calibration (calibration.py): the maximum-likelihood fit, coverage, NLL, the sidecar file."""
 
+import itertools
 import json
 import math
 import os
@@ -199,3 +200,18 @@ def test_records_from_before_the_settings_dict_read_as_their_settings(old, setti
   run's settings (an 'mc' record never carried linear_draws)."""
   assert calibration.fitted_settings({'a': {}, 'b': {}, **old}) == settings.record()
   assert calibration.fitted_settings({'settings': settings.record()}) == settings.record()
+
+
+def test_a_quadratic_floor_stays_in_the_range_seen_on_dev_at_the_corners_of_the_box():
+  """The corners of the clipped label box (high log g with high Teff, …) hold no dev star; a
+  quadratic floor's exponent there gave b from 2e-6 to 1e5 dex. b is clipped to its dev range."""
+  rng = np.random.default_rng(5)
+  pred, labels, sigma, _ = _two_kinds_survey(rng, 1500, _dwarfs_worse)
+  record = calibration.fit(pred, labels, sigma, STD, floor='labels_quadratic', step=1)
+  dev_b = calibration.floor_sigma(record, pred, len(pred))
+  geometry = record['features']['LOGG']
+  corners = np.array(list(itertools.product(*zip(geometry['lo'], geometry['hi'], strict=True))))
+  b = calibration.floor_sigma(record, corners, len(corners))
+  for j, name in enumerate(NAMES):
+    assert record['floor'][name]['range'] == [dev_b[:, j].min(), dev_b[:, j].max()]
+    assert np.all(b[:, j] >= dev_b[:, j].min()) and np.all(b[:, j] <= dev_b[:, j].max()), name

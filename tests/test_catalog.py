@@ -155,3 +155,22 @@ def test_fits_catalogue_reads_back_without_warnings_and_keeps_descriptions(tmp_p
   for name in table.colnames:
     assert back[name].description == table[name].description, name
   assert back['LOGG'].unit == u.dex and back['FE_H_ERR'].unit == u.dex
+
+
+def test_a_hash_in_a_file_path_or_id_survives_the_documented_csv_reader(tmp_path):
+  """docs/evaluation.md's pandas reader keeps a row whole when a FILE path or an ID holds '#'
+  (pandas.read_csv(comment='#') cut it there)."""
+  from astropy.table import Table
+  n = 2
+  table = catalog.build_catalog(
+      apogee_id=['2M01#A', 'plain'], ra=np.zeros(n), dec=np.zeros(n),
+      pred=np.full((n, 3), [4.0, 5000.0, 0.0]), pred_err=np.full((n, 3), 0.1),
+      snr=np.full(n, 50.0), file=['surveys/run#2/apStar-r8-2M01#A.fits', 'b.fits'])
+  path = tmp_path / 'catalog.csv'
+  catalog.write_csv(table, path)
+  frame = Table.read(path, format='ascii.ecsv').to_pandas()
+  assert list(frame['APOGEE_ID']) == ['2M01#A', 'plain']
+  assert list(frame['FILE']) == ['surveys/run#2/apStar-r8-2M01#A.fits', 'b.fits']
+  assert list(frame['TEFF_PRED']) == [5000.0, 5000.0]
+  docs = open(os.path.join(os.path.dirname(__file__), '..', 'docs', 'evaluation.md')).read()
+  assert "Table.read(p, format='ascii.ecsv').to_pandas()" in docs

@@ -285,6 +285,129 @@ def test_build_cli_failure_is_one_line_and_readers_die_with_the_build(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Only regular files are read; the spectrum rules are the same as at inference.
+
+
+def test_special_files_and_empty_spectra_are_skipped_with_their_reason(tmp_path):
+  import os
+  manual, table = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  del table['FILE']  # found by the scan, as in a survey folder
+  table.write(manual / 'labels.fits', overwrite=True)
+  paths = sorted(manual.rglob('apStar-*.fits'))
+  by_id = {apstar.apogee_id_from_filename(p): p for p in paths}
+  zero, fifo, faint = (by_id[i] for i in table['APOGEE_ID'][:3])
+  zero.unlink()
+  os.symlink('/dev/zero', zero)
+  fifo.unlink()
+  os.mkfifo(fifo)
+  with fits.open(faint) as hdul:
+    hdul = fits.HDUList([h.copy() for h in hdul])
+  for k in (1, 2):
+    hdul[k].data = hdul[k].data * np.float32(1e-40)
+  hdul.writeto(faint, overwrite=True)
+  builder = _build(manual, tmp_path / 'data', num_workers=2)
+  assert sum(s.num_examples for s in builder.info.splits.values()) == 3
+  report = {p.apogee_id: p.reason for p in
+            labels.read_problems(builder.data_path / apogee_dataset_builder.SKIP_REPORT)}
+  assert 'character device, not a regular file' in report[table['APOGEE_ID'][0]]
+  assert 'named pipe (FIFO), not a regular file' in report[table['APOGEE_ID'][1]]
+  assert 'median good-pixel flux' in report[table['APOGEE_ID'][2]]
+
+
+# ------------------------------------------------------------------------------------------------
+# A failed build never removes a good data set; one build per data folder at a time.
+
+
+def test_a_failed_overwrite_keeps_the_good_data_set(tmp_path):
+  manual, table = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  data = tmp_path / 'data'
+  good = _build(manual, data)
+  shards = sorted(p.name for p in good.data_path.iterdir())
+  nomatch = tmp_path / 'nomatch'
+  nomatch.mkdir()
+  shutil.copy(manual / 'labels.fits', nomatch / 'labels.fits')  # no apStar file
+  with pytest.raises(apogee_dataset_builder.BuildError, match=r'none of the 6.*is kept'):
+    _build(nomatch, data, overwrite=True)
+  assert sorted(p.name for p in good.data_path.iterdir()) == shards
+  # A failure after the checks (the dev split's only file unreadable) puts the old one back.
+  (manual / table['FILE'][4]).write_bytes(b'not a fits file')
+  with pytest.raises(apogee_dataset_builder.BuildError, match=r"'dev' split"):
+    _build(manual, data, overwrite=True)
+  assert sorted(p.name for p in good.data_path.iterdir()) == shards
+  assert [p.name for p in good.data_path.parent.iterdir() if 'replaced' in p.name] == []
+  assert len(_records(data, 'train')) == 4
+
+
+def test_a_second_build_into_one_data_folder_stops_naming_the_first(tmp_path):
+  from apogeenet_jax import workdir_lock
+  manual, _ = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  data = tmp_path / 'data'
+  with workdir_lock.hold(data / 'apogee', what='data set build'):
+    with pytest.raises(apogee_dataset_builder.BuildError, match=r'another data set build is '
+                       r'using this folder \(pid'):
+      _build(manual, data)
+  assert _build(manual, data).info.splits['train'].num_examples == 4
+
+
+def test_a_build_stopped_by_sigterm_cleans_up_and_says_so_in_one_line(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root}
+  manual, _ = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  data = tmp_path / 'data'
+  # Readers that take their time, so that SIGTERM lands in the middle of the build.
+  script = ('import sys, time\n'
+            'from tfds_apogee.apogee import apogee_dataset_builder as b\n'
+            'read = b.read_example\n'
+            'def slow(task):\n'
+            '  print("reading", flush=True); time.sleep(2); return read(task)\n'
+            'b.read_example = slow\n'
+            'from tfds_apogee import build\n'
+            f'sys.argv = ["build", "--manual_dir={manual}", "--data_dir={data}", '
+            '"--num_workers=1"]\n'
+            'build.run()\n')
+  proc = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+  while proc.stdout.readline().strip() != 'reading':
+    pass
+  time.sleep(0.5)
+  os.kill(proc.pid, signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and 'Traceback' not in err, err[-2000:]
+  assert err.strip().splitlines()[-1].startswith('FATAL build stopped by SIGTERM')
+  left = [p.name for p in (data / 'apogee').iterdir()] if (data / 'apogee').exists() else []
+  assert not [name for name in left if name.startswith('incomplete')], left
+
+
+def test_build_cli_flag_problems_are_one_line(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root}
+  manual, _ = _survey(tmp_path, splits=['train'] * 4 + ['dev', 'test'])
+  (tmp_path / 'a_file').write_text('x')
+  cases = [([f'--manual_dir={tmp_path}/a_file', f'--data_dir={tmp_path}/d'], 'not a directory'),
+           ([f'--manual_dir={tmp_path}/none', f'--data_dir={tmp_path}/d'], 'no such directory'),
+           ([f'--manual_dir={manual}', f'--data_dir={tmp_path}/a_file'], 'is not a directory'),
+           ([f'--manual_dir={manual}', f'--data_dir={tmp_path}/d',
+             '--beam_pipeline_options=runner=BogusRunner'], 'Unexpected pipeline runner'),
+           ([f'--manual_dir={manual}', f'--data_dir={tmp_path}/d',
+             '--beam_pipeline_options==,,='], 'not of the form name=value')]
+  procs = [subprocess.Popen([sys.executable, '-m', 'tfds_apogee.build', *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for flags, _ in cases]
+  for proc, (flags, message) in zip(procs, cases, strict=True):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and 'Traceback' not in err, (flags, err[-2000:])
+    assert message in err, (flags, err[-500:])
+  assert not (tmp_path / 'd').exists()
+
+
 # Photometry for APOGEE Net II: the `metadata` features (builder 1.1.0), and 1.0.0 records.
 
 

@@ -1034,3 +1034,125 @@ def test_flux_scaling_applies_alike_to_prediction_mc_and_linear_sigma(estimator)
   assert np.ptp(a['pred_z'], axis=0).min() > 1e-3
   np.testing.assert_allclose(a['pred'], b['pred'], rtol=1e-4)
   np.testing.assert_allclose(a['pred_err'], b['pred_err'], rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs at inference: regular files only, and the build's spectrum rules.
+
+
+def test_special_files_and_absurd_spectra_are_skipped_never_predicted(tiny_checkpoint, tmp_path,
+                                                                      real_apstar_files):
+  from astropy.io import fits
+  d = tmp_path / 'in'
+  d.mkdir()
+  os.symlink('/dev/zero', d / 'apStar-x-2M99000001+0000000.fits')
+  os.mkfifo(d / 'apStar-x-2M99000002+0000000.fits')
+  good = real_apstar_files[0]
+  os.symlink(good, d / good.name)
+  factors = {'2M99000003+0000000': 1e-40, '2M99000004+0000000': 1e28, '2M99000005+0000000': -1}
+  for apogee_id, factor in factors.items():
+    with fits.open(good) as hdul:
+      hdul = fits.HDUList([h.copy() for h in hdul])
+      hdul[0].header['OBJID'] = apogee_id
+      for k in (1, 2):
+        hdul[k].data = hdul[k].data * np.float32(abs(factor))
+      hdul[1].data = hdul[1].data * np.float32(np.sign(factor))
+      hdul.writeto(d / f'apStar-r6-{apogee_id}.fits')
+  listing = tmp_path / 'list.txt'
+  listing.write_text(f'{d / "apStar-x-2M99000001+0000000.fits"}\n{good}\n')
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  for name, (files, skipped) in {'dir': evaluation.apstar_inputs(str(d)),
+                                 'list': evaluation.apstar_inputs(None, str(listing))}.items():
+    out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path / name),
+                              apstar_files=files, skipped_files=skipped,
+                              settings=MCSettings(mc=4), make_figures=False)
+    assert out['n_stars'] == 1, name
+    report = {os.path.basename(p.file): p.reason
+              for p in labels.read_problems(tmp_path / name / 'skipped.csv')}
+    assert 'character device, not a regular file' in report['apStar-x-2M99000001+0000000.fits']
+    if name == 'dir':
+      assert 'FIFO' in report['apStar-x-2M99000002+0000000.fits']
+      assert 'below 0.001' in report['apStar-r6-2M99000003+0000000.fits']
+      assert 'above 1e+10' in report['apStar-r6-2M99000004+0000000.fits']
+      assert 'too little spectrum' in report['apStar-r6-2M99000005+0000000.fits']
+
+
+def test_apstar_dir_or_list_that_cannot_be_read_is_one_line(tmp_path):
+  with pytest.raises(prediction.EvaluationError, match=r'--apstar_dir .*not a directory'):
+    evaluation.apstar_inputs(str(tmp_path / 'missing'))
+  (tmp_path / 'f').write_text('x')
+  with pytest.raises(prediction.EvaluationError, match=r'--apstar_dir .*not a directory'):
+    evaluation.apstar_inputs(str(tmp_path / 'f'))
+  with pytest.raises(prediction.EvaluationError, match=r'--apstar_list .*no such file'):
+    evaluation.apstar_inputs(None, str(tmp_path / 'missing.txt'))
+  with pytest.raises(prediction.EvaluationError, match=r'--apstar_list .*not a regular file'):
+    evaluation.apstar_inputs(None, '/dev/zero')
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs owned: only files whose names the program writes are replaced or removed.
+
+
+def test_only_files_it_writes_are_removed_and_other_programs_folders_are_refused(
+    tiny_checkpoint, apstar_dir, tmp_path):
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  files, skipped = evaluation.apstar_inputs(str(apstar_dir))
+  out_dir = tmp_path / 'out'
+  (out_dir / 'figures').mkdir(parents=True)
+  (out_dir / 'figures' / 'my_plot.png').write_bytes(b'mine')
+  (out_dir / 'figures' / 'calibration.png').write_bytes(b'an earlier run')
+  (out_dir / 'notes.csv').write_text('mine')
+  for make_figures in (True, False):
+    evaluation.evaluate(params=params, meta=meta, output_dir=str(out_dir), apstar_files=files,
+                        skipped_files=skipped, settings=MCSettings(mc=0),
+                        make_figures=make_figures)
+    assert (out_dir / 'figures' / 'my_plot.png').read_bytes() == b'mine'
+    assert (out_dir / 'notes.csv').read_text() == 'mine'
+    assert not (out_dir / 'figures' / 'calibration.png').exists()  # ours, not redrawn
+  assert not (out_dir / 'figures' / 'kiel.png').exists()  # --figures=false: ours, removed
+  for folder, what in ((tiny_checkpoint, 'a checkpoint folder'),):
+    with pytest.raises(prediction.EvaluationError, match=f'is {what}'):
+      evaluation.evaluate(params=params, meta=meta, output_dir=str(folder), apstar_files=files,
+                          skipped_files=skipped, settings=MCSettings(mc=0))
+  data_set = tmp_path / 'tfds' / 'apogee' / '1.0.0'
+  data_set.mkdir(parents=True)
+  (data_set / 'dataset_info.json').write_text('{}')
+  (data_set / 'skipped.csv').write_text('the build\'s report')
+  assert 'is a built data set' in evaluation.output_dir_problem(str(data_set))
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  assert 'training workdir' in evaluation.output_dir_problem(str(workdir))
+  assert evaluation.output_dir_problem(str(workdir / 'eval')) is None
+
+
+def test_a_split_star_that_fails_the_spectrum_rules_is_listed_not_lost(tiny_checkpoint, tmp_path,
+                                                                       monkeypatch):
+  """A data set built before the rules may hold an empty spectrum: at inference it is skipped
+  with the reason, in skipped.csv, as an apStar file would be."""
+  source = _fake_source(5, 0)
+  source[2]['flux'] = np.zeros(N_PIXELS, np.float32)
+  source[2]['flux'][100] = 50.0  # one good pixel of 8575
+  monkeypatch.setattr(input_pipeline, 'open_split', lambda data_dir, split: source)
+  params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
+  out = evaluation.evaluate(params=params, meta=meta, output_dir=str(tmp_path), splits=['test'],
+                            data_dir='unused', settings=MCSettings(mc=4), make_figures=False)
+  assert out['n_stars'] == 4 and '2M00000002+0000000' not in list(out['table']['APOGEE_ID'])
+  problems = labels.read_problems(tmp_path / 'skipped.csv')
+  assert [p.apogee_id for p in problems] == ['2M00000002+0000000']
+  assert 'too little spectrum' in problems[0].reason
+
+
+def test_a_non_finite_prediction_or_sigma_is_reported_not_catalogued():
+  """The linear σ overflowed float32 at a flux level of 1e-30 and gave NaN silently: such a star
+  is listed with the reason instead of a catalogue row."""
+  merged = {'pred': np.array([[4.0, 5000.0, 0.0], [4.0, 5000.0, 0.0], [np.nan, 1.0, 0.0]]),
+            'pred_err_noise': np.array([[0.1, 10.0, 0.01], [np.nan, 10.0, 0.01],
+                                        [0.1, 10.0, 0.01]]),
+            'apogee_id': np.array(['a', 'b', 'c']), 'file': np.array(['fa', 'fb', 'fc']),
+            'problems': np.zeros((0, 3), str)}
+  out = evaluation._without_unsupported(merged, 'linear')
+  assert list(out['apogee_id']) == ['a'] and len(out['pred_err_noise']) == 1
+  assert [row[1] for row in out['problems']] == ['b', 'c']
+  assert 'not finite' in out['problems'][0][2]
+  # Without σ (--mc=0) only the prediction counts.
+  assert list(evaluation._without_unsupported(merged, 'none')['apogee_id']) == ['a', 'b']

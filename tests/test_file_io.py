@@ -7,6 +7,7 @@ gs:// workdir is tested in test_training.py.
 
 import gc
 import os
+import pathlib
 
 import fake_gcs as fake_gcs_lib
 import pytest
@@ -77,3 +78,25 @@ def test_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
   assert file_io.as_path('~/x') == epath.Path(os.path.expanduser('~/x'))
   assert file_io.is_remote('gs://b/x') and file_io.is_remote(epath.Path('s3://b/x'))
   assert not file_io.is_remote(tmp_path) and not file_io.is_remote('rel/gs:/x')
+
+
+def test_outputs_never_replace_a_device_node_or_a_fifo(tmp_path):
+  """A staged move or an atomic write over /dev/full (or any non-regular file) is refused with
+  nothing moved: run as root, os.replace would swap the device node for a file."""
+  import stat as stat_lib
+
+  fifo = tmp_path / 'labels.fits'
+  os.mkfifo(fifo)
+  with pytest.raises(file_io.StagedOutputError, match=r'named pipe.*not a regular file'):
+    with file_io.staged_outputs(tmp_path) as stage:
+      (stage / 'labels.fits').write_bytes(b'fits')
+      (stage / 'labels_report.csv').write_text('report')
+  assert stat_lib.S_ISFIFO(os.stat(fifo).st_mode)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['labels.fits']  # no report moved
+  with pytest.raises(file_io.StagedOutputError, match=r'not a regular file'):
+    with file_io.atomic_path(fifo) as tmp:
+      pathlib.Path(tmp).write_bytes(b'fits')
+  assert stat_lib.S_ISFIFO(os.stat(fifo).st_mode)
+  with pytest.raises(file_io.StagedOutputError, match=r'character device'):
+    with file_io.atomic_path('/dev/full'):
+      pass

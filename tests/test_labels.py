@@ -198,6 +198,26 @@ def test_label_outside_its_physical_range_raises_naming_the_row(tmp_path, column
     labels.read_label_catalog(tmp_path / 'labels.fits')
 
 
+def test_input_tables_that_are_special_files_are_refused_by_name(tmp_path):
+  """make_labels' and the build's table readers never open /dev/zero or a FIFO (they would
+  never end): one clear error naming the file."""
+  import os
+
+  from apogeenet_jax.label_sources import common, isochrones
+  zero = tmp_path / 'labels.fits'
+  os.symlink('/dev/zero', zero)
+  assert labels.find_catalog(tmp_path) == zero
+  with pytest.raises(labels.LabelCatalogError, match=r'labels\.fits: a character device, not a '
+                     r'regular file'):
+    labels.read_label_catalog(zero)
+  fifo = tmp_path / 'payne.csv'
+  os.mkfifo(fifo)
+  with pytest.raises(common.SourceTableError, match=r'FIFO.*not a regular file'):
+    common.read_table(fifo)
+  with pytest.raises(common.SourceTableError, match=r'not a regular file'):
+    isochrones.read_cmd_file(zero)
+
+
 def test_photometry_columns_are_optional_nan_where_empty_and_kept_as_given(tmp_path):
   """PLX … K and their errors in METADATA_COLUMNS order whatever the column order; an empty CSV
   cell or an absent column is NaN; 99.999 (catalogues' "missing") stays 99.999."""

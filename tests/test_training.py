@@ -1165,3 +1165,15 @@ def test_train_py_shows_config_and_path_problems_as_one_line(tmp_path):
     assert 'Traceback' not in err, (flags, err[-2000:])
     assert err.strip().splitlines()[-1].startswith('FATAL'), (flags, err[-500:])
     assert message in err, (flags, err[-500:])
+
+
+def test_a_refused_max_epochs_change_is_named_with_the_way_to_make_it():
+  """docs/reliability.md: max_epochs may change on resume, but under the default cosine to the
+  end of the run it sets optim.decay_steps, a field the user never set: the refusal says so."""
+  saved = {'config': {'max_epochs': 30, 'optim': {'lr_schedule': 'cosine', 'decay_steps': 300}}}
+  new = {'max_epochs': 40, 'optim': {'lr_schedule': 'cosine', 'decay_steps': 400}}
+  with pytest.raises(resume.ResumeMismatchError,
+                     match=r'set by max_epochs 30 → 40.*--config\.optim\.decay_steps=300'):
+    resume.check_same_run(saved, new, pathlib.Path('w'))
+  kept = {'max_epochs': 40, 'optim': {'lr_schedule': 'cosine', 'decay_steps': 300}}
+  resume.check_same_run(saved, kept, pathlib.Path('w'))  # a warning, and the run resumes

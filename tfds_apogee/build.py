@@ -21,7 +21,10 @@ with one line, and the skip report goes to <data_dir>/skipped-failed-build.csv. 
 exit with the build process, however it ends (SIGTERM, kill -9).
 """
 
+import logging as std_logging
 import os
+import re
+import signal
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
@@ -39,8 +42,24 @@ def beam_options(beam_pipeline_options: str):
   except ImportError as e:
     raise ImportError(f'--beam_pipeline_options={beam_pipeline_options!r} needs Apache Beam: '
                       f"pip install 'apogeenet-jax[tfds]' ({e})") from e
-  return pipeline_options.PipelineOptions(
-      flags=[f'--{opt}' for opt in beam_pipeline_options.split(',') if opt])
+  opts = [opt.strip() for opt in beam_pipeline_options.split(',') if opt.strip()]
+  bad = [opt for opt in opts if not _BEAM_OPTION.match(opt)]
+  if bad or not opts:
+    raise ValueError(f'--beam_pipeline_options={beam_pipeline_options!r}: '
+                     + (f'{bad} not of the form name=value' if bad else 'no option given')
+                     + ', e.g. runner=DirectRunner,direct_num_workers=2')
+  options = pipeline_options.PipelineOptions(flags=[f'--{opt}' for opt in opts])
+  runner_name = options.view_as(pipeline_options.StandardOptions).runner
+  if runner_name:
+    from apache_beam.runners import runner
+    try:  # Now, not after the catalogue and the file scan.
+      runner.create_runner(runner_name)
+    except (ValueError, ImportError) as e:
+      raise ValueError(f'--beam_pipeline_options: {e}') from None
+  return options
+
+
+_BEAM_OPTION = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(=.*)?$')
 
 
 def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
@@ -68,14 +87,43 @@ def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
   return builder
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
+class Terminated(BaseException):
+  """SIGTERM during a build: raised in the main thread so that every cleanup runs (TFDS removes
+  its incomplete.* folder, and the Beam work files in it; --overwrite puts the old data set
+  back). BaseException: no ``except Exception`` on the way may swallow it."""
+
+
+_SIGTERM_SEEN = []  # Beam wraps the exception it meets in its own: the flag says it was ours.
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  _SIGTERM_SEEN.append(True)
+  # What the pipeline logs as it unwinds (Beam logs the exception with its traceback before it
+  # wraps it) says nothing the FATAL line does not: the build is stopping.
+  std_logging.disable(std_logging.ERROR)
+  raise Terminated()
+
+
+def _check_flags(f) -> None:
+  """The flags' own problems, before anything is read: one line each."""
   if f.beam_pipeline_options:
     try:
       beam_options(f.beam_pipeline_options)
-    except ImportError as e:
-      raise app.UsageError(str(e)) from None
+    except (ImportError, ValueError) as e:
+      raise SystemExit(f'FATAL {e}') from None
+  if not os.path.isdir(f.manual_dir):
+    raise SystemExit(f'FATAL --manual_dir {f.manual_dir}: '
+                     f'{"not a directory" if os.path.exists(f.manual_dir) else "no such directory"}')
+  if '://' not in f.data_dir and os.path.exists(f.data_dir) and not os.path.isdir(f.data_dir):
+    raise SystemExit(f'FATAL --data_dir {f.data_dir}: exists and is not a directory')
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  signal.signal(signal.SIGTERM, _raise_terminated)
+  _check_flags(f)
   try:
     builder = build(f.manual_dir, f.data_dir, f.file_format, f.split_seed, f.num_workers,
                     overwrite=f.overwrite, beam_pipeline_options=f.beam_pipeline_options)
@@ -84,6 +132,11 @@ def main(argv):
   except (apogee_dataset_builder.BuildError, labels.LabelCatalogError) as e:
     # Problems of the inputs, not bugs: one line that says what is wrong.
     raise SystemExit(f'FATAL {e}') from None
+  except BaseException:
+    if not _SIGTERM_SEEN:
+      raise
+    raise SystemExit(f'FATAL build stopped by SIGTERM: its temporary files were removed and '
+                     f'{f.data_dir} holds what it held before') from None
   report = epath.Path(builder.data_dir) / apogee_dataset_builder.SKIP_REPORT
   n_skipped = len(labels.read_problems(report)) if report.exists() else 0
   counts = {name: split.num_examples for name, split in builder.info.splits.items()}

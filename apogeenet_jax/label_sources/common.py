@@ -41,8 +41,8 @@ class Cut:
 def read_table(path: str | os.PathLike) -> Table:
   """A FITS, CSV or ECSV table read with astropy; SourceTableError names the file on failure."""
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise SourceTableError(f'{path}: no such file')
+  if problem := file_io.regular_file_problem(path):  # /dev/zero or a FIFO would never end.
+    raise SourceTableError(f'{path}: {problem}')
   suffix = path.suffix.lower()
   fmt = {'.csv': 'ascii.csv', '.ecsv': 'ascii.ecsv'}.get(suffix)
   try:

@@ -38,6 +38,7 @@ from astropy import constants as const
 from astropy import units as u
 from astropy.table import Table
 
+from apogeenet_jax import file_io
 from apogeenet_jax.label_sources import common
 
 BANDS = ('G', 'BP', 'RP', 'J', 'H', 'K', 'W1', 'W2', 'W3')
@@ -92,8 +93,10 @@ def read_cmd_file(path: str | os.PathLike) -> Table:
   """One CMD isochrone file → Table. Column names from the last '#' line before each data block
   (CMD repeats the header per age in some versions)."""
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise MissingIsochronesError(f'{path}: no such isochrone file. {PARSEC_HELP}')
+  if problem := file_io.regular_file_problem(path):
+    if problem.startswith('no such'):
+      raise MissingIsochronesError(f'{path}: no such isochrone file. {PARSEC_HELP}')
+    raise common.SourceTableError(f'{path}: {problem}')  # /dev/zero would never end.
   try:
     # CMD output may come gzipped ('.dat.gz'); astropy's own opener would not split its
     # repeated headers.

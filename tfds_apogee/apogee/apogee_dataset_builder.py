@@ -35,7 +35,7 @@ from absl import logging
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from apogeenet_jax import apstar, constants, labels
+from apogeenet_jax import apstar, constants, file_io, labels, workdir_lock
 
 SKIP_REPORT = 'skipped.csv'
 # Beam path: task lists and unreadable-file reports, inside TFDS's temporary data directory (so
@@ -47,10 +47,9 @@ _WINDOW_PER_WORKER = 256
 
 _EXACT = tfds.features.Encoding.BYTES
 
-# Largest |flux| a spectrum may hold (1e-17 erg/s/cm²/Å; ours). Real apStar flux is orders of
-# magnitude below it; 3e38 in a few pixels overflows the gradient norm, and clipping then zeroes
-# every update of training (a silent no-op). Such a file is skipped, with the reason.
-FLUX_LIMIT = 1e10
+# Largest |flux| a spectrum may hold: one of the rules of ``apstar.spectrum_problem``, which the
+# build and inference share. Such a file is skipped, with the reason.
+FLUX_LIMIT = apstar.FLUX_LIMIT
 # Where a build that fails for want of readable files leaves its report, in data_dir.
 FAILED_SKIP_REPORT = 'skipped-failed-build.csv'
 # The photometric features of APOGEE Net II (version 1.1.0 on): (7,) float32 each, in
@@ -115,12 +114,8 @@ def read_example(task: tuple[str, str, tuple, str]) -> tuple[str, dict | None, s
     return apogee_id, None, str(e)
   except Exception as e:  # One odd file must never kill a survey-sized build.
     return apogee_id, None, f'{path}: unexpected {type(e).__name__}: {e}'
-  with np.errstate(invalid='ignore'):
-    absurd = np.abs(spectrum.flux) > FLUX_LIMIT
-  if absurd.any():
-    return apogee_id, None, (f'{path}: {int(absurd.sum())} pixel(s) with |flux| above '
-                             f'{FLUX_LIMIT:g}, e.g. {float(spectrum.flux[absurd][0]):g} at pixel '
-                             f'{int(np.flatnonzero(absurd)[0])}: not a real spectrum')
+  if problem := apstar.spectrum_problem(spectrum.flux, spectrum.flux_err):
+    return apogee_id, None, f'{path}: {problem}'  # The same rules as at inference.
   if spectrum.apogee_id != apogee_id:
     return apogee_id, None, (f'{path}: header APOGEE ID {spectrum.apogee_id} differs from the '
                              f'catalogue APOGEE_ID {apogee_id}')
@@ -245,10 +240,50 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if file_format is None and self._explicit_file_format is None:
       file_format = DEFAULT_FILE_FORMAT
     config = kwargs.get('download_config')
-    if (config is not None and config.manual_dir and self.data_path.exists()
-        and not config.download_mode.overwrite_dataset):
-      self._check_inputs_unchanged(pathlib.Path(config.manual_dir))
-    return super().download_and_prepare(file_format=file_format, **kwargs)
+    if config is None or not config.manual_dir or file_io.is_remote(self._data_dir_root):
+      return super().download_and_prepare(file_format=file_format, **kwargs)
+    # One build per data folder at a time: a second one stops at once, naming the first.
+    try:
+      lock = workdir_lock.hold(os.fspath(self.data_path.parent), what='data set build',
+                               change='give another --data_dir')
+      lock.__enter__()
+    except workdir_lock.WorkdirLockedError as e:
+      raise BuildError(str(e)) from None
+    except OSError as e:
+      raise BuildError(f'{self.data_path.parent}: cannot create the data folder ({e})') from None
+    try:
+      if not self.data_path.exists():
+        return super().download_and_prepare(file_format=file_format, **kwargs)
+      if not config.download_mode.overwrite_dataset:
+        self._check_inputs_unchanged(pathlib.Path(config.manual_dir))
+        return super().download_and_prepare(file_format=file_format, **kwargs)
+      return self._replace_keeping_the_old_until_done(file_format, kwargs)
+    finally:
+      lock.__exit__(None, None, None)
+
+  def _replace_keeping_the_old_until_done(self, file_format, kwargs):
+    """--overwrite: the inputs are checked first, then the old data set moves aside and comes
+    back if the new build fails for any reason; it is deleted only once the new one is in
+    place. A failed build never removes a good one."""
+    manual_dir = pathlib.Path(kwargs['download_config'].manual_dir)
+    catalog = labels.find_catalog(manual_dir)
+    stars = labels.read_label_catalog(catalog)
+    if not labels.match_files(stars, manual_dir)[0]:
+      raise BuildError(f'{catalog}: none of the {len(stars)} catalogue rows matched an apStar '
+                       f'file below {manual_dir}; the data set in {self.data_path} is kept')
+    old = self.data_path.parent / f'.{self.data_path.name}.replaced-{os.getpid()}'
+    self.data_path.rename(old)
+    try:
+      result = super().download_and_prepare(file_format=file_format, **kwargs)
+    except BaseException:
+      if self.data_path.exists():
+        self.data_path.rmtree()
+      old.rename(self.data_path)
+      logging.warning('apogee: the build failed; the earlier data set is back in %s',
+                      self.data_path)
+      raise
+    old.rmtree()
+    return result
 
   def _check_inputs_unchanged(self, manual_dir: pathlib.Path) -> None:
     """TFDS reuses any data set it finds; refuse one whose inputs have changed since."""
