@@ -8,7 +8,8 @@ limit and an 8 GB memory limit, and prints ``OK`` or ``FAIL``, the case and what
 per case, then the count. Every process that fails must end with one ``FATAL``/flag-error line
 and no traceback; nothing may hang. Special files are made inside ``--work`` (a link to /dev/zero,
 FIFOs); an output over a device node is tried on a FIFO, never on /dev/full. Real apStar files
-(``APOGEENET_APSTAR_DIR``, default /work/shared/data/apstar) add the information_limit case.
+(``APOGEENET_APSTAR_DIR``, default ../shared/data/apstar beside the checkout, where the tests
+find them) add the information_limit case.
 Prints figures; asserts nothing.
 """
 
@@ -408,7 +409,8 @@ def raw_flux_checkpoint(sweep: Sweep, paths: dict) -> None:
 
 def information_limit(sweep: Sweep, paths: dict) -> None:
   """The bound is refused on real apStar files; user errors are one line."""
-  real = pathlib.Path(os.environ.get('APOGEENET_APSTAR_DIR', '/work/shared/data/apstar'))
+  default = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'apstar'
+  real = pathlib.Path(os.environ.get('APOGEENET_APSTAR_DIR', default))
   script = 'benchmarks/information_limit.py'
   expect_error(sweep, 'information_limit --split=<missing>',
                [script, f'--data_dir={sweep.work}/none'], 'no built dataset')
