@@ -11,6 +11,12 @@ augmentation on the flux, cosine decay, early stopping). The metadata's replacem
 and stds are fitted on the training split (empty here), as the label standardiser is; the label
 standardiser works in log10 Teff. Needs records built with the photometry columns (PLX, G, BP,
 RP, J, H, K; docs/data.md): a data set without them is refused in one line.
+
+The loss weights are ≈ 1/σ_CRB² in this family's standardised label space (log10 Teff), measured
+on a 5,000-star survey with 10% hot stars and photometry (benchmarks/information_limit.py
+--with_photometry, Teff < 7000 K): (1, 2.7, 1.0). The default's (1, 0.2, 1.4) are Net I's, for
+Teff in K: in log10 Teff they starve Teff of gradient (residual / bound 7.5 / 16.3 at 8 epochs,
+against 8.0 / 9.6 with these; docs/model_families.md).
 """
 
 from configs import default
@@ -25,4 +31,5 @@ def get_config():
   config.model.metadata_fill = ()
   config.model.metadata_mean = ()
   config.model.metadata_std = ()
+  config.loss_weights = (1.0, 2.7, 1.0)
   return config
