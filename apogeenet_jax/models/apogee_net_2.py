@@ -38,10 +38,7 @@ import numpy as np
 from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS
 from apogeenet_jax.models import Family, LabelSpace, ModelError, register
 from apogeenet_jax.models.apogee_net import (
-  N_TARGETS,
-  PAPER_CHANNELS,
-  PAPER_DROPOUT,
-  PAPER_HIDDEN,
+  APOGEENet,
   check_torch_shapes,
   expected_torch_shapes,
   spectrum_features,
@@ -88,25 +85,16 @@ class MetadataNet(nn.Module):
     return x
 
 
-class APOGEENet2(nn.Module):
+class APOGEENet2(APOGEENet):
   """The APOGEE Net II regression network (module docstring).
 
-  Attributes (those shared with ``APOGEENet`` mean the same there):
-    channels, hidden, num_targets, dropout_rate, input_length, pool, input_scale, flux_scaling:
-      as in ``APOGEENet``.
+  Attributes: ``APOGEENet``'s (channels, hidden, num_targets, dropout_rate, input_length, pool,
+    input_scale, flux_scaling: inherited, the same meaning), and
     metadata_widths: widths of the metadata MLP's layers (the last one joins fc1's input).
     metadata_fill, metadata_mean, metadata_std: per-column replacement of a bad value, mean and
       std of the 7 metadata columns (``prepare_metadata``); training may fit its own.
   """
 
-  channels: Sequence[int] = PAPER_CHANNELS
-  hidden: Sequence[int] = PAPER_HIDDEN
-  num_targets: int = N_TARGETS
-  dropout_rate: float = PAPER_DROPOUT
-  input_length: int = N_PIXELS
-  pool: str = 'pairwise'
-  input_scale: float = 1.0
-  flux_scaling: str = 'none'
   metadata_widths: Sequence[int] = METADATA_WIDTHS
   metadata_fill: Sequence[float] = AUTHORS_METADATA_FILL
   metadata_mean: Sequence[float] = AUTHORS_METADATA_MEAN
