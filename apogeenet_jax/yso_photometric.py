@@ -31,9 +31,8 @@ import optax
 from absl import logging
 from astropy.table import Table
 
-from apogeenet_jax import checkpoint, epochs, sharding, steps, train_inputs, train_state
+from apogeenet_jax import checkpoint, epochs, models, sharding, steps, train_inputs, train_state
 from apogeenet_jax.label_sources import common, isochrones
-from apogeenet_jax.models import module_kwargs
 from apogeenet_jax.models.yso_photometric import YSOPhotometricNet
 from apogeenet_jax.normalization import Standardizer
 
@@ -65,8 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _model(config: ml_collections.ConfigDict) -> YSOPhotometricNet:
-  return YSOPhotometricNet(channels=tuple(config.channels), hidden=config.hidden,
-                           dropout_rate=config.dropout_rate)
+  return models.create({'name': 'yso_photometric', 'channels': config.channels,
+                        'hidden': config.hidden, 'dropout_rate': config.dropout_rate})
 
 
 def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None = None,
@@ -182,7 +181,7 @@ def load(directory: str) -> tuple[Any, dict[str, Any]]:
 def predict(params: Any, meta: dict[str, Any], features: np.ndarray,
             batch_size: int = 4096) -> np.ndarray:
   """(n, 12) physical FEATURES → (n, 5) TARGETS in physical units."""
-  model = YSOPhotometricNet(**module_kwargs(meta['model']))
+  model = checkpoint.model_from_meta(meta)
   norm = meta['normalization']
   standardizer = Standardizer(mean=np.asarray(norm['mean']), std=np.asarray(norm['std']))
   x = isochrones.normalise_features(features)

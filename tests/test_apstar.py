@@ -73,7 +73,7 @@ def test_find_apstar_files(tmp_path, real_apstar_files):
 
 
 def test_symlink_loops_visit_each_real_file_once(tmp_path):
-  # Issue 13 item 4: one loop gave 41 copies of one star, two loops never ended.
+  # One loop gave 41 copies of one star, two loops never ended.
   (tmp_path / 'apo25m' / 'F1').mkdir(parents=True)
   (tmp_path / 'apo25m' / 'F1' / 'apStar-r8-2M01+1.fits').write_bytes(b'')
   (tmp_path / 'apo25m' / 'F1' / 'loop').symlink_to(tmp_path)

@@ -124,7 +124,7 @@ def test_unknown_sigma_source_is_a_clear_error():
 
 
 def test_outputs_get_the_umask_mode_not_0600(tmp_path):
-  # Issue 13 item 9: mkstemp's private mode leaked into catalog.*, metrics.json and figures.
+  # Mkstemp's private mode leaked into catalog.*, metrics.json and figures.
   old = os.umask(0o027)
   try:
     catalog.write_csv(_table(), str(tmp_path / 'catalog.csv'))
@@ -139,7 +139,7 @@ def test_outputs_get_the_umask_mode_not_0600(tmp_path):
 
 
 def test_fits_catalogue_reads_back_without_warnings_and_keeps_descriptions(tmp_path):
-  # Issue 21: astropy warned twice that 'dex' did not parse as a FITS unit, and the column
+  # Astropy warned twice that 'dex' did not parse as a FITS unit, and the column
   # descriptions did not come back.
   import warnings
 

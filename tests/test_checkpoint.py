@@ -73,7 +73,7 @@ def _truncate_metadata(step_dir):
   path.write_bytes(path.read_bytes()[:40])
 
 
-# Issue 13 item 1: each of these gave a raw orbax/tensorstore error when resuming.
+# Each of these gave a raw orbax/tensorstore error when resuming.
 CORRUPTIONS = {
     'truncated OCDBT data file': _truncate_data_files,
     'deleted state item': lambda d: shutil.rmtree(d / 'state'),
@@ -143,7 +143,7 @@ def test_load_params_wraps_every_corruption(tmp_path, corruption):
 
 
 def test_a_failed_save_is_one_clear_error_and_leaves_no_temp_folder(tmp_path, monkeypatch):
-  # Issue 21: disk full during a save gave a raw traceback and left orbax's temp folder behind.
+  # Disk full during a save gave a raw traceback and left orbax's temp folder behind.
   manager = checkpoint.make_manager(str(tmp_path))
   checkpoint.save(manager, 1, _state(0)[1], {'note': 'good'})
 
@@ -168,7 +168,7 @@ def _log(logger_name, pathname, message):
 
 
 def test_a_failed_save_shows_none_of_orbaxs_thread_tracebacks(caplog):
-  # Issue 21: a real disk-full save printed each orbax writer thread's traceback, asyncio's
+  # A real disk-full save printed each orbax writer thread's traceback, asyncio's
   # 'exception was never retrieved' for the sibling writes, then the one FATAL line.
   future_py = f'{os.sep}venv{os.sep}orbax{os.sep}checkpoint{os.sep}_src{os.sep}future.py'
   tmp = '"W/checkpoints/36.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/d/c314"'

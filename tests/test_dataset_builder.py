@@ -167,7 +167,7 @@ def test_tfrecord_is_selectable(tmp_path):
 
 
 def test_rebuild_with_changed_inputs_stops_unless_overwrite(tmp_path):
-  # Issue 13 item 7: a rebuild must never quietly reuse a data set built from other inputs.
+  # A rebuild must never quietly reuse a data set built from other inputs.
   manual, data = tmp_path / 'manual', tmp_path / 'tfds'
   synthetic.write_survey(manual, num_stars=6, seed=0, show_progress=False)
   first = _build(manual, data)
@@ -191,7 +191,7 @@ def test_rebuild_with_changed_inputs_stops_unless_overwrite(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Issue 21: builds that produced nothing usable, or absurd flux, are named, not passed on.
+# Builds that produced nothing usable, or absurd flux, are named, not passed on.
 
 
 def _survey(tmp_path, n=6, splits=None):
@@ -224,7 +224,7 @@ def test_a_split_whose_files_are_all_unreadable_is_an_error_with_a_report(tmp_pa
 
 
 def test_absurd_flux_is_skipped_at_build(tmp_path):
-  # Issue 21 (4): 10 pixels at 3e38 passed the build and made training a silent no-op.
+  # 10 pixels at 3e38 passed the build and made training a silent no-op.
   manual, table = _survey(tmp_path)
   path = manual / table['FILE'][1]
   with fits.open(path) as hdul:

@@ -472,7 +472,7 @@ def test_catalog_and_metrics_record_the_estimator(tiny_checkpoint, tmp_path, mon
   assert bool(np.all(out['table']['TEFF_ERR'].mask)) == (sigma == 'none')
 def test_apstar_dir_with_links_loops_and_near_misses(tiny_checkpoint, real_apstar_files,
                                                      tmp_path):
-  # Issue 13 item 4: each real file once, the run ends, odd names reported, FILE column.
+  # Each real file once, the run ends, odd names reported, FILE column.
   d = tmp_path / 'survey'
   (d / 'F1').mkdir(parents=True)
   for path in real_apstar_files[:2]:
@@ -550,7 +550,7 @@ def _parse_evaluate_flags(argv):
     (['--merge=d', '--split=test'], r'At most one of \(merge, split\)'),
 ])
 def test_bad_flags_are_refused_when_flags_are_parsed(argv, message):
-  # Issue 13 item 8: refused before any work, one line each, not ZeroDivisionError or grain's.
+  # Refused before any work, one line each, not ZeroDivisionError or grain's.
   from absl import flags
   if not any(a.startswith(('--workdir', '--merge')) for a in argv):
     argv = ['--checkpoint=c', '--output_dir=o', *argv]
@@ -580,7 +580,7 @@ def test_bad_output_dir_is_refused_when_flags_are_parsed(tmp_path, monkeypatch):
 
 
 def test_the_default_output_dir_is_checked_only_when_something_is_written_there(tmp_path):
-  # Issue 21: --calibrate alone (it writes beside the checkpoint) was refused, with the flags'
+  # --calibrate alone (it writes beside the checkpoint) was refused, with the flags'
   # help, because WORKDIR/eval could not be written.
   from absl import flags
   evaluate = pytest.importorskip('evaluate')
@@ -601,7 +601,7 @@ def test_the_default_output_dir_is_checked_only_when_something_is_written_there(
 
 def test_outputs_of_an_earlier_run_of_another_mode_are_removed(tiny_checkpoint, apstar_dir,
                                                                tmp_path, monkeypatch):
-  # Issue 13 item 9: the output folder describes one run, not the union of several.
+  # The output folder describes one run, not the union of several.
   _fake_splits(monkeypatch, 5)
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   out_dir = tmp_path / 'out'
@@ -807,7 +807,7 @@ def test_checkpoint_outputs_parts_and_merge_on_object_storage(tiny_checkpoint, a
 
 
 # ------------------------------------------------------------------------------------------------
-# Issue 21: every output of a run is staged and moved into place only when all are written.
+# Every output of a run is staged and moved into place only when all are written.
 
 
 def test_non_ascii_file_name_keeps_the_run(tiny_checkpoint, real_apstar_files, tmp_path):
@@ -826,7 +826,7 @@ def test_non_ascii_file_name_keeps_the_run(tiny_checkpoint, real_apstar_files, t
 
 def test_a_failing_write_leaves_every_earlier_output_whole(tiny_checkpoint, apstar_dir, tmp_path,
                                                            monkeypatch):
-  # Issue 21 (9): disk full after the catalogue used to leave it beside the old figures.
+  # Disk full after the catalogue used to leave it beside the old figures.
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   out_dir = tmp_path / 'out'
   common = dict(params=params, meta=meta, output_dir=str(out_dir), batch_size=2,
@@ -865,7 +865,7 @@ class _BuiltSplit(list):
 
 def test_merge_refuses_parts_of_another_build_of_the_same_size(tiny_checkpoint, tmp_path,
                                                                monkeypatch):
-  # Issue 21 (2): same split sizes, other labels: the parts used to merge into a mix.
+  # Same split sizes, other labels: the parts used to merge into a mix.
   params, meta = evaluation.load_checkpoint(checkpoint_dir=tiny_checkpoint)
   common = dict(params=params, meta=meta, splits=['test'], data_dir='unused', batch_size=2,
                 make_figures=False, settings=MCSettings(mc=0), output_dir=str(tmp_path / 'p'))
@@ -883,7 +883,7 @@ _NAMES = ('LOGG', 'TEFF', 'FE_H')
 @pytest.mark.parametrize('content', ['{"a": ', 'NAN_A', 'NAN_FLOOR'])
 def test_a_broken_calibration_names_the_file_and_none_or_calibrate_work_past_it(
     tiny_checkpoint, tmp_path, monkeypatch, content):
-  # Issue 21 (6): NaN coefficients blanked every *_ERR with exit 0; a file that failed validation
+  # NaN coefficients blanked every *_ERR with exit 0; a file that failed validation
   # raised from checkpoint loading, even under --calibration=none and --calibrate.
   _fake_splits(monkeypatch, 24, {'dev': 2, 'test': 3})
   directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
@@ -916,7 +916,7 @@ def test_a_broken_calibration_names_the_file_and_none_or_calibrate_work_past_it(
 
 def test_calibration_of_a_retrained_model_at_the_same_step_is_ignored(tiny_checkpoint, tmp_path,
                                                                       monkeypatch):
-  # Issue 21 (6): the record named the step only; a retrained model's best step had that number.
+  # The record named the step only; a retrained model's best step had that number.
   _fake_splits(monkeypatch, 24, {'dev': 2})
   directory = _copy_checkpoint(tiny_checkpoint, tmp_path / 'ckpt')
   params, meta = evaluation.load_checkpoint(checkpoint_dir=directory)
@@ -933,7 +933,7 @@ def test_calibration_of_a_retrained_model_at_the_same_step_is_ignored(tiny_check
 
 
 def test_mc_too_small_for_a_sigma_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
-  # Issue 21 (6): --mc=1 wrote σ ≡ 0, and --calibrate --mc=1 replaced a good fit by a = 0.0025.
+  # --mc=1 wrote σ ≡ 0, and --calibrate --mc=1 replaced a good fit by a = 0.0025.
   with pytest.raises(uncertainty.UncertaintyError, match='--mc'):
     MCSettings(mc=1)
   MCSettings(mc=1, estimator='linear')  # linear: mc only asks for a σ
@@ -966,7 +966,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 
 
 def test_evaluate_py_shows_each_user_error_as_one_line(tiny_checkpoint, tmp_path, monkeypatch):
-  # Issue 21: each of these was a raw traceback (--linear_draws=100000 ran out of memory).
+  # Each of these was a raw traceback (--linear_draws=100000 ran out of memory).
   (tmp_path / 'o1' / 'catalog.fits').mkdir(parents=True)
   (tmp_path / 'o2').mkdir()
   (tmp_path / 'o2' / 'figures').write_text('a file')

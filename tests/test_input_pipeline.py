@@ -198,7 +198,7 @@ def test_open_split_reads_built_records(built_dir):
 @pytest.mark.parametrize('damage', ['truncate', 'flip'])
 def test_a_damaged_shard_is_named_and_the_build_fingerprint_rides_along(built_dir, tmp_path,
                                                                         damage):
-  # Issue 21: a truncated or bit-flipped array_record shard gave riegeli's RuntimeError, no path.
+  # A truncated or bit-flipped array_record shard gave riegeli's RuntimeError, no path.
   import shutil
   copy = tmp_path / 'tfds'
   shutil.copytree(built_dir, copy)

@@ -257,14 +257,14 @@ def test_mstar_requires_a_way_to_exclude_star_forming_regions():
 
 
 def test_feh_relation_with_a_fractional_exponent_is_refused(tmp_path):
-  # Issue 21 (8): an exponent of 1.5 was truncated to 1 without a word.
+  # An exponent of 1.5 was truncated to 1 without a word.
   path = _feh_file(tmp_path, terms=((0.1, 0, 0), (-0.05, 1.5, 0)))
   with pytest.raises(relations.MissingFehRelationError, match=r'feh\.json.*1\.5.*whole'):
     relations.load_feh_relation(path)
 
 
 def test_isochrones_gzipped_or_without_any_logte_name_the_file(tmp_path):
-  # Issue 21: a .dat.gz gave UnicodeDecodeError, an all-NaN logTe a zero-size ValueError.
+  # A .dat.gz gave UnicodeDecodeError, an all-NaN logTe a zero-size ValueError.
   import gzip
 
   from apogeenet_jax.label_sources import fake_isochrones, isochrones

@@ -139,7 +139,7 @@ def test_skip_report_round_trip(tmp_path):
 
 
 def test_file_outside_manual_dir_is_refused(tmp_path):
-  # Issue 13 item 5: the catalogue is data; its FILE must not reach files outside manual_dir.
+  # The catalogue is data; its FILE must not reach files outside manual_dir.
   manual = tmp_path / 'manual'
   (manual / 'sub').mkdir(parents=True)
   (manual / 'sub' / 'inside.fits').write_bytes(b'')
@@ -167,7 +167,7 @@ def test_file_outside_manual_dir_is_refused(tmp_path):
 
 
 def test_bom_in_csv_catalogue_is_accepted(tmp_path):
-  # Issue 13 item 6: Excel writes "UTF-8 with BOM"; the BOM glued to the first column name.
+  # Excel writes "UTF-8 with BOM"; the BOM glued to the first column name.
   _table().write(tmp_path / 'plain.csv')
   (tmp_path / 'labels.csv').write_bytes(b'\xef\xbb\xbf' + (tmp_path / 'plain.csv').read_bytes())
   stars = labels.read_label_catalog(tmp_path / 'labels.csv')
@@ -175,7 +175,7 @@ def test_bom_in_csv_catalogue_is_accepted(tmp_path):
 
 
 def test_near_miss_names_are_reported_unless_given_in_file(tmp_path):
-  # Issue 13 item 4, for the build: a misnamed apStar file is listed, not silently ignored.
+  # A misnamed apStar file is listed, not silently ignored.
   for name in ('apStar-2M01+1.fits', 'apstar-r8-2M02+2.fits', 'apStar-r8-2M03-3.fits'):
     (tmp_path / name).write_bytes(b'')
   _table(FILE=['', 'apstar-r8-2M02+2.fits', '']).write(tmp_path / 'labels.ecsv')
@@ -188,7 +188,7 @@ def test_near_miss_names_are_reported_unless_given_in_file(tmp_path):
 @pytest.mark.parametrize('column, bad', [('TEFF', 1e39), ('TEFF', 1e30), ('LOGG', 12.0),
                                          ('FE_H', -20.0)])
 def test_label_outside_its_physical_range_raises_naming_the_row(tmp_path, column, bad):
-  # Issue 21 (7): TEFF = 1e39 became inf in float32; 1e30 trained with a Teff mean of 2.4e28.
+  # TEFF = 1e39 became inf in float32; 1e30 trained with a Teff mean of 2.4e28.
   t = _table()
   t[column][2] = bad
   t.write(tmp_path / 'labels.fits')

@@ -140,7 +140,7 @@ def _payne_table(path, teff, flag):
 
 
 def test_a_failed_run_leaves_the_good_catalogue_and_its_reports(tmp_path):
-  # Issue 21 (1): every row cut used to leave a 0-row labels.fits beside the old reports.
+  # Every row cut used to leave a 0-row labels.fits beside the old reports.
   _payne_table(tmp_path / 'payne.fits', [5000.0, 4800.0], [1, 1])
   out = tmp_path / 'm' / 'labels.fits'
   run = _cli(f'--output={out}', f'--payne={tmp_path}/payne.fits')

@@ -493,7 +493,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(sources, tmp_path, signum):
 
 
 def test_workdir_on_gs_trains_and_resumes_exactly(sources, tmp_path):
-  """Issue 11 part 1: a gs:// workdir (the in-process fake of tests/fake_gcs.py: etils.epath
+  """A gs:// workdir (the in-process fake of tests/fake_gcs.py: etils.epath
   through fsspec, orbax's arrays through TensorStore's GCS driver over HTTP) holds the
   checkpoints, metrics.jsonl and the TensorBoard events, and resumes like a local one."""
   full = training.train_and_evaluate(_config(max_epochs=3), tmp_path / 'local', sources=sources)
@@ -518,7 +518,7 @@ def _epochs(workdir):
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # tensorstore
 def test_corrupt_latest_checkpoint_falls_back_and_resumes_exactly(sources, tmp_path, caplog):
-  # Issue 13 item 1: a damaged newest step gave a raw tensorstore error; now the run resumes
+  # A damaged newest step gave a raw tensorstore error; now the run resumes
   # from the step before it and ends where an undisturbed run ends.
   full = training.train_and_evaluate(_config(max_epochs=3), str(tmp_path / 'full'),
                                      sources=sources)
@@ -535,7 +535,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_resumes_exactly(sources, tmp_p
 
 
 def test_second_run_on_a_workdir_in_use_stops_at_once(sources, tmp_path):
-  # Issue 13 item 2: two runs on one workdir wrote every epoch twice or died inside orbax.
+  # Two runs on one workdir wrote every epoch twice or died inside orbax.
   with workdir_lock.hold(tmp_path / 'run'):
     with pytest.raises(workdir_lock.WorkdirLockedError, match=f'pid {os.getpid()} '):
       training.train_and_evaluate(_config(max_epochs=1), str(tmp_path / 'run'), sources=sources)
@@ -549,7 +549,7 @@ class _Killed(BaseException):
 @pytest.mark.parametrize('after', ['checkpoint', 'metrics row'])
 def test_kill_between_checkpoint_and_metrics_keeps_every_epoch_once(sources, tmp_path,
                                                                     monkeypatch, after):
-  # Issue 13 item 3: a kill right after the epoch-2 checkpoint lost epoch 2's row for good.
+  # A kill right after the epoch-2 checkpoint lost epoch 2's row for good.
   workdir = str(tmp_path / 'run')
   real_save, real_write = checkpoint.save, metric_writer.MetricWriter.write_scalars
 
@@ -693,7 +693,7 @@ if pid == 0:
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
-  """Issue 11 part 2: SIGTERM reaches process 1 only; orbax's reached_preemption (JAX's
+  """SIGTERM reaches process 1 only; orbax's reached_preemption (JAX's
   preemption service) stops both processes at the same step, one checkpoint is saved there, and
   both resume from it to the parameters of an uninterrupted 2-process run."""
   # 32 spectra: 4 steps of 2 × 4 per epoch. Process 1 reads its 32 labels first (read_metadata),
@@ -1046,11 +1046,11 @@ def test_cosine_over_the_run_resolves_decay_steps_from_the_data():
 
 
 # ------------------------------------------------------------------------------------------------
-# Issue 21: a run that cannot learn, or a resume of another run, stops with a reason.
+# A run that cannot learn, or a resume of another run, stops with a reason.
 
 
 def test_overflowing_gradient_norm_stops_the_run_naming_the_step(tmp_path):
-  # Issue 21 (4): 10 pixels at 3e38 in a star: the gradient norm overflows, clipping scales the
+  # 10 pixels at 3e38 in a star: the gradient norm overflows, clipping scales the
   # update to zero while the loss (zero last layer) stays finite. Every star here has them, so
   # no step learns: the run used to end "successfully" with its initial parameters.
   train = fake_source(24, 0)
@@ -1073,7 +1073,7 @@ def _steps_on_disk(workdir):
 
 
 def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_path, caplog):
-  # Issue 21 (5): another data_dir, configs/adapt.py, other channels or ensemble_size in a
+  # Another data_dir, configs/adapt.py, other channels or ensemble_size in a
   # workdir used to resume (or fail with "restore from a backup") instead of being refused.
   workdir = tmp_path / 'run'
   training.train_and_evaluate(_config(max_epochs=1), str(workdir), sources=sources)
@@ -1135,7 +1135,7 @@ app.run(train.main)
 
 
 def test_train_py_shows_config_and_path_problems_as_one_line(tmp_path):
-  # Issue 21: each of these was a raw traceback (the model.channels override a KeyError).
+  # Each of these was a raw traceback (the model.channels override a KeyError).
   root = pathlib.Path(__file__).resolve().parents[1]
   env = {**os.environ, 'PYTHONPATH': str(root), 'JAX_PLATFORMS': 'cpu'}
   env.pop('XLA_FLAGS', None)
