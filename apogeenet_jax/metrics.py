@@ -9,7 +9,7 @@ import numpy as np
 
 from apogeenet_jax import calibration
 from apogeenet_jax.constants import DATA_TYPES, LABEL_NAMES, LABEL_UNITS, SPLITS
-from apogeenet_jax.normalization import Standardizer
+from apogeenet_jax.normalization import LabelSpace, Standardizer
 
 # Table 2 (standardised MSE, train/dev/test: SPLITS order) and Table 3 (test scatter) of the
 # paper, to print beside ours. 'Full' is every data type together.
@@ -45,7 +45,9 @@ def compute_metrics(pred: np.ndarray, labels: np.ndarray, data_type: np.ndarray,
     n = int(sel.sum())
     if n == 0:
       continue
-    dz = (pred[sel] - labels[sel]) / standardizer.std
+    # In the network's label space (log10 Teff for Nets II and III): Table 2's standardised MSE.
+    space = standardizer.space
+    dz = (space.from_catalogue(pred[sel]) - space.from_catalogue(labels[sel])) / standardizer.std
     diff = pred[sel] - labels[sel]
     out[name] = {
         'n': n,
@@ -108,7 +110,8 @@ def catalog_metrics(merged: Mapping[str, np.ndarray], header: Mapping[str, Any])
                            'settings') if k in cal}
       if cal is not None else None)}
   standardizer = Standardizer(mean=np.asarray(header['label_mean']),
-                              std=np.asarray(header['label_std']))
+                              std=np.asarray(header['label_std']),
+                              space=LabelSpace(LABEL_NAMES, tuple(header.get('label_log10', ()))))
   sigma = calibration.apply(merged['pred_err'], cal, merged['pred'])
   metrics = {'run': run, 'splits': {}}
   for split in header['splits']:

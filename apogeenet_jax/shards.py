@@ -50,11 +50,14 @@ def run_header(meta: Mapping[str, Any], settings: MCSettings, cal: Mapping[str, 
          **settings.record(), 'ensemble': checkpoint.ensemble_size(meta)}
   # Without 'path': only the process that stored the calibration knows it, the rest agree.
   cal = None if cal is None else {k: v for k, v in cal.items() if k != 'path'}
-  return {'format': _PART_FORMAT, 'run': run, 'calibration': cal,
-          'splits': list(splits), 'apstar': bool(apstar), 'batch_size': int(batch_size),
-          'label_mean': standardizer.mean.tolist(), 'label_std': standardizer.std.tolist(),
-          'inputs': [[name, len(source), _digest(source)] for name, _, source in sources],
-          'shard': dataclasses.asdict(shard)}
+  header = {'format': _PART_FORMAT, 'run': run, 'calibration': cal,
+            'splits': list(splits), 'apstar': bool(apstar), 'batch_size': int(batch_size),
+            'label_mean': standardizer.mean.tolist(), 'label_std': standardizer.std.tolist(),
+            'inputs': [[name, len(source), _digest(source)] for name, _, source in sources],
+            'shard': dataclasses.asdict(shard)}
+  if standardizer.space.log10:  # μ, σ of log10 Teff (Nets II, III); absent: the catalogue's units
+    header['label_log10'] = list(standardizer.space.log10)
+  return header
 
 
 def _digest(source) -> str:

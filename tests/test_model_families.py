@@ -195,3 +195,18 @@ def test_net3_ensemble_members_keep_their_own_batch_statistics(sources, tmp_path
     assert leaf.shape[0] == 2 and np.abs(leaf[0] - leaf[1]).max() > 0
   variables, meta = checkpoint.load_params(str(tmp_path / 'run' / 'checkpoints'))
   assert meta['ensemble_size'] == 2 and set(variables) == {'params', 'batch_stats'}
+
+
+def test_table2_mse_of_a_log_teff_family_is_taken_in_its_label_space():
+  """The catalogue holds Teff in K; Table 2's standardised MSE of a log10-Teff network is that
+  of its own targets (μ, σ of log10 Teff), not K divided by a σ of dex."""
+  from apogeenet_jax import metrics
+  from apogeenet_jax.normalization import LabelSpace, Standardizer
+  labels = np.array([[4.0, 5000.0, 0.0], [2.5, 4500.0, -0.3]])
+  pred = np.array([[4.1, 5100.0, 0.05], [2.4, 4400.0, -0.2]])
+  std = Standardizer(mean=np.array([3.0, 3.7, -0.2]), std=np.array([1.0, 0.1, 0.3]),
+                     space=LabelSpace(log10=('TEFF',)))
+  got = metrics.compute_metrics(pred, labels, np.zeros(2, int), std)['Full']['mse_standardised']
+  want = np.mean(np.square(std.transform(pred).astype(np.float64) - std.transform(labels)))
+  assert got == pytest.approx(want, rel=1e-5)
+  assert got < 1  # K over a σ of dex would give ~1e6
