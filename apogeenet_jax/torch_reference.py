@@ -49,14 +49,19 @@ def _torch_apogeenet() -> type:
       self.fc2 = nn.Linear(512, 512)
       self.fc3 = nn.Linear(512, num_targets)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-      """x (batch, 1, 8575) raw flux → (batch, 3) standardised (log g, Teff, [Fe/H])."""
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+      """x (batch, 1, 8575) → (batch, 64, 133): Appendix B's conv stack (Net II reuses it)."""
       x = F.max_pool1d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
       x = F.max_pool1d(F.relu(self.conv4(F.relu(self.conv3(x)))), 2)
       x = F.max_pool1d(F.relu(self.conv6(F.relu(self.conv5(x)))), 2)
       x = F.max_pool1d(F.relu(self.conv8(F.relu(self.conv7(x)))), 2)
       x = F.max_pool1d(F.relu(self.conv10(F.relu(self.conv9(x)))), 2)
       x = F.max_pool1d(F.relu(self.conv12(F.relu(self.conv11(x)))), 2)
+      return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+      """x (batch, 1, 8575) raw flux → (batch, 3) standardised (log g, Teff, [Fe/H])."""
+      x = self.conv_features(x)
       x = x.view(-1, self.num_flat_features(x))
       x = F.relu(self.fc1_dropout(self.fc1(x)))
       x = F.relu(self.fc1_dropout(self.fc2(x)))
@@ -120,12 +125,7 @@ def _torch_apogeenet2() -> type:
     def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
       """x (batch, 1, 8575) raw flux, m (batch, 7) RAW metadata → (batch, 3) standardised
       (log g, log10 Teff, [Fe/H])."""
-      x = F.max_pool1d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
-      x = F.max_pool1d(F.relu(self.conv4(F.relu(self.conv3(x)))), 2)
-      x = F.max_pool1d(F.relu(self.conv6(F.relu(self.conv5(x)))), 2)
-      x = F.max_pool1d(F.relu(self.conv8(F.relu(self.conv7(x)))), 2)
-      x = F.max_pool1d(F.relu(self.conv10(F.relu(self.conv9(x)))), 2)
-      x = F.max_pool1d(F.relu(self.conv12(F.relu(self.conv11(x)))), 2)
+      x = self.conv_features(x)
       x = torch.hstack((x.flatten(1), self.metadata(self.prepare_metadata(m))))
       x = F.relu(self.fc1_dropout(self.fc1(x)))
       x = F.relu(self.fc1_dropout(self.fc2(x)))
