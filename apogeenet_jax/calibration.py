@@ -74,7 +74,8 @@ CALIBRATION_FILE = 'calibration.json'
 # of residuals would be noise.
 MIN_CALIBRATION_STARS = 20
 # A floor model is tried only with at least this many dev stars per fitted number (a included):
-# 80 for 'kiel_linear', 100 'labels_linear', 140 'kiel_quadratic', 220 'labels_quadratic'.
+# 80 for 'kiel_linear', 100 'labels_linear', 140 'kiel_quadratic', 220 'labels_quadratic', 380
+# 'kiel_hinge'.
 MIN_STARS_PER_PARAMETER = 20
 NOMINAL_1SIGMA = math.erf(1 / math.sqrt(2))  # 0.6827
 NOMINAL_2SIGMA = math.erf(2 / math.sqrt(2))  # 0.9545
@@ -86,7 +87,13 @@ FLOOR_MODELS = {
     'labels_linear': ((0, 1, 2), 1),
     'kiel_quadratic': ((0, 1), 2),
     'labels_quadratic': ((0, 1, 2), 2),
+    'kiel_hinge': ((0, 1), 'hinge'),
 }
+# Knots of the 'hinge' floor (standardised predicted labels): log b² is a linear spline in log g
+# and Teff with a change of slope at each knot, so the floor can stay flat over one population and
+# step up within half a standard deviation to another (hot stars' [Fe/H], which their spectra do
+# not carry), where a quadratic can only bend (docs/model_families.md).
+HINGE_KNOTS = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
 FLOOR_CHOICES = ('auto', *FLOOR_MODELS)  # 'auto': chosen per label by cross-validation
 CV_FOLDS = 5
 _CV_SEED = 0  # the folds are a fixed permutation: the same dev split gives the same choice
@@ -111,6 +118,8 @@ def floor_design(features_z: np.ndarray, model: str) -> np.ndarray:
   terms = [np.ones(len(x))] + [x[:, i] for i in columns]
   if degree == 2:
     terms += [x[:, i] * x[:, j] for i, j in itertools.combinations_with_replacement(columns, 2)]
+  elif degree == 'hinge':
+    terms += [np.maximum(x[:, i] - k, 0.0) for i in columns for k in HINGE_KNOTS]
   return np.stack(terms, axis=1)
 
 

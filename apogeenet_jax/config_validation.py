@@ -104,6 +104,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     'loss_weights': (f'{len(LABEL_NAMES)} finite numbers >= 0 ({", ".join(LABEL_NAMES)}), not '
                      'all 0', _loss_weights),
     'noise_augmentation': _real_at_least(0),
+    'huber_delta': _real_at_least(0),
     'dropout_rate': _fraction(closed_top=False),
     'init': _one_of('he', 'torch', 'flax'),
     'zero_last_layer': _BOOL,

@@ -33,11 +33,12 @@ _RESUMABLE = frozenset({
     'max_adapt_rounds', 'num_devices', 'multihost', 'log_every_steps'})
 # Fields that runs saved by earlier versions lack, and the value they trained with: before
 # config.model listed the paper's architecture it was empty; before config.loss_weights the loss
-# was the plain MSE; before config.noise_augmentation the spectra were used as stored; before the
+# was the plain MSE (and the square until config.huber_delta); before config.noise_augmentation
+# the spectra were used as stored; before the
 # model registry every run was an APOGEE Net I.
 _SAVED_DEFAULTS = {'model.name': 'apogee_net', 'model.channels': list(PAPER_CHANNELS),
                    'model.hidden': list(PAPER_HIDDEN), 'loss_weights': [1.0, 1.0, 1.0],
-                   'noise_augmentation': 0.0}
+                   'noise_augmentation': 0.0, 'huber_delta': 0.0}
 # Fields that moved into config.model with the registry: their old top-level names.
 _MOVED_TO_MODEL = ('flux_scaling', 'input_scale', 'dropout_rate')
 

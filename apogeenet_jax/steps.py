@@ -75,11 +75,19 @@ def _over_members(fn: Callable, unrolled: bool, in_axes: tuple) -> Callable:
   return unrolled_fn
 
 
-def _label_mse(pred: jax.Array, targets: jax.Array, loss_weights: tuple[float, ...] | None
-               ) -> jax.Array:
+def _label_mse(pred: jax.Array, targets: jax.Array, loss_weights: tuple[float, ...] | None,
+               huber_delta: float = 0.0) -> jax.Array:
   """Per-example mean over the labels of the squared standardised residual (§3.3), each label
-  weighted by ``loss_weights`` scaled to mean 1 (None or all equal: the paper's MSE exactly)."""
-  square = jnp.square(pred - targets)
+  weighted by ``loss_weights`` scaled to mean 1 (None or all equal: the paper's MSE exactly).
+
+  ``huber_delta`` δ > 0: twice optax's Huber loss instead of the square — the square itself for
+  |residual| ≤ δ (standardised units), 2δ·|residual| − δ² beyond, so a label the spectrum does
+  not determine (a hot star's [Fe/H]) pushes the gradient by at most δ. 0: the square (bit for
+  bit as before the option)."""
+  if huber_delta:
+    square = 2.0 * optax.losses.huber_loss(pred, targets, delta=huber_delta)
+  else:
+    square = jnp.square(pred - targets)
   if loss_weights is not None and len(set(loss_weights)) > 1:
     w = np.asarray(loss_weights, np.float64)
     square = square * jnp.asarray(w / w.mean(), square.dtype)
@@ -112,7 +120,7 @@ _NOISE_STREAM = 1
 
 def _local_train_step(model: nn.Module, tx: optax.GradientTransformation, ensemble_size: int = 1,
                       unroll_members: bool = False, loss_weights: tuple[float, ...] | None = None,
-                      noise_augmentation: float = 0.0
+                      noise_augmentation: float = 0.0, huber_delta: float = 0.0
                       ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The per-device SGD step, to run under ``shard_map`` over the 'data' axis.
 
@@ -153,7 +161,7 @@ def _local_train_step(model: nn.Module, tx: optax.GradientTransformation, ensemb
       else:
         pred, new_state = model.apply(variables, **inputs, train=True,
                                       rngs={'dropout': dropout_rng}), model_state
-      per_example = _label_mse(pred, batch['targets'], loss_weights)  # MSE, §3.3
+      per_example = _label_mse(pred, batch['targets'], loss_weights, huber_delta)  # §3.3
       # The GLOBAL mean, reduced over the axis INSIDE the differentiated function: the gradient of
       # a replicated input already carries the psum, so pmean-ing gradients afterwards would give
       # N× the true gradient (docs/jax_stack_notes.md, "The shard_map gradient trap").
@@ -192,7 +200,8 @@ def _local_train_step(model: nn.Module, tx: optax.GradientTransformation, ensemb
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     ensemble_size: int = 1, unroll_members: bool | None = None,
-                    loss_weights: tuple[float, ...] | None = None, noise_augmentation: float = 0.0
+                    loss_weights: tuple[float, ...] | None = None, noise_augmentation: float = 0.0,
+                    huber_delta: float = 0.0
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The jitted data-parallel SGD step: (state, global batch) → (state, summed metrics); for
   ``ensemble_size``, ``loss_weights`` and ``noise_augmentation`` see ``_local_train_step``;
@@ -200,7 +209,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
   if unroll_members is None:
     unroll_members = members_unrolled(mesh)
   local_step = _local_train_step(model, tx, ensemble_size, unroll_members, loss_weights,
-                                 noise_augmentation)
+                                 noise_augmentation, huber_delta)
   step = jax.shard_map(local_step, mesh=mesh,
                        in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0)
@@ -240,7 +249,8 @@ def gather_resident(data: Mapping[str, jax.Array], idx: jax.Array, n_dev: int
 def make_train_steps(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                      resident: bool = False, ensemble_size: int = 1,
                      loss_weights: tuple[float, ...] | None = None,
-                     noise_augmentation: float = 0.0) -> Callable[[TrainState, Any], tuple]:
+                     noise_augmentation: float = 0.0, huber_delta: float = 0.0
+                     ) -> Callable[[TrainState, Any], tuple]:
   """k SGD steps in one jitted ``lax.scan``: (state, xs) → (state, metrics summed over the k
   steps, {'loss': (k,), 'grad_norm': (k,)} of each step).
 
@@ -259,7 +269,7 @@ def make_train_steps(model: nn.Module, tx: optax.GradientTransformation, mesh: M
   # scan over steps and the ensemble's members are both unrolled there.
   unroll = members_unrolled(mesh)
   local_step = _local_train_step(model, tx, ensemble_size, unroll, loss_weights,
-                                 noise_augmentation)
+                                 noise_augmentation, huber_delta)
   n_dev = mesh.shape[DATA_AXIS]
 
   def run(state, xs):
@@ -318,9 +328,10 @@ def compiled_eval_step(model: nn.Module, mesh: Mesh, ensemble_size: int = 1):
 @functools.lru_cache(maxsize=8)
 def compiled_train_steps(model: nn.Module, optimizer_key: tuple, mesh: Mesh, resident: bool,
                          ensemble_size: int = 1, loss_weights: tuple[float, ...] | None = None,
-                         noise_augmentation: float = 0.0):
+                         noise_augmentation: float = 0.0, huber_delta: float = 0.0):
   """``make_train_steps`` with the optimiser of ``optimizer.optimizer_key`` (the whole
   ``config.optim`` and the batch size), cached the same way."""
   tx = optimizer.from_key(optimizer_key)
   return make_train_steps(model, tx, mesh, resident=resident, ensemble_size=ensemble_size,
-                          loss_weights=loss_weights, noise_augmentation=noise_augmentation)
+                          loss_weights=loss_weights, noise_augmentation=noise_augmentation,
+                          huber_delta=huber_delta)

@@ -278,7 +278,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path,
              train_steps=steps.compiled_train_steps(model, optimizer.optimizer_key(config), mesh,
                                                      on_device, ensemble_size,
                                                      tuple(config.loss_weights),
-                                                     train_inputs.noise_augmentation(config)))
+                                                     train_inputs.noise_augmentation(config),
+                                                     float(config.huber_delta)))
   return run, state, restored is not None
 
 

@@ -108,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 2.47 × the bound, against 2.37 / 2.21 / 2.86 without; best dev MSE 0.00038 against 0.00047
   # (docs/training.md). It needs the whole schedule: see early_stopping_from_epoch.
   config.noise_augmentation = 1.0
+  # Huber loss (not in the paper): δ > 0 replaces each standardised label's square beyond |r| = δ
+  # by its tangent line, so a label the spectrum does not carry (a hot star's [Fe/H]) cannot
+  # dominate the gradient; 0 = the square (the paper's MSE, with the weights above).
+  config.huber_delta = 0.0
   # Initialisation (the paper names none): 'he' = He-normal kernels, zero biases, which keep the
   # difference between spectra alive through the 12 ReLU convolutions; 'torch' = U(±1/√fan_in)
   # (PyTorch's default, what the authors' code started from) loses it; 'flax' = LeCun normal.

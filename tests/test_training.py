@@ -132,6 +132,23 @@ def test_the_loss_weights_weight_the_training_loss(weights, expected):
   np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
 
 
+def test_the_huber_delta_caps_the_pull_of_large_residuals_and_keeps_small_ones_squared():
+  """δ between the batch's small and large standardised residuals: the step's loss is r² below δ
+  and 2δ|r| − δ² above, per label; a δ above every residual is the MSE."""
+  model, tx, std, batch, mesh, state = _one_batch_step_setup()
+  pred = np.asarray(model.apply({'params': state.params}, batch['flux']), np.float64)
+  r = np.abs(pred - std.transform(batch['labels']))
+  delta = float(np.sqrt(r.min() * r.max()))
+  assert (r < 0.5 * delta).any() and (r > 2 * delta).any()
+  want = np.where(r <= delta, r * r, 2 * delta * r - delta * delta).mean()
+  device_batch = train_inputs.device_batch(batch, ('flux',), std, mesh)
+  for d, expected in ((delta, want), (10 * r.max(), np.square(r).mean())):
+    step = steps.make_train_step(model, tx, mesh, huber_delta=d)
+    # A copy each time: the step donates the state it is given.
+    _, metrics = step(sharding.replicate(jax.tree.map(jnp.array, state), mesh), device_batch)
+    np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
+
+
 def test_noise_augmentation_trains_on_a_fresh_noisy_copy_with_the_mc_noise_scale():
   """The step's loss is the MSE of flux + a · N(0, 1) · noise_scale, the noise drawn from the
   step's own key (so each step sees new noise); a = 0 leaves the stored spectra alone."""
@@ -1084,6 +1101,7 @@ def test_resume_refuses_another_run_and_warns_on_harmless_changes(sources, tmp_p
                         ({'ensemble_size': 2}, 'ensemble_size'),
                         ({'loss_weights': (1.0, 0.2, 1.4)}, 'loss_weights'),
                         ({'noise_augmentation': 1.0}, 'noise_augmentation'),
+                        ({'huber_delta': 0.1}, 'huber_delta'),
                         ({'adapt': True, 'init_from': str(tmp_path / 'base')}, 'adapt')):
     config = _config(max_epochs=2)
     for k, v in change.items():
