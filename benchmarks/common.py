@@ -27,3 +27,33 @@ def manual_dir_or_survey(manual_dir: str | None, tmp: str, num_stars: int) -> st
   elapsed = time.perf_counter() - start
   print(f'synthetic survey: {num_stars} stars in {elapsed:.1f} s ({num_stars / elapsed:.0f} files/s)')
   return manual_dir
+
+
+def torch_runner(flux, err, mc, threads):
+  """``run() -> seconds``: the paper's model, one batch of ``mc`` draws per star, in a loop."""
+  import torch
+
+  from apogeenet_jax import uncertainty
+  from apogeenet_jax.torch_reference import TorchAPOGEENet
+  torch.set_num_threads(threads)
+  model = TorchAPOGEENet().eval()
+  gen = torch.Generator().manual_seed(0)
+
+  def one(f, e):
+    scale = torch.from_numpy(uncertainty.prepare_errors(e))
+    noise = torch.randn((mc, f.shape[-1]), generator=gen) * scale
+    noise[0] = 0  # draw 0 noiseless, as in the authors' code
+    x = (torch.from_numpy(f) + noise)[:, None, :]
+    out = model(x)
+    return out.mean(0), out.std(0, unbiased=False)
+
+  def run():
+    with torch.no_grad():
+      t0 = time.perf_counter()
+      for f, e in zip(flux, err, strict=True):
+        one(f, e)
+      return time.perf_counter() - t0
+
+  with torch.no_grad():
+    one(flux[0], err[0])  # warm-up
+  return run

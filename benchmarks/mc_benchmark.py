@@ -42,6 +42,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import torch_runner
+
 _NUM_STARS = flags.DEFINE_integer('num_stars', 32, 'Stars timed in the throughput comparison.')
 _MC = flags.DEFINE_integer('mc', 100, 'Monte Carlo draws per star (paper: 100).')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'JAX stars per device batch.')
@@ -151,36 +153,6 @@ def jax_runner(flux, err, mc, batch_size, draw_chunk, ensemble_size=1, linear_mo
     jax.block_until_ready(outs)
     return time.perf_counter() - t0
 
-  return run
-
-
-def torch_runner(flux, err, mc, threads):
-  """``run() -> seconds``: the paper's model, one batch of ``mc`` draws per star, in a loop."""
-  import torch
-
-  from apogeenet_jax import uncertainty
-  from apogeenet_jax.torch_reference import TorchAPOGEENet
-  torch.set_num_threads(threads)
-  model = TorchAPOGEENet().eval()
-  gen = torch.Generator().manual_seed(0)
-
-  def one(f, e):
-    scale = torch.from_numpy(uncertainty.prepare_errors(e))
-    noise = torch.randn((mc, N_PIX), generator=gen) * scale
-    noise[0] = 0  # draw 0 noiseless, as in the authors' code
-    x = (torch.from_numpy(f) + noise)[:, None, :]
-    out = model(x)
-    return out.mean(0), out.std(0, unbiased=False)
-
-  def run():
-    with torch.no_grad():
-      t0 = time.perf_counter()
-      for f, e in zip(flux, err, strict=True):
-        one(f, e)
-      return time.perf_counter() - t0
-
-  with torch.no_grad():
-    one(flux[0], err[0])  # warm-up
   return run
 
 
