@@ -184,11 +184,20 @@ def _fit_theta(r2: np.ndarray, s2: np.ndarray, features_z: np.ndarray, model: st
   if model == 'constant':
     return constant
   design = floor_design(features_z, model)
-  start = np.concatenate([constant, np.zeros(design.shape[1] - 1)])
-  result = scipy.optimize.minimize(_nll_and_grad, start, args=(r2, s2, design), jac=True,
-                                   method='L-BFGS-B')
-  # Started at the constant optimum: keep it if the polish found nothing better.
-  return result.x if result.fun <= _nll_and_grad(start, r2, s2, design)[0] else start
+  zeros = np.zeros(design.shape[1] - 1)
+  # Two starts: the constant optimum, and the floor carrying the residuals (b² = their median
+  # square). Where the constant's optimum has b → 0 (a population with large residuals and large
+  # raw σ: APOGEE Net II's hot stars), the floor term's gradient there is ~exp(log b²) = 0, and a
+  # polish from it alone never leaves it.
+  starts = [np.concatenate([constant, zeros]),
+            np.concatenate([[constant[0], math.log(max(float(np.median(r2)), 1e-30))], zeros])]
+  best, best_nll = starts[0], _nll_and_grad(starts[0], r2, s2, design)[0]
+  for start in starts:
+    result = scipy.optimize.minimize(_nll_and_grad, start, args=(r2, s2, design), jac=True,
+                                     method='L-BFGS-B')
+    if result.fun < best_nll:  # Keep the constant optimum unless a polish found better.
+      best, best_nll = result.x, float(result.fun)
+  return best
 
 
 def _held_out_nll(theta, r2, s2, design):
