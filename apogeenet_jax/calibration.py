@@ -18,6 +18,7 @@ with m = [Fe/H], whose lines weaken in metal-poor stars):
   'labels_linear'     log b² = β₀ + β₁ g + β₂ t + β₃ m           5
   'kiel_quadratic'    kiel_linear + g², t², g t                  7
   'labels_quadratic'  labels_linear + the 6 squares and products 11
+  'kiel_hinge'        a linear spline in g and t (calibration_floors) 20
 with g, t, m the predictions standardised by the dev stars' mean and std and clipped to the dev
 range, so a star outside it gets the floor of the nearest edge, never an extrapolated one.
 
@@ -25,8 +26,9 @@ Fit: for each label and candidate, a and β maximise the Gaussian likelihood of 
 r = pred − label, i.e. minimise Σ log σ_cal² + r²/σ_cal², in standardised units (so one
 optimiser setting serves K and dex). The constant model starts from a coarse grid over
 (log a², log b²) and is polished by shrinking coordinate search; the others start from the
-constant optimum (β₁… = 0), so their dev likelihood is never worse, and are polished by L-BFGS-B
-with the analytic gradient. Which candidate a label gets is chosen on the dev split alone by
+constant optimum (β₁… = 0), so their dev likelihood is never worse, and from the floor carrying
+the residuals (where the constant's b → 0 the floor has no gradient), and are polished by
+L-BFGS-B with the analytic gradient. Which candidate a label gets is chosen on the dev split alone by
 5-fold cross-validation of the held-out NLL with the one-standard-error rule (Hastie, Tibshirani
 & Friedman, ESL §7.10): the simplest model whose CV NLL is within one standard error (of the
 paired per-star difference) of the best one's. A candidate with fewer than
@@ -53,7 +55,6 @@ Coverage: the fraction of stars with |r| ≤ k·σ (ideal 0.683 for k = 1, 0.954
 NLL: the mean of ½ log(2π σ²) + r²/(2σ²) per label in the label's native unit (K or dex).
 """
 
-import itertools
 import json
 import math
 import os
@@ -65,6 +66,13 @@ import numpy as np
 import scipy.optimize
 from etils import epath
 
+from apogeenet_jax.calibration_floors import (
+  FLOOR_CHOICES,
+  FLOOR_MODELS,
+  CalibrationError,
+  floor_design,
+  num_coefficients,
+)
 from apogeenet_jax.constants import LABEL_NAMES
 from apogeenet_jax.file_io import atomic_path
 from apogeenet_jax.normalization import LabelSpace
@@ -79,22 +87,6 @@ MIN_CALIBRATION_STARS = 20
 MIN_STARS_PER_PARAMETER = 20
 NOMINAL_1SIGMA = math.erf(1 / math.sqrt(2))  # 0.6827
 NOMINAL_2SIGMA = math.erf(2 / math.sqrt(2))  # 0.9545
-# Floor models, simplest first (the order the one-standard-error rule prefers): the predicted
-# labels (columns of LABEL_NAMES) log b² depends on, and the polynomial degree in them.
-FLOOR_MODELS = {
-    'constant': ((), 0),
-    'kiel_linear': ((0, 1), 1),
-    'labels_linear': ((0, 1, 2), 1),
-    'kiel_quadratic': ((0, 1), 2),
-    'labels_quadratic': ((0, 1, 2), 2),
-    'kiel_hinge': ((0, 1), 'hinge'),
-}
-# Knots of the 'hinge' floor (standardised predicted labels): log b² is a linear spline in log g
-# and Teff with a change of slope at each knot, so the floor can stay flat over one population and
-# step up within half a standard deviation to another (hot stars' [Fe/H], which their spectra do
-# not carry), where a quadratic can only bend (docs/model_families.md).
-HINGE_KNOTS = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
-FLOOR_CHOICES = ('auto', *FLOOR_MODELS)  # 'auto': chosen per label by cross-validation
 CV_FOLDS = 5
 _CV_SEED = 0  # the folds are a fixed permutation: the same dev split gives the same choice
 _LOG_CLIP = (-80.0, 80.0)  # exponents of the variance terms stay finite in float64
@@ -103,29 +95,6 @@ _LOG_CLIP = (-80.0, 80.0)  # exponents of the variance terms stay finite in floa
 # Fewest MC draws a fit is made on: σ_noise of fewer draws is mostly the draws' own scatter
 # (with error_cap='median' draw 0 is noiseless, so --mc=1 gives σ ≡ 0). Ours, not the paper's.
 MIN_CALIBRATION_DRAWS = 4
-
-
-class CalibrationError(ValueError):
-  """Calibration cannot be fitted, read or applied."""
-
-
-def floor_design(features_z: np.ndarray, model: str) -> np.ndarray:
-  """(n, p) design matrix Φ of log b² from (n, 3) standardised predicted labels."""
-  if model not in FLOOR_MODELS:
-    raise CalibrationError(f'unknown floor model {model!r}; one of {tuple(FLOOR_MODELS)}')
-  columns, degree = FLOOR_MODELS[model]
-  x = np.asarray(features_z, np.float64).reshape(-1, len(LABEL_NAMES))
-  terms = [np.ones(len(x))] + [x[:, i] for i in columns]
-  if degree == 2:
-    terms += [x[:, i] * x[:, j] for i, j in itertools.combinations_with_replacement(columns, 2)]
-  elif degree == 'hinge':
-    terms += [np.maximum(x[:, i] - k, 0.0) for i in columns for k in HINGE_KNOTS]
-  return np.stack(terms, axis=1)
-
-
-def num_coefficients(model: str) -> int:
-  """β's length of a floor model (a not included)."""
-  return floor_design(np.zeros((1, len(LABEL_NAMES))), model).shape[1]
 
 
 def _variance(theta: np.ndarray, s2: np.ndarray, design: np.ndarray):
