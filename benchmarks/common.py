@@ -34,7 +34,7 @@ def torch_runner(flux, err, mc, threads):
   import torch
 
   from apogeenet_jax import uncertainty
-  from apogeenet_jax.torch_reference import TorchAPOGEENet
+  from apogeenet_jax.models.torch_reference import TorchAPOGEENet
   torch.set_num_threads(threads)
   model = TorchAPOGEENet().eval()
   gen = torch.Generator().manual_seed(0)

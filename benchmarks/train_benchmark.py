@@ -90,7 +90,7 @@ def torch_step_fn(batch: dict):
   """One step of the paper's PyTorch model (Appendix B) with plain SGD."""
   import torch
 
-  from apogeenet_jax.torch_reference import TorchAPOGEENet
+  from apogeenet_jax.models.torch_reference import TorchAPOGEENet
   if FLAGS.torch_threads:
     torch.set_num_threads(FLAGS.torch_threads)
   torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """APOGEE Net II (models/apogee_net_2.py) against an independent PyTorch twin of the authors' layout
-(torch_reference.TorchAPOGEENet2), through the weight converter, on real apStar spectra and made-up
+(models.torch_reference.TorchAPOGEENet2), through the weight converter, on real apStar spectra and made-up
 metadata rows that hit every case of the authors' replacement rule.
 """
 
@@ -13,8 +13,8 @@ torch = pytest.importorskip('torch')
 from apogeenet_jax import apstar, checkpoint, convert_torch, models  # noqa: E402
 from apogeenet_jax.models import apogee_net_2  # noqa: E402
 from apogeenet_jax.models.apogee_net_2 import APOGEENet2  # noqa: E402
+from apogeenet_jax.models.torch_reference import TorchAPOGEENet, TorchAPOGEENet2  # noqa: E402
 from apogeenet_jax.preprocessing import preprocess_flux  # noqa: E402
-from apogeenet_jax.torch_reference import TorchAPOGEENet, TorchAPOGEENet2  # noqa: E402
 
 PARAM_COUNT = 4_691_963  # the authors' network: convs 32,424 + metadata 3,920 + fc 4,655,619
 TOL = 1e-4  # log g and [Fe/H] in dex; Teff relative (float32 holds 5000 K to ~5e-4 K)

@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from apogeenet_jax import apstar, checkpoint, convert_torch  # noqa: E402
+from apogeenet_jax.models.torch_reference import TorchAPOGEENet  # noqa: E402
 from apogeenet_jax.normalization import PAPER_STANDARDIZER  # noqa: E402
 from apogeenet_jax.preprocessing import preprocess_flux  # noqa: E402
-from apogeenet_jax.torch_reference import TorchAPOGEENet  # noqa: E402
 
 RTOL = 1e-4
 

@@ -14,7 +14,7 @@ names = [m.name for pkg in (apogeenet_jax, tfds_apogee)
          and (m.name not in EXTRA or importlib.util.find_spec(EXTRA[m.name]) is not None)]
 for name in names:
   importlib.import_module(name)
-assert 'apogeenet_jax.torch_reference' in sys.modules and len(names) > 20, names
+assert 'apogeenet_jax.models.torch_reference' in sys.modules and len(names) > 20, names
 print(sorted(m for m in ('torch', 'tensorflow') if m in sys.modules))
 """
 

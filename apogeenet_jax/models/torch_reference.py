@@ -6,7 +6,7 @@ Transcribed from Olney et al. 2020, Appendix B (the extraction's typos fixed: ``
 and importing it does not import torch — the class is built on first access of
 ``torch_reference.TorchAPOGEENet`` (or ``TorchAPOGEENet2``), which needs the optional ``torch``
 extra. Neither class shares code with the Flax modules: they are the independent side of the parity
-tests.
+tests. It lives in ``models/`` with the networks it checks, but is not a registered family.
 """
 
 import functools
