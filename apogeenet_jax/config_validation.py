@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from apogeenet_jax.constants import LABEL_NAMES
+from apogeenet_jax.constants import LABEL_NAMES, METADATA_TRANSFORMS
 
 
 class ConfigError(ValueError):
@@ -121,6 +121,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     'standardizer': _one_of('fit', 'paper'),
     'model.channels': ('a non-empty list of integers >= 1', _positive_ints),
     'model.hidden': ('a non-empty list of integers >= 1', _positive_ints),
+    'model.metadata_transform': _one_of(*METADATA_TRANSFORMS),
     'adapt': _BOOL,
     'init_from': ('a path (text)', _string),
     'payne_fraction': _fraction(closed_top=True, open_bottom=True),

@@ -40,4 +40,21 @@ SPLIT_FRACTIONS = {
 METADATA_COLUMNS = ('PLX', 'G', 'BP', 'RP', 'J', 'H', 'K')
 METADATA_ERR_COLUMNS = tuple(f'{name}_ERR' for name in METADATA_COLUMNS)
 METADATA_UNITS = ('mas', 'mag', 'mag', 'mag', 'mag', 'mag', 'mag')
+# What APOGEE Net II's metadata MLP reads (its ``metadata_transform``), each column as (first,
+# second) indices into METADATA_COLUMNS, read first − second (second −1: the value itself):
+#   'magnitudes'  the 7 values as they are: the authors' network;
+#   'colours'     PLX, G and the five colours of neighbouring bands in wavelength, BP − G, G − RP,
+#                 RP − J, J − H, H − K: the same information (an invertible linear map), but
+#                 Teff's signal is then one input, not a 0.1% difference between two z-scored
+#                 magnitudes that each vary by ~2 mag with the distance.
+METADATA_TRANSFORMS = {
+    'magnitudes': tuple((j, -1) for j in range(len(METADATA_COLUMNS))),
+    'colours': ((0, -1), (1, -1), (2, 1), (1, 3), (3, 4), (4, 5), (5, 6)),
+}
+
+
+def metadata_column_names(transform: str) -> tuple[str, ...]:
+  """The names of a transform's columns: ('PLX', 'G', 'BP-G', …) for 'colours'."""
+  return tuple(METADATA_COLUMNS[a] + (f'-{METADATA_COLUMNS[b]}' if b >= 0 else '')
+               for a, b in METADATA_TRANSFORMS[transform])
 MISSING_MAGNITUDE = 98.0

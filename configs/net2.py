@@ -31,6 +31,9 @@ def get_config():
   config.model.metadata_fill = ()
   config.model.metadata_mean = ()
   config.model.metadata_std = ()
+  # What the metadata MLP reads: the authors' 7 magnitudes ('magnitudes') or PLX, G and 5 colours
+  # ('colours'; models.apogee_net_2).
+  config.model.metadata_transform = 'magnitudes'
   config.loss_weights = (1.0, 2.7, 1.0)
   # The hot stars' [Fe/H] is not in their spectra (±0.2 dex unlearnable): a Huber loss keeps those
   # residuals from pulling the gradient. On the 5,000-star survey at 8 epochs: log g 6.6 against

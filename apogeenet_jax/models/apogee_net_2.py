@@ -21,7 +21,9 @@ Inputs (batch, 8575) raw apStar flux, 1e-17 erg/s/cm²/Å, scaled as in Net I (`
 RP, 2MASS J, H, K] in that order. The module prepares the metadata itself, with the authors' rule:
 a value that is non-finite or ≥ 98 (the catalogues' 99.999-style "missing" placeholders) is replaced
 by its column's ``metadata_fill``, then each column is z-scored with ``metadata_mean`` and
-``metadata_std``. Being module attributes, these are recorded in the checkpoint meta beside
+``metadata_std``. With ``metadata_transform='colours'`` (a recipe of this project, not the
+authors') the columns are first PLX, G and five colours (``constants.METADATA_TRANSFORMS``), a
+colour missing where either band is, and the fill, mean and std are of those columns. Being module attributes, these are recorded in the checkpoint meta beside
 ``flux_scaling`` and ``input_scale``, so training, evaluation, the Monte Carlo draws and the linear
 σ all see one function of the raw inputs. Defaults: the authors' constants.
 Output: (batch, 3) standardised (log g, log10 Teff, [Fe/H]).
@@ -35,7 +37,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from apogeenet_jax.constants import LABEL_NAMES, N_PIXELS
+from apogeenet_jax.constants import (
+  LABEL_NAMES,
+  METADATA_TRANSFORMS,
+  N_PIXELS,
+  metadata_column_names,
+)
 from apogeenet_jax.models import Family, LabelSpace, ModelError, register
 from apogeenet_jax.models.apogee_net import (
   APOGEENet,
@@ -64,13 +71,33 @@ AUTHORS_LABELS = ((2.925783395767212, 3.6705732345581055, -0.13088105618953705),
                   (1.1890668869018555, 0.0917675793170929, 0.25668784976005554))
 
 
+def transform_metadata(metadata, transform: str = 'magnitudes', xp=jnp):
+  """Raw metadata (batch, 7) → (the transformed columns (batch, 7), where each is missing
+  (batch, 7) bool): a raw value is missing when it is non-finite or ≥ 98 (the catalogues'
+  99.999); a colour is missing when either of its bands is. Missing entries hold 0, never NaN or
+  a placeholder. ``xp``: jax.numpy (the module) or numpy (the fit)."""
+  if transform not in METADATA_TRANSFORMS:
+    raise ModelError(f'metadata_transform {transform!r}: expected one of '
+                     f'{sorted(METADATA_TRANSFORMS)}')
+  bad = ~xp.isfinite(metadata) | (metadata >= METADATA_CEILING)
+  x = xp.where(bad, 0, metadata)
+  if transform == 'magnitudes':
+    return x, bad
+  first, second = (np.array(c) for c in zip(*METADATA_TRANSFORMS[transform], strict=True))
+  has_second = second >= 0
+  second = np.where(has_second, second, 0)
+  missing = bad[:, first] | (has_second & bad[:, second])
+  return xp.where(missing, 0, x[:, first] - xp.where(has_second, x[:, second], 0)), missing
+
+
 def prepare_metadata(metadata: jnp.ndarray, fill: Sequence[float], mean: Sequence[float],
-                     std: Sequence[float]) -> jnp.ndarray:
-  """Raw metadata (batch, 7) → z-scored (batch, 7): a non-finite value or one ≥ 98 becomes its
-  column's ``fill`` first. The replaced values pass no gradient (they are constants)."""
+                     std: Sequence[float], transform: str = 'magnitudes') -> jnp.ndarray:
+  """Raw metadata (batch, 7) → z-scored (batch, 7): the ``transform``'s columns, each missing one
+  replaced by its column's ``fill`` first (for 'magnitudes', the authors' rule). The replaced
+  values pass no gradient (they are constants)."""
   dtype = metadata.dtype
-  bad = ~jnp.isfinite(metadata) | (metadata >= METADATA_CEILING)
-  x = jnp.where(bad, jnp.asarray(fill, dtype), metadata)
+  x, bad = transform_metadata(metadata, transform)
+  x = jnp.where(bad, jnp.asarray(fill, dtype), x)
   return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
 
 
@@ -93,9 +120,13 @@ class APOGEENet2(APOGEENet):
     metadata_widths: widths of the metadata MLP's layers (the last one joins fc1's input).
     metadata_fill, metadata_mean, metadata_std: per-column replacement of a bad value, mean and
       std of the 7 metadata columns (``prepare_metadata``); training may fit its own.
+    metadata_transform: what the metadata MLP reads (``constants.METADATA_TRANSFORMS``):
+      'magnitudes', the authors' 7 raw values, or 'colours'; fill, mean and std are of these
+      columns.
   """
 
   metadata_widths: Sequence[int] = METADATA_WIDTHS
+  metadata_transform: str = 'magnitudes'
   metadata_fill: Sequence[float] = AUTHORS_METADATA_FILL
   metadata_mean: Sequence[float] = AUTHORS_METADATA_MEAN
   metadata_std: Sequence[float] = AUTHORS_METADATA_STD
@@ -117,7 +148,7 @@ class APOGEENet2(APOGEENet):
                        f'{flux.shape}, got {metadata.shape}')
     x = spectrum_features(self, flux)
     m = prepare_metadata(metadata.astype(x.dtype), self.metadata_fill, self.metadata_mean,
-                         self.metadata_std)
+                         self.metadata_std, self.metadata_transform)
     # The authors' torch.hstack((x, m)): the spectrum's features first.
     x = jnp.concatenate([x, MetadataNet(self.metadata_widths, name='metadata')(m)], axis=1)
     for i, width in enumerate(self.hidden):
@@ -168,10 +199,12 @@ def fit_metadata(model: APOGEENet2, vectors: Mapping[str, np.ndarray]) -> APOGEE
     raise ModelError('APOGEE Net II fits its metadata statistics on the training split, whose '
                      'records carry no metadata (rebuild the data set from a catalogue with the '
                      'photometry columns, docs/data.md)')
-  values = np.asarray(vectors['metadata'], np.float64)
-  good = np.isfinite(values) & (values < METADATA_CEILING)
+  values, bad = transform_metadata(np.asarray(vectors['metadata'], np.float64),
+                                   model.metadata_transform, xp=np)
+  good = ~bad
   if not good.any(axis=0).all():
-    empty = [METADATA_COLUMNS[j] for j in np.flatnonzero(~good.any(axis=0))]
+    names = metadata_column_names(model.metadata_transform)
+    empty = [names[j] for j in np.flatnonzero(~good.any(axis=0))]
     raise ModelError(f'the training split has no value of the metadata columns {empty}')
   low = np.where(good, values, np.inf).min(axis=0)
   high = np.where(good, values, -np.inf).max(axis=0)
