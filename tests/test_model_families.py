@@ -120,6 +120,30 @@ def test_net2_trains_on_photometry_fits_its_statistics_and_predicts_teff_in_k(so
   _net2_predicts_new_apstar_files_with_a_photometry_table(params, meta, tmp_path)
 
 
+def test_net2_with_colours_fits_them_records_them_and_predicts_through_them(sources, tmp_path):
+  """config.model.metadata_transform='colours' reaches the fit, the checkpoint and prediction."""
+  config = _tiny(net2.get_config(), channels=(4, 4), hidden=(16,), metadata_transform='colours')
+  config.max_epochs = 1
+  with_photometry = {k: _with_metadata(v, i) for i, (k, v) in enumerate(sources.items())}
+  training.train_and_evaluate(config, str(tmp_path / 'run'), sources=with_photometry)
+  params, meta = checkpoint.load_params(str(tmp_path / 'run' / 'checkpoints'))
+  assert meta['model']['metadata_transform'] == 'colours'
+  train_rows = np.stack([e['metadata'] for e in with_photometry['train']])
+  from apogeenet_jax.models import apogee_net_2
+  want = apogee_net_2.fit_metadata(
+      apogee_net_2.APOGEENet2(metadata_fill=(), metadata_mean=(), metadata_std=(),
+                              metadata_transform='colours'), {'metadata': train_rows})
+  np.testing.assert_allclose(meta['model']['metadata_mean'], want.metadata_mean, rtol=1e-12)
+  np.testing.assert_allclose(meta['model']['metadata_fill'], want.metadata_fill, rtol=1e-12)
+  model = checkpoint.model_from_meta(meta)
+  assert model.metadata_transform == 'colours'
+  batch = {'flux': np.stack([e['flux'] for e in with_photometry['dev']]).astype(np.float32),
+           'metadata': np.stack([e['metadata'] for e in with_photometry['dev']])}
+  out = model.apply({'params': params}, **batch)
+  as_magnitudes = model.clone(metadata_transform='magnitudes').apply({'params': params}, **batch)
+  assert np.all(np.isfinite(out)) and not np.allclose(out, as_magnitudes)
+
+
 def _net2_predicts_new_apstar_files_with_a_photometry_table(params, meta, tmp_path):
   """evaluate --apstar_dir with --metadata: a star without a row is kept, predicted with the
   replacement values, and flagged; the row's photometry changes the prediction."""
