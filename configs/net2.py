@@ -17,6 +17,10 @@ on a 5,000-star survey with 10% hot stars and photometry (benchmarks/information
 --with_photometry, Teff < 7000 K): (1, 2.7, 1.0). The default's (1, 0.2, 1.4) are Net I's, for
 Teff in K: in log10 Teff they starve Teff of gradient (residual / bound 7.5 / 16.3 at 8 epochs,
 against 8.0 / 9.6 with these; docs/model_families.md).
+
+As shipped (30 epochs) on a 20,000-star survey with 10% hot stars and photometry: residual /
+Cramér–Rao bound of spectra + photometry 3.2 / 4.9 / 3.6 (log g, log10 Teff, [Fe/H] below
+7000 K; all 2,733 test stars; docs/model_families.md, "Net II with its whole recipe").
 """
 
 from configs import default
@@ -32,7 +36,9 @@ def get_config():
   config.model.metadata_mean = ()
   config.model.metadata_std = ()
   # What the metadata MLP reads: the authors' 7 magnitudes ('magnitudes') or PLX, G and 5 colours
-  # ('colours'; models.apogee_net_2).
+  # ('colours'). On the 20,000-star survey 'colours' took log10 Teff from 4.94 to 4.85 × the bound
+  # (S/N < 50: 5.2 → 4.5, S/N ≥ 100 worse), one run each, within a seed's spread: not the default
+  # (docs/model_families.md, "Net II with its whole recipe").
   config.model.metadata_transform = 'magnitudes'
   config.loss_weights = (1.0, 2.7, 1.0)
   # The hot stars' [Fe/H] is not in their spectra (±0.2 dex unlearnable): a Huber loss keeps those
