@@ -19,8 +19,9 @@ Teff in K: in log10 Teff they starve Teff of gradient (residual / bound 7.5 / 16
 against 8.0 / 9.6 with these; docs/model_families.md).
 
 As shipped (30 epochs) on a 20,000-star survey with 10% hot stars and photometry: residual /
-Cramér–Rao bound of spectra + photometry 3.2 / 4.9 / 3.6 (log g, log10 Teff, [Fe/H] below
-7000 K; all 2,733 test stars; docs/model_families.md, "Net II with its whole recipe").
+Cramér–Rao bound of spectra + photometry 3.2 / 4.9 / 3.6 with seed 0, 3.6 / 5.5 / 3.3 with seed 1
+(log g, log10 Teff, [Fe/H] below 7000 K; all 2,733 test stars; docs/model_families.md, "Net II
+with its whole recipe").
 """
 
 from configs import default
@@ -37,8 +38,8 @@ def get_config():
   config.model.metadata_std = ()
   # What the metadata MLP reads: the authors' 7 magnitudes ('magnitudes') or PLX, G and 5 colours
   # ('colours'). On the 20,000-star survey 'colours' took log10 Teff from 4.94 to 4.85 × the bound
-  # (S/N < 50: 5.2 → 4.5, S/N ≥ 100 worse), one run each, within a seed's spread: not the default
-  # (docs/model_families.md, "Net II with its whole recipe").
+  # (S/N < 50: 5.2 → 4.5, S/N ≥ 100 worse), one run each, within a seed's spread (11%): not the
+  # default (docs/model_families.md, "Net II with its whole recipe").
   config.model.metadata_transform = 'magnitudes'
   config.loss_weights = (1.0, 2.7, 1.0)
   # The hot stars' [Fe/H] is not in their spectra (±0.2 dex unlearnable): a Huber loss keeps those
