@@ -40,6 +40,7 @@ SPLIT_FRACTIONS = {
 METADATA_COLUMNS = ('PLX', 'G', 'BP', 'RP', 'J', 'H', 'K')
 METADATA_ERR_COLUMNS = tuple(f'{name}_ERR' for name in METADATA_COLUMNS)
 METADATA_UNITS = ('mas', 'mag', 'mag', 'mag', 'mag', 'mag', 'mag')
+MISSING_MAGNITUDE = 98.0
 # What APOGEE Net II's metadata MLP reads (its ``metadata_transform``), each column as (first,
 # second) indices into METADATA_COLUMNS, read first − second (second −1: the value itself):
 #   'magnitudes'  the 7 values as they are: the authors' network;
@@ -57,4 +58,3 @@ def metadata_column_names(transform: str) -> tuple[str, ...]:
   """The names of a transform's columns: ('PLX', 'G', 'BP-G', …) for 'colours'."""
   return tuple(METADATA_COLUMNS[a] + (f'-{METADATA_COLUMNS[b]}' if b >= 0 else '')
                for a, b in METADATA_TRANSFORMS[transform])
-MISSING_MAGNITUDE = 98.0

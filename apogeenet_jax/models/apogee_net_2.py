@@ -23,7 +23,8 @@ a value that is non-finite or ≥ 98 (the catalogues' 99.999-style "missing" pla
 by its column's ``metadata_fill``, then each column is z-scored with ``metadata_mean`` and
 ``metadata_std``. With ``metadata_transform='colours'`` (a recipe of this project, not the
 authors') the columns are first PLX, G and five colours (``constants.METADATA_TRANSFORMS``), a
-colour missing where either band is, and the fill, mean and std are of those columns. Being module attributes, these are recorded in the checkpoint meta beside
+colour missing where either band is, and the fill, mean and std are of those columns. Being
+module attributes, these are recorded in the checkpoint meta beside
 ``flux_scaling`` and ``input_scale``, so training, evaluation, the Monte Carlo draws and the linear
 σ all see one function of the raw inputs. Defaults: the authors' constants.
 Output: (batch, 3) standardised (log g, log10 Teff, [Fe/H]).
@@ -40,6 +41,7 @@ import numpy as np
 from apogeenet_jax.constants import (
   LABEL_NAMES,
   METADATA_TRANSFORMS,
+  MISSING_MAGNITUDE,
   N_PIXELS,
   metadata_column_names,
 )
@@ -57,7 +59,7 @@ METADATA_COLUMNS = ('GAIAEDR3_PARALLAX', 'GAIAEDR3_PHOT_G_MEAN_MAG', 'GAIAEDR3_P
 N_METADATA = len(METADATA_COLUMNS)
 METADATA_WIDTHS = (8, 16, 32, 32, 64)
 # The authors' rule: a value at or above this is a catalogue's "missing" placeholder.
-METADATA_CEILING = 98.0
+METADATA_CEILING = MISSING_MAGNITUDE
 # The authors' constants (hutchresearch/ApogeeNet2, their dataset code), per column.
 AUTHORS_METADATA_FILL = (-84.82700, 21.40844, 24.53892, 20.26276, 18.43900, 24.00000, 17.02500)
 AUTHORS_METADATA_MEAN = (-0.6959113178296891, 13.630030428758845, 14.5224418320574,
@@ -81,8 +83,6 @@ def transform_metadata(metadata, transform: str = 'magnitudes', xp=jnp):
                      f'{sorted(METADATA_TRANSFORMS)}')
   bad = ~xp.isfinite(metadata) | (metadata >= METADATA_CEILING)
   x = xp.where(bad, 0, metadata)
-  if transform == 'magnitudes':
-    return x, bad
   first, second = (np.array(c) for c in zip(*METADATA_TRANSFORMS[transform], strict=True))
   has_second = second >= 0
   second = np.where(has_second, second, 0)
