@@ -109,7 +109,8 @@ def test_net2_trains_on_photometry_fits_its_statistics_and_predicts_teff_in_k(so
   from apogeenet_jax import input_pipeline
   out = prediction.predict_batches(
       params, model, std, input_pipeline.eval_batches(with_photometry['dev'], 4),
-      prediction.MCSettings(mc=4))
+      prediction.MCSettings(mc=4), ensemble_size=checkpoint.ensemble_size(meta))
+  assert meta['ensemble_size'] == 2  # the shipped recipe: a deep ensemble of 2
   assert np.all((out['pred'][:, 1] > 2000) & (out['pred'][:, 1] < 10000))
   z = np.asarray(out['pred_z'])[:, 1]
   np.testing.assert_allclose(out['pred'][:, 1], 10 ** (z * std.std[1] + std.mean[1]), rtol=1e-9)
@@ -123,7 +124,7 @@ def test_net2_trains_on_photometry_fits_its_statistics_and_predicts_teff_in_k(so
 def test_net2_with_colours_fits_them_records_them_and_predicts_through_them(sources, tmp_path):
   """config.model.metadata_transform='colours' reaches the fit, the checkpoint and prediction."""
   config = _tiny(net2.get_config(), channels=(4, 4), hidden=(16,), metadata_transform='colours')
-  config.max_epochs = 1
+  config.max_epochs, config.ensemble_size = 1, 1  # one network: applied below as it is
   with_photometry = {k: _with_metadata(v, i) for i, (k, v) in enumerate(sources.items())}
   training.train_and_evaluate(config, str(tmp_path / 'run'), sources=with_photometry)
   params, meta = checkpoint.load_params(str(tmp_path / 'run' / 'checkpoints'))
