@@ -20,9 +20,10 @@ against 8.0 / 9.6 with these; docs/model_families.md).
 
 As shipped (a deep ensemble of 2, 30 epochs) on a 20,000-star survey with 10% hot stars and
 photometry: residual / Cramér–Rao bound of spectra + photometry 2.9 / 4.5 / 2.9 with seed 0, 3.2 /
-4.4 / 3.1 with seed 2 (log g, log10 Teff, [Fe/H] below 7000 K; all 2,733 test stars). One network (``--config.ensemble_size=1``, half the
-cost) sits at the target, not below it: 3.2 / 4.9 / 3.6 with seed 0, 3.6 / 5.5 / 3.3 with seed 1
-(docs/model_families.md, "Net II with its whole recipe").
+4.4 / 3.1 with seed 2 (log g, log10 Teff, [Fe/H] below 7000 K; all 2,733 test stars). One
+network (``--config.ensemble_size=1``, half the cost) sits at the target, not below it: 3.2 / 4.9 /
+3.6 with seed 0, 3.6 / 5.5 / 3.3 with seed 1 (docs/model_families.md, "Net II with its whole
+recipe").
 """
 
 from configs import default
